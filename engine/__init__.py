@@ -1,0 +1,1 @@
+"""The model side of vlserve: loading, continuous batching, sampling, detokenization."""

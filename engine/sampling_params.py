@@ -1,0 +1,66 @@
+"""Per-request sampling parameters, validated once at the boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vl.errors import InvalidRequest
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one sequence asks of the sampler and the stop checker.
+
+    ``temperature == 0`` means greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0``
+    disable those filters. ``logprobs`` is ``None`` for no logprobs, else the number of top
+    alternatives (0..20) returned beside each sampled token's own logprob.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self._check(self.max_tokens >= 1, "max_tokens", "must be at least 1")
+        self._check(self.temperature >= 0, "temperature", "must be non-negative")
+        self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self._check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        self._check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
+        self._check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
+        self._check(self.repetition_penalty > 0, "repetition_penalty", "must be positive")
+        self._check(
+            self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+            "top_logprobs",
+            f"must be between 0 and {MAX_TOP_LOGPROBS}",
+        )
+        self._check(all(s for s in self.stop), "stop", "stop strings must be non-empty")
+
+    @staticmethod
+    def _check(ok: bool, param: str, message: str) -> None:
+        if not ok:
+            raise InvalidRequest(f"'{param}' {message}.", param=param)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.repetition_penalty != 1
+        )

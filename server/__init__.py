@@ -1,0 +1,1 @@
+"""The HTTP side of vlserve: quart-trio app, OpenAI schemas, routes, SSE, errors, auth, CLI."""

@@ -1,0 +1,53 @@
+"""Server configuration: one frozen dataclass, filled from CLI flags or environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a running vlserve needs to know. ``model=None`` means the built-in tiny model."""
+
+    model: str | None = None
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    cors_allow_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_concurrent_requests: int = 256
+    dtype: str = "auto"
+    device: str = "cpu"
+    # engine limits
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 4096
+    # preparation gates (see DESIGN.md: GIL-bound work at 1, GIL-releasing at the core count)
+    image_prep_concurrency: int = 2
+    tokenizer_concurrency: int = 1
+    vision_max_batch_size: int = 16
+    vision_max_batch_patches: int = 32768
+    mm_cache_mb: int = 256
+    # image sources and limits
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: tuple[str, ...] = ()
+    allow_private_media_urls: bool = False
+    max_images_per_request: int = 8
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 64 * 1024 * 1024
+    image_fetch_timeout: float = 10.0
+    image_fetch_concurrency: int = 64
+    max_image_redirects: int = 3
+    # timeouts
+    drain_timeout: float = 30.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        """The id clients use in ``model``: the served name, else the model directory's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model:
+            return self.model.rstrip("/").rsplit("/", 1)[-1]
+        return "vlserve-tiny-qwen2-vl"

@@ -1,0 +1,1 @@
+"""Images for vlserve: sources, decode and preprocessing, batched vision encoding, prompt preparation."""
