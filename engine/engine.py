@@ -1,0 +1,207 @@
+"""The engine component: owns the model, its step loop and every sequence's lifetime.
+
+``Engine.open(...)`` is an async context manager whose nursery owns the step loop. Each
+step is planned on the event loop (cheap, synchronous scheduler), executed in a worker
+thread under the device gate (``trio.to_thread.run_sync`` with the default
+``abandon_on_cancel=False``: the loop always waits for the step it started), and its
+results are handed to the per-request streams on the event loop. Model forwards therefore
+never run on the event loop and never two at once (the vision encoder shares the gate).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator
+
+import trio
+
+from engine.engine_core import EngineCore, StepReport
+from engine.prompt import EnginePrompt
+from engine.request_stream import RequestStream
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceIds
+from vl.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from engine.model_loader import LoadedModel
+
+STALL_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class EngineStatistics:
+    running: int
+    waiting: int
+    steps: int
+    prompt_tokens: int
+    generation_tokens: int
+    cache_tokens: int
+    cache_bytes: int
+    last_step_seconds: float
+    device_gate_borrowed: int
+
+
+class Engine:
+    def __init__(self, core: EngineCore, scheduler: Scheduler, device_gate: trio.CapacityLimiter) -> None:
+        self._core = core
+        self._scheduler = scheduler
+        self._device_gate = device_gate
+        self._ids = SequenceIds()
+        self._streams: dict[int, RequestStream] = {}
+        self._wakeup = trio.Event()
+        self._steps = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._last_step_seconds = 0.0
+        self._last_progress = time.monotonic()
+        self._loop_alive = False
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, core: EngineCore, scheduler: Scheduler, device_gate: trio.CapacityLimiter
+    ) -> AsyncIterator[Engine]:
+        """Run the engine for the duration of the block.
+
+        On exit (or cancellation of the block) the step loop is cancelled after its
+        current step's thread returns, and every open stream ends with ``"abort"``.
+        """
+        engine = cls(core, scheduler, device_gate)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine._step_loop)
+            try:
+                yield engine
+            finally:
+                nursery.cancel_scope.cancel()
+                engine._abort_all()
+
+    @property
+    def max_model_len(self) -> int:
+        return self._core.max_model_len
+
+    @asynccontextmanager
+    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[RequestStream]:
+        """Submit a sequence; yield its stream of deltas.
+
+        Leaving the block before the last delta (break, exception, cancellation) aborts
+        the sequence: a waiting one is dropped at once, a running one leaves the batch
+        and frees its cache at the start of the next step.
+        """
+        self._check_lengths(prompt, params)
+        if not self._loop_alive:
+            raise RuntimeError("the engine is not running")
+        seq = Sequence(self._ids.next(), prompt, params)
+        stream = RequestStream(seq)
+        self._streams[seq.seq_id] = stream
+        self._scheduler.add(seq)
+        self._wakeup.set()
+        try:
+            yield stream
+        finally:
+            self._streams.pop(seq.seq_id, None)
+            if not seq.finished:
+                self._scheduler.abort(seq)
+                self._wakeup.set()
+
+    def _check_lengths(self, prompt: EnginePrompt, params: SamplingParams) -> None:
+        n = len(prompt.token_ids)
+        limit = self._core.max_model_len
+        if n == 0:
+            raise InvalidRequest("The prompt is empty.", param="messages", code="empty_prompt")
+        if n >= limit:
+            raise InvalidRequest(
+                f"The prompt has {n} tokens; this model's maximum context length is {limit}.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if n + params.max_tokens > limit:
+            raise InvalidRequest(
+                f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the "
+                f"maximum context length of {limit}.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+
+    async def _step_loop(self) -> None:
+        self._loop_alive = True
+        try:
+            while True:
+                if not self._scheduler.has_work():
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    self._last_progress = time.monotonic()
+                    continue
+                plan = self._scheduler.schedule()
+                if plan.empty:
+                    await trio.lowlevel.checkpoint()
+                    continue
+                report = await trio.to_thread.run_sync(self._core.execute, plan, limiter=self._device_gate)
+                self._deliver(report)
+        finally:
+            self._loop_alive = False
+
+    def _deliver(self, report: StepReport) -> None:
+        self._steps += 1
+        self._prompt_tokens += report.prefill_tokens
+        self._generation_tokens += len(report.updates)
+        self._last_step_seconds = report.seconds
+        self._last_progress = time.monotonic()
+        for update in report.updates:
+            stream = self._streams.get(update.seq.seq_id)
+            if stream is not None:
+                stream.push(update)
+
+    def _abort_all(self) -> None:
+        for stream in list(self._streams.values()):
+            self._scheduler.abort(stream.seq)
+            stream.finish("abort")
+
+    def is_healthy(self) -> bool:
+        """False only if the step loop died, or has had work but no step for a long time."""
+        if not self._loop_alive:
+            return False
+        if not self._scheduler.has_work():
+            return True
+        return time.monotonic() - self._last_progress < STALL_SECONDS
+
+    def statistics(self) -> EngineStatistics:
+        return EngineStatistics(
+            running=self._scheduler.num_running,
+            waiting=self._scheduler.num_waiting,
+            steps=self._steps,
+            prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+            cache_tokens=self._core.runner.cache_tokens(),
+            cache_bytes=self._core.runner.cache_bytes(),
+            last_step_seconds=self._last_step_seconds,
+            device_gate_borrowed=self._device_gate.borrowed_tokens,
+        )
+
+
+@asynccontextmanager
+async def open_engine(
+    loaded: "LoadedModel",
+    *,
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 8192,
+    device_gate: trio.CapacityLimiter | None = None,
+    seed: int | None = None,
+) -> AsyncIterator[Engine]:
+    """Compose runner, core and scheduler for a loaded model and run the engine (see
+    ``Engine.open`` for the lifetime and cancellation rules)."""
+    from engine.model_runner import ModelRunner
+    from engine.sampler import Sampler
+
+    core = EngineCore(
+        ModelRunner(loaded.adapter, loaded.device),
+        loaded.tokenizer.backend_tokenizer,
+        loaded.eos_token_ids,
+        loaded.max_model_len,
+        Sampler(seed),
+    )
+    scheduler = Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    async with Engine.open(core, scheduler, device_gate or trio.CapacityLimiter(1)) as engine:
+        yield engine

@@ -1,0 +1,148 @@
+"""One engine step, synchronously: forwards, sampling, detokenization and stop checks.
+
+Runs in the engine's step thread. It reads and writes only the sequences in the plan it
+was given, and reports what changed as immutable ``SequenceUpdate``s for the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from engine.detokenizer import IncrementalDetokenizer, token_text
+from engine.model_runner import ModelRunner
+from engine.outputs import TokenLogprob, TopLogprob
+from engine.sampler import SampledToken, Sampler
+from engine.scheduler import StepPlan
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SequenceUpdate:
+    seq: Sequence
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+
+
+@dataclass
+class _SeqState:
+    """Step-thread-private per-sequence helpers."""
+
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]
+
+
+@dataclass
+class StepReport:
+    updates: list[SequenceUpdate] = field(default_factory=list)
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    seconds: float = 0.0
+
+
+class EngineCore:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        eos_token_ids: frozenset[int],
+        max_model_len: int,
+        sampler: Sampler | None = None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.sampler = sampler or Sampler()
+        self._states: dict[int, _SeqState] = {}
+
+    def execute(self, plan: StepPlan) -> StepReport:
+        """Drop leaving rows, decode the running ones, prefill the joining ones.
+
+        If a forward raises, every sequence of this step is finished with reason
+        ``"abort"`` and an error message, its rows are dropped, and the engine goes on.
+        """
+        started = time.perf_counter()
+        report = StepReport()
+        for seq in plan.leaving:
+            self._states.pop(seq.seq_id, None)
+        self.runner.drop(plan.leaving)
+        try:
+            if plan.decoding:
+                logits = self.runner.decode(plan.decoding)
+                report.decode_tokens = len(plan.decoding)
+                self._append(plan.decoding, logits, report)
+            if plan.joining:
+                for seq in plan.joining:
+                    self._states[seq.seq_id] = self._new_state(seq)
+                logits = self.runner.prefill(plan.joining)
+                report.prefill_tokens = sum(s.prompt_len for s in plan.joining)
+                self._append(plan.joining, logits, report)
+        except Exception as exc:  # a failed forward must not take the engine down
+            failed = plan.decoding + plan.joining
+            self.runner.drop(failed)
+            report.updates = [self._fail(seq, exc) for seq in failed]
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _new_state(self, seq: Sequence) -> _SeqState:
+        p = seq.params
+        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+        return _SeqState(
+            detokenizer=IncrementalDetokenizer(self.tokenizer, p.stop, p.skip_special_tokens),
+            generator=self.sampler.new_generator(p),
+            stop_ids=stop_ids,
+        )
+
+    def _append(self, seqs: list[Sequence], logits: torch.Tensor, report: StepReport) -> None:
+        states = [self._states[s.seq_id] for s in seqs]
+        sampled = self.sampler.sample(
+            logits,
+            [s.params for s in seqs],
+            [(s.prompt.token_ids, s.output_ids) for s in seqs],
+            [st.generator for st in states],
+        )
+        for seq, state, tok in zip(seqs, states, sampled):
+            report.updates.append(self._advance(seq, state, tok))
+
+    def _advance(self, seq: Sequence, state: _SeqState, tok: SampledToken) -> SequenceUpdate:
+        seq.output_ids.append(tok.token_id)
+        finish = None
+        if tok.token_id in state.stop_ids:
+            finish = "stop"
+        elif state.detokenizer.add(tok.token_id):  # stop tokens add no text
+            finish = "stop"
+        elif finish is None and (
+            len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            finish = "length"
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = [self._logprob_entry(tok)]
+        if finish is not None:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = finish
+            self._states.pop(seq.seq_id, None)
+        text = state.detokenizer.release(final=finish is not None)
+        return SequenceUpdate(seq, [tok.token_id], text, logprobs, finish)
+
+    def _logprob_entry(self, tok: SampledToken) -> TokenLogprob:
+        return TokenLogprob(
+            token_id=tok.token_id,
+            token=token_text(self.tokenizer, tok.token_id),
+            logprob=tok.logprob,
+            top=[TopLogprob(i, token_text(self.tokenizer, i), lp) for i, lp in tok.top],
+        )
+
+    def _fail(self, seq: Sequence, exc: Exception) -> SequenceUpdate:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+        seq.error = f"{type(exc).__name__}: {exc}"
+        self._states.pop(seq.seq_id, None)
+        return SequenceUpdate(seq, [], "", None, "abort")

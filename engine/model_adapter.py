@@ -1,0 +1,134 @@
+"""What differs between the model families we serve, behind one small interface.
+
+``Qwen2VLAdapter`` covers Qwen2-VL and Qwen2.5-VL (vision tower + M-RoPE); ``CausalLMAdapter``
+covers plain decoder LMs (Qwen2, Llama, ...). Only this module and the model runner touch
+torch modules. Positions are always explicit (3 rows for M-RoPE, 1 otherwise), and each
+sequence carries its own M-RoPE delta: the model's shared ``rope_deltas`` is never used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.prompt import EnginePrompt, ImageFeatures
+from vl.errors import InvalidRequest
+
+VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+class CausalLMAdapter:
+    """A text-only decoder LM."""
+
+    position_rows = 1
+    supports_images = False
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.text_config = model.config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(token_ids)
+
+    def embed_prompt(self, prompt: EnginePrompt, device: torch.device) -> torch.Tensor:
+        """Embeddings [L, H] of the prompt, image features scattered in (VL models)."""
+        if prompt.images:
+            raise InvalidRequest("This model does not accept images.", param="messages", code="images_not_supported")
+        ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=device)
+        return self.embed_tokens(ids)
+
+    def prompt_positions(self, prompt: EnginePrompt, device: torch.device) -> tuple[torch.Tensor, int]:
+        """Positions [P, L] of the prompt tokens and the delta to add to later positions."""
+        n = len(prompt.token_ids)
+        return torch.arange(n, device=device).view(1, n), 0
+
+    def forward(self, embeds, positions, attention_mask, cache) -> torch.Tensor:
+        """Logits [B, V] (float32) of the last position of each row."""
+        out = self.model(
+            inputs_embeds=embeds,
+            position_ids=positions[0],
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float()
+
+
+class Qwen2VLAdapter(CausalLMAdapter):
+    """Qwen2-VL / Qwen2.5-VL: image features merge into the prompt, positions are 3-D."""
+
+    position_rows = 3
+    supports_images = True
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.config = model.config
+        self.image_token_id = self.config.image_token_id
+        self.spatial_merge_size = self.config.vision_config.spatial_merge_size
+
+    def embed_prompt(self, prompt: EnginePrompt, device: torch.device) -> torch.Tensor:
+        ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=device)
+        embeds = self.embed_tokens(ids)
+        if not prompt.images:
+            return embeds
+        mask = ids == self.image_token_id
+        features = torch.cat([img.embeddings for img in prompt.images]).to(device, embeds.dtype)
+        if int(mask.sum()) != features.shape[0]:
+            raise InvalidRequest(
+                f"Prompt has {int(mask.sum())} image tokens but the images need {features.shape[0]}.",
+                param="messages",
+                code="image_token_mismatch",
+            )
+        embeds = embeds.clone()
+        embeds[mask] = features
+        return embeds
+
+    def prompt_positions(self, prompt: EnginePrompt, device: torch.device) -> tuple[torch.Tensor, int]:
+        if not prompt.images:
+            return super().prompt_positions(prompt, device)
+        ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=device)
+        token_types = (ids == self.image_token_id).int()
+        grid = torch.tensor([img.grid_thw for img in prompt.images], dtype=torch.long, device=device)
+        positions, deltas = self.model.model.get_rope_index(ids, token_types, image_grid_thw=grid)
+        return positions[:, 0, :], int(deltas.view(-1)[0])
+
+    def forward(self, embeds, positions, attention_mask, cache) -> torch.Tensor:
+        if positions.shape[0] == 1:
+            positions = positions.expand(3, -1, -1)
+        out = self.model(
+            input_ids=None,
+            inputs_embeds=embeds,
+            position_ids=positions,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float()
+
+    def tokens_per_image(self, grid_thw: tuple[int, int, int]) -> int:
+        t, h, w = grid_thw
+        return t * h * w // (self.spatial_merge_size**2)
+
+    def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[ImageFeatures]:
+        """Run the vision tower once over several images; one ``ImageFeatures`` per image."""
+        visual = self.model.model.visual
+        grid = torch.tensor(grids, dtype=torch.long, device=pixel_values.device)
+        out = visual(pixel_values.to(visual.dtype), grid_thw=grid)
+        merged = out.pooler_output if hasattr(out, "pooler_output") else out
+        sizes = [self.tokens_per_image(g) for g in grids]
+        return [
+            ImageFeatures(embeddings=chunk, grid_thw=tuple(g))
+            for chunk, g in zip(torch.split(merged, sizes), grids)
+        ]
+
+
+def adapter_for(model: torch.nn.Module) -> CausalLMAdapter:
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in VL_MODEL_TYPES:
+        return Qwen2VLAdapter(model)
+    return CausalLMAdapter(model)

@@ -1,0 +1,80 @@
+"""The consumer side of one sequence: an async iterator of coalesced ``StreamDelta``s."""
+
+from __future__ import annotations
+
+import trio
+
+from engine.engine_core import SequenceUpdate
+from engine.outputs import StreamDelta, TokenLogprob
+from engine.sequence import Sequence
+
+
+class RequestStream:
+    """Buffers updates for one sequence until its consumer asks for them.
+
+    All methods run on the event loop. The buffer is bounded by the sequence's
+    ``max_tokens``, so a slow consumer gets one larger delta instead of many small ones
+    and never blocks the engine.
+    """
+
+    def __init__(self, seq: Sequence) -> None:
+        self.seq = seq
+        self._token_ids: list[int] = []
+        self._text: list[str] = []
+        self._logprobs: list[TokenLogprob] = []
+        self._finish_reason: str | None = None
+        self._completion_tokens = 0
+        self._delivered_final = False
+        self._changed = trio.Event()
+
+    def push(self, update: SequenceUpdate) -> None:
+        """Called by the engine after a step (never blocks)."""
+        self._token_ids.extend(update.token_ids)
+        if update.text:
+            self._text.append(update.text)
+        if update.logprobs:
+            self._logprobs.extend(update.logprobs)
+        self._completion_tokens += len(update.token_ids)
+        if update.finish_reason is not None:
+            self._finish_reason = update.finish_reason
+        self._changed.set()
+
+    def finish(self, reason: str) -> None:
+        """End the stream without a step (e.g. the engine is shutting down)."""
+        if self._finish_reason is None:
+            self._finish_reason = reason
+        self._changed.set()
+
+    @property
+    def error(self) -> str | None:
+        return self.seq.error
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamDelta:
+        """Wait for new output and return all of it as one delta.
+
+        Cancellation: safe at any point; nothing is lost from the buffer, and the stream's
+        owner (``Engine.open_stream``) aborts the sequence when the consumer leaves.
+        """
+        while True:
+            if self._delivered_final:
+                raise StopAsyncIteration
+            if self._token_ids or self._text or self._finish_reason is not None:
+                return self._take()
+            await self._changed.wait()
+            self._changed = trio.Event()
+
+    def _take(self) -> StreamDelta:
+        delta = StreamDelta(
+            text="".join(self._text),
+            token_ids=self._token_ids,
+            logprobs=self._logprobs if self.seq.params.logprobs is not None else None,
+            finish_reason=self._finish_reason,
+            prompt_tokens=self.seq.prompt_len,
+            completion_tokens=self._completion_tokens,
+        )
+        self._token_ids, self._text, self._logprobs = [], [], []
+        self._delivered_final = self._finish_reason is not None
+        return delta

@@ -1,0 +1,121 @@
+"""Turn a batch of logits into one token per row, each row under its own SamplingParams.
+
+Order (vLLM's): penalties (repetition over prompt+output, frequency and presence over
+output), then temperature, top-k, top-p, min-p, then sampling. Greedy rows take the
+argmax of the penalised logits. A seeded row draws from its own ``torch.Generator``, and
+draws the same amount of randomness per step whatever its batch mates, so a seed
+reproduces its output in any batch. Logprobs come from the model's raw distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None) -> None:
+        self._generator = torch.Generator()
+        if seed is not None:
+            self._generator.manual_seed(seed)
+        else:
+            self._generator.seed()
+
+    def new_generator(self, params: SamplingParams) -> torch.Generator | None:
+        """A private generator for a seeded sequence, else ``None`` (use the shared one)."""
+        if params.seed is None:
+            return None
+        return torch.Generator().manual_seed(params.seed)
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        histories: list[tuple[list[int], list[int]]],
+        generators: list[torch.Generator | None],
+    ) -> list[SampledToken]:
+        """Sample one token per row. ``histories[i]`` is (prompt ids, output ids) of row i."""
+        logits = logits.float()
+        want_logprobs = any(p.logprobs is not None for p in params)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+
+        if any(p.needs_penalties for p in params):
+            logits = logits.clone()
+            for row, (p, (prompt_ids, output_ids)) in enumerate(zip(params, histories)):
+                if p.needs_penalties:
+                    _apply_penalties(logits[row], p, prompt_ids, output_ids)
+
+        chosen = torch.argmax(logits, dim=-1)
+        sampling_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sampling_rows:
+            probs = _filtered_probs(logits[sampling_rows], [params[i] for i in sampling_rows])
+            for k, row in enumerate(sampling_rows):
+                gen = generators[row] or self._generator
+                noise = torch.empty_like(probs[k]).exponential_(generator=gen)
+                chosen[row] = torch.argmax(probs[k] / noise)
+
+        token_ids = chosen.tolist()
+        results = []
+        for row, (p, tok) in enumerate(zip(params, token_ids)):
+            if p.logprobs is None:
+                results.append(SampledToken(tok, None, []))
+                continue
+            row_lp = raw_logprobs[row]
+            top: list[tuple[int, float]] = []
+            if p.logprobs > 0:
+                values, indices = torch.topk(row_lp, p.logprobs)
+                top = list(zip(indices.tolist(), values.tolist()))
+            results.append(SampledToken(tok, float(row_lp[tok]), top))
+        return results
+
+
+def _apply_penalties(row: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> None:
+    vocab = row.shape[0]
+    if p.repetition_penalty != 1:
+        seen = torch.tensor([t for t in (*prompt_ids, *output_ids) if t < vocab], dtype=torch.long)
+        if seen.numel():
+            seen = torch.unique(seen)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if output_ids and (p.frequency_penalty or p.presence_penalty):
+        ids = torch.tensor([t for t in output_ids if t < vocab], dtype=torch.long)
+        counts = torch.bincount(ids, minlength=vocab).to(row.dtype)
+        row -= p.frequency_penalty * counts
+        row -= p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p, row by row."""
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
+    logits = logits / temps
+    vocab = logits.shape[1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if any(k < vocab for k in top_k):
+        kth = torch.stack(
+            [torch.topk(logits[i], k).values[-1] for i, k in enumerate(top_k)]
+        ).unsqueeze(1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype).unsqueeze(1)
+    if bool((top_p < 1).any()):
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop_sorted = (cumulative - sorted_probs) >= top_p  # keep at least the first token
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype).unsqueeze(1)
+    if bool((min_p > 0).any()):
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs

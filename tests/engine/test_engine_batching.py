@@ -1,0 +1,84 @@
+"""The engine's continuous batching gives each request what it would get alone."""
+
+from __future__ import annotations
+
+import trio
+
+from engine.engine import open_engine
+from engine.sampling_params import SamplingParams
+from tests.engine.prompts import chat_prompt, noise_image, reference_generate
+
+TEXTS = [
+    "hello world",
+    "describe the cat in the picture please",
+    "one two three four five six seven eight nine ten " * 4,
+    "what",
+    "red green blue yellow white black small large",
+    "a",
+    "the sun is bright and the sky is blue",
+    "question: what number comes after nine?",
+    "please answer the question about the old house",
+]
+IMAGE_SIZES = {1: (300, 400), 3: (128, 96), 4: (500, 200), 7: (224, 224)}
+
+
+async def collect(engine, prompt, params, *, delay: float = 0.0):
+    await trio.sleep(delay)
+    ids, text, finish = [], "", None
+    async with engine.open_stream(prompt, params) as stream:
+        async for delta in stream:
+            ids += delta.token_ids
+            text += delta.text
+            finish = delta.finish_reason
+    return ids, text, finish
+
+
+async def test_mixed_requests_joining_a_running_batch_match_generate_alone(tiny_model):
+    """Invariant: greedy outputs of 9 text and image requests of different lengths, admitted
+    at different moments into one running batch (rows join and leave between steps), equal
+    each request's output from transformers' ``generate`` run alone."""
+    requests = []
+    for i, text in enumerate(TEXTS):
+        image = noise_image(i, *IMAGE_SIZES[i]) if i in IMAGE_SIZES else None
+        requests.append(chat_prompt(tiny_model, text, image))
+    max_tokens = [12 + 3 * i for i in range(len(requests))]
+    expected = [reference_generate(tiny_model, p, extra, n) for (p, extra), n in zip(requests, max_tokens)]
+
+    results = [None] * len(requests)
+    async with open_engine(tiny_model, max_num_seqs=6) as engine:
+
+        async def run(i):
+            params = SamplingParams(max_tokens=max_tokens[i], temperature=0)
+            # staggered arrivals: some join while others are mid-generation
+            results[i] = await collect(engine, requests[i][0], params, delay=0.01 * (i % 4))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(requests)):
+                nursery.start_soon(run, i)
+        stats = engine.statistics()
+    for i, (ids, _text, finish) in enumerate(results):
+        assert ids == expected[i], f"request {i} differs from generate()"
+        assert finish in ("length", "stop")
+    assert stats.steps > max(max_tokens)  # it really was one shared, continuing batch
+
+
+async def test_request_joins_while_batch_is_running(tiny_model):
+    """A request submitted mid-generation starts before the running ones finish."""
+    long_prompt, _ = chat_prompt(tiny_model, "hello world")
+    short_prompt, _ = chat_prompt(tiny_model, "what")
+    order = []
+    async with open_engine(tiny_model) as engine:
+
+        async def long_one():
+            await collect(engine, long_prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+            order.append("long")
+
+        async def short_one():
+            await trio.sleep(0.05)
+            await collect(engine, short_prompt, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+            order.append("short")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_one)
+            nursery.start_soon(short_one)
+    assert order == ["short", "long"]
