@@ -71,7 +71,7 @@ class Engine:
         """
         engine = cls(core, scheduler, device_gate)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(engine._step_loop)
+            await nursery.start(engine._step_loop)
             try:
                 yield engine
             finally:
@@ -125,8 +125,9 @@ class Engine:
                 code="context_length_exceeded",
             )
 
-    async def _step_loop(self) -> None:
+    async def _step_loop(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._loop_alive = True
+        task_status.started()
         try:
             while True:
                 if not self._scheduler.has_work():

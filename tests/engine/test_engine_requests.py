@@ -1,0 +1,140 @@
+"""Per-request behaviour of the engine: abort, seeds, stop strings, length, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import trio
+
+from engine.engine import open_engine
+from engine.sampling_params import SamplingParams
+from tests.engine.prompts import chat_prompt
+
+
+async def run_stream(engine, prompt, params):
+    deltas = []
+    async with engine.open_stream(prompt, params) as stream:
+        async for delta in stream:
+            deltas.append(delta)
+    return deltas
+
+
+async def wait_until_idle(engine):
+    with trio.fail_after(5):
+        while engine.statistics().running or engine.statistics().waiting or engine.statistics().cache_tokens:
+            await trio.sleep(0.005)
+
+
+async def test_leaving_a_stream_mid_generation_aborts_and_frees_cache(tiny_model):
+    """Invariant: a consumer that leaves after two deltas aborts its sequence; once the
+    next step has run the engine holds no sequences and no cache, and a concurrent
+    request still completes normally."""
+    prompt, _ = chat_prompt(tiny_model, "hello world")
+    other, _ = chat_prompt(tiny_model, "what")
+    async with open_engine(tiny_model) as engine:
+        async with trio.open_nursery() as nursery:
+            results = {}
+
+            async def bystander():
+                results["other"] = await run_stream(engine, other, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+
+            nursery.start_soon(bystander)
+            async with engine.open_stream(prompt, SamplingParams(max_tokens=1000, ignore_eos=True)) as stream:
+                seen = 0
+                async for delta in stream:
+                    seen += len(delta.token_ids)
+                    if seen >= 2:
+                        break
+            assert engine.statistics().running >= 1
+        await wait_until_idle(engine)
+        assert results["other"][-1].completion_tokens == 30
+        assert results["other"][-1].finish_reason == "length"
+
+
+async def test_cancelled_consumer_aborts_sequence(tiny_model):
+    """Invariant: cancelling the task that consumes a stream aborts the sequence; the
+    engine is idle afterwards (no running or waiting sequences, empty cache)."""
+    prompt, _ = chat_prompt(tiny_model, "hello")
+    async with open_engine(tiny_model) as engine:
+        with trio.move_on_after(0.2):
+            await run_stream(engine, prompt, SamplingParams(max_tokens=4000 - 64, ignore_eos=True))
+        await wait_until_idle(engine)
+
+
+async def test_max_tokens_ends_with_length(tiny_model):
+    prompt, _ = chat_prompt(tiny_model, "one two")
+    async with open_engine(tiny_model) as engine:
+        deltas = await run_stream(engine, prompt, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))
+    assert sum(len(d.token_ids) for d in deltas) == 7
+    assert deltas[-1].finish_reason == "length"
+    assert deltas[-1].completion_tokens == 7
+    assert deltas[-1].prompt_tokens == len(prompt.token_ids)
+
+
+async def test_seed_reproduces_whatever_the_batch_mates(tiny_model):
+    """The same seed gives the same tokens alone and inside a busy batch."""
+    prompt, _ = chat_prompt(tiny_model, "tell me about the red car")
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True)
+    async with open_engine(tiny_model) as engine:
+        alone = await run_stream(engine, prompt, params)
+        together = {}
+
+        async def run(key, p):
+            together[key] = await run_stream(engine, prompt, p)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "seeded", params)
+            for k in range(4):
+                nursery.start_soon(run, k, SamplingParams(max_tokens=25, temperature=1.0, ignore_eos=True))
+        other_seed = await run_stream(engine, prompt, SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True))
+
+    def ids(deltas):
+        return [t for d in deltas for t in d.token_ids]
+
+    assert ids(alone) == ids(together["seeded"])
+    assert ids(other_seed) != ids(alone)
+
+
+async def test_stop_string_never_leaks_streamed_or_not(tiny_model):
+    """The text stops right before the stop string; no delta ever contains it, nor does
+    the concatenation of the deltas."""
+    prompt, _ = chat_prompt(tiny_model, "one two three")
+    async with open_engine(tiny_model) as engine:
+        free = await run_stream(engine, prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        full_text = "".join(d.text for d in free)
+        assert len(full_text) > 12
+        stop = full_text[8:12]
+        cut = full_text.index(stop)
+        stopped = await run_stream(engine, prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=(stop,)))
+    text = "".join(d.text for d in stopped)
+    assert text == full_text[:cut]
+    assert stopped[-1].finish_reason == "stop"
+    assert all(stop not in d.text for d in stopped)
+
+
+async def test_logprobs_are_consistent(tiny_model):
+    prompt, _ = chat_prompt(tiny_model, "hello")
+    async with open_engine(tiny_model) as engine:
+        deltas = await run_stream(engine, prompt, SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True))
+    entries = [e for d in deltas for e in d.logprobs]
+    assert len(entries) == 5
+    for entry in entries:
+        assert entry.logprob <= 0
+        assert len(entry.top) == 3
+        # greedy: the sampled token is the most likely one
+        assert entry.top[0].token_id == entry.token_id
+        assert math.isclose(entry.top[0].logprob, entry.logprob, rel_tol=1e-5)
+        assert entry.top[0].logprob >= entry.top[1].logprob >= entry.top[2].logprob
+
+
+async def test_penalties_change_output(tiny_model):
+    prompt, _ = chat_prompt(tiny_model, "one two")
+    async with open_engine(tiny_model) as engine:
+        plain = await run_stream(engine, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+        penalised = await run_stream(
+            engine, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, frequency_penalty=2.0, repetition_penalty=1.5)
+        )
+    plain_ids = [t for d in plain for t in d.token_ids]
+    pen_ids = [t for d in penalised for t in d.token_ids]
+    assert plain_ids != pen_ids
+    assert len(set(pen_ids)) >= len(set(plain_ids))
