@@ -1,0 +1,112 @@
+"""Compose a running vlserve: model, engine, vision encoder, image fetcher, preparer.
+
+``open_runtime(config)`` owns every component's lifetime: entering it loads the model (in a
+worker thread, so the event loop keeps answering ``/health``) and starts each component in
+a nursery it owns; leaving it shuts them down in reverse order.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import trio
+
+from engine.engine import Engine, open_engine
+from engine.model_loader import LoadedModel, load_model
+from engine.tiny_model import ensure_tiny_model
+from server.config import ServerConfig
+from vl.chat_preparer import ChatPreparer
+from vl.feature_cache import FeatureCache
+from vl.gates import Gate
+from vl.image_fetcher import ImageFetcher
+from vl.image_preprocess import ImagePreprocessor
+from vl.media_policy import MediaPolicy
+from vl.vision_encoder import VisionEncoder
+
+IMAGE_TOKEN = "<|image_pad|>"
+
+
+@dataclass
+class Runtime:
+    config: ServerConfig
+    model_name: str
+    created: int
+    max_model_len: int
+    engine: Engine
+    preparer: ChatPreparer
+    loaded: LoadedModel
+    device_gate: trio.CapacityLimiter
+
+
+async def load_configured_model(config: ServerConfig) -> LoadedModel:
+    """Load ``config.model`` (or build and load the built-in tiny model) in a worker thread.
+
+    Cancellation: the load runs to completion in its thread before ``Cancelled`` is raised.
+    """
+
+    def load() -> LoadedModel:
+        path = config.model or str(ensure_tiny_model())
+        return load_model(path, dtype=config.dtype, device=config.device, max_model_len=config.max_model_len)
+
+    return await trio.to_thread.run_sync(load)
+
+
+@asynccontextmanager
+async def open_runtime(config: ServerConfig, loaded: LoadedModel | None = None) -> AsyncIterator[Runtime]:
+    """Load (unless ``loaded`` is given) and run every component until the block exits."""
+    if loaded is None:
+        loaded = await load_configured_model(config)
+    device_gate = trio.CapacityLimiter(1)
+    policy = MediaPolicy.from_config(config)
+    async with ImageFetcher(policy) as fetcher:
+        async with open_engine(
+            loaded,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            device_gate=device_gate,
+        ) as engine:
+            async with _open_encoder(loaded, config, device_gate) as encoder:
+                preparer = ChatPreparer(
+                    tokenizer=loaded.tokenizer,
+                    policy=policy,
+                    fetcher=fetcher,
+                    image_gate=Gate("image_prep", config.image_prep_concurrency),
+                    tokenizer_gate=Gate("tokenizer", config.tokenizer_concurrency),
+                    feature_cache=FeatureCache(config.mm_cache_mb * 1024 * 1024),
+                    preprocessor=_preprocessor(loaded),
+                    encoder=encoder,
+                    image_token=IMAGE_TOKEN if loaded.supports_images else None,
+                )
+                yield Runtime(
+                    config=config,
+                    model_name=config.model_name,
+                    created=int(time.time()),
+                    max_model_len=loaded.max_model_len,
+                    engine=engine,
+                    preparer=preparer,
+                    loaded=loaded,
+                    device_gate=device_gate,
+                )
+
+
+def _preprocessor(loaded: LoadedModel) -> ImagePreprocessor | None:
+    if not loaded.supports_images:
+        return None
+    return ImagePreprocessor(loaded.image_processor, loaded.adapter.spatial_merge_size)
+
+
+@asynccontextmanager
+async def _open_encoder(loaded: LoadedModel, config: ServerConfig, device_gate: trio.CapacityLimiter):
+    if not loaded.supports_images:
+        yield None
+        return
+    async with VisionEncoder.open(
+        loaded.adapter.encode_images,
+        device_gate,
+        max_batch_size=config.vision_max_batch_size,
+        max_batch_patches=config.vision_max_batch_patches,
+    ) as encoder:
+        yield encoder

@@ -1,0 +1,188 @@
+"""Turn an OpenAI request into an ``EnginePrompt``: the request path's preparation stage.
+
+For a chat request: the messages are validated; the chat template is rendered and
+tokenized in a worker thread under the tokenizer gate, while all images are resolved
+concurrently: fetched asynchronously (network waits hold no CPU gate), decoded and
+preprocessed in worker threads under the image-prep gate, and encoded by the shared,
+batched vision encoder. Repeated images come from the feature cache and skip decode,
+preprocessing and encoding. Each image's placeholder token is then expanded to as many
+tokens as its features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from engine.prompt import EnginePrompt, ImageFeatures
+from vl.chat_messages import ImageRef, parse_messages
+from vl.errors import InvalidRequest
+from vl.feature_cache import FeatureCache, FeatureCacheStatistics
+from vl.gates import Gate, GateStatistics
+from vl.image_decode import decode_image
+from vl.image_fetcher import ImageFetcher
+from vl.image_preprocess import ImagePreprocessor, PixelInputs
+from vl.image_source import EncodedImage, load_image_bytes
+from vl.media_policy import MediaPolicy
+from vl.vision_encoder import VisionEncoder, VisionEncoderStatistics
+
+
+@dataclass(frozen=True)
+class PreparerStatistics:
+    image_gate: GateStatistics
+    tokenizer_gate: GateStatistics
+    encoder: VisionEncoderStatistics | None
+    feature_cache: FeatureCacheStatistics
+    fetch_in_flight: int
+
+
+class ChatPreparer:
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        policy: MediaPolicy,
+        fetcher: ImageFetcher,
+        image_gate: Gate,
+        tokenizer_gate: Gate,
+        feature_cache: FeatureCache,
+        preprocessor: ImagePreprocessor | None = None,
+        encoder: VisionEncoder | None = None,
+        image_token: str | None = None,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._policy = policy
+        self._fetcher = fetcher
+        self.image_gate = image_gate
+        self.tokenizer_gate = tokenizer_gate
+        self._cache = feature_cache
+        self._preprocessor = preprocessor
+        self._encoder = encoder
+        self._image_token_id = tokenizer.convert_tokens_to_ids(image_token) if image_token else None
+
+    @property
+    def supports_images(self) -> bool:
+        return self._encoder is not None and self._preprocessor is not None
+
+    async def prepare_chat(self, messages: Any) -> EnginePrompt:
+        """Validate, render, tokenize and attach image features.
+
+        Raises ``InvalidRequest``/``MediaError`` naming the offending field. Cancellation:
+        stops at the next boundary (fetch, gate wait, thread return, encoder result);
+        threads already running finish and give their gate tokens back; nothing reaches
+        the engine.
+        """
+        parsed = parse_messages(
+            messages, max_images=self._policy.max_images_per_request, images_allowed=self.supports_images
+        )
+        features: list[ImageFeatures | None] = [None] * len(parsed.images)
+        token_ids: list[int] = []
+        errors: list[InvalidRequest] = []
+
+        async def guarded(cancel_scope: trio.CancelScope, work) -> None:
+            try:
+                await work()
+            except InvalidRequest as exc:
+                errors.append(exc)
+                cancel_scope.cancel()
+
+        async def render() -> None:
+            token_ids.extend(await self.tokenizer_gate.run(self._render_and_tokenize, parsed.messages))
+
+        def resolver(i: int, ref: ImageRef):
+            async def resolve() -> None:
+                features[i] = await self._image_features(ref)
+
+            return resolve
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guarded, nursery.cancel_scope, render)
+            for i, ref in enumerate(parsed.images):
+                nursery.start_soon(guarded, nursery.cancel_scope, resolver(i, ref))
+        if errors:
+            raise errors[0]
+        return EnginePrompt(self._expand_image_tokens(token_ids, features), list(features))
+
+    async def prepare_text(self, prompt: str) -> EnginePrompt:
+        """Tokenize a completions prompt (no chat template)."""
+        return EnginePrompt(await self.tokenize(prompt, add_special_tokens=True))
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return await self.tokenizer_gate.run(self._encode, text, add_special_tokens)
+
+    async def tokenize_chat(self, messages: Any) -> list[int]:
+        """Token ids of the rendered chat template, one placeholder token per image."""
+        parsed = parse_messages(messages, max_images=self._policy.max_images_per_request, images_allowed=True)
+        return await self.tokenizer_gate.run(self._render_and_tokenize, parsed.messages)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await self.tokenizer_gate.run(self._decode, token_ids)
+
+    # --- worker-thread functions -------------------------------------------------------
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        vocab = len(self._tokenizer)
+        return self._tokenizer.decode([t for t in token_ids if 0 <= t < vocab])
+
+    def _render_and_tokenize(self, messages: list[dict]) -> list[int]:
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise InvalidRequest("This model has no chat template; use /v1/completions.", param="messages")
+        try:
+            text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja errors: the template rejected these messages
+            raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages") from None
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _decode_and_preprocess(self, image: EncodedImage, param: str) -> tuple[str, ImageFeatures | None, PixelInputs | None]:
+        key = f"{hashlib.sha256(image.payload).hexdigest()}:{int(image.base64_encoded)}:{self._preprocessor.settings_key}"
+        cached = self._cache.get(key)
+        if cached is not None:
+            return key, cached, None
+        picture = decode_image(image, self._policy, param=param)
+        return key, None, self._preprocessor(picture)
+
+    # --- event-loop helpers ------------------------------------------------------------
+
+    async def _image_features(self, ref: ImageRef) -> ImageFeatures:
+        encoded = await load_image_bytes(ref.url, param=ref.param, fetcher=self._fetcher, policy=self._policy)
+        key, cached, pixels = await self.image_gate.run(self._decode_and_preprocess, encoded, ref.param)
+        if cached is not None:
+            return cached
+        features = await self._encoder.encode(pixels)
+        self._cache.put(key, features)
+        return features
+
+    def _expand_image_tokens(self, token_ids: list[int], features: list[ImageFeatures | None]) -> list[int]:
+        if self._image_token_id is None:
+            return token_ids
+        positions = [i for i, t in enumerate(token_ids) if t == self._image_token_id]
+        if len(positions) != len(features):
+            raise InvalidRequest(
+                f"The prompt has {len(positions)} image placeholders for {len(features)} images; "
+                "do not write image tokens in message text.",
+                param="messages",
+                code="image_token_mismatch",
+            )
+        out: list[int] = []
+        start = 0
+        for pos, feat in zip(positions, features):
+            out.extend(token_ids[start:pos])
+            out.extend([self._image_token_id] * feat.embeddings.shape[0])
+            start = pos + 1
+        out.extend(token_ids[start:])
+        return out
+
+    def statistics(self) -> PreparerStatistics:
+        return PreparerStatistics(
+            image_gate=self.image_gate.statistics(),
+            tokenizer_gate=self.tokenizer_gate.statistics(),
+            encoder=self._encoder.statistics() if self._encoder else None,
+            feature_cache=self._cache.statistics(),
+            fetch_in_flight=self._fetcher.statistics().in_flight,
+        )

@@ -1,0 +1,167 @@
+"""The vision encoder component: batches images from many requests into shared forwards.
+
+A batcher task, owned by the encoder's nursery, takes jobs from a bounded channel and
+forms batches of at most ``max_batch_size`` images and ``max_batch_patches`` patches. Each
+batch's forward runs in a worker thread under the device gate, inside a cancel scope that
+is shielded: the batch belongs to the encoder, not to any one request. A request awaits
+only its own job. If a request is cancelled, its job is marked abandoned: not yet started,
+it is dropped when the next batch is formed; already in a batch, the batch finishes and
+its result is discarded.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import torch
+import trio
+
+from engine.prompt import ImageFeatures
+from vl.image_preprocess import PixelInputs
+
+EncodeFn = Callable[[torch.Tensor, list[tuple[int, int, int]]], list[ImageFeatures]]
+
+
+@dataclass(frozen=True)
+class VisionEncoderStatistics:
+    queued: int
+    batches_run: int
+    images_encoded: int
+    images_dropped: int
+    largest_batch: int
+    last_batch_size: int
+    forward_running: bool
+
+
+class _Job:
+    __slots__ = ("pixels", "done", "result", "error", "abandoned")
+
+    def __init__(self, pixels: PixelInputs) -> None:
+        self.pixels = pixels
+        self.done = trio.Event()
+        self.result: ImageFeatures | None = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+
+
+class VisionEncoder:
+    def __init__(
+        self,
+        encode_fn: EncodeFn,
+        device_gate: trio.CapacityLimiter,
+        *,
+        max_batch_size: int = 16,
+        max_batch_patches: int = 32768,
+        queue_size: int | None = None,
+    ) -> None:
+        self._encode_fn = encode_fn
+        self._device_gate = device_gate
+        self.max_batch_size = max_batch_size
+        self.max_batch_patches = max_batch_patches
+        self._send, self._receive = trio.open_memory_channel[_Job](queue_size or 4 * max_batch_size)
+        self._held_over: _Job | None = None
+        self._batches = 0
+        self._encoded = 0
+        self._dropped = 0
+        self._largest = 0
+        self._last = 0
+        self._running = False
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, encode_fn: EncodeFn, device_gate: trio.CapacityLimiter, **options) -> AsyncIterator[VisionEncoder]:
+        """Run the batcher for the duration of the block. On exit the batcher is cancelled
+        after its current forward (if any) has finished."""
+        encoder = cls(encode_fn, device_gate, **options)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(encoder._batch_loop)
+            try:
+                yield encoder
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def encode(self, pixels: PixelInputs) -> ImageFeatures:
+        """Encode one image as part of some batch and return its features.
+
+        Cancellation: while queued, the job is marked abandoned and will never run;
+        while its batch runs, the batch completes for everyone else and this result is
+        dropped. Either way this call raises ``Cancelled`` promptly.
+        """
+        job = _Job(pixels)
+        await self._send.send(job)
+        try:
+            await job.done.wait()
+        finally:
+            if not job.done.is_set():
+                job.abandoned = True
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    async def _batch_loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            self._running = True
+            try:
+                with trio.CancelScope(shield=True):
+                    try:
+                        results = await trio.to_thread.run_sync(self._forward, batch, limiter=self._device_gate)
+                    except Exception as exc:  # a failed forward fails its jobs, not the encoder
+                        for job in batch:
+                            job.error = exc
+                            job.done.set()
+                        continue
+            finally:
+                self._running = False
+            self._batches += 1
+            self._last = len(batch)
+            self._largest = max(self._largest, len(batch))
+            for job, features in zip(batch, results):
+                job.result = features
+                self._encoded += 1
+                job.done.set()
+
+    async def _next_batch(self) -> list[_Job]:
+        """Wait for one job, then take whatever else is queued, up to the batch limits."""
+        first = self._held_over or await self._receive.receive()
+        self._held_over = None
+        batch: list[_Job] = []
+        patches = 0
+        candidate: _Job | None = first
+        while candidate is not None:
+            if candidate.abandoned:
+                self._dropped += 1
+            elif batch and (
+                len(batch) >= self.max_batch_size or patches + candidate.pixels.num_patches > self.max_batch_patches
+            ):
+                self._held_over = candidate
+                break
+            else:
+                batch.append(candidate)
+                patches += candidate.pixels.num_patches
+            try:
+                candidate = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                candidate = None
+        return batch
+
+    def _forward(self, batch: list[_Job]) -> list[ImageFeatures]:
+        pixel_values = torch.cat([job.pixels.pixel_values for job in batch])
+        grids = [job.pixels.grid_thw for job in batch]
+        with torch.inference_mode():
+            return self._encode_fn(pixel_values, grids)
+
+    def statistics(self) -> VisionEncoderStatistics:
+        return VisionEncoderStatistics(
+            queued=self._receive.statistics().current_buffer_used + (1 if self._held_over else 0),
+            batches_run=self._batches,
+            images_encoded=self._encoded,
+            images_dropped=self._dropped,
+            largest_batch=self._largest,
+            last_batch_size=self._last,
+            forward_running=self._running,
+        )
