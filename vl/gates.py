@@ -40,8 +40,9 @@ class Gate:
         """Run ``fn(*args)`` in a worker thread holding one token of this gate.
 
         Cancellation: while waiting for a token, the call is cancelled at once and ``fn``
-        never starts. Once ``fn`` runs, the call waits for it to return (the thread keeps
-        the token until then) and then raises ``Cancelled``; the result is dropped.
+        never starts. Once ``fn`` runs, cancellation is deferred: the call waits for the
+        thread to return (the thread keeps the token until then) and returns its result;
+        ``Cancelled`` is raised at the caller's next checkpoint.
         """
         result = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
         self._completed += 1
