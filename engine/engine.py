@@ -109,6 +109,8 @@ class Engine:
     def _check_lengths(self, prompt: EnginePrompt, params: SamplingParams) -> None:
         n = len(prompt.token_ids)
         limit = self._core.max_model_len
+        if prompt.images and not self._core.runner.adapter.supports_images:
+            raise InvalidRequest("This model does not accept images.", param="messages", code="images_not_supported")
         if n == 0:
             raise InvalidRequest("The prompt is empty.", param="messages", code="empty_prompt")
         if n >= limit:

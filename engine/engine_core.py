@@ -65,29 +65,31 @@ class EngineCore:
     def execute(self, plan: StepPlan) -> StepReport:
         """Drop leaving rows, decode the running ones, prefill the joining ones.
 
-        If a forward raises, every sequence of this step is finished with reason
-        ``"abort"`` and an error message, its rows are dropped, and the engine goes on.
+        If a forward raises, the sequences of that forward (the decoding rows, or the
+        joining ones) finish with reason ``"abort"`` and an error message, their rows are
+        dropped, and the engine goes on with the rest.
         """
         started = time.perf_counter()
         report = StepReport()
         for seq in plan.leaving:
             self._states.pop(seq.seq_id, None)
         self.runner.drop(plan.leaving)
-        try:
-            if plan.decoding:
+        if plan.decoding:
+            try:
                 logits = self.runner.decode(plan.decoding)
                 report.decode_tokens = len(plan.decoding)
                 self._append(plan.decoding, logits, report)
-            if plan.joining:
-                for seq in plan.joining:
-                    self._states[seq.seq_id] = self._new_state(seq)
+            except Exception as exc:  # a failed forward fails its rows, not the engine
+                self._fail_all(plan.decoding, exc, report)
+        if plan.joining:
+            for seq in plan.joining:
+                self._states[seq.seq_id] = self._new_state(seq)
+            try:
                 logits = self.runner.prefill(plan.joining)
                 report.prefill_tokens = sum(s.prompt_len for s in plan.joining)
                 self._append(plan.joining, logits, report)
-        except Exception as exc:  # a failed forward must not take the engine down
-            failed = plan.decoding + plan.joining
-            self.runner.drop(failed)
-            report.updates = [self._fail(seq, exc) for seq in failed]
+            except Exception as exc:
+                self._fail_all(plan.joining, exc, report)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -139,6 +141,12 @@ class EngineCore:
             logprob=tok.logprob,
             top=[TopLogprob(i, token_text(self.tokenizer, i), lp) for i, lp in tok.top],
         )
+
+    def _fail_all(self, seqs: list[Sequence], exc: Exception, report: StepReport) -> None:
+        failed = {id(s) for s in seqs}
+        report.updates = [u for u in report.updates if id(u.seq) not in failed]
+        self.runner.drop(seqs)
+        report.updates.extend(self._fail(seq, exc) for seq in seqs)
 
     def _fail(self, seq: Sequence, exc: Exception) -> SequenceUpdate:
         seq.status = SequenceStatus.FINISHED

@@ -138,3 +138,28 @@ async def test_penalties_change_output(tiny_model):
     pen_ids = [t for d in penalised for t in d.token_ids]
     assert plain_ids != pen_ids
     assert len(set(pen_ids)) >= len(set(plain_ids))
+
+
+async def test_failed_forward_fails_its_sequences_and_engine_goes_on(tiny_model, monkeypatch):
+    """A forward that raises ends the sequences in it with ``abort`` and an error; the
+    engine keeps serving later requests and holds nothing for the failed ones."""
+    prompt, _ = chat_prompt(tiny_model, "hello")
+    adapter = tiny_model.adapter
+    real_forward = adapter.forward
+    calls = {"n": 0}
+
+    def flaky_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device failure")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "forward", flaky_forward)
+    async with open_engine(tiny_model) as engine:
+        async with engine.open_stream(prompt, SamplingParams(max_tokens=5, temperature=0)) as stream:
+            deltas = [d async for d in stream]
+            assert "simulated device failure" in stream.error
+        assert deltas[-1].finish_reason == "abort"
+        after = await run_stream(engine, prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        assert after[-1].finish_reason == "length"
+        await wait_until_idle(engine)
