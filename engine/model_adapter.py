@@ -117,9 +117,9 @@ class Qwen2VLAdapter(CausalLMAdapter):
     def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[ImageFeatures]:
         """Run the vision tower once over several images; one ``ImageFeatures`` per image."""
         visual = self.model.model.visual
-        device = visual.get_device()
-        grid = torch.tensor(grids, dtype=torch.long, device=device)
-        out = visual(pixel_values.to(device=device, dtype=visual.dtype), grid_thw=grid)
+        weight = next(visual.parameters())
+        grid = torch.tensor(grids, dtype=torch.long, device=weight.device)
+        out = visual(pixel_values.to(device=weight.device, dtype=weight.dtype), grid_thw=grid)
         merged = out.pooler_output if hasattr(out, "pooler_output") else out
         sizes = [self.tokens_per_image(g) for g in grids]
         return [
