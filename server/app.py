@@ -1,0 +1,94 @@
+"""The app factory: ``create_app(config)`` returns a ready-to-serve QuartTrio app.
+
+``hypercorn --worker-class trio 'server.app:create_app()'`` builds the configuration from
+``VLSERVE_*`` environment variables. The model is loaded in the background once serving
+starts (``/ready`` answers 503 until then) and closed when serving stops, after hypercorn
+has finished (or given up on) the in-flight requests.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import trio
+from quart_trio import QuartTrio
+
+from server.admission import Admission, install_admission
+from server.auth import ApiKeys, install_auth
+from server.config import ServerConfig
+from server.connection_fix import ShieldedFinalSendConnection
+from server.cors import CorsPolicy, install_cors
+from server.errors import install_error_handlers
+from server.lifecycle import RuntimeFactory, RuntimeLifecycle
+from server.options import config_from_env
+from server.request_id import install_request_id
+from server.routes import register_routes
+from server.state import ServerState, attach_state
+
+# A slow client may take this long to send one body (64 MiB at ~250 KB/s); Quart's
+# default of 60 s would cut large image uploads. Responses get no timeout at all.
+BODY_TIMEOUT_S = 300.0
+# How long the runtime gets to close at shutdown before it is cancelled.
+RUNTIME_CLOSE_TIMEOUT_S = 30.0
+# Body decoding in worker threads is GIL-bound: one at a time (see DESIGN.md).
+PARSE_CONCURRENCY = 1
+
+
+class VlserveApp(QuartTrio):
+    """QuartTrio with the connection-close fix (see ``server.connection_fix``)."""
+
+    asgi_http_class = ShieldedFinalSendConnection
+
+
+def open_default_runtime(config: ServerConfig) -> AbstractAsyncContextManager[Any]:
+    """``server.runtime.open_runtime(config)``, imported only when a server starts."""
+    from server.runtime import open_runtime
+
+    return open_runtime(config)
+
+
+def create_app(
+    config: ServerConfig | None = None, *, runtime_factory: RuntimeFactory | None = None
+) -> QuartTrio:
+    """Build the app for ``config`` (default: from the environment).
+
+    ``runtime_factory(config)`` must return an async context manager yielding a
+    ``server.runtime.Runtime``-like object; the default opens the real model.
+    """
+    if config is None:
+        config = config_from_env(os.environ)
+    app = VlserveApp(__name__)
+    app.config.update(
+        RESPONSE_TIMEOUT=None,
+        BODY_TIMEOUT=BODY_TIMEOUT_S,
+        MAX_CONTENT_LENGTH=config.max_body_bytes,
+        BACKGROUND_TASK_SHUTDOWN_TIMEOUT=RUNTIME_CLOSE_TIMEOUT_S,
+        PROPAGATE_EXCEPTIONS=False,
+    )
+    lifecycle = RuntimeLifecycle(config, runtime_factory or open_default_runtime)
+    state = ServerState(
+        config=config,
+        lifecycle=lifecycle,
+        admission=Admission(config.max_concurrent_requests),
+        parse_limiter=trio.CapacityLimiter(PARSE_CONCURRENCY),
+    )
+    attach_state(app, state)
+    install_request_id(app)
+    install_error_handlers(app)
+    install_cors(app, CorsPolicy(config.cors_allow_origins))
+    install_auth(app, ApiKeys(config.api_keys))
+    install_admission(app, state.admission)
+    register_routes(app)
+
+    async def start_runtime() -> None:
+        app.nursery.start_soon(lifecycle.run)
+
+    async def stop_runtime() -> None:
+        lifecycle.stop()
+        await lifecycle.wait_closed()
+
+    app.before_serving(start_runtime)
+    app.after_serving(stop_runtime)
+    return app

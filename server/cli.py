@@ -1,0 +1,100 @@
+"""``vlserve``: ``serve`` the API, or ``make-tiny-model DIR`` to build the test model.
+
+Every ``serve`` flag has a ``VLSERVE_*`` environment variable (see ``server.options``);
+a flag wins over its variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import trio
+
+from server.config import ServerConfig
+from server.options import ConfigError, Option, config_from_env, config_options, convert
+
+
+def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
+    common: dict[str, Any] = {"dest": option.field, "default": argparse.SUPPRESS}
+    help_text = f"{option.help} [env {option.env}]"
+    if option.kind is bool:
+        parser.add_argument(
+            option.flag, action=argparse.BooleanOptionalAction, help=help_text, **common
+        )
+    elif option.kind is tuple:
+        parser.add_argument(
+            option.flag, action="append", metavar="VALUE", help=help_text + " (repeatable)", **common
+        )
+    else:
+        parser.add_argument(option.flag, metavar=option.kind.__name__.upper(), help=help_text, **common)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlserve", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible API")
+    for option in config_options():
+        _add_option(serve, option)
+    serve.add_argument(
+        "--log-level", default=os.environ.get("VLSERVE_LOG_LEVEL", "INFO"), help="logging level"
+    )
+    tiny = commands.add_parser("make-tiny-model", help="build the tiny random test model")
+    tiny.add_argument("directory", help="where to save it")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
+    """Flags over environment over defaults. Raises ``ConfigError`` naming the bad value."""
+    flags: dict[str, Any] = {}
+    for option in config_options():
+        if option.field not in vars(args):
+            continue
+        raw = getattr(args, option.field)
+        if option.kind is tuple:
+            flags[option.field] = tuple(v for item in raw for v in convert(option, item, option.flag))
+        elif option.kind is bool:
+            flags[option.field] = raw
+        else:
+            flags[option.field] = convert(option, raw, option.flag)
+    return config_from_env(environ, **flags)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.serve import serve_until_signalled
+
+    config = config_from_args(args, os.environ)
+    return trio.run(serve_until_signalled, config)
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from engine.tiny_model import build_tiny_model
+
+    build_tiny_model(args.directory)
+    print(args.directory)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vlserve`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return _make_tiny_model(args)
+    except ConfigError as error:
+        parser.error(str(error))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Run a request's choices on the engine: to completion, or delta by delta.
+
+Every sequence lives inside ``engine.open_stream``; leaving that block by any route
+(client gone, handler cancelled, a sibling choice failing) aborts the sequence in the
+engine and frees its cache. Choices of one request run concurrently in a nursery owned by
+the call, so nothing outlives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from engine.outputs import StreamDelta, TokenLogprob
+from engine.prompt import EnginePrompt
+from engine.sampling_params import SamplingParams
+from server.schemas.common import Usage
+
+
+@dataclass(frozen=True)
+class Job:
+    """One choice: ``index`` in the response, ``prompt_index`` of the prompt it continues."""
+
+    index: int
+    prompt_index: int
+    prompt: EnginePrompt
+    params: SamplingParams
+
+
+@dataclass
+class ChoiceResult:
+    """A finished choice. ``finish_reason`` is ``"abort"`` if the engine ended it unasked."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str = "abort"
+
+    def add(self, delta: StreamDelta) -> None:
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+
+
+class UsageTally:
+    """Token counts of a request: each prompt counted once, completions of every choice."""
+
+    def __init__(self) -> None:
+        self._prompt: dict[int, int] = {}
+        self._completion: dict[int, int] = {}
+
+    def add(self, job: Job, delta: StreamDelta) -> None:
+        self._prompt[job.prompt_index] = delta.prompt_tokens
+        self._completion[job.index] = delta.completion_tokens
+
+    def usage(self) -> Usage:
+        prompt = sum(self._prompt.values())
+        completion = sum(self._completion.values())
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
+
+OnDelta = Callable[[Job, StreamDelta], Awaitable[None]]
+
+
+class SequenceFailed(RuntimeError):
+    """The engine ended a sequence because of an internal error (a server-side failure)."""
+
+
+async def stream_job(engine: Any, job: Job, on_delta: OnDelta) -> None:
+    """Run one sequence, awaiting ``on_delta`` for each delta (a slow callback makes the
+    engine coalesce deltas rather than queue them).
+
+    Raises ``SequenceFailed`` after the last delta if the engine failed the sequence.
+    Cancellation: leaves ``open_stream``, which aborts the sequence.
+    """
+    async with engine.open_stream(job.prompt, job.params) as stream:
+        async for delta in stream:
+            await on_delta(job, delta)
+        if stream.error is not None:
+            raise SequenceFailed(f"choice {job.index}: {stream.error}")
+
+
+async def stream_jobs(engine: Any, jobs: Sequence[Job], on_delta: OnDelta) -> None:
+    """Run all ``jobs`` concurrently (see ``stream_job``); one failing cancels the others.
+
+    Deltas of one job arrive in order; deltas of different jobs interleave.
+    """
+    if len(jobs) == 1:
+        await stream_job(engine, jobs[0], on_delta)
+        return
+    async with trio.open_nursery() as nursery:
+        for job in jobs:
+            nursery.start_soon(stream_job, engine, job, on_delta)
+
+
+async def complete_jobs(engine: Any, jobs: Sequence[Job]) -> tuple[list[ChoiceResult], Usage]:
+    """Run all ``jobs`` to the end; the results in ``index`` order, and the usage."""
+    results = {job.index: ChoiceResult(index=job.index) for job in jobs}
+    tally = UsageTally()
+
+    async def collect(job: Job, delta: StreamDelta) -> None:
+        results[job.index].add(delta)
+        tally.add(job, delta)
+
+    await stream_jobs(engine, jobs, collect)
+    return [results[i] for i in sorted(results)], tally.usage()
+
+
+def make_jobs(
+    prompts: Sequence[EnginePrompt], params: Sequence[Sequence[SamplingParams]]
+) -> list[Job]:
+    """Jobs for ``params[p][i]`` (choice ``i`` of prompt ``p``), indexed ``p * n + i``."""
+    jobs = []
+    for prompt_index, (prompt, choice_params) in enumerate(zip(prompts, params, strict=True)):
+        for choice, sampling in enumerate(choice_params):
+            index = prompt_index * len(choice_params) + choice
+            jobs.append(Job(index, prompt_index, prompt, sampling))
+    return jobs

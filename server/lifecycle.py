@@ -1,0 +1,117 @@
+"""The runtime's lifetime inside the app: open it in the background, hold it, close it.
+
+Readiness is this object's phase: ``LOADING`` until the runtime is open, ``READY`` while it
+serves, ``DRAINING`` once shutdown has begun (in-flight requests keep their runtime; new
+ones are refused), ``STOPPED`` after it closed, ``FAILED`` if opening it or running it
+raised. The runtime factory is any ``ServerConfig -> async context manager of Runtime``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from server.runtime import Runtime
+
+RuntimeFactory = Callable[[ServerConfig], AbstractAsyncContextManager[Any]]
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class RuntimeFailed(RuntimeError):
+    """The runtime could not be opened, or stopped on its own."""
+
+
+class RuntimeLifecycle:
+    """Opens one runtime with ``factory(config)`` and keeps it open until ``stop()``."""
+
+    def __init__(self, config: ServerConfig, factory: RuntimeFactory) -> None:
+        self.config = config
+        self.phase = Phase.LOADING
+        self.runtime: Runtime | None = None
+        self.load_seconds: float | None = None
+        self.error: BaseException | None = None
+        self._factory = factory
+        self._settled = trio.Event()
+        self._stop = trio.Event()
+        self._closed = trio.Event()
+
+    async def run(self) -> None:
+        """Open the runtime, publish it, hold it until ``stop()``, then close it.
+
+        A failure while opening or running is logged and leaves the phase ``FAILED``; it
+        is not raised, so the server stays up to report it (``/health`` answers 503).
+        Cancellation: the runtime is closed (its own tasks are cancelled) and ``Cancelled``
+        propagates; waiters are released either way.
+        """
+        started = time.monotonic()
+        try:
+            async with self._factory(self.config) as runtime:
+                self.load_seconds = time.monotonic() - started
+                self.runtime = runtime
+                loaded = runtime.loaded
+                log.info(
+                    "loaded model %s as %r (device=%s, dtype=%s, max_model_len=%d) in %.2f s",
+                    loaded.path,
+                    runtime.model_name,
+                    loaded.device,
+                    loaded.dtype,
+                    runtime.max_model_len,
+                    self.load_seconds,
+                )
+                if self.phase is Phase.LOADING:
+                    self.phase = Phase.READY
+                self._settled.set()
+                await self._stop.wait()
+        except Exception as error:
+            log.error("the model runtime failed", exc_info=error)
+            self.error = error
+            self.phase = Phase.FAILED
+        finally:
+            self.runtime = None
+            if self.phase is not Phase.FAILED:
+                self.phase = Phase.STOPPED
+            self._settled.set()
+            self._closed.set()
+
+    def begin_drain(self) -> None:
+        """Stop taking new work (readiness answers 503); in-flight work carries on."""
+        if self.phase in (Phase.LOADING, Phase.READY):
+            self.phase = Phase.DRAINING
+
+    def stop(self) -> None:
+        """Drain, and let ``run()`` close the runtime. Idempotent."""
+        self.begin_drain()
+        self._stop.set()
+
+    async def wait_ready(self) -> Runtime:
+        """Wait until the runtime is open and return it.
+
+        Raises ``RuntimeFailed`` if it failed or was stopped before it became ready.
+        Cancellation: safe, nothing to undo.
+        """
+        await self._settled.wait()
+        if self.runtime is None or self.phase is Phase.FAILED:
+            raise RuntimeFailed(f"the model runtime is {self.phase.value}") from self.error
+        return self.runtime
+
+    async def wait_closed(self) -> None:
+        """Wait until ``run()`` has returned (closed, failed or cancelled)."""
+        await self._closed.wait()

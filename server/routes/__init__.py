@@ -1,0 +1,12 @@
+"""The HTTP routes, one module per endpoint family."""
+
+from __future__ import annotations
+
+from quart import Quart
+
+from server.routes import chat, completions, health, models, tokenize
+
+
+def register_routes(app: Quart) -> None:
+    for module in (health, models, chat, completions, tokenize):
+        app.register_blueprint(module.blueprint)

@@ -1,0 +1,54 @@
+"""``POST /v1/chat/completions``."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from quart import Blueprint, Response
+
+from server.chat_format import ChatChunker, chat_completion
+from server.generation import complete_jobs, make_jobs
+from server.request_body import read_body
+from server.request_id import current_request_id
+from server.response_meta import ResponseMeta
+from server.routes.common import check_model, json_response, serving_runtime
+from server.sampling import LengthBudget, sampling_params
+from server.schemas.chat import ChatCompletionRequest
+from server.sse import sse_response
+from server.state import current_state
+from server.streaming import produce_chunks
+
+blueprint = Blueprint("chat", __name__)
+
+
+@blueprint.post("/v1/chat/completions")
+async def chat_completions() -> Response:
+    """Validate, prepare the prompt (images included), then generate ``n`` choices.
+
+    Cancellation (client gone): preparation is abandoned by the preparer's own rules and
+    every engine sequence is aborted.
+    """
+    runtime = serving_runtime()
+    body = await read_body(ChatCompletionRequest, current_state().parse_limiter)
+    body.check_combinations()
+    check_model(body.model, runtime)
+    prompt = await runtime.preparer.prepare_chat(body.prompt_messages())
+    requested, field = body.requested_max_tokens
+    budget = LengthBudget(
+        prompt_tokens=len(prompt.token_ids),
+        max_model_len=runtime.max_model_len,
+        requested=requested,
+        field=field,
+        default=None,
+        prompt_param="messages",
+    )
+    params = sampling_params(body, max_tokens=budget.max_tokens(), logprobs=body.sampler_logprobs)
+    jobs = make_jobs([prompt], [params])
+    meta = ResponseMeta.new("chatcmpl", runtime.model_name)
+    if body.stream:
+        chunker = ChatChunker(meta, include_usage=body.include_usage, logprobs=body.logprobs)
+        producer = partial(produce_chunks, runtime.engine, jobs, chunker, body.include_usage)
+        return sse_response(producer, current_request_id())
+    results, usage = await complete_jobs(runtime.engine, jobs)
+    return json_response(chat_completion(meta, results, usage, logprobs=body.logprobs))
+

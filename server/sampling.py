@@ -1,0 +1,79 @@
+"""Map the sampling fields of a request to one ``SamplingParams`` per choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
+from server.schemas.common import SamplingRequest
+from vl.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class LengthBudget:
+    """How many tokens one prompt may still generate.
+
+    ``requested`` is what the client asked for (``None``: not given) and ``field`` the
+    request field it came from; ``default`` caps an absent request (``None``: no cap
+    but the context).
+    """
+
+    prompt_tokens: int
+    max_model_len: int
+    requested: int | None
+    field: str
+    default: int | None
+    prompt_param: str
+
+    def max_tokens(self) -> int:
+        """The completion length to use; raises ``InvalidRequest`` if it cannot fit."""
+        room = self.max_model_len - self.prompt_tokens
+        if self.prompt_tokens == 0:
+            raise InvalidRequest("The prompt is empty.", param=self.prompt_param, code="empty_prompt")
+        if room < 1:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens, "
+                f"and the prompt alone has {self.prompt_tokens} tokens.",
+                param=self.prompt_param,
+                code="context_length_exceeded",
+            )
+        if self.requested is None:
+            return room if self.default is None else min(self.default, room)
+        if self.requested > room:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, you requested {self.prompt_tokens + self.requested} tokens "
+                f"({self.prompt_tokens} in the prompt, {self.requested} in the completion). "
+                "Please reduce the length of the prompt or completion.",
+                param=self.field,
+                code="context_length_exceeded",
+            )
+        return self.requested
+
+
+def sampling_params(
+    request: SamplingRequest, *, max_tokens: int, logprobs: int | None
+) -> list[SamplingParams]:
+    """One ``SamplingParams`` per choice (``n``); choice ``i`` gets ``seed + i``.
+
+    Raises ``InvalidRequest`` naming the parameter for values the sampler rejects.
+    """
+    base = {
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if request.temperature is None else request.temperature,
+        "top_p": 1.0 if request.top_p is None else request.top_p,
+        "top_k": request.top_k or 0,
+        "min_p": request.min_p or 0.0,
+        "presence_penalty": request.presence_penalty or 0.0,
+        "frequency_penalty": request.frequency_penalty or 0.0,
+        "repetition_penalty": (
+            1.0 if request.repetition_penalty is None else request.repetition_penalty
+        ),
+        "stop": request.stop_strings,
+        "ignore_eos": request.ignore_eos,
+        "logprobs": logprobs,
+    }
+    return [
+        SamplingParams(**base, seed=None if request.seed is None else request.seed + i)
+        for i in range(request.n)
+    ]

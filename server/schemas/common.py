@@ -1,0 +1,147 @@
+"""Shapes shared by several endpoints: request base, sampling fields, usage, errors."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
+from pydantic_core import PydanticCustomError
+
+from vl.errors import InvalidRequest
+
+MAX_N = 128
+MAX_STOP_STRINGS = 16
+
+
+class RequestModel(BaseModel):
+    """Base of every request body: unknown fields are an error, not silence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool = False
+
+
+def _acceptable(value: Any, *harmless: Any) -> bool:
+    return value is None or value in harmless
+
+
+# Fields OpenAI defines that we do not implement: accepted only with a value that asks for
+# nothing (absent, null, or the listed harmless values), otherwise a 400 naming them.
+UNSUPPORTED_SHARED = {"logit_bias": ({},)}
+
+
+def reject_unsupported(value: Any, field: str, harmless: tuple[Any, ...]) -> Any:
+    """Return ``value`` if it asks for nothing we lack; else raise a pydantic error."""
+    if _acceptable(value, *harmless):
+        return value
+    raise PydanticCustomError(
+        "unsupported_parameter",
+        "'{field}' is not supported by this server.",
+        {"field": field},
+    )
+
+
+class SamplingRequest(RequestModel):
+    """Fields common to chat and text completions, mapped to ``SamplingParams``."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = Field(default=None)
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # extensions (vLLM names)
+    top_k: int | None = None
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    ignore_eos: bool = False
+    # accepted and ignored: they ask nothing of generation
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    # OpenAI fields we do not implement
+    logit_bias: Any = None
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _unsupported_shared(cls, value: Any, info: ValidationInfo) -> Any:
+        return reject_unsupported(value, info.field_name, UNSUPPORTED_SHARED[info.field_name])
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list_bounded(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise PydanticCustomError(
+                "too_many_stop_strings", "at most {limit} stop strings", {"limit": MAX_STOP_STRINGS}
+            )
+        return value
+
+    def check_combinations(self) -> None:
+        """Raise ``InvalidRequest`` for fields that are valid alone but not together."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest(
+                "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
+            )
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageOnlyIfSet(BaseModel):
+    """A chunk: ``usage`` is sent (possibly ``null``) only if it was set explicitly.
+
+    OpenAI sends ``"usage": null`` on every chunk when ``include_usage`` is on, and no
+    ``usage`` key at all otherwise.
+    """
+
+    usage: Usage | None = None
+
+    @model_serializer(mode="wrap")
+    def _usage_only_if_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        usage = data.pop("usage", None)
+        if "usage" in self.model_fields_set:
+            data["usage"] = usage
+        return data
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+FinishReason = Literal["stop", "length", "abort"]

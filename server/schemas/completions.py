@@ -1,0 +1,81 @@
+"""``POST /v1/completions``: request, response and streaming chunk shapes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from server.schemas.common import SamplingRequest, Usage, UsageOnlyIfSet, reject_unsupported
+
+MAX_PROMPTS = 64
+DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for legacy completions
+
+UNSUPPORTED_COMPLETIONS: dict[str, tuple[Any, ...]] = {
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+}
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] = Field()
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator(*UNSUPPORTED_COMPLETIONS, mode="before")
+    @classmethod
+    def _unsupported_completions(cls, value: Any, info: ValidationInfo) -> Any:
+        field = info.field_name
+        return reject_unsupported(value, field, UNSUPPORTED_COMPLETIONS[field])
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_PROMPTS:
+            raise PydanticCustomError(
+                "prompt_count", "must hold 1 to {limit} prompts", {"limit": MAX_PROMPTS}
+            )
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None
+    system_fingerprint: str | None = None
+
+
+class CompletionChunk(UsageOnlyIfSet):
+    """Streamed completions use the same object type as whole ones, one delta per choice."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    system_fingerprint: str | None = None

@@ -1,0 +1,164 @@
+"""Run the app on hypercorn's trio server inside our own ``trio.run``.
+
+``run_server`` is the building block (used by the CLI and the pytest plugin): it binds,
+reports a ``RunningServer`` through ``task_status``, and serves until ``shutdown()`` is
+called or the runtime fails. Shutdown is graceful: readiness turns 503, hypercorn stops
+accepting and closes idle connections, in-flight requests get ``drain_timeout`` seconds to
+finish (then they are cancelled, which aborts their sequences), then the runtime closes.
+
+``serve_until_signalled`` adds SIGINT/SIGTERM handling for ``vlserve serve``: the first
+signal drains as above, a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+from hypercorn.trio import serve
+from quart_trio import QuartTrio
+
+from server.app import create_app
+from server.config import ServerConfig
+from server.hypercorn_config import hypercorn_config
+from server.lifecycle import Phase, RuntimeFactory
+from server.state import ServerState, state_of
+
+if TYPE_CHECKING:
+    from server.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+@dataclass
+class RunningServer:
+    """A bound, serving app. ``urls`` are the bound base URLs (``http://host:port``)."""
+
+    app: QuartTrio
+    state: ServerState
+    urls: list[str]
+    _shutdown: trio.Event = field(default_factory=trio.Event)
+    _stopped: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (see module doc). Idempotent; returns at once."""
+        self.state.lifecycle.begin_drain()
+        self._shutdown.set()
+
+    async def wait_ready(self) -> Runtime:
+        """Wait for the model to be loaded; raises ``RuntimeFailed`` if it failed."""
+        return await self.state.lifecycle.wait_ready()
+
+    async def wait_stopped(self) -> None:
+        """Wait until the server has stopped serving and closed the runtime."""
+        await self._stopped.wait()
+
+
+async def run_server(
+    config: ServerConfig,
+    *,
+    runtime_factory: RuntimeFactory | None = None,
+    hypercorn_options: Mapping[str, Any] | None = None,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``config`` until ``RunningServer.shutdown()`` or a runtime failure.
+
+    Reports the ``RunningServer`` once the sockets are bound (the model may still load).
+    Cancellation: stops at once; in-flight requests are cancelled and the runtime closed.
+    """
+    app = create_app(config, runtime_factory=runtime_factory)
+    hyper = hypercorn_config(config, hypercorn_options)
+    shutdown = trio.Event()
+    stopped = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            serve_task = partial(_serve_then_cancel, app, hyper, shutdown, nursery.cancel_scope)
+            urls = await nursery.start(serve_task)
+            server = RunningServer(app, state_of(app), urls, shutdown, stopped)
+            nursery.start_soon(_shut_down_when_runtime_closes, server)
+            task_status.started(server)
+    finally:
+        stopped.set()
+
+
+async def _serve_then_cancel(
+    app: QuartTrio,
+    hyper: Any,
+    shutdown: trio.Event,
+    cancel_scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    await serve(app, hyper, shutdown_trigger=shutdown.wait, task_status=task_status)
+    cancel_scope.cancel()
+
+
+async def _shut_down_when_runtime_closes(server: RunningServer) -> None:
+    """A runtime that fails (or stops) on its own takes the server down with it."""
+    await server.state.lifecycle.wait_closed()
+    if server.state.lifecycle.phase is Phase.FAILED:
+        log.error("shutting down: the model runtime failed")
+    server.shutdown()
+
+
+async def serve_until_signalled(
+    config: ServerConfig,
+    *,
+    runtime_factory: RuntimeFactory | None = None,
+    hypercorn_options: Mapping[str, Any] | None = None,
+) -> int:
+    """Serve until SIGINT/SIGTERM, drain, and return the process exit status.
+
+    0 after a graceful drain; 1 if the runtime failed or a second signal forced the stop.
+    """
+    forced = False
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            start = partial(
+                run_server,
+                config,
+                runtime_factory=runtime_factory,
+                hypercorn_options=hypercorn_options,
+            )
+            server: RunningServer = await nursery.start(start)
+            for url in server.urls:
+                log.info("vlserve listening on %s", url)
+
+            async def watch_signals() -> None:
+                nonlocal forced
+                async for signum in signals:
+                    if server.shutting_down:
+                        log.warning("second %s: stopping now", signal.Signals(signum).name)
+                        forced = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info(
+                        "%s: draining (up to %.0f s for in-flight requests)",
+                        signal.Signals(signum).name,
+                        config.drain_timeout,
+                    )
+                    server.shutdown()
+
+            nursery.start_soon(watch_signals)
+            await server.wait_stopped()
+            nursery.cancel_scope.cancel()
+    if forced or server.state.lifecycle.phase is Phase.FAILED:
+        return EXIT_FAILED
+    log.info("vlserve stopped")
+    return EXIT_OK

@@ -1,0 +1,42 @@
+"""Everything the routes share for one app instance, kept on the app (not in a module)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+from quart import Quart, current_app
+
+from server.admission import Admission
+from server.config import ServerConfig
+from server.lifecycle import RuntimeLifecycle
+
+EXTENSION_KEY = "vlserve"
+
+
+@dataclass
+class ServerState:
+    """Per-app state.
+
+    ``parse_limiter`` gates JSON decoding and validation of large bodies, which run in a
+    worker thread so that a 64 MiB base64 body does not stall the event loop.
+    """
+
+    config: ServerConfig
+    lifecycle: RuntimeLifecycle
+    admission: Admission
+    parse_limiter: trio.CapacityLimiter
+
+
+def attach_state(app: Quart, state: ServerState) -> None:
+    app.extensions[EXTENSION_KEY] = state
+
+
+def state_of(app: Quart) -> ServerState:
+    """The state ``create_app`` attached to ``app``."""
+    return app.extensions[EXTENSION_KEY]
+
+
+def current_state() -> ServerState:
+    """The state of the app handling the current request."""
+    return state_of(current_app)

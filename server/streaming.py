@@ -1,0 +1,43 @@
+"""The producer of a streamed completion: engine deltas in, formatted chunks out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from engine.outputs import StreamDelta
+from server.generation import Job, UsageTally, stream_jobs
+from server.schemas.common import Usage
+from server.sse import SendEvent
+
+
+class Chunker(Protocol):
+    """Formats one response's chunks (chat or legacy completions)."""
+
+    def start(self, index: int) -> list[BaseModel]: ...
+
+    def for_delta(self, index: int, delta: StreamDelta) -> list[BaseModel]: ...
+
+    def usage(self, usage: Usage) -> BaseModel: ...
+
+
+async def produce_chunks(
+    engine: Any, jobs: Sequence[Job], chunker: Chunker, include_usage: bool, send: SendEvent
+) -> None:
+    """Send each choice's start chunks, then chunks as deltas arrive, then the usage chunk
+    if asked for. Cancellation: every sequence still running is aborted."""
+    tally = UsageTally()
+    for job in jobs:
+        for chunk in chunker.start(job.index):
+            await send(chunk)
+
+    async def on_delta(job: Job, delta: StreamDelta) -> None:
+        tally.add(job, delta)
+        for chunk in chunker.for_delta(job.index, delta):
+            await send(chunk)
+
+    await stream_jobs(engine, jobs, on_delta)
+    if include_usage:
+        await send(chunker.usage(tally.usage()))
