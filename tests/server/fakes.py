@@ -109,7 +109,7 @@ class FakeEngine:
     async def open_stream(
         self, prompt: EnginePrompt, params: SamplingParams
     ) -> AsyncIterator[FakeStream]:
-        if len(prompt.token_ids) + params.max_tokens > 10_000:
+        if len(prompt.token_ids) + params.max_tokens > 1 << 20:
             raise InvalidRequest("too long for the fake", param="max_tokens")
         self.opened.append((prompt, params))
         self.running += 1
