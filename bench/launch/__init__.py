@@ -1,0 +1,1 @@
+"""Starting and stopping the processes a benchmark needs: servers, image server, probe."""

@@ -1,0 +1,79 @@
+"""The servers under test and how to start each: vlserve and the two LMDeploy-style baselines."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+
+from bench.launch.process import free_port, managed_process
+from bench.launch.readiness import http_ready
+
+SERVERS = ("vlserve", "pr-style", "main-style")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    name: str
+    base_url: str
+    pid: int
+
+
+def vlserve_executable() -> str:
+    """The ``vlserve`` script beside this interpreter, else the one on ``PATH``."""
+    beside = Path(sys.executable).with_name("vlserve")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("vlserve")
+    if found is None:
+        raise FileNotFoundError("no 'vlserve' executable beside the interpreter or on PATH")
+    return found
+
+
+def server_command(name: str, port: int, model: str | None = None) -> list[str]:
+    """The command line that serves ``name`` on 127.0.0.1:``port``."""
+    model_args = ["--model", model] if model else []
+    if name == "vlserve":
+        return [vlserve_executable(), "serve", "--host", "127.0.0.1", "--port", str(port), "--allow-private-media-urls", *model_args]
+    if name in ("pr-style", "main-style"):
+        return [sys.executable, "-m", "bench.baselines", "--layout", name, "--host", "127.0.0.1", "--port", str(port), *model_args]
+    raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
+
+
+@asynccontextmanager
+async def running_server(name: str, log_dir: Path, *, model: str | None = None, startup_timeout: float = 180.0) -> AsyncIterator[RunningServer]:
+    """Serve ``name`` on a free loopback port until the block exits; yield it once ready.
+
+    Stops it with SIGINT, then kills it by PID after 15 s. Cancellation: as
+    ``managed_process``: the server is always stopped.
+    """
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    async with managed_process(
+        server_command(name, port, model),
+        log_path=log_dir / f"{name}-{port}.log",
+        ready=http_ready(base_url),
+        startup_timeout=startup_timeout,
+        cwd=REPO_ROOT,
+    ) as process:
+        yield RunningServer(name=name, base_url=base_url, pid=process.pid)
+
+
+@asynccontextmanager
+async def running_image_server(image_dir: Path, log_dir: Path, *, latency: float) -> AsyncIterator[str]:
+    """Serve ``image_dir`` as ``/<index>.jpg`` with ``latency`` seconds per image; yield its URL."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bench.workloads.image_server", "--dir", str(image_dir), "--port", str(port), "--latency", str(latency)]
+    async with managed_process(
+        command, log_path=log_dir / f"image-server-{port}.log", ready=http_ready(base_url, paths=("/ping",)), startup_timeout=30.0, cwd=REPO_ROOT
+    ):
+        yield base_url
+
+

@@ -1,0 +1,1 @@
+"""The load generator: streaming chat requests, closed- or open-loop, with /health probes."""

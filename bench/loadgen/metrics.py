@@ -1,0 +1,133 @@
+"""Summarise a ``LoadRun`` under vLLM's benchmark labels, plus /health and memory figures."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from bench.loadgen.run import LoadRun
+
+MIB = 1024 * 1024
+
+
+def _ms(values: list[float], q: float | None = None) -> float:
+    """Mean (``q`` None) or the ``q``-th percentile of ``values``, in ms; NaN if empty."""
+    if not values:
+        return float("nan")
+    arr = np.asarray(values) * 1000.0
+    return float(arr.mean() if q is None else np.percentile(arr, q))
+
+
+@dataclass(frozen=True)
+class Summary:
+    server: str
+    workload: str
+    mode: str
+    concurrency: int
+    successful: int
+    failed: int
+    cut_off: int
+    duration_s: float
+    request_throughput: float
+    output_throughput: float
+    total_output_tokens: int
+    mean_ttft_ms: float
+    median_ttft_ms: float
+    p99_ttft_ms: float
+    mean_tpot_ms: float
+    median_tpot_ms: float
+    p99_tpot_ms: float
+    mean_itl_ms: float
+    median_itl_ms: float
+    p99_itl_ms: float
+    mean_e2el_ms: float
+    median_e2el_ms: float
+    p99_e2el_ms: float
+    health_probes: int
+    health_failures: int
+    health_idle_p50_ms: float
+    health_p50_ms: float
+    health_p99_ms: float
+    health_max_ms: float
+    rss_before_mib: float
+    peak_rss_mib: float
+    first_error: str | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def vllm_report(self) -> str:
+        """The run in vLLM ``benchmark_serving``'s layout (same labels, same units)."""
+        rows = [
+            ("Successful requests:", f"{self.successful}"),
+            ("Failed requests:", f"{self.failed}"),
+            ("Benchmark duration (s):", f"{self.duration_s:.2f}"),
+            ("Total generated tokens:", f"{self.total_output_tokens}"),
+            ("Request throughput (req/s):", f"{self.request_throughput:.2f}"),
+            ("Output token throughput (tok/s):", f"{self.output_throughput:.2f}"),
+        ]
+        for title, key in (("Time to First Token", "ttft"), ("Time per Output Token (excl. 1st token)", "tpot"),
+                           ("Inter-token Latency", "itl"), ("End-to-end Latency", "e2el")):
+            rows.append((f"---{title}---", ""))
+            for stat in ("mean", "median", "p99"):
+                label = stat.capitalize() if stat != "p99" else "P99"
+                rows.append((f"{label} {key.upper()} (ms):", f"{getattr(self, f'{stat}_{key}_ms'):.2f}"))
+        rows.append(("---/health (every 20 ms, own connection)---", ""))
+        rows += [
+            ("Probes (failed):", f"{self.health_probes} ({self.health_failures})"),
+            ("Idle P50 (ms):", f"{self.health_idle_p50_ms:.2f}"),
+            ("P50 / P99 / Max (ms):", f"{self.health_p50_ms:.2f} / {self.health_p99_ms:.2f} / {self.health_max_ms:.2f}"),
+            ("Peak RSS (MiB, before burst):", f"{self.peak_rss_mib:.0f} ({self.rss_before_mib:.0f})"),
+        ]
+        head = f" {self.server} · {self.workload} · {self.mode} · concurrency {self.concurrency} "
+        width = 50
+        lines = [head.center(width, "=")]
+        lines += [f"{label:<40}{value:>10}" if value else label for label, value in rows]
+        return "\n".join(lines + ["=" * width])
+
+
+def burst_health(run: LoadRun) -> list[tuple[float, float, int]]:
+    """Probes sent during the burst."""
+    return [s for s in run.health if run.burst_started <= s[0] <= run.burst_ended]
+
+
+def summarise(run: LoadRun) -> Summary:
+    ok = [r for r in run.results if r.ok]
+    cut = [r for r in run.results if r.error == "cut off by --max-seconds"]
+    duration = max(run.burst_ended - run.burst_started, 1e-9)
+    tokens = sum(r.output_tokens for r in ok)
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    tpots = [r.tpot for r in ok if r.tpot is not None]
+    itls = [gap for r in ok for gap in r.itls]
+    e2es = [r.e2e for r in ok]
+    during = burst_health(run)
+    latencies = [s[1] for s in during]
+    idle = [s[1] for s in run.health if s[0] < run.warmup_started]
+    failed = [r for r in run.results if not r.ok]
+    return Summary(
+        server=run.server,
+        workload=run.workload,
+        mode=run.options.mode,
+        concurrency=run.options.concurrency,
+        successful=len(ok),
+        failed=len(failed) - len(cut),
+        cut_off=len(cut),
+        duration_s=duration,
+        request_throughput=len(ok) / duration,
+        output_throughput=tokens / duration,
+        total_output_tokens=tokens,
+        mean_ttft_ms=_ms(ttfts), median_ttft_ms=_ms(ttfts, 50), p99_ttft_ms=_ms(ttfts, 99),
+        mean_tpot_ms=_ms(tpots), median_tpot_ms=_ms(tpots, 50), p99_tpot_ms=_ms(tpots, 99),
+        mean_itl_ms=_ms(itls), median_itl_ms=_ms(itls, 50), p99_itl_ms=_ms(itls, 99),
+        mean_e2el_ms=_ms(e2es), median_e2el_ms=_ms(e2es, 50), p99_e2el_ms=_ms(e2es, 99),
+        health_probes=len(during),
+        health_failures=sum(1 for s in during if s[2] != 200),
+        health_idle_p50_ms=_ms(idle, 50),
+        health_p50_ms=_ms(latencies, 50),
+        health_p99_ms=_ms(latencies, 99),
+        health_max_ms=max(latencies) * 1000.0 if latencies else float("nan"),
+        rss_before_mib=run.rss_before / MIB,
+        peak_rss_mib=max((s[1] for s in run.rss), default=run.rss_before) / MIB,
+        first_error=next((r.error for r in failed if r.error), None),
+    )

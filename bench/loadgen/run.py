@@ -1,0 +1,138 @@
+"""One measured load run against one server: warm-up, burst, /health probes, RSS samples."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import trio
+
+from bench.launch.process import managed_process
+from bench.launch.servers import REPO_ROOT
+from bench.loadgen.drivers import closed_loop, poisson
+from bench.loadgen.options import LoadOptions
+from bench.loadgen.request_result import RequestResult
+from bench.loadgen.rss_sampler import sample_rss, tree_rss
+from bench.loadgen.sse_request import stream_chat
+
+PROBE_SETTLE_SECONDS = 1.5  # the probe process starts, then probes the idle server
+CUT_OFF = "cut off by --max-seconds"
+
+
+@dataclass
+class LoadRun:
+    """Everything one run observed. Times are on the ``time.monotonic`` clock.
+
+    ``results`` are the measured requests only (warm-up excluded), cut-off ones included
+    with ``ok`` False. ``health`` holds every probe ``(sent, latency, status)`` from before
+    the warm-up to after the burst; ``rss`` holds ``(time, bytes)`` during the burst.
+    """
+
+    options: LoadOptions
+    server: str
+    workload: str
+    burst_started: float = 0.0
+    burst_ended: float = 0.0
+    warmup_started: float = 0.0
+    results: list[RequestResult] = field(default_factory=list)
+    warmup_failures: int = 0
+    health: list[tuple[float, float, int]] = field(default_factory=list)
+    rss: list[tuple[float, int]] = field(default_factory=list)
+    rss_before: int = 0
+
+
+async def run_load(
+    *,
+    base_url: str,
+    server: str,
+    server_pid: int,
+    workload: str,
+    body_for: Callable[[int], bytes],
+    kind_of: Callable[[int], str],
+    warmup_indices: list[int],
+    indices: list[int],
+    options: LoadOptions,
+    work_dir: Path,
+) -> LoadRun:
+    """Warm up, then send the measured burst, probing ``/health`` from its own process.
+
+    Request bodies are built before each phase starts (in a worker thread), never during it.
+    The burst stops issuing after ``options.max_seconds`` and cancels what is still running
+    ``options.grace_seconds`` later. Cancellation: every request, the probe process and the
+    sampler are stopped before ``Cancelled`` propagates.
+    """
+    run = LoadRun(options=options, server=server, workload=workload)
+    limits = httpx.Limits(max_connections=options.concurrency + 8, max_keepalive_connections=options.concurrency + 8)
+    timeout = httpx.Timeout(options.max_seconds + options.grace_seconds, connect=30.0)
+    probe_out = work_dir / f"health-{server}-{workload}-c{options.concurrency}-{time.time_ns()}.json"
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+        async with _health_probe_process(base_url, options, probe_out):
+            await trio.sleep(PROBE_SETTLE_SECONDS)
+            run.warmup_started = time.monotonic()
+            warm = await _send_all(client, body_for, kind_of, warmup_indices, options, warmup=True)
+            run.warmup_failures = sum(not r.ok for r in warm)
+            run.rss_before = await trio.to_thread.run_sync(tree_rss, server_pid)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sample_rss, server_pid, options.rss_interval, run.rss)
+                run.burst_started = time.monotonic()
+                run.results = await _send_all(client, body_for, kind_of, indices, options, warmup=False)
+                run.burst_ended = time.monotonic()
+                nursery.cancel_scope.cancel()
+            await trio.sleep(PROBE_SETTLE_SECONDS)
+    run.health = [tuple(s) for s in json.loads(probe_out.read_text())["samples"]]
+    probe_out.unlink()
+    probe_out.with_suffix(".log").unlink(missing_ok=True)
+    return run
+
+
+async def _send_all(client, body_for, kind_of, indices: list[int], options: LoadOptions, *, warmup: bool) -> list[RequestResult]:
+    bodies = await trio.to_thread.run_sync(lambda: {i: body_for(i) for i in indices})
+    results: list[RequestResult] = []
+
+    async def send(index: int) -> None:
+        result = RequestResult(index=index, kind=kind_of(index), started=time.perf_counter())
+        results.append(result)
+        try:
+            await stream_chat(client, bodies.pop(index), result)
+        finally:
+            if not result.ended:
+                result.ended = time.perf_counter()
+                result.error = result.error or CUT_OFF
+
+    if warmup:
+        await closed_loop(send, indices, max(1, min(options.concurrency, len(indices))))
+        return results
+    stop_issuing = trio.current_time() + options.max_seconds
+    with trio.move_on_after(options.max_seconds + options.grace_seconds):
+        if options.request_rate is None:
+            await closed_loop(send, indices, options.concurrency, stop_issuing)
+        else:
+            await poisson(send, indices, options.request_rate, options.concurrency, options.seed, stop_issuing)
+    return results
+
+
+def _probe_command(base_url: str, options: LoadOptions, out: Path) -> list[str]:
+    bound = options.max_seconds + options.grace_seconds + 600
+    return [sys.executable, "-m", "bench.loadgen.health_probe", base_url, "--out", str(out), "--interval", str(options.health_interval), "--max-seconds", str(bound)]
+
+
+def _health_probe_process(base_url: str, options: LoadOptions, out: Path):
+    """The probe process for the block; it writes ``out`` when stopped (SIGINT)."""
+
+    async def started() -> bool:
+        return True
+
+    return managed_process(
+        _probe_command(base_url, options, out),
+        log_path=out.with_suffix(".log"),
+        ready=started,
+        stop_signal=signal.SIGINT,
+        stop_timeout=30.0,
+        cwd=REPO_ROOT,
+    )

@@ -1,0 +1,1 @@
+"""What the benchmark sends: synthetic chat prompts and unique natural-looking images."""
