@@ -8,8 +8,10 @@ has finished (or given up on) the in-flight requests.
 
 from __future__ import annotations
 
+import importlib
 import os
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -42,11 +44,16 @@ class VlserveApp(QuartTrio):
     asgi_http_class = ShieldedFinalSendConnection
 
 
-def open_default_runtime(config: ServerConfig) -> AbstractAsyncContextManager[Any]:
-    """``server.runtime.open_runtime(config)``, imported only when a server starts."""
-    from server.runtime import open_runtime
+@asynccontextmanager
+async def open_default_runtime(config: ServerConfig) -> AsyncIterator[Any]:
+    """``server.runtime.open_runtime(config)``.
 
-    return open_runtime(config)
+    The runtime's modules (torch, transformers) are imported in a worker thread the
+    first time, so the event loop keeps answering ``/health`` meanwhile.
+    """
+    runtime_module = await trio.to_thread.run_sync(importlib.import_module, "server.runtime")
+    async with runtime_module.open_runtime(config) as runtime:
+        yield runtime
 
 
 def create_app(

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from engine.outputs import StreamDelta, TokenLogprob
-from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
 from server.schemas.common import Usage
+
+if TYPE_CHECKING:
+    from engine.prompt import EnginePrompt  # imports torch; the HTTP layer does not need it
 
 
 @dataclass(frozen=True)
