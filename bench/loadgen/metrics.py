@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from bench.loadgen.run import LoadRun
+from bench.loadgen.run import CUT_OFF, LoadRun
 
 MIB = 1024 * 1024
 
@@ -94,7 +94,7 @@ def burst_health(run: LoadRun) -> list[tuple[float, float, int]]:
 
 def summarise(run: LoadRun) -> Summary:
     ok = [r for r in run.results if r.ok]
-    cut = [r for r in run.results if r.error == "cut off by --max-seconds"]
+    cut = [r for r in run.results if r.error == CUT_OFF]
     duration = max(run.burst_ended - run.burst_started, 1e-9)
     tokens = sum(r.output_tokens for r in ok)
     ttfts = [r.ttft for r in ok if r.ttft is not None]

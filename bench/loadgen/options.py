@@ -16,6 +16,8 @@ class LoadOptions:
     run sends ``warmup`` unmeasured requests first (all at once, at most ``concurrency``),
     then at most ``num_requests`` measured ones, and stops issuing after ``max_seconds``;
     requests still running ``grace_seconds`` later are cancelled and counted as cut off.
+    ``/health`` is probed every ``health_interval`` seconds, from ``idle_probe_seconds``
+    before the warm-up (the idle baseline) to as long after the burst.
     """
 
     concurrency: int = 32
@@ -27,13 +29,14 @@ class LoadOptions:
     request_rate: float | None = None
     grace_seconds: float = 60.0
     health_interval: float = 0.02
+    idle_probe_seconds: float = 1.0
     rss_interval: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.num_requests < 1 or self.warmup < 0 or self.max_tokens < 1:
             raise ValueError("concurrency, num_requests and max_tokens must be >= 1, warmup >= 0")
-        for name in ("max_seconds", "grace_seconds", "health_interval", "rss_interval"):
+        for name in ("max_seconds", "grace_seconds", "health_interval", "rss_interval", "idle_probe_seconds"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number")

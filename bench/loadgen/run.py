@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -21,7 +22,6 @@ from bench.loadgen.request_result import RequestResult
 from bench.loadgen.rss_sampler import sample_rss, tree_rss
 from bench.loadgen.sse_request import stream_chat
 
-PROBE_SETTLE_SECONDS = 1.5  # the probe process starts, then probes the idle server
 CUT_OFF = "cut off by --max-seconds"
 
 
@@ -45,6 +45,8 @@ class LoadRun:
     health: list[tuple[float, float, int]] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)
     rss_before: int = 0
+    loadavg_before: float = 0.0
+    loadavg_after: float = 0.0
 
 
 async def run_load(
@@ -73,21 +75,24 @@ async def run_load(
     probe_out = work_dir / f"health-{server}-{workload}-c{options.concurrency}-{time.time_ns()}.json"
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
         async with _health_probe_process(base_url, options, probe_out):
-            await trio.sleep(PROBE_SETTLE_SECONDS)
+            await trio.sleep(options.idle_probe_seconds)
             run.warmup_started = time.monotonic()
             warm = await _send_all(client, body_for, kind_of, warmup_indices, options, warmup=True)
             run.warmup_failures = sum(not r.ok for r in warm)
             run.rss_before = await trio.to_thread.run_sync(tree_rss, server_pid)
+            run.loadavg_before = os.getloadavg()[0]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sample_rss, server_pid, options.rss_interval, run.rss)
                 run.burst_started = time.monotonic()
                 run.results = await _send_all(client, body_for, kind_of, indices, options, warmup=False)
                 run.burst_ended = time.monotonic()
+                run.loadavg_after = os.getloadavg()[0]
                 nursery.cancel_scope.cancel()
-            await trio.sleep(PROBE_SETTLE_SECONDS)
+            await trio.sleep(options.idle_probe_seconds)
     run.health = [tuple(s) for s in json.loads(probe_out.read_text())["samples"]]
     probe_out.unlink()
-    probe_out.with_suffix(".log").unlink(missing_ok=True)
+    for suffix in (".log", ".started"):
+        probe_out.with_suffix(suffix).unlink(missing_ok=True)
     return run
 
 
@@ -123,16 +128,19 @@ def _probe_command(base_url: str, options: LoadOptions, out: Path) -> list[str]:
 
 
 def _health_probe_process(base_url: str, options: LoadOptions, out: Path):
-    """The probe process for the block; it writes ``out`` when stopped (SIGINT)."""
+    """The probe process for the block, entered once it has had its first answer; it
+    writes ``out`` when stopped (SIGINT)."""
+    marker = out.with_suffix(".started")
 
     async def started() -> bool:
-        return True
+        return marker.exists()
 
     return managed_process(
         _probe_command(base_url, options, out),
         log_path=out.with_suffix(".log"),
         ready=started,
         stop_signal=signal.SIGINT,
+        startup_timeout=60.0,
         stop_timeout=30.0,
         cwd=REPO_ROOT,
     )

@@ -1,0 +1,1 @@
+"""Turning load runs into Markdown tables, JSON files and a /health plot."""

@@ -1,0 +1,66 @@
+"""Markdown tables: servers side by side with ratios to vlserve, and a concurrency sweep."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from bench.loadgen.metrics import Summary
+
+REFERENCE = "vlserve"
+
+
+def _num(value: float, digits: int = 1) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def _ratio(value: float, reference: float | None) -> str:
+    if reference is None or not reference or math.isnan(reference) or math.isnan(value):
+        return "–"
+    return f"{value / reference:.2f}×"
+
+
+def comparison_table(summaries: Sequence[Summary]) -> str:
+    """One row per (workload, concurrency, server); ratios are this server ÷ vlserve at the
+    same workload and concurrency (a baseline at 0.50× has half vlserve's figure)."""
+    reference = {(s.workload, s.concurrency): s for s in summaries if s.server == REFERENCE}
+    lines = [
+        "| workload | conc. | server | ok / failed | req/s | req/s vs vlserve | out tok/s | mean TTFT ms | p99 TTFT ms"
+        " | mean TPOT ms | p99 ITL ms | median E2E ms | /health p50 ms | /health p99 ms | /health max ms"
+        " | /health p99 vs vlserve | peak RSS MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    workloads = list(dict.fromkeys(s.workload for s in summaries))
+    servers = list(dict.fromkeys([REFERENCE, *(s.server for s in summaries)]))
+    ordered = sorted(summaries, key=lambda s: (workloads.index(s.workload), s.concurrency, servers.index(s.server)))
+    for s in ordered:
+        ref = reference.get((s.workload, s.concurrency))
+        failed = s.failed + s.cut_off
+        lines.append(
+            f"| {s.workload} | {s.concurrency} | {s.server} | {s.successful} / {failed} | {_num(s.request_throughput, 2)}"
+            f" | {_ratio(s.request_throughput, ref.request_throughput if ref else None)} | {_num(s.output_throughput, 0)}"
+            f" | {_num(s.mean_ttft_ms, 0)} | {_num(s.p99_ttft_ms, 0)} | {_num(s.mean_tpot_ms, 1)} | {_num(s.p99_itl_ms, 0)}"
+            f" | {_num(s.median_e2el_ms, 0)} | {_num(s.health_p50_ms, 1)} | {_num(s.health_p99_ms, 1)}"
+            f" | {_num(s.health_max_ms, 1)} | {_ratio(s.health_p99_ms, ref.health_p99_ms if ref else None)}"
+            f" | {_num(s.peak_rss_mib, 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_table(summaries: Sequence[Summary]) -> str:
+    """How each server's req/s and /health latency change as concurrency grows; the
+    "vs lowest" column is req/s ÷ req/s at the lowest concurrency of the same server."""
+    lines = [
+        "| workload | server | conc. | req/s | req/s vs lowest conc. | /health p50 ms | /health p99 ms | /health max ms | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    keyed = sorted(summaries, key=lambda s: (s.workload, s.server, s.concurrency))
+    lowest: dict[tuple[str, str], Summary] = {}
+    for s in keyed:
+        first = lowest.setdefault((s.workload, s.server), s)
+        lines.append(
+            f"| {s.workload} | {s.server} | {s.concurrency} | {_num(s.request_throughput, 2)}"
+            f" | {_ratio(s.request_throughput, first.request_throughput)} | {_num(s.health_p50_ms, 1)}"
+            f" | {_num(s.health_p99_ms, 1)} | {_num(s.health_max_ms, 1)} | {_num(s.peak_rss_mib, 0)} |"
+        )
+    return "\n".join(lines)

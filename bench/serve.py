@@ -1,0 +1,115 @@
+"""The serving benchmark: vlserve against LMDeploy-style baselines on one workload.
+
+    python -m bench.serve --workload image-url --concurrency 64 --num-requests 256 \\
+        --servers vlserve,pr-style,main-style
+    python -m bench.serve --workload text --concurrency 32,64,128    # a concurrency sweep
+
+Starts each server in turn on a free 127.0.0.1 port, sends a warm-up and then the measured
+burst of streaming chat completions (closed loop, or Poisson with --request-rate), probes
+/health every 20 ms from its own process on its own connection, samples the server's RSS,
+and prints vLLM-style reports and one Markdown table with ratios to vlserve. Writes JSON,
+Markdown and a /health-over-time PNG under --results-dir. Every run is bounded by
+--num-requests and --max-seconds; only loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import trio
+
+from bench.launch.servers import REPO_ROOT, SERVERS
+from bench.loadgen.options import LoadOptions
+from bench.orchestrate import BenchmarkPlan, run_benchmark, timestamp
+from bench.report.health_plot import plot_health
+from bench.report.results_files import write_results
+from bench.report.tables import comparison_table, sweep_table
+from bench.workloads.catalog import WORKLOADS
+from bench.workloads.image_store import default_image_dir
+
+
+def _csv(kind, choices=None):
+    def parse(text: str):
+        items = [kind(part.strip()) for part in text.split(",") if part.strip()]
+        if not items or (choices and any(i not in choices for i in items)):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list{' of ' + ', '.join(choices) if choices else ''}")
+        return tuple(items)
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", type=_csv(str, WORKLOADS), default=("text",), help=f"one or more of {', '.join(WORKLOADS)}")
+    parser.add_argument("--servers", type=_csv(str, SERVERS), default=SERVERS)
+    parser.add_argument("--concurrency", type=_csv(int), default=(64,), help="one level, or several for a sweep")
+    parser.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second (open loop)")
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
+    parser.add_argument("--max-seconds", type=float, default=180.0, help="stop issuing requests after this long")
+    parser.add_argument("--image-latency", type=float, default=0.05, help="seconds the image server waits per image")
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--image-dir", type=Path, default=None, help="image cache (default: ~/.cache/vlserve-bench)")
+    parser.add_argument("--model", default=None, help="model directory for every server (default: the tiny model)")
+    parser.add_argument("--seed", type=int, default=0, help="shifts request indices (new images) and Poisson arrivals")
+    parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--quiet", action="store_true", help="no per-run vLLM-style reports")
+    return parser.parse_args(argv)
+
+
+def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
+    options = LoadOptions(
+        concurrency=args.concurrency[0],
+        num_requests=args.num_requests,
+        max_seconds=args.max_seconds,
+        warmup=args.warmup,
+        max_tokens=args.max_tokens,
+        ignore_eos=args.ignore_eos,
+        request_rate=args.request_rate,
+        seed=args.seed,
+    )
+    return BenchmarkPlan(
+        servers=args.servers,
+        workloads=args.workload,
+        concurrency_levels=args.concurrency,
+        options=options,
+        image_dir=args.image_dir or default_image_dir(args.image_size),
+        log_dir=args.results_dir / "logs",
+        image_size=args.image_size,
+        image_latency=args.image_latency,
+        model=args.model,
+        first_index=args.seed * 100_000,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    plan = plan_from_args(args)
+    command = "python -m bench.serve " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    def progress(run, summary) -> None:
+        if not args.quiet:
+            print(summary.vllm_report(), flush=True)
+
+    runs = trio.run(run_benchmark, plan, progress)
+    summaries = [s for _, s in runs]
+    markdown = comparison_table(summaries)
+    if len(plan.concurrency_levels) > 1:
+        markdown += "\n\nConcurrency sweep:\n\n" + sweep_table(summaries)
+    stem = args.results_dir / f"{timestamp()}-{'+'.join(plan.workloads)}-c{'_'.join(map(str, plan.concurrency_levels))}"
+    meta = {"servers": plan.servers, "workloads": plan.workloads, "levels": plan.concurrency_levels}
+    paths = write_results(stem, command=command, meta=meta, runs=runs, markdown=markdown)
+    for workload in plan.workloads:
+        picked = [run for run, _ in runs if run.workload == workload]
+        paths.append(plot_health(picked, Path(f"{stem}-{workload}-health.png"), f"/health during the {workload} burst"))
+    print(f"\n{command}\n\n{markdown}\n")
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The serving benchmark end to end, briefly, so it cannot rot.
+
+Starts vlserve and the pr-style baseline as real processes on free 127.0.0.1 ports, runs
+every workload with a handful of requests, and checks that the figures are real: every
+request succeeded, throughput and latencies are positive, /health was probed during each
+burst, memory was sampled, and the table, JSON and plot were written. No timing targets
+are asserted (those are for the benchmark to show, not for tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the benchmark needs the 'bench' extra")
+pytest.importorskip("uvicorn", reason="the benchmark needs the 'bench' extra")
+pytest.importorskip("psutil", reason="the benchmark needs the 'bench' extra")
+pytest.importorskip("matplotlib", reason="the benchmark needs the 'bench' extra")
+
+from bench.loadgen.options import LoadOptions  # noqa: E402
+from bench.orchestrate import BenchmarkPlan, run_benchmark  # noqa: E402
+from bench.report.health_plot import plot_health  # noqa: E402
+from bench.report.results_files import write_results  # noqa: E402
+from bench.report.tables import comparison_table, sweep_table  # noqa: E402
+from bench.workloads.catalog import WORKLOADS  # noqa: E402
+
+SERVERS = ("vlserve", "pr-style")
+
+
+async def test_every_workload_runs_against_vlserve_and_a_baseline(tmp_path, tiny_model_dir):
+    options = LoadOptions(
+        concurrency=2, num_requests=3, warmup=1, max_tokens=4, max_seconds=30.0, grace_seconds=30.0, idle_probe_seconds=0.2
+    )
+    plan = BenchmarkPlan(
+        servers=SERVERS,
+        workloads=WORKLOADS,
+        concurrency_levels=(2,),
+        options=options,
+        image_dir=tmp_path / "images",
+        log_dir=tmp_path / "logs",
+        image_size=512,
+        image_latency=0.01,
+        model=str(tiny_model_dir),
+    )
+    runs = await run_benchmark(plan)
+
+    assert [(run.server, run.workload) for run, _ in runs] == [(s, w) for s in SERVERS for w in WORKLOADS]
+    for run, summary in runs:
+        where = f"{summary.server}/{summary.workload}"
+        assert summary.successful == 3 and summary.failed == 0 and summary.cut_off == 0, (where, summary.first_error)
+        assert run.warmup_failures == 0, where
+        assert {r.kind for r in run.results} <= {"text", "image-base64", "image-url"}
+        assert summary.request_throughput > 0 and summary.output_throughput > 0, where
+        assert summary.total_output_tokens == 3 * options.max_tokens, where  # ignore_eos: exact lengths
+        for figure in (summary.mean_ttft_ms, summary.p99_ttft_ms, summary.mean_e2el_ms, summary.mean_tpot_ms):
+            assert figure > 0 and math.isfinite(figure), where
+        assert summary.health_probes >= 1 and summary.health_failures == 0, where
+        assert 0 < summary.health_p50_ms <= summary.health_p99_ms <= summary.health_max_ms, where
+        assert summary.peak_rss_mib > 50, where
+    mixed = next(run for run, _ in runs if run.workload == "mixed")
+    assert {r.kind for r in mixed.results} == {"text", "image-base64", "image-url"}
+
+    summaries = [s for _, s in runs]
+    table = comparison_table(summaries)
+    for workload in WORKLOADS:
+        assert f"| {workload} | 2 | vlserve | 3 / 0 |" in table
+        assert f"| {workload} | 2 | pr-style | 3 / 0 |" in table
+    assert "| text | vlserve | 2 |" in sweep_table(summaries)
+
+    paths = write_results(tmp_path / "out" / "smoke", command="smoke", meta={}, runs=runs, markdown=table)
+    record = json.loads(paths[0].read_text())
+    assert len(record["runs"]) == len(runs) and record["runs"][0]["health"]
+    png = plot_health([run for run, _ in runs if run.workload == "image-url"], tmp_path / "out" / "health.png", "smoke")
+    assert png.read_bytes().startswith(b"\x89PNG")
