@@ -1,0 +1,1 @@
+"""Reusable test fixtures that are real programs (servers, clients), not pytest fixtures."""

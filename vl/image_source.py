@@ -1,0 +1,159 @@
+"""Where an image's bytes come from: ``data:`` URIs, ``http(s)`` URLs, ``file://`` under one directory.
+
+``load_image_bytes`` only gathers bytes and does cheap checks on the event loop; it never
+decodes base64 or pixels (that is CPU work, done later in a worker thread by
+``vl.image_decode``). Every error is a ``MediaError`` naming the request field (``param``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import urllib.parse
+from dataclasses import dataclass
+
+import trio
+
+from vl.errors import MediaError
+from vl.image_fetcher import ImageFetcher
+from vl.media_policy import MediaPolicy
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
+_SCHEME_PREFIX_CHARS = 32  # look only at the start of a (possibly many-megabyte) data URI
+_DATA_MEDIA_TYPES_ACCEPTED = ("", "application/octet-stream")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image's still-encoded bytes.
+
+    ``payload`` is the file's bytes, or ASCII base64 text of them when ``base64_encoded``
+    (a ``data:`` URI, not decoded yet). ``source`` is ``"data"``, ``"http"`` or ``"file"``.
+    ``media_type`` is the type a ``data:`` URI declared (lower case), else ``None``; it is a
+    hint, not trusted by the decoder.
+    """
+
+    payload: bytes
+    base64_encoded: bool
+    source: str
+    media_type: str | None = None
+
+
+async def load_image_bytes(url: str, *, param: str, fetcher: ImageFetcher, policy: MediaPolicy) -> EncodedImage:
+    """The encoded image that ``url`` names, within ``policy``.
+
+    ``data:`` URIs must be base64 (``data:image/png;base64,...``, ``data:;base64,...``, and
+    the non-standard ``data:base64,...``); their length is checked against
+    ``policy.max_image_bytes`` without decoding. ``http``/``https`` go through ``fetcher``.
+    ``file://`` URLs are served only from inside ``policy.allowed_local_media_path`` after
+    resolving symlinks. Raises ``MediaError`` (``MediaTimeout`` for a slow fetch) naming
+    ``param``; codes: ``invalid_image_url``, ``unsupported_image_url_scheme``,
+    ``media_url_forbidden``, ``image_too_large``, ``image_not_found`` and the fetcher's.
+
+    Cancellation: safe at any point. A fetch in progress is abandoned as ``ImageFetcher.fetch``
+    describes; a local file read already handed to a worker thread finishes first (it is
+    bounded by the byte cap) and its file is closed.
+    """
+    match = _SCHEME.match(url[:_SCHEME_PREFIX_CHARS]) if isinstance(url, str) else None
+    if match is None:
+        raise MediaError(
+            "image URL has no scheme (expected data:, http(s): or file:)", param=param, code="invalid_image_url"
+        )
+    scheme = match.group(1).lower()
+    if scheme == "data":
+        return parse_data_uri(url, policy, param=param)
+    if scheme in ("http", "https"):
+        return EncodedImage(payload=await fetcher.fetch(url, param=param), base64_encoded=False, source="http")
+    if scheme == "file":
+        return await _load_local_file(url, policy, param=param)
+    raise MediaError(
+        f"unsupported image URL scheme {scheme!r} (expected data:, http(s): or file:)",
+        param=param,
+        code="unsupported_image_url_scheme",
+    )
+
+
+def parse_data_uri(url: str, policy: MediaPolicy, *, param: str) -> EncodedImage:
+    """The still-base64 payload of a ``data:`` URI, after checking its header and length.
+
+    Accepts an ``image/*`` or ``application/octet-stream`` media type, or none, with optional
+    parameters (``;charset=...``) before ``;base64``. Work is proportional to the header, plus
+    one ASCII copy of the payload.
+    """
+    header, comma, payload = url[len("data:") :].partition(",")
+    if not comma:
+        raise MediaError("data URI has no ',' before its data", param=param, code="invalid_image_url")
+    fields = [field.strip().lower() for field in header.split(";")]
+    media_type, options = fields[0], fields[1:]
+    if media_type == "base64" and not options:  # tolerated: data:base64,...
+        media_type, options = "", ["base64"]
+    if not options or options[-1] != "base64":
+        raise MediaError("data URI images must be base64-encoded (';base64,')", param=param, code="invalid_image_url")
+    if not (media_type.startswith("image/") or media_type in _DATA_MEDIA_TYPES_ACCEPTED):
+        raise MediaError(
+            f"data URI media type {media_type!r} is not an image type", param=param, code="invalid_image_url"
+        )
+    if not payload:
+        raise MediaError("data URI contains no image data", param=param, code="invalid_image")
+    cap = policy.max_image_bytes
+    if len(payload) > 4 * -(-cap // 3):  # the longest base64 text of at most `cap` bytes
+        raise MediaError(f"image is larger than the limit of {cap} bytes", param=param, code="image_too_large")
+    try:
+        data = payload.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise MediaError("image data is not valid base64", param=param, code="invalid_base64") from exc
+    return EncodedImage(payload=data, base64_encoded=True, source="data", media_type=media_type or None)
+
+
+async def _load_local_file(url: str, policy: MediaPolicy, *, param: str) -> EncodedImage:
+    """A regular file's bytes, if it lies inside ``policy.allowed_local_media_path``."""
+    if policy.allowed_local_media_path is None:
+        raise MediaError("file:// image URLs are not enabled on this server", param=param, code="media_url_forbidden")
+    path = _file_url_path(url, param)
+    root = await trio.Path(policy.allowed_local_media_path).resolve()
+    resolved = await trio.Path(path).resolve()
+    if not resolved.is_relative_to(root):
+        raise MediaError(
+            "file:// image URL is outside the allowed local media directory", param=param, code="media_url_forbidden"
+        )
+    data = await _read_regular_file(resolved, policy.max_image_bytes, param)
+    return EncodedImage(payload=data, base64_encoded=False, source="file")
+
+
+def _file_url_path(url: str, param: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise MediaError("file:// image URLs must not name a host", param=param, code="invalid_image_url")
+    if parts.query or parts.fragment:
+        raise MediaError("file:// image URLs take no query or fragment", param=param, code="invalid_image_url")
+    path = urllib.parse.unquote(parts.path)
+    if not path.startswith("/") or "\x00" in path:
+        raise MediaError("file:// image URL must name an absolute path", param=param, code="invalid_image_url")
+    return path
+
+
+async def _read_regular_file(path: trio.Path, cap: int, param: str) -> bytes:
+    """At most ``cap`` bytes of the regular file at ``path`` (already resolved; not followed again)."""
+    try:
+        async with await trio.open_file(path, "rb", opener=_open_no_follow) as file:
+            info = os.fstat(file.fileno())  # on the descriptor we read: no stat/open race
+            if not stat.S_ISREG(info.st_mode):
+                raise MediaError(
+                    "file:// image URL does not name a regular file", param=param, code="invalid_image_url"
+                )
+            if info.st_size > cap:
+                raise MediaError(f"image is larger than the limit of {cap} bytes", param=param, code="image_too_large")
+            data = await file.read(cap + 1)
+    except FileNotFoundError as exc:
+        raise MediaError("local image file not found", param=param, code="image_not_found") from exc
+    except OSError as exc:
+        raise MediaError("local image file could not be read", param=param, code="invalid_image_url") from exc
+    if len(data) > cap:  # the file grew after fstat
+        raise MediaError(f"image is larger than the limit of {cap} bytes", param=param, code="image_too_large")
+    return data
+
+
+def _open_no_follow(path: str, flags: int) -> int:
+    """``os.open`` that refuses a symlink swapped in after resolution and never blocks on a FIFO."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
