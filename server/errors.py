@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Mapping
 
-from quart import Quart, Response, request
+from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from vl.errors import InvalidRequest
@@ -131,7 +131,13 @@ async def _handle_http_exception(error: HTTPException) -> Response:
 
 
 async def _handle_unexpected(error: BaseException) -> Response:
-    log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
+    log.error(
+        "unhandled error in %s %s (request %s)",
+        request.method,
+        request.path,
+        g.get("request_id", "-"),
+        exc_info=error,
+    )
     return error_response(
         500,
         "The server had an error while processing your request.",

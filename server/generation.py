@@ -37,13 +37,17 @@ class ChoiceResult:
     """A finished choice. ``finish_reason`` is ``"abort"`` if the engine ended it unasked."""
 
     index: int
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str = "abort"
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
     def add(self, delta: StreamDelta) -> None:
-        self.text += delta.text
+        self.pieces.append(delta.text)
         self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:
             if self.logprobs is None:

@@ -24,11 +24,13 @@ def model_card(runtime: Runtime) -> ModelCard:
 
 @blueprint.get("/v1/models")
 async def list_models() -> Response:
+    """The served model (503 while loading or draining). Never waits on anything."""
     return json_response(ModelList(data=[model_card(serving_runtime())]))
 
 
 @blueprint.get("/v1/models/<path:model_id>")
 async def retrieve_model(model_id: str) -> Response:
+    """The served model's card, or 404 ``model_not_found``."""
     runtime = serving_runtime()
     if model_id != runtime.model_name:
         raise model_not_found(model_id)

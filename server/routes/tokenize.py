@@ -26,7 +26,11 @@ def _tokenize_model(data: dict[str, Any]) -> type[TokenizeChatRequest | Tokenize
 
 @blueprint.post("/tokenize")
 async def tokenize() -> Response:
-    """Token ids of a prompt, or of a chat rendered as the chat endpoint renders it."""
+    """Token ids of a prompt, or of a chat rendered as the chat endpoint renders it.
+
+    Cancellation: tokenizer work already started in the preparer's gated thread finishes
+    there; the response is dropped.
+    """
     runtime = serving_runtime()
     body = await read_body(_tokenize_model, current_state().parse_limiter)
     check_model(body.model, runtime)
@@ -50,6 +54,7 @@ async def tokenize() -> Response:
 
 @blueprint.post("/detokenize")
 async def detokenize() -> Response:
+    """The text of a list of token ids (ids outside the vocabulary are skipped)."""
     runtime = serving_runtime()
     body = await read_body(DetokenizeRequest, current_state().parse_limiter)
     check_model(body.model, runtime)

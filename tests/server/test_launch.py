@@ -52,6 +52,30 @@ async def test_vlserve_serve_drains_on_signal_and_exits_0(tiny_model_dir, signum
     assert "draining" in server.log()
 
 
+async def test_second_signal_stops_at_once_with_status_1(tiny_model_dir):
+    args = ["-m", "server.cli", "serve", "--port", "0", "--drain-timeout", "60"]
+    async with launched(args, {"VLSERVE_MODEL": str(tiny_model_dir)}) as server:
+        url = (await server.wait_for_line(r"listening on (http://\S+)", START_TIMEOUT_S))[1]
+        await wait_ready(url, START_TIMEOUT_S)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000,
+                "ignore_eos": True, "stream": True}
+        data = b""
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                with trio.fail_after(20), pytest.raises(httpx.RemoteProtocolError):
+                    async for chunk in response.aiter_bytes():  # cut mid-stream
+                        if not data and b'"content"' in chunk:
+                            server.process.send_signal(signal.SIGTERM)
+                            await server.wait_for_line("draining", 5)
+                            server.process.send_signal(signal.SIGTERM)
+                        data += chunk
+        with trio.fail_after(20):
+            returncode = await server.process.wait()
+    assert returncode == 1, server.log()
+    assert b"[DONE]" not in data
+    assert "stopping now" in server.log()
+
+
 async def test_plain_hypercorn_serves_the_app_factory(tiny_model_dir):
     args = ["-m", "hypercorn", "--worker-class", "trio", "--bind", "127.0.0.1:0",
             "server.app:create_app()"]

@@ -78,3 +78,10 @@ def test_hypercorn_config():
     assert bind_address("0.0.0.0", 80) == "0.0.0.0:80"
     with pytest.raises(ConfigError):
         hypercorn_config(config, {"no_such_setting": 1})
+
+
+def test_make_tiny_model_command(tmp_path, capsys):
+    target = tmp_path / "tiny"
+    assert main(["make-tiny-model", str(target)]) == 0
+    assert (target / "config.json").exists()
+    assert capsys.readouterr().out.strip() == str(target)
