@@ -28,10 +28,16 @@ def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
         )
     elif option.kind is tuple:
         parser.add_argument(
-            option.flag, action="append", metavar="VALUE", help=help_text + " (repeatable)", **common
+            option.flag,
+            action="append",
+            metavar="VALUE",
+            help=help_text + " (repeatable)",
+            **common,
         )
     else:
-        parser.add_argument(option.flag, metavar=option.kind.__name__.upper(), help=help_text, **common)
+        parser.add_argument(
+            option.flag, metavar=option.kind.__name__.upper(), help=help_text, **common
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +62,9 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
             continue
         raw = getattr(args, option.field)
         if option.kind is tuple:
-            flags[option.field] = tuple(v for item in raw for v in convert(option, item, option.flag))
+            flags[option.field] = tuple(
+                v for item in raw for v in convert(option, item, option.flag)
+            )
         elif option.kind is bool:
             flags[option.field] = raw
         else:

@@ -124,9 +124,7 @@ async def _handle_http_exception(error: HTTPException) -> Response:
     message, code = _HTTP_CODES.get(status, (error.name, None))
     if status in (404, 405):
         message = f"Invalid URL ({request.method} {request.path})"
-    headers = {
-        name: value for name, value in error.get_headers() if name.lower() != "content-type"
-    }
+    headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
     return error_response(status, message or error.name, code=code, headers=headers)
 
 

@@ -93,4 +93,3 @@ async def vlserve_client(
         yield client
     finally:
         await client.close()
-

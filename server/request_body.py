@@ -61,4 +61,3 @@ async def read_body(model: ModelChoice[M], limiter: trio.CapacityLimiter) -> M:
     if len(raw) <= INLINE_PARSE_BYTES:
         return decode_body(raw, model)
     return await trio.to_thread.run_sync(partial(decode_body, raw, model), limiter=limiter)
-

@@ -29,7 +29,9 @@ class LengthBudget:
         """The completion length to use; raises ``InvalidRequest`` if it cannot fit."""
         room = self.max_model_len - self.prompt_tokens
         if self.prompt_tokens == 0:
-            raise InvalidRequest("The prompt is empty.", param=self.prompt_param, code="empty_prompt")
+            raise InvalidRequest(
+                "The prompt is empty.", param=self.prompt_param, code="empty_prompt"
+            )
         if room < 1:
             raise InvalidRequest(
                 f"This model's maximum context length is {self.max_model_len} tokens, "

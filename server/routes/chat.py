@@ -51,4 +51,3 @@ async def chat_completions() -> Response:
         return sse_response(producer, current_request_id())
     results, usage = await complete_jobs(runtime.engine, jobs)
     return json_response(chat_completion(meta, results, usage, logprobs=body.logprobs))
-

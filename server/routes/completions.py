@@ -59,4 +59,3 @@ async def completions() -> Response:
         return sse_response(producer, current_request_id())
     results, usage = await complete_jobs(runtime.engine, jobs)
     return json_response(completion(meta, results, usage, logprobs=with_logprobs))
-

@@ -19,9 +19,7 @@ from tests.server.rawhttp import (
 )
 
 KEEP_ALIVE_S = 0.3
-CHAT = (
-    b'{"messages": [{"role": "user", "content": "hi"}], "stream": %s, "max_tokens": 200}'
-)
+CHAT = b'{"messages": [{"role": "user", "content": "hi"}], "stream": %s, "max_tokens": 200}'
 
 
 @pytest.fixture
@@ -71,7 +69,9 @@ async def test_idle_keep_alive_connection_is_reaped(vlserve_base_url):
 
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["stream", "non-stream"])
-async def test_disconnect_aborts_the_sequence(vlserve_base_url, fake_runtime: FakeRuntime, streaming):
+async def test_disconnect_aborts_the_sequence(
+    vlserve_base_url, fake_runtime: FakeRuntime, streaming
+):
     engine = fake_runtime.engine
     engine.script = Script(pieces=["tok "] * 200, delay=0.01)
     stream = await connect(vlserve_base_url)

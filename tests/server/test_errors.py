@@ -180,7 +180,9 @@ async def test_context_length_exceeded(http, fake_runtime: FakeRuntime):
 
 async def test_body_too_large_is_413(http):
     content = "x" * (MAX_BODY + 1)
-    response = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+    response = await http.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]}
+    )
     error = error_of(response, 413)
     assert error["code"] == "request_too_large"
 

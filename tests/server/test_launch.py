@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import signal
-import sys
 import textwrap
 import tomllib
 
@@ -33,8 +32,12 @@ async def test_vlserve_serve_drains_on_signal_and_exits_0(tiny_model_dir, signum
         await wait_ready(url, START_TIMEOUT_S)
         loaded = await server.wait_for_line(r"loaded model .* \(device=(\S+), dtype=(\S+),.* in", 5)
         assert loaded[1] == "cpu" and loaded[2] == "torch.float32"
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 300,
-                "ignore_eos": True, "stream": True}
+        body = {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 120,
+            "ignore_eos": True,
+            "stream": True,
+        }
         data = b""
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
             async with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -47,7 +50,14 @@ async def test_vlserve_serve_drains_on_signal_and_exits_0(tiny_model_dir, signum
     events, done = parse_events(data.decode())
     assert done, server.log()
     assert events[-1]["choices"][0]["finish_reason"] == "length"
-    assert sum(1 for e in events if e["choices"] and e["choices"][0]["delta"].get("content") is not None) > 1
+    assert (
+        sum(
+            1
+            for e in events
+            if e["choices"] and e["choices"][0]["delta"].get("content") is not None
+        )
+        > 1
+    )
     assert returncode == 0, server.log()
     assert "draining" in server.log()
 
@@ -57,8 +67,12 @@ async def test_second_signal_stops_at_once_with_status_1(tiny_model_dir):
     async with launched(args, {"VLSERVE_MODEL": str(tiny_model_dir)}) as server:
         url = (await server.wait_for_line(r"listening on (http://\S+)", START_TIMEOUT_S))[1]
         await wait_ready(url, START_TIMEOUT_S)
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000,
-                "ignore_eos": True, "stream": True}
+        body = {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4000,
+            "ignore_eos": True,
+            "stream": True,
+        }
         data = b""
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
             async with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -77,8 +91,15 @@ async def test_second_signal_stops_at_once_with_status_1(tiny_model_dir):
 
 
 async def test_plain_hypercorn_serves_the_app_factory(tiny_model_dir):
-    args = ["-m", "hypercorn", "--worker-class", "trio", "--bind", "127.0.0.1:0",
-            "server.app:create_app()"]
+    args = [
+        "-m",
+        "hypercorn",
+        "--worker-class",
+        "trio",
+        "--bind",
+        "127.0.0.1:0",
+        "server.app:create_app()",
+    ]
     env = {"VLSERVE_MODEL": str(tiny_model_dir), "VLSERVE_API_KEY": "sekrit"}
     async with launched(args, env) as server:
         url = (await server.wait_for_line(r"Running on (http://\S+)", START_TIMEOUT_S))[1]
@@ -100,8 +121,9 @@ def _plugin_is_installed() -> bool:
 
 
 async def test_pytest_plugin_fixtures_in_a_user_test_suite(tiny_model_dir, tmp_path):
-    (tmp_path / "test_user.py").write_text(textwrap.dedent(
-        """
+    (tmp_path / "test_user.py").write_text(
+        textwrap.dedent(
+            """
         import httpx
 
         async def test_uses_vlserve(vlserve_client, vlserve_base_url, vlserve_server):
@@ -114,10 +136,22 @@ async def test_pytest_plugin_fixtures_in_a_user_test_suite(tiny_model_dir, tmp_p
             async with httpx.AsyncClient(base_url=vlserve_base_url) as http:
                 assert (await http.get("/ready")).status_code == 200
         """
-    ))
+        )
+    )
     plugin = [] if _plugin_is_installed() else ["-p", "server.pytest_plugin"]
-    args = ["-m", "pytest", *plugin, "-o", "trio_mode=true", "-p", "no:cacheprovider",
-            "-q", "--rootdir", str(tmp_path), str(tmp_path / "test_user.py")]
+    args = [
+        "-m",
+        "pytest",
+        *plugin,
+        "-o",
+        "trio_mode=true",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--rootdir",
+        str(tmp_path),
+        str(tmp_path / "test_user.py"),
+    ]
     async with launched(args, {"VLSERVE_MODEL": str(tiny_model_dir)}) as run:
         with trio.fail_after(START_TIMEOUT_S):
             returncode = await run.process.wait()

@@ -21,9 +21,20 @@ def test_every_config_field_has_a_flag_and_variable():
     names = {o.field for o in config_options()}
     assert names == {f.name for f in dataclasses.fields(ServerConfig)} - {"extra"}
     flags = {o.flag for o in config_options()}
-    for flag in ["--model", "--served-model-name", "--host", "--port", "--api-key",
-                 "--cors-allow-origins", "--max-body-bytes", "--max-concurrent-requests",
-                 "--dtype", "--device", "--max-num-seqs", "--max-model-len"]:
+    for flag in [
+        "--model",
+        "--served-model-name",
+        "--host",
+        "--port",
+        "--api-key",
+        "--cors-allow-origins",
+        "--max-body-bytes",
+        "--max-concurrent-requests",
+        "--dtype",
+        "--device",
+        "--max-num-seqs",
+        "--max-model-len",
+    ]:
         assert flag in flags
 
 
@@ -33,8 +44,21 @@ def test_defaults():
 
 def test_flags():
     config = parse(
-        ["--model", "/m", "--port", "9000", "--api-key", "a", "--api-key", "b,c",
-         "--max-body-bytes", "1000", "--allow-private-media-urls", "--image-fetch-timeout", "2.5"]
+        [
+            "--model",
+            "/m",
+            "--port",
+            "9000",
+            "--api-key",
+            "a",
+            "--api-key",
+            "b,c",
+            "--max-body-bytes",
+            "1000",
+            "--allow-private-media-urls",
+            "--image-fetch-timeout",
+            "2.5",
+        ]
     )
     assert config.model == "/m" and config.port == 9000
     assert config.api_keys == ("a", "b", "c")
@@ -43,8 +67,13 @@ def test_flags():
 
 
 def test_environment_and_precedence():
-    environ = {"VLSERVE_PORT": "7000", "VLSERVE_API_KEY": "k1,k2", "VLSERVE_DEVICE": "cuda",
-               "VLSERVE_ALLOW_PRIVATE_MEDIA_URLS": "yes", "VLSERVE_MODEL": ""}
+    environ = {
+        "VLSERVE_PORT": "7000",
+        "VLSERVE_API_KEY": "k1,k2",
+        "VLSERVE_DEVICE": "cuda",
+        "VLSERVE_ALLOW_PRIVATE_MEDIA_URLS": "yes",
+        "VLSERVE_MODEL": "",
+    }
     config = parse(["--port", "7001"], environ)
     assert config.port == 7001  # the flag wins
     assert config.api_keys == ("k1", "k2") and config.device == "cuda"
@@ -54,7 +83,10 @@ def test_environment_and_precedence():
 
 @pytest.mark.parametrize(
     ("environ", "name"),
-    [({"VLSERVE_PORT": "x"}, "VLSERVE_PORT"), ({"VLSERVE_ALLOW_PRIVATE_MEDIA_URLS": "maybe"}, "VLSERVE_ALLOW")],
+    [
+        ({"VLSERVE_PORT": "x"}, "VLSERVE_PORT"),
+        ({"VLSERVE_ALLOW_PRIVATE_MEDIA_URLS": "maybe"}, "VLSERVE_ALLOW"),
+    ],
 )
 def test_bad_environment_value_names_the_variable(environ, name):
     with pytest.raises(ConfigError, match=name):

@@ -66,7 +66,7 @@ async def test_sampling_fields_reach_the_engine(vlserve_client, fake_runtime):
 
 async def test_defaults_reach_the_engine(vlserve_client, fake_runtime):
     await vlserve_client.chat.completions.create(model="fake-model", messages=USER, stop=["a", "b"])
-    (_, params), = fake_runtime.engine.opened
+    ((_, params),) = fake_runtime.engine.opened
     assert params.max_tokens == fake_runtime.max_model_len - 2  # the whole remaining context
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (1.0, 1.0, 0, None)
     assert params.stop == ("a", "b") and params.logprobs is None
@@ -78,13 +78,25 @@ async def test_chat_messages_reach_the_preparer(vlserve_client, fake_runtime):
         model="fake-model",
         messages=[
             {"role": "developer", "content": "be brief"},
-            {"role": "user", "content": [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": image}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what?"},
+                    {"type": "image_url", "image_url": image},
+                ],
+            },
             {"role": "assistant", "content": "a cat", "name": "bot"},
         ],
     )
     assert fake_runtime.preparer.calls[-1] == [
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": image}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what?"},
+                {"type": "image_url", "image_url": image},
+            ],
+        },
         {"role": "assistant", "content": "a cat"},
     ]
 
@@ -95,7 +107,10 @@ async def test_chat_logprobs_shape(vlserve_client, fake_runtime):
         model="fake-model", messages=USER, logprobs=True, top_logprobs=1
     )
     content = completion.choices[0].logprobs.content
-    assert [(t.token, t.logprob, t.bytes) for t in content] == [("é", -0.25, [195, 169]), ("b", -0.25, [98])]
+    assert [(t.token, t.logprob, t.bytes) for t in content] == [
+        ("é", -0.25, [195, 169]),
+        ("b", -0.25, [98]),
+    ]
     assert [t.top_logprobs[0].token for t in content] == ["alt0", "alt0"]
 
 

@@ -29,11 +29,20 @@ async def test_chat_stream_role_content_finish_usage_done(http, fake_runtime: Fa
     assert all("usage" in event for event in events)
     first, *middle, finish, usage = events
     assert first["choices"] == [
-        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
     ]
-    assert [e["choices"][0]["delta"] for e in middle] == [{"content": c} for c in ["Hel", "lo", "!"]]
+    assert [e["choices"][0]["delta"] for e in middle] == [
+        {"content": c} for c in ["Hel", "lo", "!"]
+    ]
     assert all(e["usage"] is None for e in [first, *middle, finish])
-    assert finish["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]
+    assert finish["choices"] == [
+        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    ]
     assert usage["choices"] == []
     assert usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
 
@@ -73,7 +82,12 @@ async def test_chat_stream_length_finish_and_logprobs(http, fake_runtime):
 
 async def test_completions_stream(http, fake_runtime):
     fake_runtime.engine.script = Script(pieces=["x", "y"])
-    body = {"prompt": ["p1", "p2"], "n": 2, "stream_options": {"include_usage": True}, "logprobs": 1}
+    body = {
+        "prompt": ["p1", "p2"],
+        "n": 2,
+        "stream_options": {"include_usage": True},
+        "logprobs": 1,
+    }
     events, done = await stream_events(http, "/v1/completions", body)
     assert done
     assert all(e["object"] == "text_completion" and e["id"].startswith("cmpl-") for e in events)
