@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from types import MappingProxyType
 
 from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
@@ -93,13 +94,15 @@ def error_response(
     return response
 
 
-_HTTP_CODES = {
-    400: ("We could not parse the body of your request.", "bad_request"),
-    404: (None, "not_found"),
-    405: (None, "method_not_allowed"),
-    408: ("The request body took too long to arrive.", "request_timeout"),
-    413: ("The request body is too large.", "request_too_large"),
-}
+_HTTP_CODES = MappingProxyType(
+    {
+        400: ("We could not parse the body of your request.", "bad_request"),
+        404: (None, "not_found"),
+        405: (None, "method_not_allowed"),
+        408: ("The request body took too long to arrive.", "request_timeout"),
+        413: ("The request body is too large.", "request_too_large"),
+    }
+)
 
 
 async def _handle_api_error(error: ApiError) -> Response:

@@ -13,23 +13,26 @@ import dataclasses
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from server.config import ServerConfig
 
 ENV_PREFIX = "VLSERVE_"
 SKIPPED_FIELDS = frozenset({"extra"})
-RENAMED_FIELDS = {"api_keys": "api_key"}
+RENAMED_FIELDS = MappingProxyType({"api_keys": "api_key"})
 
-HELP = {
-    "model": "local Hugging Face model directory (default: the built-in tiny model)",
-    "served_model_name": "model id clients send in 'model' (default: the directory's name)",
-    "api_keys": "accepted Bearer key; repeat for several (default: no auth)",
-    "cors_allow_origins": "origins allowed by CORS, '*' for any (default: no CORS)",
-    "max_body_bytes": "largest accepted request body in bytes (413 beyond)",
-    "max_concurrent_requests": "requests in flight before refusing with 503",
-    "drain_timeout": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
-}
+HELP = MappingProxyType(
+    {
+        "model": "local Hugging Face model directory (default: the built-in tiny model)",
+        "served_model_name": "model id clients send in 'model' (default: the directory's name)",
+        "api_keys": "accepted Bearer key; repeat for several (default: no auth)",
+        "cors_allow_origins": "origins allowed by CORS, '*' for any (default: no CORS)",
+        "max_body_bytes": "largest accepted request body in bytes (413 beyond)",
+        "max_concurrent_requests": "requests in flight before refusing with 503",
+        "drain_timeout": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
+    }
+)
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})

@@ -1,6 +1,7 @@
 """pytest fixtures (pytest-trio) for testing against a real vlserve on loopback.
 
-Registered as the ``vlserve`` pytest11 plugin. In a trio test::
+Registered as the ``vlserve`` pytest11 plugin. The fixtures are trio fixtures: use them
+from tests run by pytest-trio (``trio_mode = true``, or ``@pytest.mark.trio``)::
 
     async def test_models(vlserve_client):
         models = await vlserve_client.models.list()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
@@ -14,12 +15,14 @@ from server.state import current_state
 if TYPE_CHECKING:
     from server.runtime import Runtime
 
-_UNAVAILABLE = {
-    Phase.LOADING: ("The model is still loading; please retry shortly.", "model_loading", 5),
-    Phase.DRAINING: ("The server is shutting down.", "shutting_down", 1),
-    Phase.STOPPED: ("The server is shutting down.", "shutting_down", 1),
-    Phase.FAILED: ("The model is not available; see the server log.", "model_failed", 30),
-}
+_UNAVAILABLE = MappingProxyType(
+    {
+        Phase.LOADING: ("The model is still loading; please retry shortly.", "model_loading", 5),
+        Phase.DRAINING: ("The server is shutting down.", "shutting_down", 1),
+        Phase.STOPPED: ("The server is shutting down.", "shutting_down", 1),
+        Phase.FAILED: ("The model is not available; see the server log.", "model_failed", 30),
+    }
+)
 
 
 def serving_runtime() -> Runtime:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import (
@@ -24,21 +26,23 @@ from server.schemas.common import (
 from vl.errors import InvalidRequest
 
 # OpenAI chat fields we do not implement, with the values that ask for nothing.
-UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (True, False),
-    "functions": ([],),
-    "function_call": ("none",),
-    "response_format": ({"type": "text"},),
-    "audio": (),
-    "modalities": (["text"],),
-    "prediction": (),
-    "reasoning_effort": (),
-    "web_search_options": (),
-    "verbosity": (),
-    "store": (False,),
-}
+UNSUPPORTED_CHAT: Mapping[str, tuple[Any, ...]] = MappingProxyType(
+    {
+        "tools": ([],),
+        "tool_choice": ("none",),
+        "parallel_tool_calls": (True, False),
+        "functions": ([],),
+        "function_call": ("none",),
+        "response_format": ({"type": "text"},),
+        "audio": (),
+        "modalities": (["text"],),
+        "prediction": (),
+        "reasoning_effort": (),
+        "web_search_options": (),
+        "verbosity": (),
+        "store": (False,),
+    }
+)
 
 
 class ImageURL(RequestModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import (
@@ -37,7 +38,7 @@ def _acceptable(value: Any, *harmless: Any) -> bool:
 
 # Fields OpenAI defines that we do not implement: accepted only with a value that asks for
 # nothing (absent, null, or the listed harmless values), otherwise a 400 naming them.
-UNSUPPORTED_SHARED = {"logit_bias": ({},)}
+UNSUPPORTED_SHARED = MappingProxyType({"logit_bias": ({},)})
 
 
 def reject_unsupported(value: Any, field: str, harmless: tuple[Any, ...]) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
@@ -12,11 +14,13 @@ from server.schemas.common import SamplingRequest, Usage, UsageOnlyIfSet, reject
 MAX_PROMPTS = 64
 DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for legacy completions
 
-UNSUPPORTED_COMPLETIONS: dict[str, tuple[Any, ...]] = {
-    "echo": (False,),
-    "best_of": (1,),
-    "suffix": ("",),
-}
+UNSUPPORTED_COMPLETIONS: Mapping[str, tuple[Any, ...]] = MappingProxyType(
+    {
+        "echo": (False,),
+        "best_of": (1,),
+        "suffix": ("",),
+    }
+)
 
 
 class CompletionRequest(SamplingRequest):
