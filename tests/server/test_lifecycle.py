@@ -168,3 +168,14 @@ def test_parse_events_rejects_bad_framing():
     with pytest.raises(AssertionError):
         parse_events("data: {}\n")
     assert parse_events('data: {"a":1}\n\ndata: [DONE]\n\n') == ([{"a": 1}], True)
+
+
+async def test_body_larger_than_quarts_default_limit_is_accepted(http, fake_runtime):
+    """A 17 MiB base64 image: over Quart's default MAX_CONTENT_LENGTH (16 MiB), under ours."""
+    url = "data:image/png;base64," + "A" * (17 * 1024 * 1024)
+    content = [{"type": "image_url", "image_url": {"url": url}}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    response = await http.post("/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text[:300]
+    received = fake_runtime.preparer.calls[-1][0]["content"][0]["image_url"]["url"]
+    assert received == url
