@@ -3,7 +3,10 @@
 Each server is started once (fresh process, so no cache carries over from another server),
 then runs the workloads and levels in order; every (workload, level) pair uses its own
 range of request indices, so every image is new to the server. The image server, when a
-workload needs it, runs for the whole benchmark.
+workload needs it, runs for the whole benchmark. With ``repeats`` > 1 the whole round runs
+again with fresh server processes, each round starting with the next server. Before each
+run the benchmark can wait (``quiet_wait`` seconds at most) for other processes on the
+machine to fall below ``quiet_threshold`` of its CPU.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 import trio
 
 from bench.launch.servers import running_image_server, running_server
+from bench.loadgen.cpu_account import foreign_load_now
 from bench.loadgen.metrics import Summary, summarise
 from bench.loadgen.options import LoadOptions
 from bench.loadgen.run import LoadRun, run_load
@@ -38,21 +42,28 @@ class BenchmarkPlan:
     image_latency: float = 0.05
     model: str | None = None
     first_index: int = 0
-    extra_server_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    repeats: int = 1
+    quiet_threshold: float = 0.15
+    quiet_wait: float = 0.0
 
     @property
     def stride(self) -> int:
         return self.options.warmup + self.options.num_requests
 
-    def indices(self, workload: str, level: int) -> tuple[list[int], list[int]]:
-        """Warm-up and measured request indices of one (workload, level) pair."""
+    @property
+    def slots_per_repeat(self) -> int:
+        return len(self.workloads) * len(self.concurrency_levels)
+
+    def indices(self, workload: str, level: int, repeat: int = 0) -> tuple[list[int], list[int]]:
+        """Warm-up and measured request indices of one (workload, level, repeat)."""
         slot = self.workloads.index(workload) * len(self.concurrency_levels) + self.concurrency_levels.index(level)
+        slot += repeat * self.slots_per_repeat
         start = self.first_index + slot * self.stride
         warm = list(range(start, start + self.options.warmup))
         return warm, list(range(start + self.options.warmup, start + self.stride))
 
     def all_image_indices(self) -> range:
-        slots = sum(uses_images(w) for w in self.workloads) and len(self.workloads) * len(self.concurrency_levels)
+        slots = self.slots_per_repeat * self.repeats if any(uses_images(w) for w in self.workloads) else 0
         return range(self.first_index, self.first_index + slots * self.stride)
 
 
@@ -75,29 +86,52 @@ async def run_benchmark(plan: BenchmarkPlan, progress: Progress | None = None) -
             image_url = await stack.enter_async_context(
                 running_image_server(plan.image_dir, plan.log_dir, latency=plan.image_latency)
             )
-        for name in plan.servers:
-            async with running_server(name, plan.log_dir, model=plan.model) as server:
-                async with httpx.AsyncClient(base_url=server.base_url, timeout=30.0) as client:
-                    model_id = await first_model_id(client)
-                for workload_name in plan.workloads:
-                    workload = Workload(workload_name, store if uses_images(workload_name) else None, image_url)
-                    for level in plan.concurrency_levels:
-                        run = await _one_run(plan, server, workload, model_id, level)
-                        summary = summarise(run)
-                        out.append((run, summary))
-                        if progress is not None:
-                            progress(run, summary)
+        for repeat in range(plan.repeats):
+            for name in _rotated(plan.servers, repeat):
+                async with running_server(name, plan.log_dir, model=plan.model) as server:
+                    async with httpx.AsyncClient(base_url=server.base_url, timeout=30.0) as client:
+                        model_id = await first_model_id(client)
+                    for workload_name in plan.workloads:
+                        workload = Workload(workload_name, store if uses_images(workload_name) else None, image_url)
+                        for level in plan.concurrency_levels:
+                            await wait_for_quiet(plan.quiet_threshold, plan.quiet_wait)
+                            run = await _one_run(plan, server, workload, model_id, level, repeat)
+                            summary = summarise(run)
+                            out.append((run, summary))
+                            if progress is not None:
+                                progress(run, summary)
     return out
 
 
-async def _one_run(plan: BenchmarkPlan, server, workload: Workload, model_id: str, level: int) -> LoadRun:
+def _rotated(servers: tuple[str, ...], by: int) -> tuple[str, ...]:
+    """Each repeat starts with the next server, so no server always runs first."""
+    by %= len(servers)
+    return servers[by:] + servers[:by]
+
+
+async def wait_for_quiet(threshold: float, max_wait: float) -> float:
+    """Wait (at most ``max_wait`` seconds, in 1 s windows) until other processes use less
+    than ``threshold`` of the machine; return the last share seen (0 if not waiting).
+
+    Cancellation: returns at the next window boundary.
+    """
+    deadline = trio.current_time() + max_wait
+    share = 0.0
+    while trio.current_time() < deadline:
+        share = await trio.to_thread.run_sync(foreign_load_now, 1.0)
+        if share < threshold:
+            break
+    return share
+
+
+async def _one_run(plan: BenchmarkPlan, server, workload: Workload, model_id: str, level: int, repeat: int) -> LoadRun:
     options = replace(plan.options, concurrency=level)
-    warm, measured = plan.indices(workload.name, level)
+    warm, measured = plan.indices(workload.name, level, repeat)
 
     def body_for(index: int) -> bytes:
         return chat_body(model_id, workload.messages(index), max_tokens=options.max_tokens, ignore_eos=options.ignore_eos)
 
-    return await run_load(
+    run = await run_load(
         base_url=server.base_url,
         server=server.name,
         server_pid=server.pid,
@@ -109,6 +143,8 @@ async def _one_run(plan: BenchmarkPlan, server, workload: Workload, model_id: st
         options=options,
         work_dir=plan.log_dir,
     )
+    run.repeat = repeat
+    return run
 
 
 def timestamp() -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import trio
@@ -26,7 +27,7 @@ from bench.loadgen.options import LoadOptions
 from bench.orchestrate import BenchmarkPlan, run_benchmark, timestamp
 from bench.report.health_plot import plot_health
 from bench.report.results_files import write_results
-from bench.report.tables import comparison_table, sweep_table
+from bench.report.tables import best_runs, comparison_table, sweep_table
 from bench.workloads.catalog import WORKLOADS
 from bench.workloads.image_store import default_image_dir
 
@@ -56,8 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--image-dir", type=Path, default=None, help="image cache (default: ~/.cache/vlserve-bench)")
     parser.add_argument("--model", default=None, help="model directory for every server (default: the tiny model)")
+    parser.add_argument("--repeats", type=int, default=1, help="run everything this many times (fresh servers); tables show the best run")
+    parser.add_argument("--quiet-wait", type=float, default=60.0, help="before each run, wait up to this long for other processes to go quiet")
+    parser.add_argument("--quiet-threshold", type=float, default=0.15, help="'quiet': other processes use less than this share of the CPU")
     parser.add_argument("--seed", type=int, default=0, help="shifts request indices (new images) and Poisson arrivals")
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temporary directory)")
     parser.add_argument("--quiet", action="store_true", help="no per-run vLLM-style reports")
     return parser.parse_args(argv)
 
@@ -79,11 +84,14 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
         concurrency_levels=args.concurrency,
         options=options,
         image_dir=args.image_dir or default_image_dir(args.image_size),
-        log_dir=args.results_dir / "logs",
+        log_dir=args.log_dir or Path(tempfile.mkdtemp(prefix="vlserve-bench-logs-")),
         image_size=args.image_size,
         image_latency=args.image_latency,
         model=args.model,
         first_index=args.seed * 100_000,
+        repeats=args.repeats,
+        quiet_threshold=args.quiet_threshold,
+        quiet_wait=args.quiet_wait,
     )
 
 
@@ -104,11 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     stem = args.results_dir / f"{timestamp()}-{'+'.join(plan.workloads)}-c{'_'.join(map(str, plan.concurrency_levels))}"
     meta = {"servers": plan.servers, "workloads": plan.workloads, "levels": plan.concurrency_levels}
     paths = write_results(stem, command=command, meta=meta, runs=runs, markdown=markdown)
+    best = {id(b) for b, _ in best_runs(summaries)}
     for workload in plan.workloads:
-        picked = [run for run, _ in runs if run.workload == workload]
+        picked = [run for run, s in runs if run.workload == workload and id(s) in best]
         paths.append(plot_health(picked, Path(f"{stem}-{workload}-health.png"), f"/health during the {workload} burst"))
     print(f"\n{command}\n\n{markdown}\n")
-    print("wrote " + ", ".join(str(p) for p in paths))
+    print("wrote " + ", ".join(str(p) for p in paths) + f"\nserver logs in {plan.log_dir}")
 
 
 if __name__ == "__main__":

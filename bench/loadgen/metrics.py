@@ -52,6 +52,8 @@ class Summary:
     health_max_ms: float
     rss_before_mib: float
     peak_rss_mib: float
+    foreign_cpu_pct: float
+    repeat: int
     first_error: str | None
 
     def as_dict(self) -> dict:
@@ -79,8 +81,9 @@ class Summary:
             ("Idle P50 (ms):", f"{self.health_idle_p50_ms:.2f}"),
             ("P50 / P99 / Max (ms):", f"{self.health_p50_ms:.2f} / {self.health_p99_ms:.2f} / {self.health_max_ms:.2f}"),
             ("Peak RSS (MiB, before burst):", f"{self.peak_rss_mib:.0f} ({self.rss_before_mib:.0f})"),
+            ("Other processes' CPU (% of machine):", f"{self.foreign_cpu_pct:.0f}"),
         ]
-        head = f" {self.server} · {self.workload} · {self.mode} · concurrency {self.concurrency} "
+        head = f" {self.server} · {self.workload} · {self.mode} · c={self.concurrency} · run {self.repeat + 1} "
         width = 50
         lines = [head.center(width, "=")]
         lines += [f"{label:<40}{value:>10}" if value else label for label, value in rows]
@@ -129,5 +132,7 @@ def summarise(run: LoadRun) -> Summary:
         health_max_ms=max(latencies) * 1000.0 if latencies else float("nan"),
         rss_before_mib=run.rss_before / MIB,
         peak_rss_mib=max((s[1] for s in run.rss), default=run.rss_before) / MIB,
+        foreign_cpu_pct=100.0 * run.foreign_cpu,
+        repeat=run.repeat,
         first_error=next((r.error for r in failed if r.error), None),
     )

@@ -15,6 +15,7 @@ import httpx
 import trio
 
 from bench.launch.process import managed_process
+from bench.loadgen.cpu_account import CpuAccount
 from bench.launch.servers import REPO_ROOT
 from bench.loadgen.drivers import closed_loop, poisson
 from bench.loadgen.options import LoadOptions
@@ -47,6 +48,8 @@ class LoadRun:
     rss_before: int = 0
     loadavg_before: float = 0.0
     loadavg_after: float = 0.0
+    foreign_cpu: float = 0.0  # other processes' share of all cores during the burst (0..1)
+    repeat: int = 0
 
 
 async def run_load(
@@ -81,12 +84,15 @@ async def run_load(
             run.warmup_failures = sum(not r.ok for r in warm)
             run.rss_before = await trio.to_thread.run_sync(tree_rss, server_pid)
             run.loadavg_before = os.getloadavg()[0]
+            account = CpuAccount()
+            await trio.to_thread.run_sync(account.start)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sample_rss, server_pid, options.rss_interval, run.rss)
                 run.burst_started = time.monotonic()
                 run.results = await _send_all(client, body_for, kind_of, indices, options, warmup=False)
                 run.burst_ended = time.monotonic()
                 run.loadavg_after = os.getloadavg()[0]
+                run.foreign_cpu = await trio.to_thread.run_sync(account.foreign_share)
                 nursery.cancel_scope.cancel()
             await trio.sleep(options.idle_probe_seconds)
     run.health = [tuple(s) for s in json.loads(probe_out.read_text())["samples"]]
