@@ -41,7 +41,7 @@ def write_results(stem: Path, *, command: str, meta: dict, runs: Sequence[tuple[
     stem.parent.mkdir(parents=True, exist_ok=True)
     data = {"command": command, **meta, "runs": [run_record(run, summary) for run, summary in runs]}
     json_path = stem.with_suffix(".json")
-    json_path.write_text(json.dumps(_clean(data), indent=1))
+    json_path.write_text(json.dumps(_clean(data), separators=(",", ":")))
     md_path = stem.with_suffix(".md")
     md_path.write_text(f"`{command}`\n\n{markdown}\n")
     return [json_path, md_path]
