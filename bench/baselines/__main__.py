@@ -16,12 +16,17 @@ from engine.tiny_model import ensure_tiny_model
 from server.config import ServerConfig
 from vl.media_policy import MediaPolicy
 
-LAYOUTS = {"main-style": MainStylePreparer, "pr-style": PrStylePreparer}
+LAYOUTS = ("main-style", "pr-style")
+
+
+def preparer_class(layout: str) -> type[MainStylePreparer]:
+    """The preparer that gives ``layout`` its concurrency layout."""
+    return PrStylePreparer if layout == "pr-style" else MainStylePreparer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layout", choices=sorted(LAYOUTS), required=True)
+    parser.add_argument("--layout", choices=LAYOUTS, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--model", default=None, help="model directory (default: vlserve's built-in tiny model)")
@@ -31,7 +36,7 @@ def main() -> None:
     engine = AsyncioEngine.for_model(
         loaded, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
     )
-    preparer = LAYOUTS[args.layout](loaded, ImageLoader(MediaPolicy.from_config(config)))
+    preparer = preparer_class(args.layout)(loaded, ImageLoader(MediaPolicy.from_config(config)))
     app = create_app(engine, preparer, config.model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 

@@ -95,9 +95,11 @@ async def run_load(
                 run.foreign_cpu = await trio.to_thread.run_sync(account.foreign_share)
                 nursery.cancel_scope.cancel()
             await trio.sleep(options.idle_probe_seconds)
-    run.health = [tuple(s) for s in json.loads(probe_out.read_text())["samples"]]
-    probe_out.unlink()
-    for suffix in (".log", ".started"):
+    try:
+        run.health = [tuple(s) for s in json.loads(probe_out.read_text())["samples"]]
+    except FileNotFoundError:  # the probe was killed before it could write: no figures
+        run.health = []
+    for suffix in (".json", ".log", ".started"):
         probe_out.with_suffix(suffix).unlink(missing_ok=True)
     return run
 
@@ -112,9 +114,8 @@ async def _send_all(client, body_for, kind_of, indices: list[int], options: Load
         try:
             await stream_chat(client, bodies.pop(index), result)
         finally:
-            if not result.ended:
-                result.ended = time.perf_counter()
-                result.error = result.error or CUT_OFF
+            if not result.ok and result.error is None:  # only a cancellation leaves neither
+                result.error = CUT_OFF
 
     if warmup:
         await closed_loop(send, indices, max(1, min(options.concurrency, len(indices))))
