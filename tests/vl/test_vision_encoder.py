@@ -111,17 +111,19 @@ async def test_cancelled_unstarted_image_is_dropped():
 
 
 async def test_batches_respect_size_and_patch_budget():
+    """Queued images are taken in batches of at most ``max_batch_size`` images and
+    ``max_batch_patches`` patches; every image is encoded exactly once."""
     fake = BlockingForward()
     fake.release_all()
     gate = trio.CapacityLimiter(1)
-    async with VisionEncoder.open(fake, gate, max_batch_size=2, max_batch_patches=1000) as encoder:
-        async with gate:  # hold the device so every job queues before the first batch
-            async with trio.open_nursery() as nursery:
-                for tag in (1, 2, 3, 4, 5):
-                    nursery.start_soon(encoder.encode, pixels(tag))
-                await trio.testing.wait_all_tasks_blocked()
-                gate.release()
-                await trio.testing.wait_all_tasks_blocked()
-                await gate.acquire()
-    assert all(len(b) <= 2 for b in fake.batches)
-    assert sorted(t for b in fake.batches for t in b) == [1, 2, 3, 4, 5]
+    holder = object()
+    await gate.acquire_on_behalf_of(holder)  # hold the device so the jobs queue up
+    async with VisionEncoder.open(fake, gate, max_batch_size=3, max_batch_patches=12) as encoder:
+        async with trio.open_nursery() as nursery:
+            for tag in (1, 2, 3, 4, 5, 6, 7):
+                nursery.start_soon(encoder.encode, pixels(tag))
+            await trio.testing.wait_all_tasks_blocked()
+            gate.release_on_behalf_of(holder)
+    assert all(len(b) <= 3 for b in fake.batches)
+    assert all(sum(t * 4 for t in b) <= 12 or len(b) == 1 for b in fake.batches)
+    assert sorted(t for b in fake.batches for t in b) == [1, 2, 3, 4, 5, 6, 7]
