@@ -39,6 +39,8 @@ class ServerConfig:
     image_fetch_timeout: float = 10.0
     image_fetch_concurrency: int = 64
     max_image_redirects: int = 3
+    # GIL: how often the engine/prep threads must offer the GIL to the event loop (seconds)
+    switch_interval: float = 0.001
     # timeouts
     drain_timeout: float = 30.0
     extra: dict = field(default_factory=dict)

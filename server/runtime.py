@@ -8,7 +8,8 @@ a nursery it owns; leaving it shuts them down in reverse order.
 from __future__ import annotations
 
 import time
-from contextlib import asynccontextmanager
+import sys
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -59,6 +60,25 @@ async def open_runtime(config: ServerConfig, loaded: LoadedModel | None = None) 
     """Load (unless ``loaded`` is given) and run every component until the block exits."""
     if loaded is None:
         loaded = await load_configured_model(config)
+    with _switch_interval(config.switch_interval):
+        async with _open_components(config, loaded) as runtime:
+            yield runtime
+
+
+@contextmanager
+def _switch_interval(seconds: float):
+    """Make GIL-holding worker threads (engine steps, prep) hand the GIL to the event loop
+    at least every ``seconds`` while the runtime runs (DESIGN.md: /health p99 under load)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+@asynccontextmanager
+async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIterator[Runtime]:
     device_gate = trio.CapacityLimiter(1)
     policy = MediaPolicy.from_config(config)
     async with ImageFetcher(policy) as fetcher:
