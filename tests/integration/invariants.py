@@ -1,0 +1,33 @@
+"""Checks of the global invariants DESIGN.md asks every cancellation test to prove."""
+
+from __future__ import annotations
+
+import trio
+
+
+def limiter_state(runtime) -> dict[str, tuple[int, int]]:
+    """(borrowed, waiting) of every limiter a request can hold, by name."""
+    stats = runtime.preparer.statistics()
+    fetcher = runtime.preparer._fetcher.statistics()
+    device = runtime.device_gate.statistics()
+    default = trio.to_thread.current_default_thread_limiter().statistics()
+    return {
+        "image_prep": (stats.image_gate.borrowed, stats.image_gate.waiting),
+        "tokenizer": (stats.tokenizer_gate.borrowed, stats.tokenizer_gate.waiting),
+        "device": (device.borrowed_tokens, device.tasks_waiting),
+        "fetch": (fetcher.limiter_borrowed, fetcher.waiting),
+        "default_threads": (default.borrowed_tokens, default.tasks_waiting),
+    }
+
+
+async def wait_until_quiescent(runtime, timeout: float = 20.0) -> None:
+    """Wait until no limiter is borrowed or waited on, the engine holds no sequences and no
+    cache, and the vision encoder runs nothing. Fails the test if that never happens."""
+    with trio.fail_after(timeout):
+        while True:
+            engine = runtime.engine.statistics()
+            encoder = runtime.preparer.statistics().encoder
+            idle = all(v == (0, 0) for v in limiter_state(runtime).values())
+            if idle and engine.running == 0 and engine.waiting == 0 and engine.cache_tokens == 0 and not encoder.forward_running and encoder.queued == 0:
+                return
+            await trio.sleep(0.02)
