@@ -36,3 +36,19 @@ def test_greedy_output_varies(tiny_model):
     out = tiny_model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
     new = out[0, ids.shape[1]:].tolist()
     assert len(set(new)) >= 8
+
+
+def test_default_model_is_built_once_into_the_user_cache(tmp_path, monkeypatch, tiny_model_dir):
+    """``vlserve serve`` without ``--model`` serves the tiny model from the user's cache
+    directory, building it there on first use only."""
+    from engine.tiny_model import default_tiny_model_dir, ensure_tiny_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    target = default_tiny_model_dir()
+    assert str(target).startswith(str(tmp_path / "cache"))
+    built = ensure_tiny_model()
+    assert built == target and digest(built) == digest(tiny_model_dir)
+    stamp = (built / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_model() == target
+    assert (built / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no staging leftovers
