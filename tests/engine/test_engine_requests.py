@@ -163,3 +163,18 @@ async def test_failed_forward_fails_its_sequences_and_engine_goes_on(tiny_model,
         after = await run_stream(engine, prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
         assert after[-1].finish_reason == "length"
         await wait_until_idle(engine)
+
+
+async def test_stop_token_ids_end_generation_without_their_text(tiny_model):
+    prompt, _ = chat_prompt(tiny_model, "one two three")
+    async with open_engine(tiny_model) as engine:
+        free = await run_stream(engine, prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        ids = [t for d in free for t in d.token_ids]
+        stop_id = ids[5]
+        first = ids.index(stop_id)
+        stopped = await run_stream(engine, prompt, SamplingParams(max_tokens=20, temperature=0, stop_token_ids=(stop_id,)))
+    got = [t for d in stopped for t in d.token_ids]
+    assert got == ids[: first + 1]
+    assert stopped[-1].finish_reason == "stop"
+    expected_text = tiny_model.tokenizer.decode(ids[:first], skip_special_tokens=True)
+    assert "".join(d.text for d in stopped) == expected_text
