@@ -26,6 +26,7 @@ from bench.launch.servers import REPO_ROOT, SERVERS
 from bench.loadgen.options import LoadOptions
 from bench.orchestrate import BenchmarkPlan, run_benchmark, timestamp
 from bench.report.health_plot import plot_health
+from bench.report.provenance import provenance
 from bench.report.results_files import write_results
 from bench.report.tables import best_runs, comparison_table, sweep_table
 from bench.workloads.catalog import WORKLOADS
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(plan.concurrency_levels) > 1:
         markdown += "\n\nConcurrency sweep:\n\n" + sweep_table(summaries)
     stem = args.results_dir / f"{timestamp()}-{'+'.join(plan.workloads)}-c{'_'.join(map(str, plan.concurrency_levels))}"
-    meta = {"servers": plan.servers, "workloads": plan.workloads, "levels": plan.concurrency_levels}
+    meta = {"servers": plan.servers, "workloads": plan.workloads, "levels": plan.concurrency_levels, **provenance(REPO_ROOT)}
     paths = write_results(stem, command=command, meta=meta, runs=runs, markdown=markdown)
     best = {id(b) for b, _ in best_runs(summaries)}
     for workload in plan.workloads:
