@@ -129,7 +129,9 @@ async def _one_run(plan: BenchmarkPlan, server, workload: Workload, model_id: st
     warm, measured = plan.indices(workload.name, level, repeat)
 
     def body_for(index: int) -> bytes:
-        return chat_body(model_id, workload.messages(index), max_tokens=options.max_tokens, ignore_eos=options.ignore_eos)
+        return chat_body(
+            model_id, workload.messages(index), max_tokens=options.max_tokens, ignore_eos=options.ignore_eos
+        )
 
     run = await run_load(
         base_url=server.base_url,

@@ -37,7 +37,9 @@ def _csv(kind, choices=None):
     def parse(text: str):
         items = [kind(part.strip()) for part in text.split(",") if part.strip()]
         if not items or (choices and any(i not in choices for i in items)):
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list{' of ' + ', '.join(choices) if choices else ''}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list{' of ' + ', '.join(choices) if choices else ''}"
+            )
         return tuple(items)
 
     return parse
@@ -45,7 +47,9 @@ def _csv(kind, choices=None):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", type=_csv(str, WORKLOADS), default=("text",), help=f"one or more of {', '.join(WORKLOADS)}")
+    parser.add_argument(
+        "--workload", type=_csv(str, WORKLOADS), default=("text",), help=f"one or more of {', '.join(WORKLOADS)}"
+    )
     parser.add_argument("--servers", type=_csv(str, SERVERS), default=SERVERS)
     parser.add_argument("--concurrency", type=_csv(int), default=(64,), help="one level, or several for a sweep")
     parser.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second (open loop)")
@@ -58,9 +62,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--image-dir", type=Path, default=None, help="image cache (default: ~/.cache/vlserve-bench)")
     parser.add_argument("--model", default=None, help="model directory for every server (default: the tiny model)")
-    parser.add_argument("--repeats", type=int, default=1, help="run everything this many times (fresh servers); tables show the best run")
-    parser.add_argument("--quiet-wait", type=float, default=60.0, help="before each run, wait up to this long for other processes to go quiet")
-    parser.add_argument("--quiet-threshold", type=float, default=0.15, help="'quiet': other processes use less than this share of the CPU")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run everything this many times (fresh servers); tables show the best run",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="before each run, wait up to this long for other processes to go quiet",
+    )
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.15,
+        help="'quiet': other processes use less than this share of the CPU",
+    )
     parser.add_argument("--seed", type=int, default=0, help="shifts request indices (new images) and Poisson arrivals")
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temporary directory)")
@@ -111,7 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     if len(plan.concurrency_levels) > 1:
         markdown += "\n\nConcurrency sweep:\n\n" + sweep_table(summaries)
     stem = args.results_dir / f"{timestamp()}-{'+'.join(plan.workloads)}-c{'_'.join(map(str, plan.concurrency_levels))}"
-    meta = {"servers": plan.servers, "workloads": plan.workloads, "levels": plan.concurrency_levels, **provenance(REPO_ROOT)}
+    meta = {
+        "servers": plan.servers,
+        "workloads": plan.workloads,
+        "levels": plan.concurrency_levels,
+        **provenance(REPO_ROOT),
+    }
     paths = write_results(stem, command=command, meta=meta, runs=runs, markdown=markdown)
     best = {id(b) for b, _ in best_runs(summaries)}
     for workload in plan.workloads:

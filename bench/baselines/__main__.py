@@ -32,7 +32,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model directory (default: vlserve's built-in tiny model)")
     args = parser.parse_args()
     config = ServerConfig(model=args.model)  # vlserve's defaults: same engine limits
-    loaded = load_model(args.model or ensure_tiny_model(), dtype=config.dtype, device=config.device, max_model_len=config.max_model_len)
+    loaded = load_model(
+        args.model or ensure_tiny_model(), dtype=config.dtype, device=config.device, max_model_len=config.max_model_len
+    )
     engine = AsyncioEngine.for_model(
         loaded, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
     )

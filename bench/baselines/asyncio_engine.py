@@ -78,7 +78,9 @@ class AsyncioEngine:
             )
 
     @contextlib.asynccontextmanager
-    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[AsyncIterator[list[SequenceUpdate]]]:
+    async def open_stream(
+        self, prompt: EnginePrompt, params: SamplingParams
+    ) -> AsyncIterator[AsyncIterator[list[SequenceUpdate]]]:
         """Submit a sequence; yield an iterator of its updates, in batches of whatever had
         arrived when the consumer asked (so a slow consumer gets fewer, larger batches).
 
@@ -123,4 +125,3 @@ class AsyncioEngine:
                 entry = self._queues.get(update.seq.seq_id)
                 if entry is not None:
                     entry[1].put_nowait(update)
-

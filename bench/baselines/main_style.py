@@ -34,7 +34,9 @@ class MainStylePreparer:
         self._loader = loader
         self._supports_images = loaded.supports_images
         self._preprocessor = (
-            ImagePreprocessor(loaded.image_processor, loaded.adapter.spatial_merge_size) if loaded.supports_images else None
+            ImagePreprocessor(loaded.image_processor, loaded.adapter.spatial_merge_size)
+            if loaded.supports_images
+            else None
         )
         self._image_token_id = self._tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if loaded.supports_images else None
         self.encoder_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
@@ -47,7 +49,9 @@ class MainStylePreparer:
         """
         parsed = parse_messages(messages, max_images=MAX_IMAGES, images_allowed=self._supports_images)
         loop = asyncio.get_running_loop()
-        images = await asyncio.gather(*(loop.run_in_executor(None, self._loader.load, r.url, r.param) for r in parsed.images))
+        images = await asyncio.gather(
+            *(loop.run_in_executor(None, self._loader.load, r.url, r.param) for r in parsed.images)
+        )
         features: list[ImageFeatures] = []
         if images:
             pixels = await self.encoder_call(self._preprocess, images)

@@ -49,7 +49,10 @@ def create_app(engine: AsyncioEngine, preparer: MainStylePreparer, model_name: s
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "bench"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "bench"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: ChatCompletionRequest):
@@ -61,7 +64,9 @@ def create_app(engine: AsyncioEngine, preparer: MainStylePreparer, model_name: s
             return error_response(exc)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if request.stream:
-            return StreamingResponse(_sse(engine, prompt, params, meta, request.include_usage), media_type="text/event-stream")
+            return StreamingResponse(
+                _sse(engine, prompt, params, meta, request.include_usage), media_type="text/event-stream"
+            )
         return JSONResponse(await _complete(engine, prompt, params, meta))
 
     return app
@@ -72,7 +77,11 @@ async def _sse(engine: AsyncioEngine, prompt: EnginePrompt, params: SamplingPara
     completion_tokens = 0
 
     def chunk(delta: dict, finish: str | None, usage: Any = None) -> str:
-        body = {**meta, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        body = {
+            **meta,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
         if include_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
@@ -86,8 +95,11 @@ async def _sse(engine: AsyncioEngine, prompt: EnginePrompt, params: SamplingPara
             if text or finish:
                 yield chunk({"content": text} if text else {}, finish)
     if include_usage:
-        usage = {"prompt_tokens": len(prompt.token_ids), "completion_tokens": completion_tokens,
-                 "total_tokens": len(prompt.token_ids) + completion_tokens}
+        usage = {
+            "prompt_tokens": len(prompt.token_ids),
+            "completion_tokens": completion_tokens,
+            "total_tokens": len(prompt.token_ids) + completion_tokens,
+        }
         body = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage}
         yield f"data: {json.dumps(body)}\n\n"
     yield "data: [DONE]\n\n"
@@ -106,5 +118,9 @@ async def _complete(engine: AsyncioEngine, prompt: EnginePrompt, params: Samplin
         **meta,
         "object": "chat.completion",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)}, "finish_reason": finish}],
-        "usage": {"prompt_tokens": len(prompt.token_ids), "completion_tokens": tokens, "total_tokens": len(prompt.token_ids) + tokens},
+        "usage": {
+            "prompt_tokens": len(prompt.token_ids),
+            "completion_tokens": tokens,
+            "total_tokens": len(prompt.token_ids) + tokens,
+        },
     }

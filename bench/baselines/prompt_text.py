@@ -28,7 +28,7 @@ def expand_image_tokens(token_ids: list[int], image_token_id: int, counts: list[
         )
     out: list[int] = []
     start = 0
-    for pos, count in zip(positions, counts):
+    for pos, count in zip(positions, counts, strict=True):
         out.extend(token_ids[start:pos])
         out.extend([image_token_id] * count)
         start = pos + 1

@@ -81,13 +81,14 @@ async def stop_process(process: trio.Process, stop_signal: int, timeout: float) 
         await process.wait()
 
 
-async def _wait_ready(process: trio.Process, ready: Callable[[], Awaitable[bool]], timeout: float, log_path: Path) -> None:
+async def _wait_ready(
+    process: trio.Process, ready: Callable[[], Awaitable[bool]], timeout: float, log_path: Path
+) -> None:
     with trio.move_on_after(timeout) as scope:
         while True:
             if process.poll() is not None:
-                raise ProcessStartError(
-                    f"{process.args!r} exited with status {process.returncode} before it was ready:\n{log_tail(log_path)}"
-                )
+                status = process.returncode
+                raise ProcessStartError(f"{process.args!r} exited ({status}) before ready:\n{log_tail(log_path)}")
             if await ready():
                 return
             await trio.sleep(POLL_INTERVAL)

@@ -9,8 +9,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-
-
 from bench.launch.process import free_port, managed_process
 from bench.launch.readiness import http_ready
 
@@ -40,14 +38,36 @@ def server_command(name: str, port: int, model: str | None = None) -> list[str]:
     """The command line that serves ``name`` on 127.0.0.1:``port``."""
     model_args = ["--model", model] if model else []
     if name == "vlserve":
-        return [vlserve_executable(), "serve", "--host", "127.0.0.1", "--port", str(port), "--allow-private-media-urls", *model_args]
+        return [
+            vlserve_executable(),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--allow-private-media-urls",
+            *model_args,
+        ]
     if name in ("pr-style", "main-style"):
-        return [sys.executable, "-m", "bench.baselines", "--layout", name, "--host", "127.0.0.1", "--port", str(port), *model_args]
+        return [
+            sys.executable,
+            "-m",
+            "bench.baselines",
+            "--layout",
+            name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *model_args,
+        ]
     raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
 
 
 @asynccontextmanager
-async def running_server(name: str, log_dir: Path, *, model: str | None = None, startup_timeout: float = 180.0) -> AsyncIterator[RunningServer]:
+async def running_server(
+    name: str, log_dir: Path, *, model: str | None = None, startup_timeout: float = 180.0
+) -> AsyncIterator[RunningServer]:
     """Serve ``name`` on a free loopback port until the block exits; yield it once ready.
 
     Stops it with SIGINT, then kills it by PID after 15 s. Cancellation: as
@@ -70,10 +90,22 @@ async def running_image_server(image_dir: Path, log_dir: Path, *, latency: float
     """Serve ``image_dir`` as ``/<index>.jpg`` with ``latency`` seconds per image; yield its URL."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "bench.workloads.image_server", "--dir", str(image_dir), "--port", str(port), "--latency", str(latency)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.workloads.image_server",
+        "--dir",
+        str(image_dir),
+        "--port",
+        str(port),
+        "--latency",
+        str(latency),
+    ]
     async with managed_process(
-        command, log_path=log_dir / f"image-server-{port}.log", ready=http_ready(base_url, paths=("/ping",)), startup_timeout=30.0, cwd=REPO_ROOT
+        command,
+        log_path=log_dir / f"image-server-{port}.log",
+        ready=http_ready(base_url, paths=("/ping",)),
+        startup_timeout=30.0,
+        cwd=REPO_ROOT,
     ):
         yield base_url
-
-

@@ -4,8 +4,9 @@
 
 Runs in its own process, so the load generator's own event loop and GIL never delay a
 probe: what it measures is the server. A probe that takes longer than the interval delays
-the next one (one connection, one probe at a time). Creates ``FILE`` with the suffix ``.started`` once the first
-probe is answered. Stops on SIGINT/SIGTERM or after ``--max-seconds`` and then writes ``{"samples": [[sent, latency, status], ...]}`` to
+the next one (one connection, one probe at a time). Creates ``FILE`` with the suffix
+``.started`` once the first probe is answered. Stops on SIGINT/SIGTERM or after
+``--max-seconds`` and then writes ``{"samples": [[sent, latency, status], ...]}`` to
 ``--out``: ``sent`` on the system-wide ``time.monotonic`` clock, ``latency`` in seconds,
 ``status`` the HTTP status or 0 for a transport error or timeout.
 """
@@ -74,7 +75,9 @@ class HealthConnection:
             await trio.aclose_forcefully(stream)
 
 
-async def probe(url: str, interval: float, samples: list[tuple[float, float, int]], started: Path | None = None) -> None:
+async def probe(
+    url: str, interval: float, samples: list[tuple[float, float, int]], started: Path | None = None
+) -> None:
     """Append one sample per probe to ``samples`` until cancelled; create the file
     ``started`` (if given) once the first probe has been answered.
 

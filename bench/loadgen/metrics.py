@@ -69,8 +69,12 @@ class Summary:
             ("Request throughput (req/s):", f"{self.request_throughput:.2f}"),
             ("Output token throughput (tok/s):", f"{self.output_throughput:.2f}"),
         ]
-        for title, key in (("Time to First Token", "ttft"), ("Time per Output Token (excl. 1st token)", "tpot"),
-                           ("Inter-token Latency", "itl"), ("End-to-end Latency", "e2el")):
+        for title, key in (
+            ("Time to First Token", "ttft"),
+            ("Time per Output Token (excl. 1st token)", "tpot"),
+            ("Inter-token Latency", "itl"),
+            ("End-to-end Latency", "e2el"),
+        ):
             rows.append((f"---{title}---", ""))
             for stat in ("mean", "median", "p99"):
                 label = stat.capitalize() if stat != "p99" else "P99"
@@ -79,7 +83,10 @@ class Summary:
         rows += [
             ("Probes (failed):", f"{self.health_probes} ({self.health_failures})"),
             ("Idle P50 (ms):", f"{self.health_idle_p50_ms:.2f}"),
-            ("P50 / P99 / Max (ms):", f"{self.health_p50_ms:.2f} / {self.health_p99_ms:.2f} / {self.health_max_ms:.2f}"),
+            (
+                "P50 / P99 / Max (ms):",
+                f"{self.health_p50_ms:.2f} / {self.health_p99_ms:.2f} / {self.health_max_ms:.2f}",
+            ),
             ("Peak RSS (MiB, before burst):", f"{self.peak_rss_mib:.0f} ({self.rss_before_mib:.0f})"),
             ("Other processes' CPU (% of machine):", f"{self.foreign_cpu_pct:.0f}"),
         ]
@@ -120,10 +127,18 @@ def summarise(run: LoadRun) -> Summary:
         request_throughput=len(ok) / duration,
         output_throughput=tokens / duration,
         total_output_tokens=tokens,
-        mean_ttft_ms=_ms(ttfts), median_ttft_ms=_ms(ttfts, 50), p99_ttft_ms=_ms(ttfts, 99),
-        mean_tpot_ms=_ms(tpots), median_tpot_ms=_ms(tpots, 50), p99_tpot_ms=_ms(tpots, 99),
-        mean_itl_ms=_ms(itls), median_itl_ms=_ms(itls, 50), p99_itl_ms=_ms(itls, 99),
-        mean_e2el_ms=_ms(e2es), median_e2el_ms=_ms(e2es, 50), p99_e2el_ms=_ms(e2es, 99),
+        mean_ttft_ms=_ms(ttfts),
+        median_ttft_ms=_ms(ttfts, 50),
+        p99_ttft_ms=_ms(ttfts, 99),
+        mean_tpot_ms=_ms(tpots),
+        median_tpot_ms=_ms(tpots, 50),
+        p99_tpot_ms=_ms(tpots, 99),
+        mean_itl_ms=_ms(itls),
+        median_itl_ms=_ms(itls, 50),
+        p99_itl_ms=_ms(itls, 99),
+        mean_e2el_ms=_ms(e2es),
+        median_e2el_ms=_ms(e2es, 50),
+        p99_e2el_ms=_ms(e2es, 99),
         health_probes=len(during),
         health_failures=sum(1 for s in during if s[2] != 200),
         health_idle_p50_ms=_ms(idle, 50),

@@ -36,7 +36,7 @@ class RequestResult:
     def itls(self) -> list[float]:
         """Gaps between consecutive output chunks."""
         times = self.chunk_times
-        return [b - a for a, b in zip(times, times[1:])]
+        return [b - a for a, b in zip(times, times[1:], strict=False)]
 
     @property
     def tpot(self) -> float | None:

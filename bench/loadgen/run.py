@@ -15,8 +15,8 @@ import httpx
 import trio
 
 from bench.launch.process import managed_process
-from bench.loadgen.cpu_account import CpuAccount
 from bench.launch.servers import REPO_ROOT
+from bench.loadgen.cpu_account import CpuAccount
 from bench.loadgen.drivers import closed_loop, poisson
 from bench.loadgen.options import LoadOptions
 from bench.loadgen.request_result import RequestResult
@@ -104,7 +104,9 @@ async def run_load(
     return run
 
 
-async def _send_all(client, body_for, kind_of, indices: list[int], options: LoadOptions, *, warmup: bool) -> list[RequestResult]:
+async def _send_all(
+    client, body_for, kind_of, indices: list[int], options: LoadOptions, *, warmup: bool
+) -> list[RequestResult]:
     bodies = await trio.to_thread.run_sync(lambda: {i: body_for(i) for i in indices})
     results: list[RequestResult] = []
 
@@ -131,7 +133,18 @@ async def _send_all(client, body_for, kind_of, indices: list[int], options: Load
 
 def _probe_command(base_url: str, options: LoadOptions, out: Path) -> list[str]:
     bound = options.max_seconds + options.grace_seconds + 600
-    return [sys.executable, "-m", "bench.loadgen.health_probe", base_url, "--out", str(out), "--interval", str(options.health_interval), "--max-seconds", str(bound)]
+    return [
+        sys.executable,
+        "-m",
+        "bench.loadgen.health_probe",
+        base_url,
+        "--out",
+        str(out),
+        "--interval",
+        str(options.health_interval),
+        "--max-seconds",
+        str(bound),
+    ]
 
 
 def _health_probe_process(base_url: str, options: LoadOptions, out: Path):

@@ -83,4 +83,3 @@ async def first_model_id(client: httpx.AsyncClient) -> str:
     response = await client.get("/v1/models")
     response.raise_for_status()
     return response.json()["data"][0]["id"]
-

@@ -23,7 +23,7 @@ def plot_health(runs: Sequence[LoadRun], path: Path, title: str) -> Path:
     started on x, probe latency (log scale, ms) on y, the issue's targets as dashed lines."""
     levels = sorted({run.options.concurrency for run in runs})
     fig, axes = plt.subplots(len(levels), 1, figsize=(10, 3.2 * len(levels)), squeeze=False, sharex=False)
-    for axis, level in zip(axes[:, 0], levels):
+    for axis, level in zip(axes[:, 0], levels, strict=True):
         for run in (r for r in runs if r.options.concurrency == level):
             samples = burst_health(run)
             xs = [s[0] - run.burst_started for s in samples]

@@ -36,7 +36,9 @@ def run_record(run: LoadRun, summary: Summary) -> dict:
     }
 
 
-def write_results(stem: Path, *, command: str, meta: dict, runs: Sequence[tuple[LoadRun, Summary]], markdown: str) -> list[Path]:
+def write_results(
+    stem: Path, *, command: str, meta: dict, runs: Sequence[tuple[LoadRun, Summary]], markdown: str
+) -> list[Path]:
     """Write ``stem.json`` and ``stem.md``; return their paths."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     data = {"command": command, **meta, "runs": [run_record(run, summary) for run, summary in runs]}

@@ -54,10 +54,11 @@ def comparison_table(summaries: Sequence[Summary]) -> str:
     ]
     for s, runs in rows:
         ref = reference.get((s.workload, s.concurrency))
+        ref_rps = ref.request_throughput if ref else None
         lines.append(
             f"| {s.workload} | {s.concurrency} | {s.server} | {s.successful} / {s.failed + s.cut_off}"
-            f" | {_num(s.request_throughput, 2)} | {_ratio(s.request_throughput, ref.request_throughput if ref else None)}"
-            f" | {_all_runs(runs)} | {_num(s.output_throughput, 0)} | {_num(s.mean_ttft_ms, 0)} | {_num(s.p99_ttft_ms, 0)}"
+            f" | {_num(s.request_throughput, 2)} | {_ratio(s.request_throughput, ref_rps)} | {_all_runs(runs)}"
+            f" | {_num(s.output_throughput, 0)} | {_num(s.mean_ttft_ms, 0)} | {_num(s.p99_ttft_ms, 0)}"
             f" | {_num(s.mean_tpot_ms, 1)} | {_num(s.p99_itl_ms, 0)} | {_num(s.median_e2el_ms, 0)}"
             f" | {_num(s.health_p50_ms, 1)} | {_num(s.health_p99_ms, 1)} | {_num(s.health_max_ms, 1)}"
             f" | {_ratio(s.health_p99_ms, ref.health_p99_ms if ref else None)} | {_num(s.peak_rss_mib, 0)}"

@@ -56,7 +56,10 @@ async def serve_connection(stream: trio.SocketStream, *, files: ImageFiles, late
             if target is None:
                 return
             status, body = await _answer(target, files, latency)
-            headers = [("Content-Type", "image/jpeg" if status == 200 else "text/plain"), ("Content-Length", str(len(body)))]
+            headers = [
+                ("Content-Type", "image/jpeg" if status == 200 else "text/plain"),
+                ("Content-Length", str(len(body))),
+            ]
             for event in (h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
                 await stream.send_all(connection.send(event))
             if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:

@@ -31,7 +31,13 @@ SERVERS = ("vlserve", "pr-style")
 
 async def test_every_workload_runs_against_vlserve_and_a_baseline(tmp_path, tiny_model_dir):
     options = LoadOptions(
-        concurrency=2, num_requests=3, warmup=1, max_tokens=4, max_seconds=30.0, grace_seconds=30.0, idle_probe_seconds=0.2
+        concurrency=2,
+        num_requests=3,
+        warmup=1,
+        max_tokens=4,
+        max_seconds=30.0,
+        grace_seconds=30.0,
+        idle_probe_seconds=0.2,
     )
     plan = BenchmarkPlan(
         servers=SERVERS,
