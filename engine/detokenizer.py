@@ -13,9 +13,17 @@ from tokenizers.decoders import DecodeStream
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: tuple[str, ...],
+        skip_special_tokens: bool = True,
+        prompt_tail: list[int] | None = None,
+    ) -> None:
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        # Primed with the prompt's last tokens, so tokenizers that mark word starts
+        # (Metaspace: Llama, Mistral) decode the first generated token's leading space.
+        self._stream = DecodeStream(ids=list(prompt_tail or []) or None, skip_special_tokens=skip_special_tokens)
         self._stop = stop
         self._max_stop = max((len(s) for s in stop), default=0)
         self._text = ""

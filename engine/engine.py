@@ -58,6 +58,7 @@ class Engine:
         self._last_step_seconds = 0.0
         self._last_progress = time.monotonic()
         self._loop_alive = False
+        self._closing = False
 
     @classmethod
     @asynccontextmanager
@@ -75,8 +76,9 @@ class Engine:
             try:
                 yield engine
             finally:
+                engine._closing = True
                 nursery.cancel_scope.cancel()
-                engine._abort_all()
+                engine._abort_all("the engine stopped before this request finished")
 
     @property
     def max_model_len(self) -> int:
@@ -91,7 +93,7 @@ class Engine:
         and frees its cache at the start of the next step.
         """
         self._check_lengths(prompt, params)
-        if not self._loop_alive:
+        if not self._loop_alive or self._closing:
             raise RuntimeError("the engine is not running")
         seq = Sequence(self._ids.next(), prompt, params)
         stream = RequestStream(seq)
@@ -145,6 +147,7 @@ class Engine:
                 self._deliver(report)
         finally:
             self._loop_alive = False
+            self._abort_all("the engine's step loop stopped")
 
     def _deliver(self, report: StepReport) -> None:
         self._steps += 1
@@ -157,9 +160,11 @@ class Engine:
             if stream is not None:
                 stream.push(update)
 
-    def _abort_all(self) -> None:
+    def _abort_all(self, reason: str) -> None:
+        """End every open stream with ``abort`` and an error (the request did not finish)."""
         for stream in list(self._streams.values()):
             self._scheduler.abort(stream.seq)
+            stream.seq.error = stream.seq.error or reason
             stream.finish("abort")
 
     def is_healthy(self) -> bool:

@@ -20,6 +20,9 @@ from engine.scheduler import StepPlan
 from engine.sequence import Sequence, SequenceStatus
 
 
+PROMPT_TAIL_TOKENS = 4
+
+
 @dataclass(frozen=True)
 class SequenceUpdate:
     seq: Sequence
@@ -63,6 +66,20 @@ class EngineCore:
         self._states: dict[int, _SeqState] = {}
 
     def execute(self, plan: StepPlan) -> StepReport:
+        """Run one step (see ``_execute``). Never raises for a step's own failure: as a
+        last resort every sequence in the plan is failed and the batch cache is reset."""
+        try:
+            return self._execute(plan)
+        except Exception as exc:
+            report = StepReport()
+            everyone = plan.decoding + plan.joining
+            self.runner.reset()
+            for seq in plan.leaving + everyone:
+                self._states.pop(seq.seq_id, None)
+            report.updates = [self._fail(seq, exc) for seq in everyone]
+            return report
+
+    def _execute(self, plan: StepPlan) -> StepReport:
         """Drop leaving rows, decode the running ones, prefill the joining ones.
 
         If a forward raises, the sequences of that forward (the decoding rows, or the
@@ -81,23 +98,36 @@ class EngineCore:
                 self._append(plan.decoding, logits, report)
             except Exception as exc:  # a failed forward fails its rows, not the engine
                 self._fail_all(plan.decoding, exc, report)
-        if plan.joining:
-            for seq in plan.joining:
-                self._states[seq.seq_id] = self._new_state(seq)
+        joining = self._admit(plan.joining, report)
+        if joining:
             try:
-                logits = self.runner.prefill(plan.joining)
-                report.prefill_tokens = sum(s.prompt_len for s in plan.joining)
-                self._append(plan.joining, logits, report)
+                logits = self.runner.prefill(joining)
+                report.prefill_tokens = sum(s.prompt_len for s in joining)
+                self._append(joining, logits, report)
             except Exception as exc:
-                self._fail_all(plan.joining, exc, report)
+                self._fail_all(joining, exc, report)
         report.seconds = time.perf_counter() - started
         return report
+
+    def _admit(self, seqs: list[Sequence], report: StepReport) -> list[Sequence]:
+        """Set up per-sequence state; a sequence whose setup fails is failed alone."""
+        admitted = []
+        for seq in seqs:
+            try:
+                self._states[seq.seq_id] = self._new_state(seq)
+            except Exception as exc:
+                report.updates.append(self._fail(seq, exc))
+            else:
+                admitted.append(seq)
+        return admitted
 
     def _new_state(self, seq: Sequence) -> _SeqState:
         p = seq.params
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
         return _SeqState(
-            detokenizer=IncrementalDetokenizer(self.tokenizer, p.stop, p.skip_special_tokens),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, p.stop, p.skip_special_tokens, seq.prompt.token_ids[-PROMPT_TAIL_TOKENS:]
+            ),
             generator=self.sampler.new_generator(p),
             stop_ids=stop_ids,
         )

@@ -123,7 +123,7 @@ class Qwen2VLAdapter(CausalLMAdapter):
         merged = out.pooler_output if hasattr(out, "pooler_output") else out
         sizes = [self.tokens_per_image(g) for g in grids]
         return [
-            ImageFeatures(embeddings=chunk, grid_thw=tuple(g))
+            ImageFeatures(embeddings=chunk.clone(), grid_thw=tuple(g))  # own storage, not a view
             for chunk, g in zip(torch.split(merged, sizes), grids)
         ]
 

@@ -29,10 +29,15 @@ class ModelRunner:
 
     def cache_tokens(self) -> int:
         """Cache slots held (rows x padded length)."""
-        return 0 if self._mask is None else int(self._mask.numel())
+        mask = self._mask  # read once: the step thread may replace it meanwhile
+        return 0 if mask is None else int(mask.numel())
 
     def cache_bytes(self) -> int:
         return cache_nbytes(self._cache)
+
+    def reset(self) -> None:
+        """Forget every row and the whole cache (after an unexpected failure)."""
+        self._cache, self._mask, self._rows, self._next_pos = None, None, [], []
 
     @torch.inference_mode()
     def drop(self, leaving: list[Sequence]) -> None:

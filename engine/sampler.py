@@ -1,7 +1,7 @@
 """Turn a batch of logits into one token per row, each row under its own SamplingParams.
 
 Order (vLLM's): penalties (repetition over prompt+output, frequency and presence over
-output), then temperature, top-k, top-p, min-p, then sampling. Greedy rows take the
+output), then temperature, min-p, top-k, top-p, then sampling. Greedy rows take the
 argmax of the penalised logits. A seeded row draws from its own ``torch.Generator``, and
 draws the same amount of randomness per step whatever its batch mates, so a seed
 reproduces its output in any batch. Logprobs come from the model's raw distribution.
@@ -33,7 +33,7 @@ class Sampler:
 
     def new_generator(self, params: SamplingParams) -> torch.Generator | None:
         """A private generator for a seeded sequence, else ``None`` (use the shared one)."""
-        if params.seed is None:
+        if params.seed is None or params.greedy:
             return None
         return torch.Generator().manual_seed(params.seed)
 
@@ -95,27 +95,28 @@ def _apply_penalties(row: torch.Tensor, p: SamplingParams, prompt_ids: list[int]
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Probabilities after temperature, top-k, top-p and min-p, row by row."""
+    """Probabilities after temperature, min-p, top-k and top-p, each row under its own
+    parameters (a filter a row did not ask for never touches it)."""
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
     logits = logits / temps
     vocab = logits.shape[1]
+    min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype).unsqueeze(1)
+    if bool((min_p > 0).any()):
+        probs = torch.softmax(logits, dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if any(k < vocab for k in top_k):
-        kth = torch.stack(
-            [torch.topk(logits[i], k).values[-1] for i, k in enumerate(top_k)]
-        ).unsqueeze(1)
+        kth = torch.stack([torch.topk(logits[i], k).values[-1] for i, k in enumerate(top_k)]).unsqueeze(1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype).unsqueeze(1)
     if bool((top_p < 1).any()):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        drop_sorted = (cumulative - sorted_probs) >= top_p  # keep at least the first token
+        # keep the smallest prefix whose mass reaches top_p (at least one token); rows
+        # with top_p == 1 keep everything, whatever float rounding does to the cumsum
+        drop_sorted = ((cumulative - sorted_probs) >= top_p) & (top_p < 1)
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype).unsqueeze(1)
-    if bool((min_p > 0).any()):
-        threshold = probs.max(dim=-1, keepdim=True).values * min_p
-        probs = probs.masked_fill(probs < threshold, 0.0)
-    return probs
+    return torch.softmax(logits, dim=-1)

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from vl.errors import InvalidRequest
 
 MAX_TOP_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy (as in vLLM)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """What one sequence asks of the sampler and the stop checker.
 
-    ``temperature == 0`` means greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0``
+    ``temperature`` below 1e-5 means greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0``
     disable those filters. ``logprobs`` is ``None`` for no logprobs, else the number of top
     alternatives (0..20) returned beside each sampled token's own logprob.
     """
@@ -47,6 +48,9 @@ class SamplingParams:
             f"must be between 0 and {MAX_TOP_LOGPROBS}",
         )
         self._check(all(s for s in self.stop), "stop", "stop strings must be non-empty")
+        self._check(
+            self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits"
+        )
 
     @staticmethod
     def _check(ok: bool, param: str, message: str) -> None:
@@ -55,7 +59,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def needs_penalties(self) -> bool:

@@ -35,6 +35,14 @@ class VisionEncoderStatistics:
     forward_running: bool
 
 
+class EncoderFailed(RuntimeError):
+    """The batch this image was in could not be encoded (a server-side failure)."""
+
+
+class EncoderClosed(EncoderFailed):
+    """The encoder stopped before this image was encoded."""
+
+
 class _Job:
     __slots__ = ("pixels", "done", "result", "error", "abandoned")
 
@@ -68,6 +76,7 @@ class VisionEncoder:
         self._largest = 0
         self._last = 0
         self._running = False
+        self._closed = False
 
     @classmethod
     @asynccontextmanager
@@ -81,6 +90,7 @@ class VisionEncoder:
                 yield encoder
             finally:
                 nursery.cancel_scope.cancel()
+                encoder._close()
 
     async def encode(self, pixels: PixelInputs) -> ImageFeatures:
         """Encode one image as part of some batch and return its features.
@@ -88,9 +98,16 @@ class VisionEncoder:
         Cancellation: while queued, the job is marked abandoned and will never run;
         while its batch runs, the batch completes for everyone else and this result is
         dropped. Either way this call raises ``Cancelled`` promptly.
+        Raises ``EncoderFailed`` if its batch failed, ``EncoderClosed`` if the encoder
+        stopped first (queued jobs are failed when the encoder closes, never left waiting).
         """
+        if self._closed:
+            raise EncoderClosed("the vision encoder has stopped")
         job = _Job(pixels)
-        await self._send.send(job)
+        try:
+            await self._send.send(job)
+        except trio.ClosedResourceError:
+            raise EncoderClosed("the vision encoder has stopped") from None
         try:
             await job.done.wait()
         finally:
@@ -110,10 +127,11 @@ class VisionEncoder:
                 with trio.CancelScope(shield=True):
                     try:
                         results = await trio.to_thread.run_sync(self._forward, batch, limiter=self._device_gate)
+                        if len(results) != len(batch):
+                            raise RuntimeError(f"encoder returned {len(results)} results for {len(batch)} images")
                     except Exception as exc:  # a failed forward fails its jobs, not the encoder
-                        for job in batch:
-                            job.error = exc
-                            job.done.set()
+                        message = f"vision encoding failed: {type(exc).__name__}: {exc}"
+                        self._fail(batch, lambda: EncoderFailed(message))
                         continue
             finally:
                 self._running = False
@@ -148,6 +166,26 @@ class VisionEncoder:
             except trio.WouldBlock:
                 candidate = None
         return batch
+
+    @staticmethod
+    def _fail(jobs: list[_Job], make_error: Callable[[], EncoderFailed]) -> None:
+        """Finish ``jobs`` with an error each (a fresh instance per job)."""
+        for job in jobs:
+            job.error = make_error()
+            job.done.set()
+
+    def _close(self) -> None:
+        """Fail every job still queued: nobody will run them now. Synchronous, on exit."""
+        self._closed = True
+        pending = [self._held_over] if self._held_over else []
+        self._held_over = None
+        while True:
+            try:
+                pending.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        self._fail(pending, lambda: EncoderClosed("the vision encoder has stopped"))
+        self._send.close()
 
     def _forward(self, batch: list[_Job]) -> list[ImageFeatures]:
         pixel_values = torch.cat([job.pixels.pixel_values for job in batch])

@@ -72,9 +72,10 @@ async def test_max_tokens_ends_with_length(tiny_model):
 
 
 async def test_seed_reproduces_whatever_the_batch_mates(tiny_model):
-    """The same seed gives the same tokens alone and inside a busy batch."""
+    """The same seed gives the same tokens alone and inside a busy batch whose other rows
+    use filters (top-p, top-k, min-p) the seeded row did not ask for."""
     prompt, _ = chat_prompt(tiny_model, "tell me about the red car")
-    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True)
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=42, ignore_eos=True)
     async with open_engine(tiny_model) as engine:
         alone = await run_stream(engine, prompt, params)
         together = {}
@@ -85,8 +86,8 @@ async def test_seed_reproduces_whatever_the_batch_mates(tiny_model):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run, "seeded", params)
             for k in range(4):
-                nursery.start_soon(run, k, SamplingParams(max_tokens=25, temperature=1.0, ignore_eos=True))
-        other_seed = await run_stream(engine, prompt, SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True))
+                nursery.start_soon(run, k, SamplingParams(max_tokens=25, temperature=0.7, top_p=0.5, top_k=20, min_p=0.05, ignore_eos=True))
+        other_seed = await run_stream(engine, prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True))
 
     def ids(deltas):
         return [t for d in deltas for t in d.token_ids]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 import torch
 import trio
 import trio.testing
@@ -127,3 +129,67 @@ async def test_batches_respect_size_and_patch_budget():
     assert all(len(b) <= 3 for b in fake.batches)
     assert all(sum(t * 4 for t in b) <= 12 or len(b) == 1 for b in fake.batches)
     assert sorted(t for b in fake.batches for t in b) == [1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_closing_encoder_fails_queued_jobs_instead_of_leaving_them_waiting():
+    """Invariant: when the encoder stops, every image still queued gets ``EncoderClosed``
+    (nobody waits forever), and later requests are refused at once."""
+    from vl.vision_encoder import EncoderClosed
+
+    fake = BlockingForward()
+    gate = trio.CapacityLimiter(1)
+    holder = object()
+    await gate.acquire_on_behalf_of(holder)  # the first batch waits for the device forever
+    outcomes = []
+    async with trio.open_nursery() as nursery:
+
+        async def request(tag):
+            try:
+                await encoder.encode(pixels(tag))
+                outcomes.append("ok")
+            except EncoderClosed:
+                outcomes.append("closed")
+
+        async def release_once_queued_jobs_failed():
+            while outcomes.count("closed") < 2:
+                await trio.sleep(0.01)
+            gate.release_on_behalf_of(holder)
+            fake.release_all()
+
+        try:
+            async with VisionEncoder.open(fake, gate) as encoder:
+                nursery.start_soon(request, 1)
+                await trio.testing.wait_all_tasks_blocked()  # batch [1] formed, waits for the device
+                for tag in (2, 3):
+                    nursery.start_soon(request, tag)
+                await trio.testing.wait_all_tasks_blocked()  # 2 and 3 queued behind it
+                nursery.start_soon(release_once_queued_jobs_failed)
+        finally:
+            fake.release_all()
+    # the batch already formed (shielded) still completes; the two queued jobs were failed
+    assert sorted(outcomes) == ["closed", "closed", "ok"]
+    with pytest.raises(EncoderClosed):
+        await encoder.encode(pixels(4))
+
+
+async def test_failed_forward_fails_each_job_with_its_own_error():
+    from vl.vision_encoder import EncoderFailed
+
+    def broken(pixel_values, grids):
+        raise ValueError("bad patch")
+
+    gate = trio.CapacityLimiter(1)
+    errors = []
+    async with VisionEncoder.open(broken, gate) as encoder:
+        async with trio.open_nursery() as nursery:
+
+            async def request(tag):
+                try:
+                    await encoder.encode(pixels(tag))
+                except EncoderFailed as exc:
+                    errors.append(exc)
+
+            for tag in (1, 2):
+                nursery.start_soon(request, tag)
+    assert len(errors) == 2 and errors[0] is not errors[1]
+    assert "bad patch" in str(errors[0])
