@@ -100,14 +100,27 @@ class EngineCore:
                 self._fail_all(plan.decoding, exc, report)
         joining = self._admit(plan.joining, report)
         if joining:
-            try:
-                logits = self.runner.prefill(joining)
-                report.prefill_tokens = sum(s.prompt_len for s in joining)
-                self._append(joining, logits, report)
-            except Exception as exc:
-                self._fail_all(joining, exc, report)
+            self._prefill(joining, report)
         report.seconds = time.perf_counter() - started
         return report
+
+    def _prefill(self, joining: list[Sequence], report: StepReport) -> None:
+        """Prefill the joining sequences together; if that fails, retry each alone so one
+        bad prompt fails only itself."""
+        try:
+            logits = self.runner.prefill(joining)
+            report.prefill_tokens += sum(s.prompt_len for s in joining)
+            self._append(joining, logits, report)
+        except Exception as exc:
+            self._fail_all(joining, exc, report)
+            if len(joining) == 1:
+                return
+            for seq in joining:
+                report.updates = [u for u in report.updates if u.seq is not seq]
+                seq.status, seq.finish_reason, seq.error = SequenceStatus.RUNNING, None, None
+                seq.output_ids.clear()
+                self._states[seq.seq_id] = self._new_state(seq)
+                self._prefill([seq], report)
 
     def _admit(self, seqs: list[Sequence], report: StepReport) -> list[Sequence]:
         """Set up per-sequence state; a sequence whose setup fails is failed alone."""

@@ -120,28 +120,36 @@ class VisionEncoder:
     async def _batch_loop(self) -> None:
         while True:
             batch = await self._next_batch()
-            if not batch:
-                continue
-            self._running = True
-            try:
+            if batch:
                 with trio.CancelScope(shield=True):
-                    try:
-                        results = await trio.to_thread.run_sync(self._forward, batch, limiter=self._device_gate)
-                        if len(results) != len(batch):
-                            raise RuntimeError(f"encoder returned {len(results)} results for {len(batch)} images")
-                    except Exception as exc:  # a failed forward fails its jobs, not the encoder
-                        message = f"vision encoding failed: {type(exc).__name__}: {exc}"
-                        self._fail(batch, lambda: EncoderFailed(message))
-                        continue
-            finally:
-                self._running = False
-            self._batches += 1
-            self._last = len(batch)
-            self._largest = max(self._largest, len(batch))
-            for job, features in zip(batch, results):
-                job.result = features
-                self._encoded += 1
-                job.done.set()
+                    await self._encode_batch(batch, retry_alone=True)
+
+    async def _encode_batch(self, batch: list[_Job], *, retry_alone: bool) -> None:
+        """Run one forward for ``batch`` and finish its jobs. If a batch of several fails,
+        each image is retried alone, so one bad image fails only its own request.
+        Called shielded: the batch belongs to the encoder, not to any requester."""
+        self._running = True
+        try:
+            results = await trio.to_thread.run_sync(self._forward, batch, limiter=self._device_gate)
+            if len(results) != len(batch):
+                raise RuntimeError(f"encoder returned {len(results)} results for {len(batch)} images")
+        except Exception as exc:
+            if retry_alone and len(batch) > 1:
+                for job in batch:
+                    await self._encode_batch([job], retry_alone=False)
+                return
+            message = f"vision encoding failed: {type(exc).__name__}: {exc}"
+            self._fail(batch, lambda: EncoderFailed(message))
+            return
+        finally:
+            self._running = False
+        self._batches += 1
+        self._last = len(batch)
+        self._largest = max(self._largest, len(batch))
+        for job, features in zip(batch, results):
+            job.result = features
+            self._encoded += 1
+            job.done.set()
 
     async def _next_batch(self) -> list[_Job]:
         """Wait for one job, then take whatever else is queued, up to the batch limits."""

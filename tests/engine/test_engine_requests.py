@@ -179,3 +179,33 @@ async def test_stop_token_ids_end_generation_without_their_text(tiny_model):
     assert stopped[-1].finish_reason == "stop"
     expected_text = tiny_model.tokenizer.decode(ids[:first], skip_special_tokens=True)
     assert "".join(d.text for d in stopped) == expected_text
+
+
+async def test_one_failing_prompt_does_not_fail_its_prefill_mates(tiny_model, monkeypatch):
+    """A prompt whose prefill raises fails alone; prompts prefilled in the same step still
+    get the output they get alone."""
+    good, _ = chat_prompt(tiny_model, "hello world")
+    bad, _ = chat_prompt(tiny_model, "the poisoned prompt")
+    adapter = tiny_model.adapter
+    real_embed = adapter.embed_prompt
+
+    def embed(prompt, device):
+        if prompt.token_ids == bad.token_ids:
+            raise RuntimeError("cannot embed this one")
+        return real_embed(prompt, device)
+
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    async with open_engine(tiny_model) as engine:
+        expected = await run_stream(engine, good, params)
+        monkeypatch.setattr(adapter, "embed_prompt", embed)
+        results = {}
+        async with trio.open_nursery() as nursery:
+
+            async def run(name, prompt):
+                results[name] = await run_stream(engine, prompt, params)
+
+            nursery.start_soon(run, "good", good)
+            nursery.start_soon(run, "bad", bad)
+        await wait_until_idle(engine)
+    assert results["bad"][-1].finish_reason == "abort"
+    assert [t for d in results["good"] for t in d.token_ids] == [t for d in expected for t in d.token_ids]

@@ -193,3 +193,38 @@ async def test_failed_forward_fails_each_job_with_its_own_error():
                 nursery.start_soon(request, tag)
     assert len(errors) == 2 and errors[0] is not errors[1]
     assert "bad patch" in str(errors[0])
+
+
+async def test_one_bad_image_fails_only_its_own_request():
+    """A batch that fails is retried image by image: the bad image's request fails, the
+    others get their features."""
+    from vl.vision_encoder import EncoderFailed
+
+    seen = []
+
+    def picky(pixel_values, grids):
+        seen.append([g[0] for g in grids])
+        if any(g[0] == 2 for g in grids):
+            raise ValueError("image 2 is poison")
+        return [ImageFeatures(pixel_values[:1].clone(), tuple(g)) for g in grids]
+
+    gate = trio.CapacityLimiter(1)
+    holder = object()
+    await gate.acquire_on_behalf_of(holder)
+    outcomes = {}
+    async with VisionEncoder.open(picky, gate) as encoder:
+        async with trio.open_nursery() as nursery:
+
+            async def request(tag):
+                try:
+                    await encoder.encode(pixels(tag))
+                    outcomes[tag] = "ok"
+                except EncoderFailed:
+                    outcomes[tag] = "failed"
+
+            for tag in (1, 2, 3):
+                nursery.start_soon(request, tag)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.release_on_behalf_of(holder)
+    assert outcomes == {1: "ok", 2: "failed", 3: "ok"}
+    assert any(len(b) > 1 for b in seen)  # they really were batched first
