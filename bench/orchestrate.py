@@ -43,6 +43,7 @@ class BenchmarkPlan:
     model: str | None = None
     first_index: int = 0
     repeats: int = 1
+    vlserve_args: tuple[str, ...] = ()
     quiet_threshold: float = 0.15
     quiet_wait: float = 0.0
 
@@ -88,7 +89,8 @@ async def run_benchmark(plan: BenchmarkPlan, progress: Progress | None = None) -
             )
         for repeat in range(plan.repeats):
             for name in _rotated(plan.servers, repeat):
-                async with running_server(name, plan.log_dir, model=plan.model) as server:
+                extra = plan.vlserve_args if name == "vlserve" else ()
+                async with running_server(name, plan.log_dir, model=plan.model, extra_args=extra) as server:
                     async with httpx.AsyncClient(base_url=server.base_url, timeout=30.0) as client:
                         model_id = await first_model_id(client)
                     for workload_name in plan.workloads:

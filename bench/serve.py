@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-latency", type=float, default=0.05, help="seconds the image server waits per image")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--image-dir", type=Path, default=None, help="image cache (default: ~/.cache/vlserve-bench)")
+    parser.add_argument(
+        "--vlserve-args",
+        type=shlex.split,
+        default=(),
+        help="extra flags for 'vlserve serve', e.g. '--switch-interval 0.005'",
+    )
     parser.add_argument("--model", default=None, help="model directory for every server (default: the tiny model)")
     parser.add_argument(
         "--repeats",
@@ -110,6 +116,7 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
         model=args.model,
         first_index=args.seed * 100_000,
         repeats=args.repeats,
+        vlserve_args=tuple(args.vlserve_args),
         quiet_threshold=args.quiet_threshold,
         quiet_wait=args.quiet_wait,
     )

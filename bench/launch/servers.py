@@ -34,9 +34,9 @@ def vlserve_executable() -> str:
     return found
 
 
-def server_command(name: str, port: int, model: str | None = None) -> list[str]:
-    """The command line that serves ``name`` on 127.0.0.1:``port``."""
-    model_args = ["--model", model] if model else []
+def server_command(name: str, port: int, model: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """The command line that serves ``name`` on 127.0.0.1:``port``, ``extra`` appended."""
+    model_args = ["--model", model, *extra] if model else list(extra)
     if name == "vlserve":
         return [
             vlserve_executable(),
@@ -66,7 +66,12 @@ def server_command(name: str, port: int, model: str | None = None) -> list[str]:
 
 @asynccontextmanager
 async def running_server(
-    name: str, log_dir: Path, *, model: str | None = None, startup_timeout: float = 180.0
+    name: str,
+    log_dir: Path,
+    *,
+    model: str | None = None,
+    extra_args: tuple[str, ...] = (),
+    startup_timeout: float = 180.0,
 ) -> AsyncIterator[RunningServer]:
     """Serve ``name`` on a free loopback port until the block exits; yield it once ready.
 
@@ -76,7 +81,7 @@ async def running_server(
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     async with managed_process(
-        server_command(name, port, model),
+        server_command(name, port, model, extra_args),
         log_path=log_dir / f"{name}-{port}.log",
         ready=http_ready(base_url),
         startup_timeout=startup_timeout,
