@@ -85,6 +85,8 @@ class AsyncioEngine:
         arrived when the consumer asked (so a slow consumer gets fewer, larger batches).
 
         Leaving the block before the final update aborts the sequence (as vlserve does).
+        Cancellation (asyncio): the consumer's ``CancelledError`` leaves the block, which
+        aborts the sequence; a running one leaves the batch at the next step.
         """
         seq = Sequence(self._ids.next(), prompt, params)
         queue: asyncio.Queue[SequenceUpdate] = asyncio.Queue(maxsize=params.max_tokens + 2)

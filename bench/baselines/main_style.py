@@ -65,15 +65,19 @@ class MainStylePreparer:
     # The three places where the layouts differ -------------------------------------------
 
     async def encoder_call(self, fn: Callable[..., T], *args) -> T:
-        """Vision work: straight into the one-thread encoder executor."""
+        """Vision work: straight into the one-thread encoder executor.
+
+        Cancellation: the caller gets ``CancelledError`` at once; the submitted work still
+        runs (an executor cannot stop it) and holds the executor until it ends.
+        """
         return await asyncio.get_running_loop().run_in_executor(self.encoder_executor, fn, *args)
 
     async def prompt_call(self, fn: Callable[..., T], *args) -> T:
-        """Prompt work: on the event loop."""
+        """Prompt work: on the event loop (blocks it; nothing to cancel)."""
         return fn(*args)
 
     async def wrap_call(self, fn: Callable[..., T], *args) -> T:
-        """Wrapping the prompt for the engine: on the event loop."""
+        """Wrapping the prompt for the engine: on the event loop (blocks it; nothing to cancel)."""
         return fn(*args)
 
     # Executor functions ------------------------------------------------------------------

@@ -27,10 +27,13 @@ class PrStylePreparer(MainStylePreparer):
         self._encoder_lock = asyncio.Lock()
 
     async def encoder_call(self, fn: Callable[..., T], *args) -> T:
+        """Vision work in the encoder executor under the encoder lock (cancellation: ``run_gated``)."""
         return await run_gated(self._encoder_lock, self.encoder_executor, fn, *args)
 
     async def prompt_call(self, fn: Callable[..., T], *args) -> T:
+        """Prompt work in the default executor under the prompt lock (cancellation: ``run_gated``)."""
         return await run_gated(self._prompt_lock, None, fn, *args)
 
     async def wrap_call(self, fn: Callable[..., T], *args) -> T:
+        """Prompt wrapping in the encoder executor under the encoder lock, as the PR moved it."""
         return await run_gated(self._encoder_lock, self.encoder_executor, fn, *args)

@@ -68,7 +68,11 @@ async def managed_process(
 
 
 async def stop_process(process: trio.Process, stop_signal: int, timeout: float) -> None:
-    """Signal ``process`` and wait up to ``timeout`` seconds, then kill it and reap it."""
+    """Signal ``process`` and wait up to ``timeout`` seconds, then kill it and reap it.
+
+    Cancellation: callers run it in a shielded scope (``managed_process`` does), so the
+    process is always reaped.
+    """
     if process.returncode is None:
         try:
             process.send_signal(stop_signal)

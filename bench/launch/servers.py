@@ -92,7 +92,10 @@ async def running_server(
 
 @asynccontextmanager
 async def running_image_server(image_dir: Path, log_dir: Path, *, latency: float) -> AsyncIterator[str]:
-    """Serve ``image_dir`` as ``/<index>.jpg`` with ``latency`` seconds per image; yield its URL."""
+    """Serve ``image_dir`` as ``/<index>.jpg`` with ``latency`` seconds per image; yield its URL.
+
+    Cancellation: as ``managed_process``: the image server is always stopped.
+    """
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     command = [

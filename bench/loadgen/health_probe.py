@@ -108,7 +108,8 @@ async def probe(
 
 async def run(url: str, interval: float, max_seconds: float, out: Path) -> None:
     """Probe until SIGINT/SIGTERM or ``max_seconds``, then write ``out`` (and, from the first
-    answered probe on, ``out`` with the suffix ``.started``)."""
+    answered probe on, ``out`` with the suffix ``.started``). Cancellation: not expected
+    (it is the process's main task); the samples so far would be lost."""
     samples: list[tuple[float, float, int]] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         with trio.move_on_after(max_seconds):

@@ -79,7 +79,10 @@ def _take_chunk(chunk: dict, result: RequestResult, now: float) -> None:
 
 
 async def first_model_id(client: httpx.AsyncClient) -> str:
-    """The first model id ``GET /v1/models`` lists. Raises ``httpx.HTTPError`` on failure."""
+    """The first model id ``GET /v1/models`` lists. Raises ``httpx.HTTPError`` on failure.
+
+    Cancellation: safe; the request is abandoned.
+    """
     response = await client.get("/v1/models")
     response.raise_for_status()
     return response.json()["data"][0]["id"]

@@ -48,7 +48,10 @@ class ImageFiles:
 
 
 async def serve_connection(stream: trio.SocketStream, *, files: ImageFiles, latency: float) -> None:
-    """Answer requests on one keep-alive connection until the client closes it."""
+    """Answer requests on one keep-alive connection until the client closes it.
+
+    Cancellation (server shutdown): the connection is closed at once.
+    """
     connection = h11.Connection(h11.SERVER)
     try:
         while True:
@@ -98,7 +101,10 @@ async def _next_request(stream: trio.SocketStream, connection: h11.Connection) -
 
 
 async def serve(directory: Path, port: int, latency: float) -> None:
-    """Serve until SIGINT or SIGTERM arrives."""
+    """Serve until SIGINT or SIGTERM arrives, then close every connection.
+
+    Cancellation: every connection task is cancelled with the server's nursery.
+    """
     files = ImageFiles(directory)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
