@@ -10,7 +10,7 @@ import httpx
 from bench.loadgen.request_result import RequestResult
 
 CHAT_PATH = "/v1/chat/completions"
-_JSON = {"content-type": "application/json", "accept": "text/event-stream"}
+_HEADERS = (("content-type", "application/json"), ("accept", "text/event-stream"))
 
 
 def chat_body(model: str, messages: list[dict], *, max_tokens: int, ignore_eos: bool) -> bytes:
@@ -38,7 +38,7 @@ async def stream_chat(client: httpx.AsyncClient, body: bytes, result: RequestRes
     """
     done = False
     try:
-        async with client.stream("POST", CHAT_PATH, content=body, headers=_JSON) as response:
+        async with client.stream("POST", CHAT_PATH, content=body, headers=_HEADERS) as response:
             result.status = response.status_code
             if response.status_code != 200:
                 text = (await response.aread())[:300].decode("utf-8", "replace")
