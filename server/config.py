@@ -37,7 +37,7 @@ class ServerConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 64 * 1024 * 1024
     image_fetch_timeout: float = 10.0
-    image_fetch_concurrency: int = 64
+    image_fetch_concurrency: int = 16
     max_image_redirects: int = 3
     # GIL: how often the engine/prep threads must offer the GIL to the event loop (seconds)
     switch_interval: float = 0.001

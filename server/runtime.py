@@ -8,6 +8,7 @@ a nursery it owns; leaving it shuts them down in reverse order.
 from __future__ import annotations
 
 import time
+import gc
 import sys
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -60,9 +61,19 @@ async def open_runtime(config: ServerConfig, loaded: LoadedModel | None = None) 
     """Load (unless ``loaded`` is given) and run every component until the block exits."""
     if loaded is None:
         loaded = await load_configured_model(config)
+        _freeze_startup_objects()
     with _switch_interval(config.switch_interval):
         async with _open_components(config, loaded) as runtime:
             yield runtime
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything alive after model loading (torch, transformers, the model: about
+    400k objects) out of the cyclic GC's reach, as vLLM does after start-up. Without this a
+    full collection scans them all and stalls every thread, the event loop included, for
+    0.2-0.4 s (measured with bench/serve.py); with it, collections scan only new objects."""
+    gc.collect()
+    gc.freeze()
 
 
 @contextmanager

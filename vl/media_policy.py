@@ -27,7 +27,7 @@ class MediaPolicy:
     max_image_pixels: int = 64 * 1024 * 1024
     max_images_per_request: int = 8
     fetch_timeout: float = 10.0
-    fetch_concurrency: int = 64
+    fetch_concurrency: int = 16
     max_redirects: int = 3
 
     def __post_init__(self) -> None:
