@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 
+from engine.errors import ModelLoadError
 from engine.model_adapter import VL_MODEL_TYPES, CausalLMAdapter, adapter_for
+
+__all__ = ["LoadedModel", "ModelLoadError", "load_model"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNSUPPORTED_VL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "llava", "llava_next", "idefics3", "gemma3", "mllama")
-
-
-class ModelLoadError(Exception):
-    """The model directory cannot be served; the message is one line for the user."""
 
 
 @dataclass

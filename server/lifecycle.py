@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from engine.errors import ModelLoadError
 from server.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -81,7 +82,10 @@ class RuntimeLifecycle:
                 self._settled.set()
                 await self._stop.wait()
         except Exception as error:
-            log.error("the model runtime failed", exc_info=error)
+            if isinstance(error, ModelLoadError):  # the user's mistake: one clear line
+                log.error("cannot serve the model: %s", error)
+            else:
+                log.error("the model runtime failed", exc_info=error)
             self.error = error
             self.phase = Phase.FAILED
         finally:

@@ -179,3 +179,20 @@ async def test_body_larger_than_quarts_default_limit_is_accepted(http, fake_runt
     assert response.status_code == 200, response.text[:300]
     received = fake_runtime.preparer.calls[-1][0]["content"][0]["image_url"]["url"]
     assert received == url
+
+
+async def test_unloadable_model_is_one_log_line_without_traceback(caplog):
+    """A directory that is not a model fails the runtime with one clear line."""
+    import logging
+
+    from server.config import ServerConfig
+    from server.lifecycle import Phase, RuntimeLifecycle
+    from server.runtime import open_runtime
+
+    lifecycle = RuntimeLifecycle(ServerConfig(model="/nonexistent/model"), open_runtime)
+    with caplog.at_level(logging.ERROR, logger="server.lifecycle"):
+        await lifecycle.run()
+    assert lifecycle.phase is Phase.FAILED
+    [record] = [r for r in caplog.records if r.name == "server.lifecycle"]
+    assert record.getMessage() == "cannot serve the model: model path '/nonexistent/model' is not a directory"
+    assert record.exc_info is None
