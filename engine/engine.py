@@ -45,8 +45,11 @@ class EngineStatistics:
 
 
 class Engine:
-    def __init__(self, core: EngineCore, scheduler: Scheduler, device_gate: trio.CapacityLimiter) -> None:
+    def __init__(
+        self, core: EngineCore, scheduler: Scheduler, device_gate: trio.CapacityLimiter, stream_interval: float = 0.0
+    ) -> None:
         self._core = core
+        self._stream_interval = stream_interval
         self._scheduler = scheduler
         self._device_gate = device_gate
         self._ids = SequenceIds()
@@ -63,14 +66,14 @@ class Engine:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, core: EngineCore, scheduler: Scheduler, device_gate: trio.CapacityLimiter
+        cls, core: EngineCore, scheduler: Scheduler, device_gate: trio.CapacityLimiter, stream_interval: float = 0.0
     ) -> AsyncIterator[Engine]:
         """Run the engine for the duration of the block.
 
         On exit (or cancellation of the block) the step loop is cancelled after its
         current step's thread returns, and every open stream ends with ``"abort"``.
         """
-        engine = cls(core, scheduler, device_gate)
+        engine = cls(core, scheduler, device_gate, stream_interval)
         async with trio.open_nursery() as nursery:
             await nursery.start(engine._step_loop)
             try:
@@ -96,7 +99,7 @@ class Engine:
         if not self._loop_alive or self._closing:
             raise RuntimeError("the engine is not running")
         seq = Sequence(self._ids.next(), prompt, params)
-        stream = RequestStream(seq)
+        stream = RequestStream(seq, self._stream_interval)
         self._streams[seq.seq_id] = stream
         self._scheduler.add(seq)
         self._wakeup.set()
@@ -197,6 +200,7 @@ async def open_engine(
     max_num_batched_tokens: int = 8192,
     device_gate: trio.CapacityLimiter | None = None,
     seed: int | None = None,
+    stream_interval: float = 0.0,
 ) -> AsyncIterator[Engine]:
     """Compose runner, core and scheduler for a loaded model and run the engine (see
     ``Engine.open`` for the lifetime and cancellation rules)."""
@@ -211,5 +215,5 @@ async def open_engine(
         Sampler(seed),
     )
     scheduler = Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-    async with Engine.open(core, scheduler, device_gate or trio.CapacityLimiter(1)) as engine:
+    async with Engine.open(core, scheduler, device_gate or trio.CapacityLimiter(1), stream_interval) as engine:
         yield engine

@@ -14,11 +14,17 @@ class RequestStream:
 
     All methods run on the event loop. The buffer is bounded by the sequence's
     ``max_tokens``, so a slow consumer gets one larger delta instead of many small ones
-    and never blocks the engine.
+    and never blocks the engine. With ``min_interval`` > 0, deltas after the first are
+    at least that many seconds apart (tokens arriving faster are delivered together),
+    except the last, which is delivered as soon as the sequence finishes: per-event work
+    on the event loop then stays bounded however fast the engine steps.
     """
 
-    def __init__(self, seq: Sequence) -> None:
+    def __init__(self, seq: Sequence, min_interval: float = 0.0) -> None:
         self.seq = seq
+        self._min_interval = min_interval
+        self._next_take = float("-inf")
+        self._finished = trio.Event()
         self._token_ids: list[int] = []
         self._text: list[str] = []
         self._logprobs: list[TokenLogprob] = []
@@ -37,12 +43,14 @@ class RequestStream:
         self._completion_tokens += len(update.token_ids)
         if update.finish_reason is not None:
             self._finish_reason = update.finish_reason
+            self._finished.set()
         self._changed.set()
 
     def finish(self, reason: str) -> None:
         """End the stream without a step (e.g. the engine is shutting down)."""
         if self._finish_reason is None:
             self._finish_reason = reason
+        self._finished.set()
         self._changed.set()
 
     @property
@@ -61,7 +69,12 @@ class RequestStream:
         while True:
             if self._delivered_final:
                 raise StopAsyncIteration
+            if self._finish_reason is None and trio.current_time() < self._next_take:
+                with trio.move_on_at(self._next_take):
+                    await self._finished.wait()
             if self._token_ids or self._text or self._finish_reason is not None:
+                if self._min_interval:
+                    self._next_take = trio.current_time() + self._min_interval
                 return self._take()
             await self._changed.wait()
             self._changed = trio.Event()

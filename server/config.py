@@ -23,6 +23,8 @@ class ServerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
+    # minimum seconds between two deltas of one request (faster tokens are sent together)
+    stream_interval: float = 0.01
     # preparation gates (see DESIGN.md: GIL-bound work at 1, GIL-releasing at the core count)
     image_prep_concurrency: int = 2
     tokenizer_concurrency: int = 1

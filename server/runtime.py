@@ -98,6 +98,7 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             device_gate=device_gate,
+            stream_interval=config.stream_interval,
         ) as engine:
             async with _open_encoder(loaded, config, device_gate) as encoder:
                 preparer = ChatPreparer(

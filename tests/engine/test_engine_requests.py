@@ -209,3 +209,25 @@ async def test_one_failing_prompt_does_not_fail_its_prefill_mates(tiny_model, mo
         await wait_until_idle(engine)
     assert results["bad"][-1].finish_reason == "abort"
     assert [t for d in results["good"] for t in d.token_ids] == [t for d in expected for t in d.token_ids]
+
+
+async def test_stream_interval_coalesces_tokens_but_not_the_last_delta(tiny_model):
+    """With a stream interval, deltas after the first are at least that far apart (so a
+    fast engine sends several tokens per delta), the text and ids are unchanged, and the
+    final delta is not held back."""
+    prompt, _ = chat_prompt(tiny_model, "one two")
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    async with open_engine(tiny_model) as engine:
+        plain = await run_stream(engine, prompt, params)
+    async with open_engine(tiny_model, stream_interval=0.05) as engine:
+        times = []
+        paced = []
+        async with engine.open_stream(prompt, params) as stream:
+            async for delta in stream:
+                times.append(trio.current_time())
+                paced.append(delta)
+    assert [t for d in paced for t in d.token_ids] == [t for d in plain for t in d.token_ids]
+    assert "".join(d.text for d in paced) == "".join(d.text for d in plain)
+    assert len(paced) < len(plain)
+    gaps = [b - a for a, b in zip(times[:-2], times[1:-1])]
+    assert all(g >= 0.045 for g in gaps)
