@@ -201,19 +201,23 @@ async def open_engine(
     device_gate: trio.CapacityLimiter | None = None,
     seed: int | None = None,
     stream_interval: float = 0.0,
+    decode_steps_per_call: int = 1,
 ) -> AsyncIterator[Engine]:
     """Compose runner, core and scheduler for a loaded model and run the engine (see
     ``Engine.open`` for the lifetime and cancellation rules)."""
     from engine.model_runner import ModelRunner
     from engine.sampler import Sampler
 
+    scheduler = Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     core = EngineCore(
         ModelRunner(loaded.adapter, loaded.device),
         loaded.tokenizer.backend_tokenizer,
         loaded.eos_token_ids,
         loaded.max_model_len,
         Sampler(seed),
+        decode_steps_per_call=decode_steps_per_call,
+        # read from the step thread: a stale answer costs at most one extra sub-step
+        has_news=lambda: scheduler.num_waiting > 0,
     )
-    scheduler = Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     async with Engine.open(core, scheduler, device_gate or trio.CapacityLimiter(1), stream_interval) as engine:
         yield engine

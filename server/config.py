@@ -23,6 +23,8 @@ class ServerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
+    # decode steps one engine call may run back to back while no request joins or leaves
+    decode_steps_per_call: int = 4
     # minimum seconds between two deltas of one request (faster tokens are sent together)
     stream_interval: float = 0.01
     # preparation gates (see DESIGN.md: GIL-bound work at 1, GIL-releasing at the core count)

@@ -99,6 +99,7 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
             max_num_batched_tokens=config.max_num_batched_tokens,
             device_gate=device_gate,
             stream_interval=config.stream_interval,
+            decode_steps_per_call=config.decode_steps_per_call,
         ) as engine:
             async with _open_encoder(loaded, config, device_gate) as encoder:
                 preparer = ChatPreparer(

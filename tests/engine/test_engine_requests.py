@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import trio
 
 from engine.engine import open_engine
@@ -25,13 +26,14 @@ async def wait_until_idle(engine):
             await trio.sleep(0.005)
 
 
-async def test_leaving_a_stream_mid_generation_aborts_and_frees_cache(tiny_model):
+@pytest.mark.parametrize("decode_steps_per_call", [1, 4])
+async def test_leaving_a_stream_mid_generation_aborts_and_frees_cache(tiny_model, decode_steps_per_call):
     """Invariant: a consumer that leaves after two deltas aborts its sequence; once the
     next step has run the engine holds no sequences and no cache, and a concurrent
     request still completes normally."""
     prompt, _ = chat_prompt(tiny_model, "hello world")
     other, _ = chat_prompt(tiny_model, "what")
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, decode_steps_per_call=decode_steps_per_call) as engine:
         async with trio.open_nursery() as nursery:
             results = {}
 
