@@ -95,7 +95,7 @@ class Engine:
         the sequence: a waiting one is dropped at once, a running one leaves the batch
         and frees its cache at the start of the next step.
         """
-        self._check_lengths(prompt, params)
+        self._validate(prompt, params)
         if not self._loop_alive or self._closing:
             raise RuntimeError("the engine is not running")
         seq = Sequence(self._ids.next(), prompt, params)
@@ -111,7 +111,9 @@ class Engine:
                 self._scheduler.abort(seq)
                 self._wakeup.set()
 
-    def _check_lengths(self, prompt: EnginePrompt, params: SamplingParams) -> None:
+    def _validate(self, prompt: EnginePrompt, params: SamplingParams) -> None:
+        """Refuse at submit what the engine cannot run: images for a text-only model, an
+        empty prompt, or a prompt plus max_tokens beyond the context length."""
         n = len(prompt.token_ids)
         limit = self._core.max_model_len
         if prompt.images and not self._core.runner.adapter.supports_images:
@@ -155,7 +157,7 @@ class Engine:
     def _deliver(self, report: StepReport) -> None:
         self._steps += 1
         self._prompt_tokens += report.prefill_tokens
-        self._generation_tokens += len(report.updates)
+        self._generation_tokens += sum(len(u.token_ids) for u in report.updates)
         self._last_step_seconds = report.seconds
         self._last_progress = time.monotonic()
         for update in report.updates:
