@@ -23,7 +23,7 @@ from engine.request_stream import RequestStream
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceIds
-from vl.errors import InvalidRequest
+from engine.submit_checks import check_submittable
 
 if TYPE_CHECKING:
     from engine.model_loader import LoadedModel
@@ -112,27 +112,7 @@ class Engine:
                 self._wakeup.set()
 
     def _validate(self, prompt: EnginePrompt, params: SamplingParams) -> None:
-        """Refuse at submit what the engine cannot run: images for a text-only model, an
-        empty prompt, or a prompt plus max_tokens beyond the context length."""
-        n = len(prompt.token_ids)
-        limit = self._core.max_model_len
-        if prompt.images and not self._core.runner.adapter.supports_images:
-            raise InvalidRequest("This model does not accept images.", param="messages", code="images_not_supported")
-        if n == 0:
-            raise InvalidRequest("The prompt is empty.", param="messages", code="empty_prompt")
-        if n >= limit:
-            raise InvalidRequest(
-                f"The prompt has {n} tokens; this model's maximum context length is {limit}.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        if n + params.max_tokens > limit:
-            raise InvalidRequest(
-                f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the "
-                f"maximum context length of {limit}.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+        check_submittable(prompt, params, self._core.max_model_len, self._core.runner.adapter.supports_images)
 
     async def _step_loop(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._loop_alive = True
@@ -207,16 +187,10 @@ async def open_engine(
 ) -> AsyncIterator[Engine]:
     """Compose runner, core and scheduler for a loaded model and run the engine (see
     ``Engine.open`` for the lifetime and cancellation rules)."""
-    from engine.model_runner import ModelRunner
-    from engine.sampler import Sampler
-
     scheduler = Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-    core = EngineCore(
-        ModelRunner(loaded.adapter, loaded.device),
-        loaded.tokenizer.backend_tokenizer,
-        loaded.eos_token_ids,
-        loaded.max_model_len,
-        Sampler(seed),
+    core = EngineCore.for_model(
+        loaded,
+        seed=seed,
         decode_steps_per_call=decode_steps_per_call,
         # read from the step thread: a stale answer costs at most one extra sub-step
         has_news=lambda: scheduler.num_waiting > 0,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tokenizers import Tokenizer
@@ -19,6 +19,9 @@ from engine.outputs import TokenLogprob, TopLogprob
 from engine.sampler import SampledToken, Sampler
 from engine.scheduler import StepPlan
 from engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from engine.model_loader import LoadedModel
 
 
 PROMPT_TAIL_TOKENS = 4
@@ -70,6 +73,26 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.sampler = sampler or Sampler()
         self._states: dict[int, _SeqState] = {}
+
+    @classmethod
+    def for_model(
+        cls,
+        loaded: "LoadedModel",
+        *,
+        seed: int | None = None,
+        decode_steps_per_call: int = 1,
+        has_news: Callable[[], bool] = lambda: False,
+    ) -> EngineCore:
+        """The core for a loaded model: its runner, tokenizer, stop ids and limits."""
+        return cls(
+            ModelRunner(loaded.adapter, loaded.device),
+            loaded.tokenizer.backend_tokenizer,
+            loaded.eos_token_ids,
+            loaded.max_model_len,
+            Sampler(seed),
+            decode_steps_per_call=decode_steps_per_call,
+            has_news=has_news,
+        )
 
     def execute(self, plan: StepPlan) -> StepReport:
         """Run one step (see ``_execute``). Never raises for a step's own failure: as a

@@ -23,6 +23,11 @@ class ServerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
+    # run the scheduler, model and sampler in a worker process (its own GIL and core);
+    # false runs them in a thread of the server process
+    engine_process: bool = True
+    # torch intra-op threads in the engine worker (0: torch's default)
+    engine_torch_threads: int = 0
     # decode steps one engine call may run back to back while no request joins or leaves
     decode_steps_per_call: int = 4
     # minimum seconds between two deltas of one request (faster tokens are sent together)

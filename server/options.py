@@ -30,6 +30,8 @@ HELP = MappingProxyType(
         "cors_allow_origins": "origins allowed by CORS, '*' for any (default: no CORS)",
         "max_body_bytes": "largest accepted request body in bytes (413 beyond)",
         "max_concurrent_requests": "requests in flight before refusing with 503",
+        "engine_process": "run the engine (scheduler, model, sampler) in its own worker process",
+        "engine_torch_threads": "torch threads in the engine worker process (0: torch's default)",
         "drain_timeout": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
     }
 )

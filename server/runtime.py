@@ -18,6 +18,7 @@ import trio
 
 from engine.engine import Engine, open_engine
 from engine.model_loader import LoadedModel, load_model
+from engine.process_engine import ProcessEngine, worker_config
 from engine.tiny_model import ensure_tiny_model
 from server.config import ServerConfig
 from vl.chat_preparer import ChatPreparer
@@ -37,7 +38,7 @@ class Runtime:
     model_name: str
     created: int
     max_model_len: int
-    engine: Engine
+    engine: Engine | ProcessEngine
     preparer: ChatPreparer
     loaded: LoadedModel
     device_gate: trio.CapacityLimiter
@@ -93,14 +94,7 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
     device_gate = trio.CapacityLimiter(1)
     policy = MediaPolicy.from_config(config)
     async with ImageFetcher(policy) as fetcher:
-        async with open_engine(
-            loaded,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            device_gate=device_gate,
-            stream_interval=config.stream_interval,
-            decode_steps_per_call=config.decode_steps_per_call,
-        ) as engine:
+        async with _open_engine(loaded, config, device_gate) as engine:
             async with _open_encoder(loaded, config, device_gate) as encoder:
                 preparer = ChatPreparer(
                     tokenizer=loaded.tokenizer,
@@ -123,6 +117,27 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
                     loaded=loaded,
                     device_gate=device_gate,
                 )
+
+
+def _open_engine(loaded: LoadedModel, config: ServerConfig, device_gate: trio.CapacityLimiter):
+    """The engine in its worker process (default), or in a thread under the device gate."""
+    if config.engine_process:
+        worker = worker_config(
+            loaded,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            decode_steps_per_call=config.decode_steps_per_call,
+            torch_threads=config.engine_torch_threads,
+        )
+        return ProcessEngine.open(worker, stream_interval=config.stream_interval)
+    return open_engine(
+        loaded,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        device_gate=device_gate,
+        stream_interval=config.stream_interval,
+        decode_steps_per_call=config.decode_steps_per_call,
+    )
 
 
 def _preprocessor(loaded: LoadedModel) -> ImagePreprocessor | None:

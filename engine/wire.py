@@ -1,0 +1,185 @@
+"""Messages between the front end and the engine worker process, and their framing.
+
+Each message is one pickled object behind an 8-byte big-endian length. The two ends are
+our own processes (the worker is started by the front end with a socket pair), so pickle
+carries prompts, sampling parameters and image-feature tensors as they are. There is no
+stop message: the worker stops when the front end closes its end.
+``MessageReceiver`` is the trio end, ``BlockingMessageSocket`` the worker's.
+"""
+
+from __future__ import annotations
+
+import pickle
+import select
+import socket
+import struct
+from dataclasses import dataclass, field
+
+import trio
+
+from engine.outputs import TokenLogprob
+from engine.prompt import EnginePrompt
+from engine.sampling_params import SamplingParams
+
+HEADER = struct.Struct("!Q")
+RECEIVE_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the worker needs to load the model and build its engine (the first message)."""
+
+    model_path: str
+    dtype: str
+    device: str
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    seed: int | None
+    decode_steps_per_call: int
+    torch_threads: int
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    max_model_len: int
+    supports_images: bool
+    pid: int
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The worker could not start (e.g. the model did not load); it exits after sending."""
+
+    message: str
+
+
+@dataclass(frozen=True, eq=False)
+class NewSequence:
+    seq_id: int
+    prompt: EnginePrompt
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Submit:
+    """Sequences to add, then sequence ids to abort (ids the worker no longer knows are ignored)."""
+
+    adds: list[NewSequence] = field(default_factory=list)
+    aborts: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OutputUpdate:
+    """New output of one sequence: the wire form of ``engine_core.SequenceUpdate``."""
+
+    seq_id: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    running: int
+    waiting: int
+    steps: int
+    prompt_tokens: int
+    generation_tokens: int
+    cache_tokens: int
+    cache_bytes: int
+    last_step_seconds: float
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """Sent after every step (and whenever the worker goes idle), so stats stay current."""
+
+    updates: list[OutputUpdate]
+    stats: WorkerStats
+
+
+def encode(message: object) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(payload)) + payload
+
+
+class _Frames:
+    """Splits a byte stream into messages (state only, no I/O)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def pop_all(self) -> list[object]:
+        messages = []
+        while len(self._buffer) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self._buffer)
+            end = HEADER.size + size
+            if len(self._buffer) < end:
+                break
+            messages.append(pickle.loads(memoryview(self._buffer)[HEADER.size : end]))
+            del self._buffer[:end]
+        return messages
+
+    @property
+    def partial(self) -> bool:
+        return bool(self._buffer)
+
+
+class MessageReceiver:
+    """Reads messages from a trio stream, one at a time."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._frames = _Frames()
+        self._ready: list[object] = []
+
+    async def receive(self) -> object | None:
+        """The next message, or ``None`` at end of stream.
+
+        Cancellation: safe; bytes already read stay buffered for the next call.
+        """
+        while not self._ready:
+            data = await self._stream.receive_some(RECEIVE_CHUNK)
+            if not data:
+                return None
+            self._frames.feed(data)
+            self._ready = self._frames.pop_all()
+        return self._ready.pop(0)
+
+
+class BlockingMessageSocket:
+    """The worker's end: blocking sends, and receives that can poll without blocking."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._frames = _Frames()
+        self.closed = False
+
+    def send(self, message: object) -> None:
+        self._sock.sendall(encode(message))
+
+    def readable(self) -> bool:
+        """True if a message (or end of stream) is waiting to be read."""
+        return bool(select.select([self._sock], [], [], 0)[0])
+
+    def receive_all(self, block: bool) -> list[object]:
+        """Every complete message that has arrived; with ``block``, wait for at least one.
+        A message that has started arriving is always read to its end. Sets ``closed`` at
+        end of stream."""
+        messages: list[object] = []
+        while not self.closed:
+            if not (block and not messages) and not self._frames.partial and not self.readable():
+                break
+            data = self._sock.recv(RECEIVE_CHUNK)
+            if not data:
+                self.closed = True
+                break
+            self._frames.feed(data)
+            messages.extend(self._frames.pop_all())
+        return messages

@@ -1,0 +1,170 @@
+"""The engine in a worker process: same outputs as in a thread, aborts reach the worker,
+a dead worker fails its requests instead of hanging them, and the worker never outlives
+the engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import trio
+
+from engine.engine import open_engine
+from engine.errors import ModelLoadError
+from engine.process_engine import ProcessEngine, worker_config
+from engine.sampling_params import SamplingParams
+from tests.engine.prompts import chat_prompt, noise_image
+from vl.errors import InvalidRequest
+
+
+async def run_stream(engine, prompt, params):
+    deltas = []
+    async with engine.open_stream(prompt, params) as stream:
+        async for delta in stream:
+            deltas.append(delta)
+    return deltas
+
+
+async def run_all(engine, requests):
+    results = {}
+
+    async def one(key, prompt, params):
+        results[key] = await run_stream(engine, prompt, params)
+
+    async with trio.open_nursery() as nursery:
+        for key, (prompt, params) in requests.items():
+            nursery.start_soon(one, key, prompt, params)
+    return {key: ("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], deltas[-1].finish_reason)
+            for key, deltas in results.items()}
+
+
+async def wait_until_idle(engine):
+    with trio.fail_after(10):
+        while engine.statistics().running or engine.statistics().waiting or engine.statistics().cache_tokens:
+            await trio.sleep(0.005)
+
+
+def mixed_requests(tiny_model):
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    requests = {
+        f"text-{i}": (chat_prompt(tiny_model, " ".join(["word"] * (3 + 5 * i)))[0], greedy) for i in range(5)
+    }
+    requests["image"] = (chat_prompt(tiny_model, "describe", noise_image(1, 64, 96))[0], greedy)
+    requests["seeded"] = (chat_prompt(tiny_model, "tell a story")[0], SamplingParams(max_tokens=24, temperature=1.0, seed=11, top_p=0.9, ignore_eos=True))
+    requests["stop"] = (chat_prompt(tiny_model, "one two")[0], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(5,)))
+    return requests
+
+
+async def test_outputs_match_the_in_thread_engine(tiny_model):
+    """Greedy, seeded and image requests run together give the same token ids, text and
+    finish reasons in the worker process as in the in-thread engine."""
+    requests = mixed_requests(tiny_model)
+    async with ProcessEngine.open(worker_config(tiny_model, decode_steps_per_call=4)) as engine:
+        in_process = await run_all(engine, requests)
+        await wait_until_idle(engine)
+        stats = engine.statistics()
+    async with open_engine(tiny_model, decode_steps_per_call=4) as engine:
+        in_thread = await run_all(engine, requests)
+    assert in_process == in_thread
+    assert all(finish in ("length", "stop") for _, _, finish in in_process.values())
+    assert stats.generation_tokens == sum(len(ids) for _, ids, _ in in_process.values())
+    assert stats.running == 0 and stats.cache_tokens == 0
+
+
+async def test_refuses_what_the_in_thread_engine_refuses(tiny_model):
+    prompt, _ = chat_prompt(tiny_model, "hello")
+    async with ProcessEngine.open(worker_config(tiny_model)) as engine:
+        assert engine.max_model_len == tiny_model.max_model_len
+        with pytest.raises(InvalidRequest) as info:
+            async with engine.open_stream(prompt, SamplingParams(max_tokens=tiny_model.max_model_len)):
+                pass
+        assert info.value.code == "context_length_exceeded"
+        # the engine still serves after a refusal
+        deltas = await run_stream(engine, prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        assert deltas[-1].completion_tokens == 3
+
+
+async def test_leaving_or_cancelling_a_stream_aborts_it_in_the_worker(tiny_model):
+    """Invariant: a consumer that leaves mid-generation, and one whose task is cancelled,
+    both abort their sequence in the worker: afterwards the worker reports no running or
+    waiting sequence and an empty cache, and a concurrent request completes normally."""
+    prompt, _ = chat_prompt(tiny_model, "hello world")
+    endless = SamplingParams(max_tokens=3000, ignore_eos=True)
+    async with ProcessEngine.open(worker_config(tiny_model, decode_steps_per_call=4)) as engine:
+        results = {}
+        async with trio.open_nursery() as nursery:
+
+            async def bystander():
+                results["other"] = await run_stream(engine, prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+
+            async def cancelled_consumer(task_status=trio.TASK_STATUS_IGNORED):
+                with trio.CancelScope() as scope:
+                    task_status.started(scope)
+                    await run_stream(engine, prompt, endless)
+
+            nursery.start_soon(bystander)
+            scope = await nursery.start(cancelled_consumer)
+            async with engine.open_stream(prompt, endless) as stream:
+                seen = 0
+                async for delta in stream:
+                    seen += len(delta.token_ids)
+                    if seen >= 2:
+                        break
+            scope.cancel()
+        await wait_until_idle(engine)
+        assert results["other"][-1].finish_reason == "length"
+        assert results["other"][-1].completion_tokens == 40
+        assert engine.is_healthy()
+
+
+async def test_a_dead_worker_fails_open_streams_and_health(tiny_model):
+    """If the worker dies, every open stream ends with ``abort`` and an error instead of
+    hanging, ``is_healthy()`` turns false, and new requests are refused."""
+    prompt, _ = chat_prompt(tiny_model, "hello")
+    async with ProcessEngine.open(worker_config(tiny_model)) as engine:
+        assert engine.is_healthy()
+        async with engine.open_stream(prompt, SamplingParams(max_tokens=3000, ignore_eos=True)) as stream:
+            first = await stream.__anext__()
+            assert first.token_ids
+            os.kill(engine.worker_pid, signal.SIGKILL)
+            with trio.fail_after(10):
+                rest = [delta async for delta in stream]
+            assert rest[-1].finish_reason == "abort"
+            assert "worker" in stream.error
+        assert not engine.is_healthy()
+        with pytest.raises(RuntimeError):
+            async with engine.open_stream(prompt, SamplingParams(max_tokens=3)):
+                pass
+    assert engine.worker_exit_status == -signal.SIGKILL
+
+
+async def test_leaving_the_engine_aborts_streams_and_reaps_the_worker(tiny_model):
+    """Closing the engine while a request streams ends that stream with ``abort`` and
+    waits for the worker process to exit on its own (status 0)."""
+    prompt, _ = chat_prompt(tiny_model, "hello")
+    async with trio.open_nursery() as nursery:
+        finished = trio.Event()
+        outcome = {}
+        async with ProcessEngine.open(worker_config(tiny_model)) as engine:
+
+            async def consumer(task_status=trio.TASK_STATUS_IGNORED):
+                async with engine.open_stream(prompt, SamplingParams(max_tokens=3000, ignore_eos=True)) as stream:
+                    task_status.started()
+                    outcome["deltas"] = [delta async for delta in stream]
+                finished.set()
+
+            await nursery.start(consumer)
+            await trio.sleep(0.05)
+        with trio.fail_after(5):
+            await finished.wait()
+    assert outcome["deltas"][-1].finish_reason == "abort"
+    assert engine.worker_exit_status == 0
+
+
+async def test_an_unloadable_model_is_a_model_load_error(tiny_model, tmp_path):
+    config = worker_config(tiny_model)
+    bad = type(config)(**{**config.__dict__, "model_path": str(tmp_path / "missing")})
+    with pytest.raises(ModelLoadError, match="could not load"):
+        async with ProcessEngine.open(bad):
+            pass
