@@ -10,6 +10,7 @@ never run on the event loop and never two at once (the vision encoder shares the
 
 from __future__ import annotations
 
+import random
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from engine.model_loader import LoadedModel
 
 STALL_SECONDS = 60.0
+# each stream's interval between deltas is stretched by a random 0-50 % (RequestStream)
+STREAM_SPREAD = 0.5
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Engine:
         self._scheduler = scheduler
         self._device_gate = device_gate
         self._ids = SequenceIds()
+        self._rng = random.Random()
         self._streams: dict[int, RequestStream] = {}
         self._wakeup = trio.Event()
         self._steps = 0
@@ -99,7 +103,7 @@ class Engine:
         if not self._loop_alive or self._closing:
             raise RuntimeError("the engine is not running")
         seq = Sequence(self._ids.next(), prompt, params)
-        stream = RequestStream(seq, self._stream_interval)
+        stream = RequestStream(seq, self._stream_interval, STREAM_SPREAD, self._rng)
         self._streams[seq.seq_id] = stream
         self._scheduler.add(seq)
         self._wakeup.set()

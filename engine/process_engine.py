@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+import random
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, AsyncIterator
 
 import trio
 
-from engine.engine import STALL_SECONDS, EngineStatistics
+from engine.engine import STALL_SECONDS, STREAM_SPREAD, EngineStatistics
 from engine.engine_core import SequenceUpdate
 from engine.errors import ModelLoadError
 from engine.prompt import EnginePrompt
@@ -68,6 +69,7 @@ class ProcessEngine:
         self._ready = ready
         self._stream_interval = stream_interval
         self._ids = SequenceIds()
+        self._rng = random.Random()
         self._streams: dict[int, RequestStream] = {}
         self._pending_adds: list[NewSequence] = []
         self._pending_aborts: list[int] = []
@@ -140,7 +142,7 @@ class ProcessEngine:
         if not self._alive or self._closing:
             raise RuntimeError("the engine is not running")
         seq = Sequence(self._ids.next(), prompt, params)
-        stream = RequestStream(seq, self._stream_interval)
+        stream = RequestStream(seq, self._stream_interval, STREAM_SPREAD, self._rng)
         self._streams[seq.seq_id] = stream
         new = NewSequence(seq.seq_id, prompt, params)
         self._pending_adds.append(new)
@@ -270,9 +272,11 @@ def worker_config(
     seed: int | None = None,
     decode_steps_per_call: int = 1,
     torch_threads: int = 0,
+    nice: int = 0,
 ) -> WorkerConfig:
     """A worker config that loads the same model, dtype, device and context length as
-    ``loaded`` (``torch_threads`` 0 leaves torch's default)."""
+    ``loaded`` (``torch_threads`` 0 leaves torch's default; ``nice`` is added to the
+    worker's CPU niceness)."""
     return WorkerConfig(
         model_path=str(loaded.path),
         dtype=str(loaded.dtype).removeprefix("torch."),
@@ -283,4 +287,5 @@ def worker_config(
         seed=seed,
         decode_steps_per_call=decode_steps_per_call,
         torch_threads=torch_threads,
+        nice=nice,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import trio
 
 from engine.engine_core import SequenceUpdate
@@ -18,11 +20,21 @@ class RequestStream:
     at least that many seconds apart (tokens arriving faster are delivered together),
     except the last, which is delivered as soon as the sequence finishes: per-event work
     on the event loop then stays bounded however fast the engine steps.
+
+    ``spread`` (from 0 to 1) lengthens each interval by a random fraction of up to
+    ``spread`` times ``min_interval``, drawn from ``rng``. Streams fed by the same engine
+    step would otherwise all wake in the same scheduler batch forever after; spread out,
+    each batch of the event loop holds a few of them, and a request that arrives meanwhile
+    (``/health``) waits behind a few streams' work instead of all of them.
     """
 
-    def __init__(self, seq: Sequence, min_interval: float = 0.0) -> None:
+    def __init__(
+        self, seq: Sequence, min_interval: float = 0.0, spread: float = 0.0, rng: random.Random | None = None
+    ) -> None:
         self.seq = seq
         self._min_interval = min_interval
+        self._spread = spread
+        self._rng = rng or random.Random()
         self._next_take = float("-inf")
         self._finished = trio.Event()
         self._token_ids: list[int] = []
@@ -74,7 +86,8 @@ class RequestStream:
                     await self._finished.wait()
             if self._token_ids or self._text or self._finish_reason is not None:
                 if self._min_interval:
-                    self._next_take = trio.current_time() + self._min_interval
+                    stretch = 1.0 + self._spread * self._rng.random()
+                    self._next_take = trio.current_time() + self._min_interval * stretch
                 return self._take()
             await self._changed.wait()
             self._changed = trio.Event()

@@ -38,6 +38,7 @@ class WorkerConfig:
     seed: int | None
     decode_steps_per_call: int
     torch_threads: int
+    nice: int = 0
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ def _build(config: WorkerConfig, channel: BlockingMessageSocket):
     from engine.scheduler import Scheduler
     from engine.worker_loop import WorkerLoop
 
+    if config.nice:
+        os.nice(config.nice)  # a lower CPU priority than the front end's event loop
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     loaded = load_model(config.model_path, dtype=config.dtype, device=config.device, max_model_len=config.max_model_len)

@@ -26,6 +26,7 @@ from server.errors import install_error_handlers
 from server.lifecycle import RuntimeFactory, RuntimeLifecycle
 from server.options import config_from_env
 from server.request_id import install_request_id
+from server.probe_fast_path import ProbeFastPath
 from server.routes import register_routes
 from server.state import ServerState, attach_state
 
@@ -84,10 +85,12 @@ def create_app(
     attach_state(app, state)
     install_request_id(app)
     install_error_handlers(app)
-    install_cors(app, CorsPolicy(config.cors_allow_origins))
+    cors = CorsPolicy(config.cors_allow_origins)
+    install_cors(app, cors)
     install_auth(app, ApiKeys(config.api_keys))
     install_admission(app, state.admission)
     register_routes(app)
+    app.asgi_app = ProbeFastPath(app.asgi_app, lifecycle, cors)  # type: ignore[method-assign]
 
     async def start_runtime() -> None:
         app.nursery.start_soon(lifecycle.run)

@@ -28,6 +28,9 @@ class ServerConfig:
     engine_process: bool = True
     # torch intra-op threads in the engine worker (0: torch's default)
     engine_torch_threads: int = 0
+    # added to the engine worker's niceness: on a CPU host the event loop (and /health)
+    # then wins the cores whenever both want one
+    engine_nice: int = 0
     # decode steps one engine call may run back to back while no request joins or leaves
     decode_steps_per_call: int = 4
     # minimum seconds between two deltas of one request (faster tokens are sent together)

@@ -128,6 +128,7 @@ def _open_engine(loaded: LoadedModel, config: ServerConfig, device_gate: trio.Ca
             max_num_batched_tokens=config.max_num_batched_tokens,
             decode_steps_per_call=config.decode_steps_per_call,
             torch_threads=config.engine_torch_threads,
+            nice=config.engine_nice,
         )
         return ProcessEngine.open(worker, stream_interval=config.stream_interval)
     return open_engine(
