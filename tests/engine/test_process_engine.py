@@ -73,8 +73,11 @@ async def test_outputs_match_the_in_thread_engine(tiny_model):
 
 
 async def test_refuses_what_the_in_thread_engine_refuses(tiny_model):
+    """Also: the worker runs at the niceness it was given, above the front end's."""
     prompt, _ = chat_prompt(tiny_model, "hello")
-    async with ProcessEngine.open(worker_config(tiny_model)) as engine:
+    async with ProcessEngine.open(worker_config(tiny_model, nice=3)) as engine:
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, engine.worker_pid) == min(own + 3, 19)
         assert engine.max_model_len == tiny_model.max_model_len
         with pytest.raises(InvalidRequest) as info:
             async with engine.open_stream(prompt, SamplingParams(max_tokens=tiny_model.max_model_len)):

@@ -1,0 +1,58 @@
+"""RequestStream pacing: intervals between deltas are at least ``min_interval`` and, with a
+spread, stretched by a random amount up to ``spread`` times it, so streams fed by the same
+engine steps drift apart instead of waking together."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+import trio.testing
+
+from engine.engine_core import SequenceUpdate
+from engine.prompt import EnginePrompt
+from engine.request_stream import RequestStream
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+TOKENS = 200
+STEP = 0.001
+
+
+async def paced_take_times(spread: float, seed: int) -> list[float]:
+    """Feed one token per millisecond for 200 ms; return when each delta was taken."""
+    seq = Sequence(0, EnginePrompt([1, 2, 3]), SamplingParams(max_tokens=TOKENS))
+    stream = RequestStream(seq, min_interval=0.01, spread=spread, rng=random.Random(seed))
+    times = []
+
+    async def engine():
+        for i in range(TOKENS):
+            await trio.sleep(STEP)
+            stream.push(SequenceUpdate(seq, [i], "x", None, "length" if i == TOKENS - 1 else None))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(engine)
+        async for delta in stream:
+            times.append((trio.current_time(), delta.finish_reason))
+    return times
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.5])
+async def test_intervals_are_between_min_and_stretched_max(spread, autojump_clock):
+    times = await paced_take_times(spread, seed=1)
+    gaps = [b[0] - a[0] for a, b in zip(times, times[1:]) if b[1] is None]
+    assert gaps
+    assert all(0.01 - 1e-9 <= gap <= 0.01 * (1 + spread) + STEP + 1e-9 for gap in gaps)
+    if spread:
+        assert max(gaps) - min(gaps) > 0.002  # actually spread, not one fixed interval
+    else:
+        assert max(gaps) - min(gaps) < STEP + 1e-9
+
+
+async def test_two_streams_fed_together_drift_apart(autojump_clock):
+    """Same feed, different draws: after the first few deltas the two streams no longer
+    take their deltas at the same instants."""
+    first = [t for t, _ in await paced_take_times(0.5, seed=1)]
+    second = [t for t, _ in await paced_take_times(0.5, seed=2)]
+    assert set(first[3:-1]) != set(second[3:-1])
