@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from bench.launch.servers import running_image_server, running_server
+from bench.launch.servers import VLSERVE_VARIANTS, running_image_server, running_server
 from bench.loadgen.cpu_account import foreign_load_now
 from bench.loadgen.metrics import Summary, summarise
 from bench.loadgen.options import LoadOptions
@@ -89,7 +89,7 @@ async def run_benchmark(plan: BenchmarkPlan, progress: Progress | None = None) -
             )
         for repeat in range(plan.repeats):
             for name in _rotated(plan.servers, repeat):
-                extra = plan.vlserve_args if name == "vlserve" else ()
+                extra = plan.vlserve_args if name in VLSERVE_VARIANTS else ()
                 async with running_server(name, plan.log_dir, model=plan.model, extra_args=extra) as server:
                     async with httpx.AsyncClient(base_url=server.base_url, timeout=30.0) as client:
                         model_id = await first_model_id(client)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from bench.launch.servers import REPO_ROOT, SERVERS
+from bench.launch.servers import DEFAULT_SERVERS, REPO_ROOT, SERVERS
 from bench.loadgen.options import LoadOptions
 from bench.orchestrate import BenchmarkPlan, run_benchmark, timestamp
 from bench.report.health_plot import plot_health
@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workload", type=_csv(str, WORKLOADS), default=("text",), help=f"one or more of {', '.join(WORKLOADS)}"
     )
-    parser.add_argument("--servers", type=_csv(str, SERVERS), default=SERVERS)
+    parser.add_argument(
+        "--servers", type=_csv(str, SERVERS), default=DEFAULT_SERVERS, help=f"any of {', '.join(SERVERS)}"
+    )
     parser.add_argument("--concurrency", type=_csv(int), default=(64,), help="one level, or several for a sweep")
     parser.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second (open loop)")
     parser.add_argument("--num-requests", type=int, default=256)

@@ -26,11 +26,12 @@ class ServerConfig:
     # run the scheduler, model and sampler in a worker process (its own GIL and core);
     # false runs them in a thread of the server process
     engine_process: bool = True
-    # torch intra-op threads in the engine worker (0: torch's default)
+    # torch intra-op threads in the engine worker (0: one fewer than the CPUs, at least
+    # one, so the event loop keeps a core)
     engine_torch_threads: int = 0
     # added to the engine worker's niceness: on a CPU host the event loop (and /health)
-    # then wins the cores whenever both want one
-    engine_nice: int = 0
+    # then wins a core whenever both want one (bench/README.md: 10 vs 0)
+    engine_nice: int = 10
     # decode steps one engine call may run back to back while no request joins or leaves
     decode_steps_per_call: int = 4
     # minimum seconds between two deltas of one request (faster tokens are sent together)

@@ -31,7 +31,7 @@ HELP = MappingProxyType(
         "max_body_bytes": "largest accepted request body in bytes (413 beyond)",
         "max_concurrent_requests": "requests in flight before refusing with 503",
         "engine_process": "run the engine (scheduler, model, sampler) in its own worker process",
-        "engine_torch_threads": "torch threads in the engine worker process (0: torch's default)",
+        "engine_torch_threads": "torch threads in the engine worker process (0: CPUs minus one, at least one)",
         "engine_nice": "niceness added to the engine worker process (CPU priority below the server's)",
         "drain_timeout": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import gc
+import os
 import sys
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ def _open_engine(loaded: LoadedModel, config: ServerConfig, device_gate: trio.Ca
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             decode_steps_per_call=config.decode_steps_per_call,
-            torch_threads=config.engine_torch_threads,
+            torch_threads=config.engine_torch_threads or max(1, (os.cpu_count() or 1) - 1),
             nice=config.engine_nice,
         )
         return ProcessEngine.open(worker, stream_interval=config.stream_interval)

@@ -1,4 +1,6 @@
-"""The servers under test and how to start each: vlserve and the two LMDeploy-style baselines."""
+"""The servers under test and how to start each: vlserve (engine in its worker process, the
+default), vlserve-thread (engine in a thread of the server process) and the two
+LMDeploy-style baselines."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 from bench.launch.process import free_port, managed_process
 from bench.launch.readiness import http_ready
 
-SERVERS = ("vlserve", "pr-style", "main-style")
+SERVERS = ("vlserve", "vlserve-thread", "pr-style", "main-style")
+DEFAULT_SERVERS = ("vlserve", "pr-style", "main-style")
+VLSERVE_VARIANTS = {"vlserve": (), "vlserve-thread": ("--no-engine-process",)}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,7 +41,7 @@ def vlserve_executable() -> str:
 def server_command(name: str, port: int, model: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """The command line that serves ``name`` on 127.0.0.1:``port``, ``extra`` appended."""
     model_args = ["--model", model, *extra] if model else list(extra)
-    if name == "vlserve":
+    if name in VLSERVE_VARIANTS:
         return [
             vlserve_executable(),
             "serve",
@@ -46,6 +50,7 @@ def server_command(name: str, port: int, model: str | None = None, extra: tuple[
             "--port",
             str(port),
             "--allow-private-media-urls",
+            *VLSERVE_VARIANTS[name],
             *model_args,
         ]
     if name in ("pr-style", "main-style"):
