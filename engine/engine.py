@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator
 
 import trio
@@ -24,6 +23,7 @@ from engine.request_stream import RequestStream
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceIds
+from engine.step_tally import EngineStatistics, StepTally
 from engine.submit_checks import check_submittable
 
 if TYPE_CHECKING:
@@ -32,19 +32,6 @@ if TYPE_CHECKING:
 STALL_SECONDS = 60.0
 # each stream's interval between deltas is stretched by a random 0-50 % (RequestStream)
 STREAM_SPREAD = 0.5
-
-
-@dataclass(frozen=True)
-class EngineStatistics:
-    running: int
-    waiting: int
-    steps: int
-    prompt_tokens: int
-    generation_tokens: int
-    cache_tokens: int
-    cache_bytes: int
-    last_step_seconds: float
-    device_gate_borrowed: int
 
 
 class Engine:
@@ -59,10 +46,7 @@ class Engine:
         self._rng = random.Random()
         self._streams: dict[int, RequestStream] = {}
         self._wakeup = trio.Event()
-        self._steps = 0
-        self._prompt_tokens = 0
-        self._generation_tokens = 0
-        self._last_step_seconds = 0.0
+        self._tally = StepTally()
         self._last_progress = time.monotonic()
         self._loop_alive = False
         self._closing = False
@@ -139,10 +123,7 @@ class Engine:
             self._abort_all("the engine's step loop stopped")
 
     def _deliver(self, report: StepReport) -> None:
-        self._steps += 1
-        self._prompt_tokens += report.prefill_tokens
-        self._generation_tokens += sum(len(u.token_ids) for u in report.updates)
-        self._last_step_seconds = report.seconds
+        self._tally.record(report)
         self._last_progress = time.monotonic()
         for update in report.updates:
             stream = self._streams.get(update.seq.seq_id)
@@ -165,17 +146,7 @@ class Engine:
         return time.monotonic() - self._last_progress < STALL_SECONDS
 
     def statistics(self) -> EngineStatistics:
-        return EngineStatistics(
-            running=self._scheduler.num_running,
-            waiting=self._scheduler.num_waiting,
-            steps=self._steps,
-            prompt_tokens=self._prompt_tokens,
-            generation_tokens=self._generation_tokens,
-            cache_tokens=self._core.runner.cache_tokens(),
-            cache_bytes=self._core.runner.cache_bytes(),
-            last_step_seconds=self._last_step_seconds,
-            device_gate_borrowed=self._device_gate.borrowed_tokens,
-        )
+        return self._tally.statistics(self._scheduler, self._core.runner, self._device_gate.borrowed_tokens)
 
 
 @asynccontextmanager

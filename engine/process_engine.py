@@ -16,6 +16,7 @@ after ``STOP_SECONDS``. If the worker dies on its own, every open stream ends wi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import sys
@@ -26,13 +27,14 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 import trio
 
-from engine.engine import STALL_SECONDS, STREAM_SPREAD, EngineStatistics
+from engine.engine import STALL_SECONDS, STREAM_SPREAD
 from engine.engine_core import SequenceUpdate
 from engine.errors import ModelLoadError
 from engine.prompt import EnginePrompt
 from engine.request_stream import RequestStream
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SequenceIds, SequenceStatus
+from engine.step_tally import IDLE_STATISTICS, EngineStatistics
 from engine.submit_checks import check_submittable
 from engine.wire import (
     MessageReceiver,
@@ -42,7 +44,6 @@ from engine.wire import (
     WorkerConfig,
     WorkerFailed,
     WorkerReady,
-    WorkerStats,
     encode,
 )
 
@@ -74,7 +75,7 @@ class ProcessEngine:
         self._pending_adds: list[NewSequence] = []
         self._pending_aborts: list[int] = []
         self._outbox_changed = trio.Event()
-        self._stats = WorkerStats(0, 0, 0, 0, 0, 0, 0, 0.0)
+        self._stats = IDLE_STATISTICS
         self._last_progress = time.monotonic()
         self._alive = False
         self._closing = False
@@ -222,18 +223,7 @@ class ProcessEngine:
 
     def statistics(self) -> EngineStatistics:
         """The worker's figures as of its last message, plus sequences not yet sent to it."""
-        stats = self._stats
-        return EngineStatistics(
-            running=stats.running,
-            waiting=stats.waiting + len(self._pending_adds),
-            steps=stats.steps,
-            prompt_tokens=stats.prompt_tokens,
-            generation_tokens=stats.generation_tokens,
-            cache_tokens=stats.cache_tokens,
-            cache_bytes=stats.cache_bytes,
-            last_step_seconds=stats.last_step_seconds,
-            device_gate_borrowed=0,
-        )
+        return dataclasses.replace(self._stats, waiting=self._stats.waiting + len(self._pending_adds))
 
 
 async def _handshake(

@@ -20,6 +20,7 @@ import trio
 from engine.outputs import TokenLogprob
 from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
+from engine.step_tally import EngineStatistics
 
 HEADER = struct.Struct("!Q")
 RECEIVE_CHUNK = 1 << 16
@@ -83,23 +84,11 @@ class OutputUpdate:
 
 
 @dataclass(frozen=True)
-class WorkerStats:
-    running: int
-    waiting: int
-    steps: int
-    prompt_tokens: int
-    generation_tokens: int
-    cache_tokens: int
-    cache_bytes: int
-    last_step_seconds: float
-
-
-@dataclass(frozen=True)
 class StepOutputs:
     """Sent after every step (and whenever the worker goes idle), so stats stay current."""
 
     updates: list[OutputUpdate]
-    stats: WorkerStats
+    stats: EngineStatistics  # the worker's, as of this message
 
 
 def encode(message: object) -> bytes:

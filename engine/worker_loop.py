@@ -12,7 +12,8 @@ from __future__ import annotations
 from engine.engine_core import EngineCore, StepReport
 from engine.scheduler import Scheduler, StepPlan
 from engine.sequence import Sequence, SequenceStatus
-from engine.wire import BlockingMessageSocket, NewSequence, OutputUpdate, StepOutputs, Submit, WorkerStats
+from engine.step_tally import EngineStatistics, StepTally
+from engine.wire import BlockingMessageSocket, NewSequence, OutputUpdate, StepOutputs, Submit
 
 
 class WorkerLoop:
@@ -21,10 +22,7 @@ class WorkerLoop:
         self._scheduler = scheduler
         self._channel = channel
         self._sequences: dict[int, Sequence] = {}
-        self._steps = 0
-        self._prompt_tokens = 0
-        self._generation_tokens = 0
-        self._last_step_seconds = 0.0
+        self._tally = StepTally()
 
     def run(self) -> None:
         """Serve until the front end closes its end of the socket."""
@@ -66,12 +64,9 @@ class WorkerLoop:
         report: StepReport = self._core.execute(plan)
         for seq in plan.leaving:
             self._sequences.pop(seq.seq_id, None)
-        self._steps += 1
-        self._prompt_tokens += report.prefill_tokens
-        self._last_step_seconds = report.seconds
+        self._tally.record(report)
         updates = []
         for update in report.updates:
-            self._generation_tokens += len(update.token_ids)
             seq = update.seq
             updates.append(
                 OutputUpdate(seq.seq_id, update.token_ids, update.text, update.logprobs, update.finish_reason, seq.error)
@@ -81,14 +76,5 @@ class WorkerLoop:
     def _send(self, updates: list[OutputUpdate]) -> None:
         self._channel.send(StepOutputs(updates, self.statistics()))
 
-    def statistics(self) -> WorkerStats:
-        return WorkerStats(
-            running=self._scheduler.num_running,
-            waiting=self._scheduler.num_waiting,
-            steps=self._steps,
-            prompt_tokens=self._prompt_tokens,
-            generation_tokens=self._generation_tokens,
-            cache_tokens=self._core.runner.cache_tokens(),
-            cache_bytes=self._core.runner.cache_bytes(),
-            last_step_seconds=self._last_step_seconds,
-        )
+    def statistics(self) -> EngineStatistics:
+        return self._tally.statistics(self._scheduler, self._core.runner)
