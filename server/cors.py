@@ -30,6 +30,19 @@ class CorsPolicy:
             return "*"
         return origin if origin in self._origins else None
 
+    def response_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        """The CORS headers every response to ``origin`` carries (none for others)."""
+        allowed = self.allow_origin(origin)
+        if allowed is None:
+            return []
+        headers = [
+            ("Access-Control-Allow-Origin", allowed),
+            ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After"),
+        ]
+        if allowed != "*":
+            headers.append(("Vary", "Origin"))
+        return headers
+
 
 def install_cors(app: Quart, policy: CorsPolicy) -> None:
     """Answer preflights and add CORS headers to responses (no-op without origins)."""
@@ -50,12 +63,11 @@ def install_cors(app: Quart, policy: CorsPolicy) -> None:
         return response
 
     async def add_headers(response: Response) -> Response:
-        allowed = policy.allow_origin(request.headers.get("Origin"))
-        if allowed is not None:
-            response.headers["Access-Control-Allow-Origin"] = allowed
-            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
-            if allowed != "*":
-                response.headers.add("Vary", "Origin")
+        for name, value in policy.response_headers(request.headers.get("Origin")):
+            if name == "Vary":
+                response.headers.add(name, value)  # keep any Vary already there
+            else:
+                response.headers[name] = value
         return response
 
     app.before_request(preflight)

@@ -58,10 +58,6 @@ class ProbeFastPath:
         request_id = choose_request_id(presented.decode("latin-1") if presented is not None else None)
         headers = [(REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
         origin = request_headers.get(b"origin")
-        allowed = self._cors.allow_origin(origin.decode("latin-1") if origin is not None else None)
-        if allowed is not None:
-            headers.append((b"access-control-allow-origin", allowed.encode()))
-            headers.append((b"access-control-expose-headers", b"X-Request-Id, Retry-After"))
-            if allowed != "*":
-                headers.append((b"vary", b"Origin"))
+        cors = self._cors.response_headers(origin.decode("latin-1") if origin is not None else None)
+        headers.extend((name.lower().encode(), value.encode()) for name, value in cors)
         return headers
