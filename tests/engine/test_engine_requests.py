@@ -10,20 +10,7 @@ import trio
 from engine.engine import open_engine
 from engine.sampling_params import SamplingParams
 from tests.engine.prompts import chat_prompt
-
-
-async def run_stream(engine, prompt, params):
-    deltas = []
-    async with engine.open_stream(prompt, params) as stream:
-        async for delta in stream:
-            deltas.append(delta)
-    return deltas
-
-
-async def wait_until_idle(engine):
-    with trio.fail_after(5):
-        while engine.statistics().running or engine.statistics().waiting or engine.statistics().cache_tokens:
-            await trio.sleep(0.005)
+from tests.engine.streams import run_stream, wait_until_idle
 
 
 @pytest.mark.parametrize("decode_steps_per_call", [1, 4])

@@ -15,15 +15,8 @@ from engine.errors import ModelLoadError
 from engine.process_engine import ProcessEngine, worker_config
 from engine.sampling_params import SamplingParams
 from tests.engine.prompts import chat_prompt, noise_image
+from tests.engine.streams import run_stream, wait_until_idle
 from vl.errors import InvalidRequest
-
-
-async def run_stream(engine, prompt, params):
-    deltas = []
-    async with engine.open_stream(prompt, params) as stream:
-        async for delta in stream:
-            deltas.append(delta)
-    return deltas
 
 
 async def run_all(engine, requests):
@@ -37,12 +30,6 @@ async def run_all(engine, requests):
             nursery.start_soon(one, key, prompt, params)
     return {key: ("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], deltas[-1].finish_reason)
             for key, deltas in results.items()}
-
-
-async def wait_until_idle(engine):
-    with trio.fail_after(10):
-        while engine.statistics().running or engine.statistics().waiting or engine.statistics().cache_tokens:
-            await trio.sleep(0.005)
 
 
 def mixed_requests(tiny_model):
@@ -62,7 +49,7 @@ async def test_outputs_match_the_in_thread_engine(tiny_model):
     requests = mixed_requests(tiny_model)
     async with ProcessEngine.open(worker_config(tiny_model, decode_steps_per_call=4)) as engine:
         in_process = await run_all(engine, requests)
-        await wait_until_idle(engine)
+        await wait_until_idle(engine, timeout=10)
         stats = engine.statistics()
     async with open_engine(tiny_model, decode_steps_per_call=4) as engine:
         in_thread = await run_all(engine, requests)
@@ -115,7 +102,7 @@ async def test_leaving_or_cancelling_a_stream_aborts_it_in_the_worker(tiny_model
                     if seen >= 2:
                         break
             scope.cancel()
-        await wait_until_idle(engine)
+        await wait_until_idle(engine, timeout=10)
         assert results["other"][-1].finish_reason == "length"
         assert results["other"][-1].completion_tokens == 40
         assert engine.is_healthy()
