@@ -39,6 +39,12 @@ class ServerConfig:
     # preparation gates (see DESIGN.md: GIL-bound work at 1, GIL-releasing at the core count)
     image_prep_concurrency: int = 2
     tokenizer_concurrency: int = 1
+    # run the gated prep work (template, tokenizer, image decode + preprocess) in worker
+    # processes, one per gate token, instead of threads that share the event loop's GIL
+    # (bench/README.md: /health p99 about 4x lower on images, about a third fewer req/s)
+    prep_processes: bool = False
+    # added to each prep worker process's niceness
+    prep_nice: int = 0
     vision_max_batch_size: int = 16
     vision_max_batch_patches: int = 32768
     mm_cache_mb: int = 256

@@ -33,6 +33,8 @@ HELP = MappingProxyType(
         "engine_process": "run the engine (scheduler, model, sampler) in its own worker process",
         "engine_torch_threads": "torch threads in the engine worker process (0: CPUs minus one, at least one)",
         "engine_nice": "niceness added to the engine worker process (CPU priority below the server's)",
+        "prep_processes": "run template, tokenizer and image prep in worker processes instead of threads",
+        "prep_nice": "niceness added to each prep worker process",
         "drain_timeout": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
     }
 )

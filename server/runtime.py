@@ -28,6 +28,8 @@ from vl.gates import Gate
 from vl.image_fetcher import ImageFetcher
 from vl.image_preprocess import ImagePreprocessor
 from vl.media_policy import MediaPolicy
+from vl.prep_processes import ProcessPrep
+from vl.prep_tools import PrepTools, PrepToolsSpec
 from vl.vision_encoder import VisionEncoder
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -95,18 +97,17 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
     device_gate = trio.CapacityLimiter(1)
     policy = MediaPolicy.from_config(config)
     async with ImageFetcher(policy) as fetcher:
-        async with _open_engine(loaded, config, device_gate) as engine:
+        async with _open_engine(loaded, config, device_gate) as engine, _open_prep_runner(loaded, config, policy) as runner:
             async with _open_encoder(loaded, config, device_gate) as encoder:
                 preparer = ChatPreparer(
-                    tokenizer=loaded.tokenizer,
-                    policy=policy,
+                    tools=PrepTools(loaded.tokenizer, policy, _preprocessor(loaded)),
                     fetcher=fetcher,
                     image_gate=Gate("image_prep", config.image_prep_concurrency),
                     tokenizer_gate=Gate("tokenizer", config.tokenizer_concurrency),
                     feature_cache=FeatureCache(config.mm_cache_mb * 1024 * 1024),
-                    preprocessor=_preprocessor(loaded),
                     encoder=encoder,
                     image_token=IMAGE_TOKEN if loaded.supports_images else None,
+                    runner=runner,
                 )
                 yield Runtime(
                     config=config,
@@ -140,6 +141,19 @@ def _open_engine(loaded: LoadedModel, config: ServerConfig, device_gate: trio.Ca
         stream_interval=config.stream_interval,
         decode_steps_per_call=config.decode_steps_per_call,
     )
+
+
+@asynccontextmanager
+async def _open_prep_runner(loaded: LoadedModel, config: ServerConfig, policy: MediaPolicy) -> AsyncIterator[ProcessPrep | None]:
+    """Prep worker processes (one per gate token) if configured, else ``None`` (threads)."""
+    if not config.prep_processes:
+        yield None
+        return
+    merge_size = loaded.adapter.spatial_merge_size if loaded.supports_images else None
+    spec = PrepToolsSpec(str(loaded.path), policy, merge_size)
+    workers = config.tokenizer_concurrency + (config.image_prep_concurrency if loaded.supports_images else 0)
+    async with ProcessPrep.open(spec, workers=workers, nice=config.prep_nice) as prep:
+        yield prep
 
 
 def _preprocessor(loaded: LoadedModel) -> ImagePreprocessor | None:

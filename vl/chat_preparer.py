@@ -1,17 +1,17 @@
 """Turn an OpenAI request into an ``EnginePrompt``: the request path's preparation stage.
 
 For a chat request: the messages are validated; the chat template is rendered and
-tokenized in a worker thread under the tokenizer gate, while all images are resolved
-concurrently: fetched asynchronously (network waits hold no CPU gate), decoded and
-preprocessed in worker threads under the image-prep gate, and encoded by the shared,
+tokenized under the tokenizer gate, while all images are resolved concurrently: fetched
+asynchronously (network waits hold no CPU gate), decoded and preprocessed under the
+image-prep gate, and encoded by the shared,
 batched vision encoder. Repeated images come from the feature cache and skip decode,
 preprocessing and encoding. Each image's placeholder token is then expanded to as many
-tokens as its features.
+tokens as its features. The gated work runs in worker threads or prep worker processes,
+as the ``PrepRunner`` given decides.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +22,10 @@ from vl.chat_messages import ImageRef, parse_messages
 from vl.errors import InvalidRequest
 from vl.feature_cache import FeatureCache, FeatureCacheStatistics
 from vl.gates import Gate, GateStatistics
-from vl.image_decode import decode_image
 from vl.image_fetcher import ImageFetcher
-from vl.image_preprocess import ImagePreprocessor, PixelInputs
-from vl.image_source import EncodedImage, load_image_bytes
-from vl.media_policy import MediaPolicy
+from vl.image_source import load_image_bytes
+from vl.prep_runner import PrepRunner, ThreadPrep
+from vl.prep_tools import PrepTools, image_cache_key
 from vl.vision_encoder import VisionEncoder, VisionEncoderStatistics
 
 
@@ -43,36 +42,42 @@ class ChatPreparer:
     def __init__(
         self,
         *,
-        tokenizer: Any,
-        policy: MediaPolicy,
+        tools: PrepTools,
         fetcher: ImageFetcher,
         image_gate: Gate,
         tokenizer_gate: Gate,
         feature_cache: FeatureCache,
-        preprocessor: ImagePreprocessor | None = None,
         encoder: VisionEncoder | None = None,
         image_token: str | None = None,
+        runner: PrepRunner | None = None,
     ) -> None:
-        self._tokenizer = tokenizer
-        self._policy = policy
+        """``tools`` is the server process's copy (settings, token ids); ``runner`` runs
+        the gated work (default: worker threads using ``tools``)."""
+        self._tools = tools
+        self._policy = tools.policy
         self._fetcher = fetcher
         self.image_gate = image_gate
         self.tokenizer_gate = tokenizer_gate
         self._cache = feature_cache
-        self._preprocessor = preprocessor
         self._encoder = encoder
-        self._image_token_id = tokenizer.convert_tokens_to_ids(image_token) if image_token else None
+        self._runner = runner or ThreadPrep(tools)
+        self._image_token_id = tools.tokenizer.convert_tokens_to_ids(image_token) if image_token else None
+
+    @property
+    def runner(self) -> PrepRunner:
+        """Where the gated work runs."""
+        return self._runner
 
     @property
     def supports_images(self) -> bool:
-        return self._encoder is not None and self._preprocessor is not None
+        return self._encoder is not None and self._tools.preprocessor is not None
 
     async def prepare_chat(self, messages: Any) -> EnginePrompt:
         """Validate, render, tokenize and attach image features.
 
         Raises ``InvalidRequest``/``MediaError`` naming the offending field. Cancellation:
-        stops at the next boundary (fetch, gate wait, thread return, encoder result);
-        threads already running finish and give their gate tokens back; nothing reaches
+        stops at the next boundary (fetch, gate wait, worker return, encoder result);
+        work already running finishes and gives its gate token back; nothing reaches
         the engine.
         """
         parsed = parse_messages(
@@ -90,7 +95,7 @@ class ChatPreparer:
                 cancel_scope.cancel()
 
         async def render() -> None:
-            token_ids.extend(await self.tokenizer_gate.run(self._render_and_tokenize, parsed.messages))
+            token_ids.extend(await self._runner.run(self.tokenizer_gate, "render_and_tokenize", parsed.messages))
 
         def resolver(i: int, ref: ImageRef):
             async def resolve() -> None:
@@ -111,49 +116,24 @@ class ChatPreparer:
         return EnginePrompt(await self.tokenize(prompt, add_special_tokens=True))
 
     async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return await self.tokenizer_gate.run(self._encode, text, add_special_tokens)
+        return await self._runner.run(self.tokenizer_gate, "encode", text, add_special_tokens)
 
     async def tokenize_chat(self, messages: Any) -> list[int]:
         """Token ids of the rendered chat template, one placeholder token per image."""
         parsed = parse_messages(messages, max_images=self._policy.max_images_per_request, images_allowed=True)
-        return await self.tokenizer_gate.run(self._render_and_tokenize, parsed.messages)
+        return await self._runner.run(self.tokenizer_gate, "render_and_tokenize", parsed.messages)
 
     async def detokenize(self, token_ids: list[int]) -> str:
-        return await self.tokenizer_gate.run(self._decode, token_ids)
-
-    # --- worker-thread functions -------------------------------------------------------
-
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-
-    def _decode(self, token_ids: list[int]) -> str:
-        vocab = len(self._tokenizer)
-        return self._tokenizer.decode([t for t in token_ids if 0 <= t < vocab])
-
-    def _render_and_tokenize(self, messages: list[dict]) -> list[int]:
-        if not getattr(self._tokenizer, "chat_template", None):
-            raise InvalidRequest("This model has no chat template; use /v1/completions.", param="messages")
-        try:
-            text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja errors: the template rejected these messages
-            raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages") from None
-        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _decode_and_preprocess(self, image: EncodedImage, param: str) -> tuple[str, ImageFeatures | None, PixelInputs | None]:
-        key = f"{hashlib.sha256(image.payload).hexdigest()}:{int(image.base64_encoded)}:{self._preprocessor.settings_key}"
-        cached = self._cache.get(key)
-        if cached is not None:
-            return key, cached, None
-        picture = decode_image(image, self._policy, param=param)
-        return key, None, self._preprocessor(picture)
-
-    # --- event-loop helpers ------------------------------------------------------------
+        return await self._runner.run(self.tokenizer_gate, "decode", token_ids)
 
     async def _image_features(self, ref: ImageRef) -> ImageFeatures:
         encoded = await load_image_bytes(ref.url, param=ref.param, fetcher=self._fetcher, policy=self._policy)
-        key, cached, pixels = await self.image_gate.run(self._decode_and_preprocess, encoded, ref.param)
+        # hashing releases the GIL; it needs no gate (cheap, and bounded by admission)
+        key = await trio.to_thread.run_sync(image_cache_key, encoded, self._tools.preprocessor.settings_key)
+        cached = self._cache.get(key)
         if cached is not None:
             return cached
+        pixels = await self._runner.run(self.image_gate, "decode_and_preprocess", encoded, ref.param)
         features = await self._encoder.encode(pixels)
         self._cache.put(key, features)
         return features

@@ -1,6 +1,7 @@
 """The CPU gates of request preparation, and the statistics every gate reports.
 
-Each gate is a ``trio.CapacityLimiter`` that is held *by the worker thread doing the work*:
+Each gate is a ``trio.CapacityLimiter`` that is held *by the worker doing the work* (a
+thread here; ``run_in_process`` gives the same guarantee for a worker process):
 ``trio.to_thread.run_sync(fn, limiter=gate)`` borrows a token before the thread starts
 and, with the default ``abandon_on_cancel=False``, gives it back only when the thread has
 returned, even if the caller was cancelled meanwhile. So a gate's borrowed tokens always
@@ -10,9 +11,13 @@ equal the threads running under it, and cancelled waiters never start work (no b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
+
+if TYPE_CHECKING:
+    import trio_parallel
 
 T = TypeVar("T")
 
@@ -45,6 +50,17 @@ class Gate:
         ``Cancelled`` is raised at the caller's next checkpoint.
         """
         result = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        self._completed += 1
+        return result
+
+    async def run_in_process(self, context: trio_parallel.WorkerContext, fn: Callable[..., T], *args) -> T:
+        """Run ``fn(*args)`` in a worker process of ``context`` holding one token of this gate.
+
+        ``fn`` and ``args`` must pickle. Cancellation: as ``run``: while waiting for a token
+        the call is cancelled at once; once the job is sent, the caller waits (shielded)
+        for the process to return and keeps the token until then.
+        """
+        result = await context.run_sync(fn, *args, limiter=self.limiter)
         self._completed += 1
         return result
 

@@ -16,7 +16,7 @@ from bench.loadgen.run import LoadRun  # noqa: E402
 
 TARGET_P99_MS = 5.0
 TARGET_MAX_MS = 15.0
-COLOURS = (("vlserve", "tab:blue"), ("vlserve-thread", "tab:purple"), ("pr-style", "tab:orange"), ("main-style", "tab:green"))
+COLOURS = (("vlserve", "tab:blue"), ("vlserve-thread", "tab:purple"), ("vlserve-prep-procs", "tab:cyan"), ("pr-style", "tab:orange"), ("main-style", "tab:green"))
 
 # (server, concurrency, [(seconds since the burst started, latency ms), ...])
 Series = tuple[str, int, list[tuple[float, float]]]

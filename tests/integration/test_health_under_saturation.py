@@ -38,8 +38,9 @@ async def test_health_answers_while_every_gate_is_saturated(http, runtime):
     preparer = runtime.preparer
     release = threading.Event()
     entered: list[str] = []
-    preparer._decode_and_preprocess = block_in_thread(release, entered, preparer._decode_and_preprocess)
-    preparer._render_and_tokenize = block_in_thread(release, entered, preparer._render_and_tokenize)
+    tools = preparer.runner.tools  # the default runner: worker threads
+    tools.decode_and_preprocess = block_in_thread(release, entered, tools.decode_and_preprocess)
+    tools.render_and_tokenize = block_in_thread(release, entered, tools.render_and_tokenize)
     device_holder = object()
     await runtime.device_gate.acquire_on_behalf_of(device_holder)
     statuses = []

@@ -14,6 +14,7 @@ from server.runtime import open_runtime
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
 from tests.helpers.image_server import RequestLog, Route, serve_images
 from vl.errors import InvalidRequest, MediaError
+from vl.prep_processes import ProcessPrep
 
 
 def png_bytes(image) -> bytes:
@@ -35,13 +36,16 @@ def config():
     return ServerConfig(allow_private_media_urls=True)
 
 
-async def test_prepared_image_prompt_matches_hf_and_generates_like_generate(tiny_model, config):
+@pytest.mark.parametrize("prep_processes", [False, True], ids=["prep-threads", "prep-processes"])
+async def test_prepared_image_prompt_matches_hf_and_generates_like_generate(tiny_model, prep_processes):
     """The preparer's prompt (token ids and features) equals the one built directly from the
     tokenizer, image processor and vision tower, and the engine's greedy output on it equals
-    transformers' ``generate``."""
+    transformers' ``generate``: with the prep work in threads and in prep processes."""
     image = noise_image(3, 240, 320)
     expected_prompt, extra = chat_prompt(tiny_model, "describe the picture", image)
+    config = ServerConfig(allow_private_media_urls=True, prep_processes=prep_processes)
     async with open_runtime(config, loaded=tiny_model) as rt:
+        assert isinstance(rt.preparer.runner, ProcessPrep) == prep_processes
         prompt = await rt.preparer.prepare_chat(image_message(data_uri(image)))
         assert prompt.token_ids == expected_prompt.token_ids
         assert torch.allclose(prompt.images[0].embeddings, expected_prompt.images[0].embeddings, atol=1e-5)

@@ -1,0 +1,142 @@
+"""Preparation in prep worker processes: same results as in threads, same gate invariants."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+import trio
+import trio_parallel
+
+from tests.engine.prompts import noise_image
+from tests.vl.process_work import announce_then_wait
+from vl.errors import MediaError
+from vl.gates import Gate
+from vl.image_preprocess import ImagePreprocessor
+from vl.image_source import EncodedImage
+from vl.media_policy import MediaPolicy
+from vl.prep_processes import ProcessPrep
+from vl.prep_runner import ThreadPrep
+from vl.prep_tools import PrepTools, PrepToolsSpec
+
+
+async def wait_for_path(path) -> None:
+    with trio.fail_after(30):
+        while not path.exists():
+            await trio.sleep(0.01)
+
+
+async def test_cancelled_requester_keeps_token_until_its_process_returns(tmp_path):
+    """Invariant: a requester cancelled while its call runs in a worker process keeps the
+    gate's token until the process returns (the work runs to its end); waiters queued behind
+    it and cancelled never start their work; afterwards the gate is full and idle."""
+    gate = Gate("prep", 1)
+    started, release = tmp_path / "started", tmp_path / "release"
+    finished = trio.Event()
+    outcome: list[str] = []
+
+    async def requester(scope: trio.CancelScope) -> None:
+        with scope:
+            outcome.append(await gate.run_in_process(context, announce_then_wait, str(started), str(release)))
+            finished.set()
+            await trio.sleep(0)
+            outcome.append("not cancelled")
+
+    async def waiter(i: int) -> None:
+        with trio.CancelScope() as scope:
+            waiting.append(scope)
+            await gate.run_in_process(context, announce_then_wait, str(tmp_path / f"waiter-{i}"), str(release))
+
+    async with trio_parallel.open_worker_context() as context:
+        first, waiting = trio.CancelScope(), []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(requester, first)
+            await wait_for_path(started)
+            for i in range(5):
+                nursery.start_soon(waiter, i)
+            await trio.sleep(0.1)
+            assert gate.statistics().waiting == 5
+            first.cancel()
+            for scope in waiting:
+                scope.cancel()
+            await trio.sleep(0.2)
+            assert not finished.is_set()  # still waiting for its process
+            assert gate.statistics().borrowed == 1
+            release.touch()
+            await finished.wait()
+    assert first.cancelled_caught and all(scope.cancelled_caught for scope in waiting)
+    assert outcome == ["done"]  # the work finished; Cancelled came at the next checkpoint
+    assert not any((tmp_path / f"waiter-{i}").exists() for i in range(5))
+    stats = gate.statistics()
+    assert (stats.borrowed, stats.waiting, stats.completed) == (0, 0, 1)
+
+
+def jpeg(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def spec(tiny_model_dir, tiny_model):
+    return PrepToolsSpec(str(tiny_model_dir), MediaPolicy(), tiny_model.adapter.spatial_merge_size)
+
+
+@pytest.fixture
+def local_tools(tiny_model, spec):
+    preprocessor = ImagePreprocessor(tiny_model.image_processor, spec.merge_size)
+    return PrepTools(tiny_model.tokenizer, spec.policy, preprocessor)
+
+
+async def test_process_results_equal_thread_results(spec, local_tools):
+    """Every ``PrepTools`` call gives the same result in a prep process as in a thread, and
+    ``open`` leaves as many loaded processes as asked for."""
+    messages = [{"role": "user", "content": "hello there, how are you?"}]
+    image = EncodedImage(payload=jpeg(noise_image(2, 300, 420)), base64_encoded=False, source="data")
+    threads, tokens, images = ThreadPrep(local_tools), Gate("tokenizer", 1), Gate("image_prep", 2)
+    async with ProcessPrep.open(spec, workers=2) as processes:
+        assert processes.worker_count() == 2
+        results = []
+        for runner in (threads, processes):
+            ids = await runner.run(tokens, "render_and_tokenize", messages)
+            results.append(
+                (
+                    ids,
+                    await runner.run(tokens, "encode", "plain text", True),
+                    await runner.run(tokens, "decode", ids),
+                    await runner.run(images, "decode_and_preprocess", image, "messages[0].content[0]"),
+                )
+            )
+    (ids_t, enc_t, text_t, pix_t), (ids_p, enc_p, text_p, pix_p) = results
+    assert ids_t == ids_p and enc_t == enc_p and text_t == text_p
+    assert "hello there" in text_p
+    assert pix_p.grid_thw == pix_t.grid_thw
+    assert torch.equal(pix_p.pixel_values, pix_t.pixel_values)
+    assert (tokens.statistics().completed, images.statistics().completed) == (6, 2)
+
+
+async def test_errors_in_a_prep_process_keep_param_and_code(spec, local_tools):
+    """A ``MediaError`` raised in a prep process reaches the caller as the same class with
+    the same message, param and code as in a thread; the process stays usable and the gate
+    ends full."""
+    gate = Gate("image_prep", 1)
+    bad = EncodedImage(b"not an image at all", base64_encoded=False, source="data")
+    with pytest.raises(MediaError) as in_thread:
+        await ThreadPrep(local_tools).run(gate, "decode_and_preprocess", bad, "messages[0].content[1]")
+    async with ProcessPrep.open(spec, workers=1) as processes:
+        with pytest.raises(MediaError) as in_process:
+            await processes.run(gate, "decode_and_preprocess", bad, "messages[0].content[1]")
+        assert await processes.run(gate, "encode", "still works", False)
+        assert processes.worker_count() == 1
+    for attribute in ("message", "param", "code"):
+        assert getattr(in_process.value, attribute) == getattr(in_thread.value, attribute)
+    assert in_process.value.code == "invalid_image"
+    assert gate.statistics().borrowed == 0
+
+
+async def test_prep_processes_run_at_the_requested_niceness(spec):
+    base = os.nice(0)
+    async with ProcessPrep.open(spec, workers=1, nice=3) as processes:
+        assert await processes.context.run_sync(os.nice, 0) == min(base + 3, 19)

@@ -1,0 +1,100 @@
+"""Preparation work in prep worker processes (trio-parallel), off the server's GIL.
+
+Template rendering, tokenization, image decode and preprocessing hold the GIL for much of
+their run (DESIGN.md's measurements); in worker threads they make the event loop wait for
+the GIL, and ``/health`` with it. ``ProcessPrep`` runs the same ``PrepTools`` methods in
+worker processes instead, each of which loads its own tokenizer and image processor once,
+at start. The gates stay in the server process: ``Gate.run_in_process`` holds a token for
+as long as a worker process runs the call, and a cancelled caller waits for the call to
+end, so a gate's borrowed tokens still equal the work running under it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+import trio_parallel
+
+from vl.gates import Gate
+from vl.prep_tools import PrepTools, PrepToolsSpec
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+class ProcessPrep:
+    """Runs ``PrepTools`` methods in a pool of prep worker processes."""
+
+    def __init__(self, spec: PrepToolsSpec, context: trio_parallel.WorkerContext) -> None:
+        self._spec = spec
+        self._context = context
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, spec: PrepToolsSpec, *, workers: int, nice: int = 0) -> AsyncIterator[ProcessPrep]:
+        """Start ``workers`` prep processes and wait until each has loaded its tools.
+
+        The pool may grow past ``workers`` only if more calls run at once than that (the
+        gates' capacities decide). Each process adds ``nice`` to its niceness. Leaving the
+        block waits for running calls, then stops the processes (killed after
+        ``SHUTDOWN_GRACE_SECONDS``). Cancellation while starting: the block is not entered
+        and the processes are stopped the same way."""
+        if workers < 1:
+            raise ValueError("ProcessPrep needs at least one worker")
+        async with trio_parallel.open_worker_context(
+            idle_timeout=math.inf,
+            init=functools.partial(_start_worker, spec, nice),
+            grace_period=SHUTDOWN_GRACE_SECONDS,
+        ) as context:
+            prep = cls(spec, context)
+            await prep._start_workers(workers)
+            yield prep
+
+    async def run(self, gate: Gate, method: str, *args: Any) -> Any:
+        return await gate.run_in_process(self._context, _call_tool, self._spec, method, *args)
+
+    @property
+    def context(self) -> trio_parallel.WorkerContext:
+        """The pool itself, for running other picklable functions in the prep processes
+        (``Gate.run_in_process``); leaving ``open`` closes it."""
+        return self._context
+
+    def worker_count(self) -> int:
+        """Prep worker processes alive now (idle or running a call)."""
+        stats = self._context.statistics()
+        return stats.idle_workers + stats.running_workers
+
+    async def _start_workers(self, workers: int) -> None:
+        # Calls started together each take a worker of their own (a new one while none is
+        # idle), so ``workers`` concurrent calls leave ``workers`` loaded processes idle.
+        limiter = trio.CapacityLimiter(workers)
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(functools.partial(self._context.run_sync, _tools_for, self._spec, limiter=limiter))
+
+
+def _start_worker(spec: PrepToolsSpec, nice: int) -> None:
+    """Runs first in each prep worker process: lower its priority, load its tools."""
+    import torch
+
+    if nice:
+        os.nice(nice)
+    torch.set_num_threads(1)  # one call at a time per process: intra-op threads would only oversubscribe
+    _tools_for(spec)
+
+
+@functools.cache
+def _tools_for(spec: PrepToolsSpec) -> PrepTools:
+    """This process's tools for ``spec``, loaded on first use (in a prep worker process,
+    by ``_start_worker``) and kept for the life of the process."""
+    return spec.load()
+
+
+def _call_tool(spec: PrepToolsSpec, method: str, *args: Any) -> Any:
+    """Runs in a prep worker process: one ``PrepTools`` call."""
+    return getattr(_tools_for(spec), method)(*args)
