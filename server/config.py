@@ -41,10 +41,11 @@ class ServerConfig:
     tokenizer_concurrency: int = 1
     # run the gated prep work (template, tokenizer, image decode + preprocess) in worker
     # processes, one per gate token, instead of threads that share the event loop's GIL
-    # (bench/README.md: /health p99 about 4x lower on images, about a third fewer req/s)
+    # (bench/README.md: on images /health p99 ~8x lower, ~a third fewer req/s here)
     prep_processes: bool = False
-    # added to each prep worker process's niceness
-    prep_nice: int = 0
+    # added to each prep worker process's niceness: as for the engine worker, the event
+    # loop then wins a core on a CPU host (bench/README.md: p99 35 ms at 0, 10 ms at 10)
+    prep_nice: int = 10
     vision_max_batch_size: int = 16
     vision_max_batch_patches: int = 32768
     mm_cache_mb: int = 256
