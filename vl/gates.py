@@ -10,8 +10,8 @@ equal the threads running under it, and cancelled waiters never start work (no b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import trio

@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
