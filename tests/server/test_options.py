@@ -8,7 +8,7 @@ import pytest
 
 from server.cli import build_parser, config_from_args, main
 from server.config import ServerConfig
-from server.hypercorn_config import bind_address, hypercorn_config
+from server.hypercorn_config import LISTEN_BACKLOG, bind_address, hypercorn_config
 from server.options import ConfigError, config_from_env, config_options
 
 
@@ -107,6 +107,8 @@ def test_hypercorn_config():
     hyper = hypercorn_config(config, {"keep_alive_timeout": 1})
     assert hyper.bind == ["[::1]:0"] and hyper.graceful_timeout == 7
     assert hyper.keep_alive_timeout == 1
+    assert hyper.backlog == LISTEN_BACKLOG >= 1024  # bursts of hundreds of connects (hypercorn's default: 100)
+    assert hypercorn_config(config, {"backlog": 64}).backlog == 64
     assert bind_address("0.0.0.0", 80) == "0.0.0.0:80"
     with pytest.raises(ConfigError):
         hypercorn_config(config, {"no_such_setting": 1})
