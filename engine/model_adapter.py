@@ -8,6 +8,8 @@ sequence carries its own M-RoPE delta: the model's shared ``rope_deltas`` is nev
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from engine.prompt import EnginePrompt, ImageFeatures
@@ -25,6 +27,7 @@ class CausalLMAdapter:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.text_config = model.config.get_text_config()
+        self.cache_kwarg = cache_keyword(model)
 
     @property
     def num_layers(self) -> int:
@@ -51,11 +54,19 @@ class CausalLMAdapter:
             inputs_embeds=embeds,
             position_ids=positions[0],
             attention_mask=attention_mask,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_kwarg: cache},
         )
         return out.logits[:, -1, :].float()
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` takes its KV cache: ``cache`` in recent
+    transformers 5.x, where ``past_key_values`` is deprecated (removal announced for 5.40),
+    else ``past_key_values``."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 class Qwen2VLAdapter(CausalLMAdapter):
@@ -104,9 +115,9 @@ class Qwen2VLAdapter(CausalLMAdapter):
             inputs_embeds=embeds,
             position_ids=positions,
             attention_mask=attention_mask,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_kwarg: cache},
         )
         return out.logits[:, -1, :].float()
 
