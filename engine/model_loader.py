@@ -71,8 +71,19 @@ def _read_config(path: Path) -> dict:
         raise ModelLoadError(f"cannot read {config_file}: {exc}") from None
 
 
-def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", max_model_len: int | None = None) -> LoadedModel:
-    """Load model, tokenizer and (for VL models) image processor; raise ``ModelLoadError``."""
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    max_model_len: int | None = None,
+    language_model: bool = True,
+) -> LoadedModel:
+    """Load model, tokenizer and (for VL models) image processor; raise ``ModelLoadError``.
+
+    With ``language_model=False`` only the vision tower's weights are kept and moved to
+    ``device`` (the rest is released after loading on the CPU): what a front end needs
+    while the engine runs in its own process."""
     from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     started = time.perf_counter()
@@ -99,22 +110,26 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ma
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {str(path)!r}: {first_line}") from None
-    model.to(torch_device).eval()
-    model.requires_grad_(False)
     if model_type in VL_MODEL_TYPES and getattr(tokenizer, "chat_template", None) is None:
         raise ModelLoadError(f"{str(path)!r} has no chat template")
+    adapter = adapter_for(model)
+    eos_token_ids = _eos_ids(model, tokenizer)
+    if not language_model:
+        adapter.drop_language_model()
+    model.to(torch_device).eval()
+    model.requires_grad_(False)
     text_config = model.config.get_text_config()
     limit = max_model_len or getattr(text_config, "max_position_embeddings", 4096)
     limit = min(limit, getattr(text_config, "max_position_embeddings", limit))
     return LoadedModel(
         path=path,
         model=model,
-        adapter=adapter_for(model),
+        adapter=adapter,
         tokenizer=tokenizer,
         image_processor=image_processor,
         device=torch_device,
         dtype=torch_dtype,
-        eos_token_ids=_eos_ids(model, tokenizer),
+        eos_token_ids=eos_token_ids,
         max_model_len=int(limit),
         load_seconds=time.perf_counter() - started,
     )

@@ -50,12 +50,20 @@ class Runtime:
 async def load_configured_model(config: ServerConfig) -> LoadedModel:
     """Load ``config.model`` (or build and load the built-in tiny model) in a worker thread.
 
+    With the engine in its worker process (which loads the model itself), the server
+    process keeps only the vision tower's weights, not a second copy of the language model.
     Cancellation: the load runs to completion in its thread before ``Cancelled`` is raised.
     """
 
     def load() -> LoadedModel:
         path = config.model or str(ensure_tiny_model())
-        return load_model(path, dtype=config.dtype, device=config.device, max_model_len=config.max_model_len)
+        return load_model(
+            path,
+            dtype=config.dtype,
+            device=config.device,
+            max_model_len=config.max_model_len,
+            language_model=not config.engine_process,
+        )
 
     return await trio.to_thread.run_sync(load)
 
