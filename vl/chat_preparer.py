@@ -22,7 +22,7 @@ from vl.chat_messages import ImageRef, parse_messages
 from vl.errors import InvalidRequest
 from vl.feature_cache import FeatureCache, FeatureCacheStatistics
 from vl.gates import Gate, GateStatistics
-from vl.image_fetcher import ImageFetcher
+from vl.image_fetcher import FetcherStatistics, ImageFetcher
 from vl.image_source import load_image_bytes
 from vl.prep_runner import PrepRunner, ThreadPrep
 from vl.prep_tools import PrepTools, image_cache_key
@@ -35,7 +35,7 @@ class PreparerStatistics:
     tokenizer_gate: GateStatistics
     encoder: VisionEncoderStatistics | None
     feature_cache: FeatureCacheStatistics
-    fetch_in_flight: int
+    fetcher: FetcherStatistics
 
 
 class ChatPreparer:
@@ -164,5 +164,5 @@ class ChatPreparer:
             tokenizer_gate=self.tokenizer_gate.statistics(),
             encoder=self._encoder.statistics() if self._encoder else None,
             feature_cache=self._cache.statistics(),
-            fetch_in_flight=self._fetcher.statistics().in_flight,
+            fetcher=self._fetcher.statistics(),
         )

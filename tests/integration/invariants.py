@@ -8,7 +8,7 @@ import trio
 def limiter_state(runtime) -> dict[str, tuple[int, int]]:
     """(borrowed, waiting) of every limiter a request can hold, by name."""
     stats = runtime.preparer.statistics()
-    fetcher = runtime.preparer._fetcher.statistics()
+    fetcher = stats.fetcher
     device = runtime.device_gate.statistics()
     default = trio.to_thread.current_default_thread_limiter().statistics()
     return {
