@@ -8,8 +8,8 @@ from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
 from server.runtime import open_runtime
-from tests.engine.test_model_families import save_qwen2_causal
 from tests.engine.prompts import noise_image
+from tests.engine.test_model_families import save_qwen2_causal
 from tests.vl.test_chat_preparer import data_uri, image_message
 from vl.image_preprocess import ImagePreprocessor
 
@@ -42,7 +42,7 @@ def test_vision_only_load_of_a_text_model_keeps_no_weights(tmp_path):
     assert loaded.eos_token_ids and loaded.max_model_len > 0
 
 
-async def test_runtime_with_engine_process_loads_no_second_language_model(tiny_model, tiny_model_dir):
+async def test_runtime_with_engine_process_loads_no_second_language_model(tiny_model_dir):
     """A runtime that loads its own model with the engine in a worker process holds only
     the vision tower in the server process, and still serves an image prompt end to end."""
     config = ServerConfig(model=str(tiny_model_dir))
