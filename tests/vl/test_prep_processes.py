@@ -140,3 +140,16 @@ async def test_prep_processes_run_at_the_requested_niceness(spec):
     base = os.nice(0)
     async with ProcessPrep.open(spec, workers=1, nice=3) as processes:
         assert await processes.context.run_sync(os.nice, 0) == min(base + 3, 19)
+
+
+async def test_a_dead_prep_process_fails_only_its_call_and_is_replaced(spec):
+    """A prep process that dies mid-call (killed, crashed) fails that call with
+    ``BrokenWorkerError``; the gate token comes back and the next call runs in a fresh
+    process with its tools loaded."""
+    gate = Gate("tokenizer", 1)
+    async with ProcessPrep.open(spec, workers=1) as processes:
+        with pytest.raises(trio_parallel.BrokenWorkerError):
+            await gate.run_in_process(processes.context, os._exit, 3)
+        assert gate.statistics().borrowed == 0
+        assert await processes.run(gate, "encode", "after the crash", False)
+        assert processes.worker_count() == 1
