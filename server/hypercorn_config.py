@@ -11,7 +11,6 @@ from hypercorn.config import Config
 from server.config import ServerConfig
 from server.options import ConfigError
 
-
 # Listen backlog: hypercorn's default of 100 overflows when a burst of a few hundred clients
 # connects at once while the event loop is busy (a connection reset seen once in a
 # 256-request image burst); 2048 is uvicorn's default.

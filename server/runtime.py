@@ -7,10 +7,10 @@ a nursery it owns; leaving it shuts them down in reverse order.
 
 from __future__ import annotations
 
-import time
 import gc
 import os
 import sys
+import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
