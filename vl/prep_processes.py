@@ -75,7 +75,7 @@ class ProcessPrep:
         limiter = trio.CapacityLimiter(workers)
         async with trio.open_nursery() as nursery:
             for _ in range(workers):
-                nursery.start_soon(functools.partial(self._context.run_sync, _tools_for, self._spec, limiter=limiter))
+                nursery.start_soon(functools.partial(self._context.run_sync, _load_tools, self._spec, limiter=limiter))
 
 
 def _start_worker(spec: PrepToolsSpec, nice: int) -> None:
@@ -85,7 +85,7 @@ def _start_worker(spec: PrepToolsSpec, nice: int) -> None:
     if nice:
         os.nice(nice)
     torch.set_num_threads(1)  # one call at a time per process: intra-op threads would only oversubscribe
-    _tools_for(spec)
+    _load_tools(spec)
 
 
 @functools.cache
@@ -93,6 +93,12 @@ def _tools_for(spec: PrepToolsSpec) -> PrepTools:
     """This process's tools for ``spec``, loaded on first use (in a prep worker process,
     by ``_start_worker``) and kept for the life of the process."""
     return spec.load()
+
+
+def _load_tools(spec: PrepToolsSpec) -> None:
+    """Runs in a prep worker process: make sure its tools are loaded (returns nothing, so
+    no tokenizer is pickled back)."""
+    _tools_for(spec)
 
 
 def _call_tool(spec: PrepToolsSpec, method: str, *args: Any) -> Any:
