@@ -84,7 +84,7 @@ def load_model(
     With ``language_model=False`` only the vision tower's weights are kept and moved to
     ``device`` (the rest is released after loading on the CPU): what a front end needs
     while the engine runs in its own process."""
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     started = time.perf_counter()
     path = Path(path).expanduser()
@@ -104,9 +104,8 @@ def load_model(
             f"unsupported architecture {architectures or model_type!r}: vlserve serves Qwen2-VL/Qwen2.5-VL and causal LMs"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer, image_processor = load_processors(path, images=model_type in VL_MODEL_TYPES)
         model = auto_class.from_pretrained(path, dtype=torch_dtype)
-        image_processor = AutoImageProcessor.from_pretrained(path) if model_type in VL_MODEL_TYPES else None
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {str(path)!r}: {first_line}") from None
@@ -133,6 +132,17 @@ def load_model(
         max_model_len=int(limit),
         load_seconds=time.perf_counter() - started,
     )
+
+
+def load_processors(path: str | Path, *, images: bool) -> tuple[Any, Any | None]:
+    """The model directory's tokenizer and, with ``images``, its image processor (loaded
+    with ``AutoImageProcessor``, so no torchvision is needed). Everything that tokenizes
+    or preprocesses for a model loads them here, so all copies are configured alike."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path) if images else None
+    return tokenizer, image_processor
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:

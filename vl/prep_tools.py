@@ -80,10 +80,8 @@ class PrepToolsSpec:
 
     def load(self) -> PrepTools:
         """Load the tokenizer and (for VL models) the image processor from ``model_dir``."""
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from engine.model_loader import load_processors
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        preprocessor = None
-        if self.merge_size is not None:
-            preprocessor = ImagePreprocessor(AutoImageProcessor.from_pretrained(self.model_dir), self.merge_size)
+        tokenizer, image_processor = load_processors(self.model_dir, images=self.merge_size is not None)
+        preprocessor = None if image_processor is None else ImagePreprocessor(image_processor, self.merge_size)
         return PrepTools(tokenizer, self.policy, preprocessor)
