@@ -10,7 +10,6 @@ never run on the event loop and never two at once (the vision encoder shares the
 
 from __future__ import annotations
 
-import random
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, AsyncIterator
@@ -22,16 +21,14 @@ from engine.prompt import EnginePrompt
 from engine.request_stream import RequestStream
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceIds
 from engine.step_tally import EngineStatistics, StepTally
+from engine.stream_registry import StreamRegistry
 from engine.submit_checks import check_submittable
 
 if TYPE_CHECKING:
     from engine.model_loader import LoadedModel
 
 STALL_SECONDS = 60.0
-# each stream's interval between deltas is stretched by a random 0-50 % (RequestStream)
-STREAM_SPREAD = 0.5
 
 
 class Engine:
@@ -39,12 +36,9 @@ class Engine:
         self, core: EngineCore, scheduler: Scheduler, device_gate: trio.CapacityLimiter, stream_interval: float = 0.0
     ) -> None:
         self._core = core
-        self._stream_interval = stream_interval
         self._scheduler = scheduler
         self._device_gate = device_gate
-        self._ids = SequenceIds()
-        self._rng = random.Random()
-        self._streams: dict[int, RequestStream] = {}
+        self._streams = StreamRegistry(stream_interval)
         self._wakeup = trio.Event()
         self._tally = StepTally()
         self._last_progress = time.monotonic()
@@ -86,15 +80,14 @@ class Engine:
         self._validate(prompt, params)
         if not self._loop_alive or self._closing:
             raise RuntimeError("the engine is not running")
-        seq = Sequence(self._ids.next(), prompt, params)
-        stream = RequestStream(seq, self._stream_interval, STREAM_SPREAD, self._rng)
-        self._streams[seq.seq_id] = stream
+        stream = self._streams.open(prompt, params)
+        seq = stream.seq
         self._scheduler.add(seq)
         self._wakeup.set()
         try:
             yield stream
         finally:
-            self._streams.pop(seq.seq_id, None)
+            self._streams.close(stream)
             if not seq.finished:
                 self._scheduler.abort(seq)
                 self._wakeup.set()
@@ -132,7 +125,7 @@ class Engine:
 
     def _abort_all(self, reason: str) -> None:
         """End every open stream with ``abort`` and an error (the request did not finish)."""
-        for stream in list(self._streams.values()):
+        for stream in self._streams.open_streams():
             self._scheduler.abort(stream.seq)
             stream.seq.error = stream.seq.error or reason
             stream.finish("abort")

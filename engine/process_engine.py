@@ -20,21 +20,21 @@ import dataclasses
 import logging
 import socket
 import sys
-import random
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, AsyncIterator
 
 import trio
 
-from engine.engine import STALL_SECONDS, STREAM_SPREAD
+from engine.engine import STALL_SECONDS
 from engine.engine_core import SequenceUpdate
 from engine.errors import ModelLoadError
 from engine.prompt import EnginePrompt
 from engine.request_stream import RequestStream
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence, SequenceIds, SequenceStatus
+from engine.sequence import SequenceStatus
 from engine.step_tally import IDLE_STATISTICS, EngineStatistics
+from engine.stream_registry import StreamRegistry
 from engine.submit_checks import check_submittable
 from engine.wire import (
     MessageReceiver,
@@ -68,10 +68,7 @@ class ProcessEngine:
         self._stream = stream
         self._receiver = receiver
         self._ready = ready
-        self._stream_interval = stream_interval
-        self._ids = SequenceIds()
-        self._rng = random.Random()
-        self._streams: dict[int, RequestStream] = {}
+        self._streams = StreamRegistry(stream_interval)
         self._pending_adds: list[NewSequence] = []
         self._pending_aborts: list[int] = []
         self._outbox_changed = trio.Event()
@@ -142,16 +139,15 @@ class ProcessEngine:
         check_submittable(prompt, params, self._ready.max_model_len, self._ready.supports_images)
         if not self._alive or self._closing:
             raise RuntimeError("the engine is not running")
-        seq = Sequence(self._ids.next(), prompt, params)
-        stream = RequestStream(seq, self._stream_interval, STREAM_SPREAD, self._rng)
-        self._streams[seq.seq_id] = stream
+        stream = self._streams.open(prompt, params)
+        seq = stream.seq
         new = NewSequence(seq.seq_id, prompt, params)
         self._pending_adds.append(new)
         self._outbox_changed.set()
         try:
             yield stream
         finally:
-            self._streams.pop(seq.seq_id, None)
+            self._streams.close(stream)
             if not seq.finished:
                 seq.abort_requested = True
                 if any(pending is new for pending in self._pending_adds):
@@ -206,7 +202,7 @@ class ProcessEngine:
 
     def _abort_all(self, reason: str) -> None:
         """End every open stream with ``abort`` and an error (the request did not finish)."""
-        for stream in list(self._streams.values()):
+        for stream in self._streams.open_streams():
             seq = stream.seq
             if not seq.finished:
                 seq.error = seq.error or reason
