@@ -20,6 +20,7 @@ import torch
 import trio
 from PIL import Image
 
+from engine.config import EngineConfig
 from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 from engine.tiny_model import ensure_tiny_model
@@ -58,7 +59,7 @@ def messages_for(i: int, image_uri: str | None) -> list[dict]:
 async def vlserve_throughput(loaded, requests: list[list[dict]], concurrency: int, max_tokens: int) -> float:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     produced = 0
-    async with open_runtime(ServerConfig(max_num_seqs=max(concurrency, 1)), loaded=loaded) as rt:
+    async with open_runtime(ServerConfig(engine=EngineConfig(max_num_seqs=max(concurrency, 1))), loaded=loaded) as rt:
         limiter = trio.CapacityLimiter(concurrency)
 
         async def one(messages):

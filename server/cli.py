@@ -20,7 +20,7 @@ from server.options import ConfigError, Option, config_from_env, config_options,
 
 
 def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
-    common: dict[str, Any] = {"dest": option.field, "default": argparse.SUPPRESS}
+    common: dict[str, Any] = {"dest": option.name, "default": argparse.SUPPRESS}
     help_text = f"{option.help} [env {option.env}]"
     if option.kind is bool:
         parser.add_argument(
@@ -58,17 +58,15 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     """Flags over environment over defaults. Raises ``ConfigError`` naming the bad value."""
     flags: dict[str, Any] = {}
     for option in config_options():
-        if option.field not in vars(args):
+        if option.name not in vars(args):
             continue
-        raw = getattr(args, option.field)
+        raw = getattr(args, option.name)
         if option.kind is tuple:
-            flags[option.field] = tuple(
-                v for item in raw for v in convert(option, item, option.flag)
-            )
+            flags[option.name] = tuple(v for item in raw for v in convert(option, item, option.flag))
         elif option.kind is bool:
-            flags[option.field] = raw
+            flags[option.name] = raw
         else:
-            flags[option.field] = convert(option, raw, option.flag)
+            flags[option.name] = convert(option, raw, option.flag)
     return config_from_env(environ, **flags)
 
 

@@ -57,12 +57,13 @@ async def load_configured_model(config: ServerConfig) -> LoadedModel:
 
     def load() -> LoadedModel:
         path = config.model or str(ensure_tiny_model())
+        engine = config.engine
         return load_model(
             path,
-            dtype=config.dtype,
-            device=config.device,
-            max_model_len=config.max_model_len,
-            language_model=not config.engine_process,
+            dtype=engine.dtype,
+            device=engine.device,
+            max_model_len=engine.max_model_len,
+            language_model=not engine.in_worker_process,
         )
 
     return await trio.to_thread.run_sync(load)
@@ -103,16 +104,16 @@ def _switch_interval(seconds: float):
 @asynccontextmanager
 async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIterator[Runtime]:
     device_gate = trio.CapacityLimiter(1)
-    policy = MediaPolicy.from_config(config)
+    policy = config.media
     async with ImageFetcher(policy) as fetcher:
         async with _open_engine(loaded, config, device_gate) as engine, _open_prep_runner(loaded, config, policy) as runner:
             async with _open_encoder(loaded, config, device_gate) as encoder:
                 preparer = ChatPreparer(
                     tools=PrepTools(loaded.tokenizer, policy, _preprocessor(loaded)),
                     fetcher=fetcher,
-                    image_gate=Gate("image_prep", config.image_prep_concurrency),
-                    tokenizer_gate=Gate("tokenizer", config.tokenizer_concurrency),
-                    feature_cache=FeatureCache(config.mm_cache_mb * 1024 * 1024),
+                    image_gate=Gate("image_prep", config.prep.image_prep_concurrency),
+                    tokenizer_gate=Gate("tokenizer", config.prep.tokenizer_concurrency),
+                    feature_cache=FeatureCache(config.prep.mm_cache_mb * 1024 * 1024),
                     encoder=encoder,
                     image_token=IMAGE_TOKEN if loaded.supports_images else None,
                     runner=runner,
@@ -131,36 +132,38 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
 
 def _open_engine(loaded: LoadedModel, config: ServerConfig, device_gate: trio.CapacityLimiter):
     """The engine in its worker process (default), or in a thread under the device gate."""
-    if config.engine_process:
+    engine = config.engine
+    if engine.in_worker_process:
         worker = worker_config(
             loaded,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            decode_steps_per_call=config.decode_steps_per_call,
-            torch_threads=config.engine_torch_threads or max(1, (os.cpu_count() or 1) - 1),
-            nice=config.engine_nice,
+            max_num_seqs=engine.max_num_seqs,
+            max_num_batched_tokens=engine.max_num_batched_tokens,
+            decode_steps_per_call=engine.decode_steps_per_call,
+            torch_threads=engine.torch_threads or max(1, (os.cpu_count() or 1) - 1),
+            nice=engine.nice,
         )
-        return ProcessEngine.open(worker, stream_interval=config.stream_interval)
+        return ProcessEngine.open(worker, stream_interval=engine.stream_interval)
     return open_engine(
         loaded,
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=engine.max_num_seqs,
+        max_num_batched_tokens=engine.max_num_batched_tokens,
         device_gate=device_gate,
-        stream_interval=config.stream_interval,
-        decode_steps_per_call=config.decode_steps_per_call,
+        stream_interval=engine.stream_interval,
+        decode_steps_per_call=engine.decode_steps_per_call,
     )
 
 
 @asynccontextmanager
 async def _open_prep_runner(loaded: LoadedModel, config: ServerConfig, policy: MediaPolicy) -> AsyncIterator[ProcessPrep | None]:
     """Prep worker processes (one per gate token) if configured, else ``None`` (threads)."""
-    if not config.prep_processes:
+    if not config.prep.processes:
         yield None
         return
     merge_size = loaded.adapter.spatial_merge_size if loaded.supports_images else None
     spec = PrepToolsSpec(str(loaded.path), policy, merge_size)
-    workers = config.tokenizer_concurrency + (config.image_prep_concurrency if loaded.supports_images else 0)
-    async with ProcessPrep.open(spec, workers=workers, nice=config.prep_nice) as prep:
+    prep_config = config.prep
+    workers = prep_config.tokenizer_concurrency + (prep_config.image_prep_concurrency if loaded.supports_images else 0)
+    async with ProcessPrep.open(spec, workers=workers, nice=prep_config.nice) as prep:
         yield prep
 
 
@@ -178,7 +181,7 @@ async def _open_encoder(loaded: LoadedModel, config: ServerConfig, device_gate: 
     async with VisionEncoder.open(
         loaded.adapter.encode_images,
         device_gate,
-        max_batch_size=config.vision_max_batch_size,
-        max_batch_patches=config.vision_max_batch_patches,
+        max_batch_size=config.prep.vision_max_batch_size,
+        max_batch_patches=config.prep.vision_max_batch_patches,
     ) as encoder:
         yield encoder

@@ -3,32 +3,42 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # vl does not import server at run time; only the type is needed here.
-    from server.config import ServerConfig
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class MediaPolicy:
-    """Limits and SSRF rules for image inputs.
+    """Limits and SSRF rules for image inputs: the media part of the server's configuration.
 
-    The defaults are those of ``ServerConfig``. Construction validates every field and raises
+    Each field's ``help`` metadata documents it; ``server.options`` turns the fields into
+    CLI flags and ``VLSERVE_*`` variables (``option`` metadata names the flag where it
+    differs from the field). Construction validates every field and raises
     ``ValueError`` for a policy that cannot be enforced (non-positive limits, a relative local
     path). ``allowed_media_domains`` is normalised to lower case without a trailing dot, so
     membership tests are exact host matches on the form ``httpx`` gives a URL's host.
     """
 
-    allowed_local_media_path: str | None = None
-    allowed_media_domains: tuple[str, ...] = ()
-    allow_private_media_urls: bool = False
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 64 * 1024 * 1024
-    max_images_per_request: int = 8
-    fetch_timeout: float = 10.0
-    fetch_concurrency: int = 16
-    max_redirects: int = 3
+    allowed_local_media_path: str | None = field(
+        default=None, metadata={"help": "absolute directory that file:// image URLs may read from (default: none)"}
+    )
+    allowed_media_domains: tuple[str, ...] = field(
+        default=(), metadata={"help": "hosts image URLs may name even if they resolve to private addresses"}
+    )
+    allow_private_media_urls: bool = field(
+        default=False, metadata={"help": "let image URLs reach loopback and private addresses"}
+    )
+    max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "largest image in bytes"})
+    max_image_pixels: int = field(default=64 * 1024 * 1024, metadata={"help": "largest image in pixels"})
+    max_images_per_request: int = field(default=8, metadata={"help": "images one request may carry"})
+    fetch_timeout: float = field(
+        default=10.0, metadata={"option": "image_fetch_timeout", "help": "seconds one image URL may take to fetch"}
+    )
+    fetch_concurrency: int = field(
+        default=16, metadata={"option": "image_fetch_concurrency", "help": "image URLs fetched at once"}
+    )
+    max_redirects: int = field(
+        default=3, metadata={"option": "max_image_redirects", "help": "redirects followed when fetching an image"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "fetch_concurrency"):
@@ -43,21 +53,6 @@ class MediaPolicy:
             raise ValueError("MediaPolicy.allowed_media_domains must be a sequence of host names, not a string")
         domains = tuple(normalise_host(domain) for domain in self.allowed_media_domains)
         object.__setattr__(self, "allowed_media_domains", domains)
-
-    @classmethod
-    def from_config(cls, config: ServerConfig) -> MediaPolicy:
-        """The policy a server started with ``config`` enforces."""
-        return cls(
-            allowed_local_media_path=config.allowed_local_media_path,
-            allowed_media_domains=tuple(config.allowed_media_domains),
-            allow_private_media_urls=config.allow_private_media_urls,
-            max_image_bytes=config.max_image_bytes,
-            max_image_pixels=config.max_image_pixels,
-            max_images_per_request=config.max_images_per_request,
-            fetch_timeout=config.image_fetch_timeout,
-            fetch_concurrency=config.image_fetch_concurrency,
-            max_redirects=config.max_image_redirects,
-        )
 
     def is_allowed_domain(self, host: str) -> bool:
         """Whether ``host`` is listed in ``allowed_media_domains`` (exact match, case-insensitive)."""

@@ -14,7 +14,6 @@ from bench.baselines.pr_style import PrStylePreparer
 from engine.model_loader import load_model
 from engine.tiny_model import ensure_tiny_model
 from server.config import ServerConfig
-from vl.media_policy import MediaPolicy
 
 LAYOUTS = ("main-style", "pr-style")
 
@@ -33,12 +32,15 @@ def main() -> None:
     args = parser.parse_args()
     config = ServerConfig(model=args.model)  # vlserve's defaults: same engine limits
     loaded = load_model(
-        args.model or ensure_tiny_model(), dtype=config.dtype, device=config.device, max_model_len=config.max_model_len
+        args.model or ensure_tiny_model(),
+        dtype=config.engine.dtype,
+        device=config.engine.device,
+        max_model_len=config.engine.max_model_len,
     )
     engine = AsyncioEngine.for_model(
-        loaded, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
+        loaded, max_num_seqs=config.engine.max_num_seqs, max_num_batched_tokens=config.engine.max_num_batched_tokens
     )
-    preparer = preparer_class(args.layout)(loaded, ImageLoader(MediaPolicy.from_config(config)))
+    preparer = preparer_class(args.layout)(loaded, ImageLoader(config.media))
     app = create_app(engine, preparer, config.model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 

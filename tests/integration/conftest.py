@@ -10,11 +10,14 @@ import pytest
 from server.config import ServerConfig
 from server.pytest_plugin import vlserve_base_url, vlserve_hypercorn_options, vlserve_server  # noqa: F401
 from server.runtime import open_runtime
+from vl.media_policy import MediaPolicy
 
 
 @pytest.fixture
 def vlserve_config(tiny_model_dir) -> ServerConfig:
-    return ServerConfig(host="127.0.0.1", port=0, model=str(tiny_model_dir), allow_private_media_urls=True)
+    return ServerConfig(
+        host="127.0.0.1", port=0, model=str(tiny_model_dir), media=MediaPolicy(allow_private_media_urls=True)
+    )
 
 
 @pytest.fixture

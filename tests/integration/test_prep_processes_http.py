@@ -13,12 +13,13 @@ import trio
 from PIL import Image
 
 from tests.integration.invariants import wait_until_quiescent
+from vl.prep_config import PrepConfig
 from vl.prep_processes import ProcessPrep
 
 
 @pytest.fixture
 def vlserve_config(vlserve_config):
-    return dataclasses.replace(vlserve_config, prep_processes=True)
+    return dataclasses.replace(vlserve_config, prep=PrepConfig(processes=True))
 
 
 def jpeg_uri(seed: int) -> str:

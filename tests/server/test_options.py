@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 
+from engine.config import EngineConfig
 from server.cli import build_parser, config_from_args, main
 from server.config import ServerConfig
 from server.hypercorn_config import LISTEN_BACKLOG, bind_address, hypercorn_config
 from server.options import ConfigError, config_from_env, config_options
+from vl.media_policy import MediaPolicy
+from vl.prep_config import PrepConfig
 
 
 def parse(argv, environ=None):
@@ -17,25 +21,61 @@ def parse(argv, environ=None):
     return config_from_args(args, environ or {})
 
 
+def leaf_fields(cls, prefix=()):
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[field.name]):
+            yield from leaf_fields(hints[field.name], (*prefix, field.name))
+        else:
+            yield (*prefix, field.name)
+
+
+# every flag (and VLSERVE_* variable) users had before the configs were nested
+FLAGS = [
+    "--model", "--served-model-name", "--host", "--port", "--api-key", "--cors-allow-origins",
+    "--max-body-bytes", "--max-concurrent-requests", "--dtype", "--device", "--max-num-seqs",
+    "--max-num-batched-tokens", "--max-model-len", "--engine-process", "--engine-torch-threads",
+    "--engine-nice", "--decode-steps-per-call", "--stream-interval", "--image-prep-concurrency",
+    "--tokenizer-concurrency", "--prep-processes", "--prep-nice", "--vision-max-batch-size",
+    "--vision-max-batch-patches", "--mm-cache-mb", "--allowed-local-media-path",
+    "--allowed-media-domains", "--allow-private-media-urls", "--max-images-per-request",
+    "--max-image-bytes", "--max-image-pixels", "--image-fetch-timeout", "--image-fetch-concurrency",
+    "--max-image-redirects", "--switch-interval", "--drain-timeout",
+]  # fmt: skip
+
+
 def test_every_config_field_has_a_flag_and_variable():
-    names = {o.field for o in config_options()}
-    assert names == {f.name for f in dataclasses.fields(ServerConfig)} - {"extra"}
-    flags = {o.flag for o in config_options()}
-    for flag in [
-        "--model",
-        "--served-model-name",
-        "--host",
-        "--port",
-        "--api-key",
-        "--cors-allow-origins",
-        "--max-body-bytes",
-        "--max-concurrent-requests",
-        "--dtype",
-        "--device",
-        "--max-num-seqs",
-        "--max-model-len",
-    ]:
-        assert flag in flags
+    """Each leaf field of the nested configs is one option, and no existing flag or
+    variable name changed."""
+    options = config_options()
+    assert {o.path for o in options} == set(leaf_fields(ServerConfig))
+    flags = {o.flag for o in options}
+    assert set(FLAGS) <= flags
+    envs = {o.env for o in options}
+    assert {"VLSERVE_" + f[2:].replace("-", "_").upper() for f in FLAGS} <= envs
+
+
+def test_every_flag_says_what_it_means_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in config_options():
+        assert option.help_text != option.name.replace("_", " "), option.name
+    assert "sequences decoded together in one batch (default: 64)" in text
+    assert "[env VLSERVE_ENGINE_NICE]" in text
+
+
+def test_nested_fields_come_from_their_flags():
+    config = parse(["--max-num-seqs", "3", "--no-engine-process", "--engine-nice", "2", "--prep-processes",
+                    "--max-image-redirects", "1"])  # fmt: skip
+    assert config.engine == EngineConfig(max_num_seqs=3, in_worker_process=False, nice=2)
+    assert config.prep == PrepConfig(processes=True)
+    assert config.media == MediaPolicy(max_redirects=1)
+
+
+def test_a_value_a_config_rejects_is_a_config_error():
+    with pytest.raises(ConfigError, match="max_redirects"):
+        config_from_env({"VLSERVE_MAX_IMAGE_REDIRECTS": "-1"})
 
 
 def test_defaults():
@@ -62,8 +102,8 @@ def test_flags():
     )
     assert config.model == "/m" and config.port == 9000
     assert config.api_keys == ("a", "b", "c")
-    assert config.max_body_bytes == 1000 and config.allow_private_media_urls is True
-    assert config.image_fetch_timeout == 2.5
+    assert config.max_body_bytes == 1000 and config.media.allow_private_media_urls is True
+    assert config.media.fetch_timeout == 2.5
 
 
 def test_environment_and_precedence():
@@ -76,8 +116,8 @@ def test_environment_and_precedence():
     }
     config = parse(["--port", "7001"], environ)
     assert config.port == 7001  # the flag wins
-    assert config.api_keys == ("k1", "k2") and config.device == "cuda"
-    assert config.allow_private_media_urls is True and config.model is None
+    assert config.api_keys == ("k1", "k2") and config.engine.device == "cuda"
+    assert config.media.allow_private_media_urls is True and config.model is None
     assert config_from_env(environ).port == 7000
 
 

@@ -14,6 +14,8 @@ from server.runtime import open_runtime
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
 from tests.helpers.image_server import RequestLog, Route, serve_images
 from vl.errors import InvalidRequest, MediaError
+from vl.media_policy import MediaPolicy
+from vl.prep_config import PrepConfig
 from vl.prep_processes import ProcessPrep
 
 
@@ -33,7 +35,7 @@ def image_message(url: str, text: str = "describe the picture") -> list[dict]:
 
 @pytest.fixture
 def config():
-    return ServerConfig(allow_private_media_urls=True)
+    return ServerConfig(media=MediaPolicy(allow_private_media_urls=True))
 
 
 @pytest.mark.parametrize("prep_processes", [False, True], ids=["prep-threads", "prep-processes"])
@@ -43,7 +45,7 @@ async def test_prepared_image_prompt_matches_hf_and_generates_like_generate(tiny
     transformers' ``generate``: with the prep work in threads and in prep processes."""
     image = noise_image(3, 240, 320)
     expected_prompt, extra = chat_prompt(tiny_model, "describe the picture", image)
-    config = ServerConfig(allow_private_media_urls=True, prep_processes=prep_processes)
+    config = ServerConfig(media=MediaPolicy(allow_private_media_urls=True), prep=PrepConfig(processes=prep_processes))
     async with open_runtime(config, loaded=tiny_model) as rt:
         assert isinstance(rt.preparer.runner, ProcessPrep) == prep_processes
         prompt = await rt.preparer.prepare_chat(image_message(data_uri(image)))
@@ -107,7 +109,7 @@ async def test_bad_messages_name_the_offending_field(tiny_model, config, message
 
 
 async def test_too_many_images(tiny_model):
-    config = ServerConfig(max_images_per_request=2)
+    config = ServerConfig(media=MediaPolicy(max_images_per_request=2))
     url = data_uri(noise_image(1, 32, 32))
     content = [{"type": "image_url", "image_url": {"url": url}} for _ in range(3)]
     async with open_runtime(config, loaded=tiny_model) as rt:

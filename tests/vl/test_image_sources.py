@@ -18,6 +18,7 @@ import trio.testing
 from PIL import Image
 
 from server.config import ServerConfig
+from server.options import config_from_env
 from tests.helpers.image_server import RequestLog, Route, serve_images
 from tests.helpers.resolver import ScriptedResolver
 from vl.errors import MediaError, MediaTimeout
@@ -53,8 +54,10 @@ async def expect_media_error(url: str, policy: MediaPolicy = LOOPBACK) -> MediaE
 # --- policy -------------------------------------------------------------------------------
 
 
-def test_policy_from_config_maps_every_field() -> None:
-    config = ServerConfig(
+def test_server_config_options_fill_the_media_policy() -> None:
+    """Every media option (flag or variable name) lands in ``ServerConfig.media``."""
+    config = config_from_env(
+        {},
         allowed_local_media_path="/srv/images",
         allowed_media_domains=("Images.Example.",),
         allow_private_media_urls=True,
@@ -65,7 +68,7 @@ def test_policy_from_config_maps_every_field() -> None:
         image_fetch_concurrency=7,
         max_image_redirects=0,
     )
-    assert MediaPolicy.from_config(config) == MediaPolicy(
+    assert config.media == MediaPolicy(
         allowed_local_media_path="/srv/images",
         allowed_media_domains=("images.example",),
         allow_private_media_urls=True,
@@ -76,7 +79,7 @@ def test_policy_from_config_maps_every_field() -> None:
         fetch_concurrency=7,
         max_redirects=0,
     )
-    assert MediaPolicy.from_config(ServerConfig()) == MediaPolicy()
+    assert ServerConfig().media == MediaPolicy()
 
 
 @pytest.mark.parametrize(

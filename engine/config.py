@@ -1,0 +1,69 @@
+"""The engine's settings: one frozen value, given to whichever placement runs the engine.
+
+Each field's ``help`` metadata is its documentation; ``server.options`` turns the fields
+into CLI flags and ``VLSERVE_*`` variables (``option`` metadata, where present, is the
+flag's name when it differs from the field's). No torch import here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine loads the model, batches sequences and streams their output."""
+
+    dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16 or float16"})
+    device: str = field(default="cpu", metadata={"help": "torch device of the model (cpu, cuda, cuda:1, ...)"})
+    max_model_len: int = field(
+        default=4096, metadata={"help": "context length in tokens (prompt plus completion), capped by the model's"}
+    )
+    max_num_seqs: int = field(default=64, metadata={"help": "sequences decoded together in one batch"})
+    max_num_batched_tokens: int = field(
+        default=8192, metadata={"help": "prompt tokens prefilled in one step (a longer prompt runs alone)"}
+    )
+    in_worker_process: bool = field(
+        default=True,
+        metadata={
+            "option": "engine_process",
+            "help": "run the engine (scheduler, model, sampler) in its own worker process; "
+            "--no-engine-process runs it in a thread of the server process",
+        },
+    )
+    torch_threads: int = field(
+        default=0,
+        metadata={
+            "option": "engine_torch_threads",
+            "help": "torch threads in the engine worker process (0: CPUs minus one, at least one)",
+        },
+    )
+    nice: int = field(
+        default=10,
+        metadata={
+            "option": "engine_nice",
+            "help": "niceness added to the engine worker process, so that on a CPU host the "
+            "event loop (and /health) wins a core (bench/README.md: 10 vs 0)",
+        },
+    )
+    decode_steps_per_call: int = field(
+        default=4, metadata={"help": "decode steps one engine call may run while no request joins or leaves"}
+    )
+    stream_interval: float = field(
+        default=0.01,
+        metadata={"help": "minimum seconds between two deltas of one request (faster tokens are sent together)"},
+    )
+    seed: int | None = field(
+        default=None,
+        metadata={"option": "engine_seed", "help": "seed of the sampler for requests without a seed (default: random)"},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "decode_steps_per_call"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.stream_interval < 0:
+            raise ValueError(f"EngineConfig.stream_interval must be >= 0, got {self.stream_interval!r}")
+        if self.torch_threads < 0:
+            raise ValueError(f"EngineConfig.torch_threads must be >= 0, got {self.torch_threads!r}")

@@ -1,0 +1,46 @@
+"""Settings of request preparation: its gates, prep worker processes and the vision encoder.
+
+One frozen value owned by ``vl``; each field's ``help`` metadata documents it, and
+``server.options`` turns the fields into CLI flags and ``VLSERVE_*`` variables (``option``
+metadata, where present, is the flag's name when it differs from the field's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    """How much preparation runs at once, where, and how images are batched and cached.
+
+    Gate sizes follow bench/README.md: GIL-bound work at 1, GIL-releasing work at the
+    core count.
+    """
+
+    image_prep_concurrency: int = field(
+        default=2, metadata={"help": "images decoded and preprocessed at once (the image gate's size)"}
+    )
+    tokenizer_concurrency: int = field(
+        default=1, metadata={"help": "chat templates and tokenizations run at once (the tokenizer gate's size)"}
+    )
+    processes: bool = field(
+        default=False,
+        metadata={
+            "option": "prep_processes",
+            "help": "run template, tokenizer and image prep in worker processes (one per gate token) "
+            "instead of threads that share the event loop's GIL",
+        },
+    )
+    nice: int = field(
+        default=10,
+        metadata={
+            "option": "prep_nice",
+            "help": "niceness added to each prep worker process (bench/README.md: p99 35 ms at 0, 10 ms at 10)",
+        },
+    )
+    vision_max_batch_size: int = field(default=16, metadata={"help": "images per vision-encoder forward"})
+    vision_max_batch_patches: int = field(
+        default=32768, metadata={"help": "image patches per vision-encoder forward"}
+    )
+    mm_cache_mb: int = field(default=256, metadata={"help": "MiB of image features kept for repeated images"})
