@@ -13,7 +13,7 @@ import inspect
 import torch
 
 from engine.prompt import EnginePrompt, ImageFeatures
-from vl.errors import InvalidRequest
+from engine.errors import RequestRejected
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -46,7 +46,7 @@ class CausalLMAdapter:
     def embed_prompt(self, prompt: EnginePrompt, device: torch.device) -> torch.Tensor:
         """Embeddings [L, H] of the prompt, image features scattered in (VL models)."""
         if prompt.images:
-            raise InvalidRequest("This model does not accept images.", param="messages", code="images_not_supported")
+            raise RequestRejected("This model does not accept images.", kind="images_not_supported", subject="images")
         ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=device)
         return self.embed_tokens(ids)
 
@@ -100,10 +100,10 @@ class Qwen2VLAdapter(CausalLMAdapter):
         mask = ids == self.image_token_id
         features = torch.cat([img.embeddings for img in prompt.images]).to(device, embeds.dtype)
         if int(mask.sum()) != features.shape[0]:
-            raise InvalidRequest(
+            raise RequestRejected(
                 f"Prompt has {int(mask.sum())} image tokens but the images need {features.shape[0]}.",
-                param="messages",
-                code="image_token_mismatch",
+                kind="image_token_mismatch",
+                subject="images",
             )
         embeds = embeds.clone()
         embeds[mask] = features

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # light: the scheduler and the wire format import this module
+    import torch
 
 
 @dataclass(frozen=True)

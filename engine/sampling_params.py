@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vl.errors import InvalidRequest
+from engine.errors import SamplingParamError
 
 MAX_TOP_LOGPROBS = 20
 GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy (as in vLLM)
@@ -44,7 +44,7 @@ class SamplingParams:
         self._check(self.repetition_penalty > 0, "repetition_penalty", "must be positive")
         self._check(
             self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
-            "top_logprobs",
+            "logprobs",
             f"must be between 0 and {MAX_TOP_LOGPROBS}",
         )
         self._check(all(s for s in self.stop), "stop", "stop strings must be non-empty")
@@ -53,9 +53,9 @@ class SamplingParams:
         )
 
     @staticmethod
-    def _check(ok: bool, param: str, message: str) -> None:
+    def _check(ok: bool, field: str, rule: str) -> None:
         if not ok:
-            raise InvalidRequest(f"'{param}' {message}.", param=param)
+            raise SamplingParamError(field, rule)
 
     @property
     def greedy(self) -> bool:

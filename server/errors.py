@@ -17,6 +17,7 @@ from types import MappingProxyType
 from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
 
+from engine.errors import RequestRejected, SamplingParamError
 from vl.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,24 @@ async def _handle_api_error(error: ApiError) -> Response:
     )
 
 
+# the request field (OpenAI's name) for each part of a request the engine may refuse
+ENGINE_PARAMS = MappingProxyType({"prompt": "messages", "images": "messages", "logprobs": "top_logprobs"})
+
+
+def invalid_request_from_engine(error: RequestRejected) -> InvalidRequest:
+    """The client error for an engine refusal, naming the request field at fault."""
+    param = ENGINE_PARAMS.get(error.subject, error.subject)
+    if isinstance(error, SamplingParamError):
+        return InvalidRequest(f"'{param}' {error.rule}.", param=param)
+    return InvalidRequest(error.message, param=param, code=error.kind)
+
+
 async def _handle_invalid_request(error: InvalidRequest) -> Response:
     return error_response(error.status, error.message, param=error.param, code=error.code)
+
+
+async def _handle_engine_rejection(error: RequestRejected) -> Response:
+    return await _handle_invalid_request(invalid_request_from_engine(error))
 
 
 async def _handle_http_exception(error: HTTPException) -> Response:
@@ -151,5 +168,6 @@ def install_error_handlers(app: Quart) -> None:
     """Register handlers so that every error a handler raises becomes OpenAI error JSON."""
     app.register_error_handler(ApiError, _handle_api_error)
     app.register_error_handler(InvalidRequest, _handle_invalid_request)
+    app.register_error_handler(RequestRejected, _handle_engine_rejection)
     app.register_error_handler(HTTPException, _handle_http_exception)
     app.register_error_handler(Exception, _handle_unexpected)

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from engine.errors import RequestRejected
 from engine.outputs import StreamDelta, TokenLogprob
 from engine.sampling_params import SamplingParams
+from server.errors import invalid_request_from_engine
 from server.schemas.common import Usage
 
 if TYPE_CHECKING:
@@ -87,14 +89,18 @@ async def stream_job(engine: Any, job: Job, on_delta: OnDelta) -> None:
     """Run one sequence, awaiting ``on_delta`` for each delta (a slow callback makes the
     engine coalesce deltas rather than queue them).
 
-    Raises ``SequenceFailed`` after the last delta if the engine failed the sequence.
+    Raises ``InvalidRequest`` (naming the request field) if the engine refuses the job,
+    ``SequenceFailed`` after the last delta if the engine failed the sequence.
     Cancellation: leaves ``open_stream``, which aborts the sequence.
     """
-    async with engine.open_stream(job.prompt, job.params) as stream:
-        async for delta in stream:
-            await on_delta(job, delta)
-        if stream.error is not None:
-            raise SequenceFailed(f"choice {job.index}: {stream.error}")
+    try:
+        async with engine.open_stream(job.prompt, job.params) as stream:
+            async for delta in stream:
+                await on_delta(job, delta)
+            if stream.error is not None:
+                raise SequenceFailed(f"choice {job.index}: {stream.error}")
+    except RequestRejected as error:
+        raise invalid_request_from_engine(error) from None
 
 
 async def stream_jobs(engine: Any, jobs: Sequence[Job], on_delta: OnDelta) -> None:

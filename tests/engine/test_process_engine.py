@@ -11,12 +11,11 @@ import pytest
 import trio
 
 from engine.engine import open_engine
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, RequestRejected
 from engine.process_engine import ProcessEngine, worker_config
 from engine.sampling_params import SamplingParams
 from tests.engine.prompts import chat_prompt, noise_image
 from tests.engine.streams import run_stream, wait_until_idle
-from vl.errors import InvalidRequest
 
 
 async def run_all(engine, requests):
@@ -66,10 +65,10 @@ async def test_refuses_what_the_in_thread_engine_refuses(tiny_model):
         own = os.getpriority(os.PRIO_PROCESS, 0)
         assert os.getpriority(os.PRIO_PROCESS, engine.worker_pid) == min(own + 3, 19)
         assert engine.max_model_len == tiny_model.max_model_len
-        with pytest.raises(InvalidRequest) as info:
+        with pytest.raises(RequestRejected) as info:
             async with engine.open_stream(prompt, SamplingParams(max_tokens=tiny_model.max_model_len)):
                 pass
-        assert info.value.code == "context_length_exceeded"
+        assert (info.value.kind, info.value.subject) == ("context_length_exceeded", "max_tokens")
         # the engine still serves after a refusal
         deltas = await run_stream(engine, prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
         assert deltas[-1].completion_tokens == 3

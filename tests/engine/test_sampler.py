@@ -5,7 +5,7 @@ import torch
 
 from engine.sampler import Sampler, _filtered_probs
 from engine.sampling_params import SamplingParams
-from vl.errors import InvalidRequest
+from engine.errors import SamplingParamError
 
 
 def test_filters_touch_only_the_rows_that_ask_for_them():
@@ -39,6 +39,6 @@ def test_tiny_temperature_is_greedy():
 
 @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
 def test_seed_outside_64_bits_is_a_clear_error(seed):
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(SamplingParamError) as info:
         SamplingParams(seed=seed)
-    assert info.value.param == "seed"
+    assert info.value.subject == "seed"
