@@ -16,7 +16,8 @@ import time
 
 import trio
 
-from engine.engine import open_engine
+from engine.async_engine import open_engine
+from engine.config import EngineConfig
 from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 from engine.tiny_model import ensure_tiny_model
@@ -27,7 +28,7 @@ PROBE_PERIOD = 0.02
 async def measure(loaded, prompts, max_tokens: int) -> tuple[float, list[float]]:
     lateness: list[float] = []
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    async with open_engine(loaded, max_num_seqs=len(prompts)) as engine:
+    async with open_engine(loaded, EngineConfig(in_worker_process=False, max_num_seqs=len(prompts), decode_steps_per_call=1, stream_interval=0.0)) as engine:
         done = trio.Event()
 
         async def probe() -> None:
@@ -81,7 +82,7 @@ def main() -> None:
     print("| switch interval | concurrent | tok/s | wake-up lateness p50 | p99 | max |")
     print("|---:|---:|---:|---:|---:|---:|")
     for interval, batch, tps, late in rows:
-        p = lambda q: late[min(len(late) - 1, int(q * len(late)))] * 1e3  # noqa: E731
+        p = lambda q: late[min(len(late) - 1, int(q * len(late)))] * 1e3
         print(f"| {interval * 1e3:g} ms | {batch} | {tps:,.0f} | {p(0.5):.2f} ms | {p(0.99):.2f} ms | {late[-1] * 1e3:.2f} ms |")
 
 

@@ -1,18 +1,20 @@
 """One engine step, synchronously: forwards, sampling, detokenization and stop checks.
 
-Runs in the engine's step thread. It reads and writes only the sequences in the plan it
-was given, and reports what changed as immutable ``SequenceUpdate``s for the event loop.
+Runs in the step loop (``engine.step_loop``). It reads and writes only the sequences in
+the plan it was given, and reports what changed as immutable ``SequenceOutput``s.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
 
+from engine.core_messages import SequenceOutput
 from engine.detokenizer import IncrementalDetokenizer, token_text
 from engine.model_runner import ModelRunner
 from engine.outputs import TokenLogprob, TopLogprob
@@ -21,19 +23,11 @@ from engine.scheduler import StepPlan
 from engine.sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
+    from engine.config import EngineConfig
     from engine.model_loader import LoadedModel
 
 
 PROMPT_TAIL_TOKENS = 4
-
-
-@dataclass(frozen=True)
-class SequenceUpdate:
-    seq: Sequence
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None
 
 
 @dataclass
@@ -47,7 +41,7 @@ class _SeqState:
 
 @dataclass
 class StepReport:
-    updates: list[SequenceUpdate] = field(default_factory=list)
+    updates: list[SequenceOutput] = field(default_factory=list)
     prefill_tokens: int = 0
     decode_tokens: int = 0
     seconds: float = 0.0
@@ -77,20 +71,20 @@ class EngineCore:
     @classmethod
     def for_model(
         cls,
-        loaded: "LoadedModel",
+        loaded: LoadedModel,
+        config: EngineConfig,
         *,
-        seed: int | None = None,
-        decode_steps_per_call: int = 1,
         has_news: Callable[[], bool] = lambda: False,
     ) -> EngineCore:
-        """The core for a loaded model: its runner, tokenizer, stop ids and limits."""
+        """The core for a loaded model: its runner, tokenizer, stop ids and limits (the
+        context length is the loaded model's)."""
         return cls(
             ModelRunner(loaded.adapter, loaded.device),
             loaded.tokenizer.backend_tokenizer,
             loaded.eos_token_ids,
             loaded.max_model_len,
-            Sampler(seed),
-            decode_steps_per_call=decode_steps_per_call,
+            Sampler(config.seed),
+            decode_steps_per_call=config.decode_steps_per_call,
             has_news=has_news,
         )
 
@@ -165,7 +159,7 @@ class EngineCore:
             if len(joining) == 1:
                 return
             for seq in joining:
-                report.updates = [u for u in report.updates if u.seq is not seq]
+                report.updates = [u for u in report.updates if u.seq_id != seq.seq_id]
                 seq.status, seq.finish_reason, seq.error = SequenceStatus.RUNNING, None, None
                 seq.output_ids.clear()
                 self._states[seq.seq_id] = self._new_state(seq)
@@ -205,12 +199,10 @@ class EngineCore:
         for seq, state, tok in zip(seqs, states, sampled):
             report.updates.append(self._advance(seq, state, tok))
 
-    def _advance(self, seq: Sequence, state: _SeqState, tok: SampledToken) -> SequenceUpdate:
+    def _advance(self, seq: Sequence, state: _SeqState, tok: SampledToken) -> SequenceOutput:
         seq.output_ids.append(tok.token_id)
         finish = None
-        if tok.token_id in state.stop_ids:
-            finish = "stop"
-        elif state.detokenizer.add(tok.token_id):  # stop tokens add no text
+        if tok.token_id in state.stop_ids or state.detokenizer.add(tok.token_id):
             finish = "stop"
         elif finish is None and (
             len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
@@ -224,7 +216,7 @@ class EngineCore:
             seq.finish_reason = finish
             self._states.pop(seq.seq_id, None)
         text = state.detokenizer.release(final=finish is not None)
-        return SequenceUpdate(seq, [tok.token_id], text, logprobs, finish)
+        return SequenceOutput(seq.seq_id, [tok.token_id], text, logprobs, finish)
 
     def _logprob_entry(self, tok: SampledToken) -> TokenLogprob:
         return TokenLogprob(
@@ -235,14 +227,14 @@ class EngineCore:
         )
 
     def _fail_all(self, seqs: list[Sequence], exc: Exception, report: StepReport) -> None:
-        failed = {id(s) for s in seqs}
-        report.updates = [u for u in report.updates if id(u.seq) not in failed]
+        failed = {s.seq_id for s in seqs}
+        report.updates = [u for u in report.updates if u.seq_id not in failed]
         self.runner.drop(seqs)
         report.updates.extend(self._fail(seq, exc) for seq in seqs)
 
-    def _fail(self, seq: Sequence, exc: Exception) -> SequenceUpdate:
+    def _fail(self, seq: Sequence, exc: Exception) -> SequenceOutput:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = "abort"
         seq.error = f"{type(exc).__name__}: {exc}"
         self._states.pop(seq.seq_id, None)
-        return SequenceUpdate(seq, [], "", None, "abort")
+        return SequenceOutput(seq.seq_id, [], "", None, "abort", seq.error)

@@ -12,8 +12,8 @@ import inspect
 
 import torch
 
-from engine.prompt import EnginePrompt, ImageFeatures
 from engine.errors import RequestRejected
+from engine.prompt import EnginePrompt, ImageFeatures
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 

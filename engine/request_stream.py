@@ -1,4 +1,6 @@
-"""The consumer side of one sequence: an async iterator of coalesced ``StreamDelta``s."""
+"""The consumer side of one sequence: ``SequenceOutput``s in, coalesced ``StreamDelta``s out.
+
+No torch import here."""
 
 from __future__ import annotations
 
@@ -6,9 +8,8 @@ import random
 
 import trio
 
-from engine.engine_core import SequenceUpdate
+from engine.core_messages import SequenceOutput
 from engine.outputs import StreamDelta, TokenLogprob
-from engine.sequence import Sequence
 
 
 class RequestStream:
@@ -29,9 +30,19 @@ class RequestStream:
     """
 
     def __init__(
-        self, seq: Sequence, min_interval: float = 0.0, spread: float = 0.0, rng: random.Random | None = None
+        self,
+        seq_id: int,
+        prompt_len: int,
+        *,
+        wants_logprobs: bool = False,
+        min_interval: float = 0.0,
+        spread: float = 0.0,
+        rng: random.Random | None = None,
     ) -> None:
-        self.seq = seq
+        self.seq_id = seq_id
+        self.prompt_len = prompt_len
+        self._wants_logprobs = wants_logprobs
+        self.error: str | None = None
         self._min_interval = min_interval
         self._spread = spread
         self._rng = rng or random.Random()
@@ -45,8 +56,10 @@ class RequestStream:
         self._delivered_final = False
         self._changed = trio.Event()
 
-    def push(self, update: SequenceUpdate) -> None:
+    def push(self, update: SequenceOutput) -> None:
         """Called by the engine after a step (never blocks)."""
+        if update.error is not None:
+            self.error = update.error
         self._token_ids.extend(update.token_ids)
         if update.text:
             self._text.append(update.text)
@@ -58,16 +71,20 @@ class RequestStream:
             self._finished.set()
         self._changed.set()
 
-    def finish(self, reason: str) -> None:
-        """End the stream without a step (e.g. the engine is shutting down)."""
-        if self._finish_reason is None:
-            self._finish_reason = reason
+    def fail(self, error: str) -> None:
+        """End the stream with ``"abort"`` and ``error`` unless it has already finished
+        (e.g. the engine stopped, or its worker died)."""
+        if self._finish_reason is not None:
+            return
+        self.error = self.error or error
+        self._finish_reason = "abort"
         self._finished.set()
         self._changed.set()
 
     @property
-    def error(self) -> str | None:
-        return self.seq.error
+    def finished(self) -> bool:
+        """Whether the sequence has ended (its last output may not be taken yet)."""
+        return self._finish_reason is not None
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -76,7 +93,7 @@ class RequestStream:
         """Wait for new output and return all of it as one delta.
 
         Cancellation: safe at any point; nothing is lost from the buffer, and the stream's
-        owner (``Engine.open_stream``) aborts the sequence when the consumer leaves.
+        owner (``AsyncEngine.open_stream``) aborts the sequence when the consumer leaves.
         """
         while True:
             if self._delivered_final:
@@ -96,9 +113,9 @@ class RequestStream:
         delta = StreamDelta(
             text="".join(self._text),
             token_ids=self._token_ids,
-            logprobs=self._logprobs if self.seq.params.logprobs is not None else None,
+            logprobs=self._logprobs if self._wants_logprobs else None,
             finish_reason=self._finish_reason,
-            prompt_tokens=self.seq.prompt_len,
+            prompt_tokens=self.prompt_len,
             completion_tokens=self._completion_tokens,
         )
         self._token_ids, self._text, self._logprobs = [], [], []

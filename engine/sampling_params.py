@@ -39,9 +39,15 @@ class SamplingParams:
         self._check(self.temperature >= 0, "temperature", "must be non-negative")
         self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         self._check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
-        self._check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
-        self._check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
-        self._check(self.repetition_penalty > 0, "repetition_penalty", "must be positive")
+        self._check(
+            -2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"
+        )
+        self._check(
+            -2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"
+        )
+        self._check(
+            self.repetition_penalty > 0, "repetition_penalty", "must be positive"
+        )
         self._check(
             self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
             "logprobs",
@@ -49,7 +55,9 @@ class SamplingParams:
         )
         self._check(all(s for s in self.stop), "stop", "stop strings must be non-empty")
         self._check(
-            self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits"
+            self.seed is None or -(2**63) <= self.seed < 2**64,
+            "seed",
+            "must fit in 64 bits",
         )
 
     @staticmethod

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import enum
-import itertools
 from dataclasses import dataclass, field
 
-from engine.outputs import TokenLogprob
 from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
 
@@ -21,10 +19,10 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """Mutable per-sequence state.
 
-    Ownership: the scheduler (on the event loop) moves a sequence between queues and sets
-    ``abort_requested``; the step thread appends outputs while it runs a step that contains
-    the sequence. The two never overlap because the event loop reads outputs only after the
-    step has returned.
+    Ownership: the step loop (``engine.step_loop``) alone, in whichever thread or process it
+    runs: its scheduler moves a sequence between queues and sets ``abort_requested``, its
+    engine core appends outputs. The front end never sees a ``Sequence``, only the
+    ``SequenceOutput``s of each step.
     """
 
     seq_id: int
@@ -32,8 +30,6 @@ class Sequence:
     params: SamplingParams
     status: SequenceStatus = SequenceStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[TokenLogprob] = field(default_factory=list)
-    text: str = ""
     finish_reason: str | None = None
     abort_requested: bool = False
     rope_delta: int = 0
@@ -50,13 +46,3 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-
-class SequenceIds:
-    """Hands out unique sequence ids; one counter per engine (no module-level state)."""
-
-    def __init__(self) -> None:
-        self._counter = itertools.count()
-
-    def next(self) -> int:
-        return next(self._counter)

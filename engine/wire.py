@@ -1,10 +1,12 @@
-"""Messages between the front end and the engine worker process, and their framing.
+"""The framing of messages (``engine.core_messages``) between the front end and the
+engine worker process.
 
 Each message is one pickled object behind an 8-byte big-endian length. The two ends are
 our own processes (the worker is started by the front end with a socket pair), so pickle
 carries prompts, sampling parameters and image-feature tensors as they are. There is no
 stop message: the worker stops when the front end closes its end.
-``MessageReceiver`` is the trio end, ``BlockingMessageSocket`` the worker's.
+``MessageReceiver`` is the trio end, ``BlockingMessageSocket`` the worker's. No torch
+import here (unpickling a tensor imports it).
 """
 
 from __future__ import annotations
@@ -13,82 +15,11 @@ import pickle
 import select
 import socket
 import struct
-from dataclasses import dataclass, field
 
 import trio
 
-from engine.outputs import TokenLogprob
-from engine.prompt import EnginePrompt
-from engine.sampling_params import SamplingParams
-from engine.step_tally import EngineStatistics
-
 HEADER = struct.Struct("!Q")
 RECEIVE_CHUNK = 1 << 16
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What the worker needs to load the model and build its engine (the first message)."""
-
-    model_path: str
-    dtype: str
-    device: str
-    max_model_len: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    seed: int | None
-    decode_steps_per_call: int
-    torch_threads: int
-    nice: int = 0
-
-
-@dataclass(frozen=True)
-class WorkerReady:
-    max_model_len: int
-    supports_images: bool
-    pid: int
-
-
-@dataclass(frozen=True)
-class WorkerFailed:
-    """The worker could not start (e.g. the model did not load); it exits after sending."""
-
-    message: str
-
-
-@dataclass(frozen=True, eq=False)
-class NewSequence:
-    seq_id: int
-    prompt: EnginePrompt
-    params: SamplingParams
-
-
-@dataclass(frozen=True)
-class Submit:
-    """Sequences to add, then sequence ids to abort (ids the worker no longer knows are ignored)."""
-
-    adds: list[NewSequence] = field(default_factory=list)
-    aborts: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class OutputUpdate:
-    """New output of one sequence: the wire form of ``engine_core.SequenceUpdate``."""
-
-    seq_id: int
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None
-    error: str | None
-
-
-@dataclass(frozen=True)
-class StepOutputs:
-    """Sent after every step (and whenever the worker goes idle), so stats stay current."""
-
-    updates: list[OutputUpdate]
-    stats: EngineStatistics  # the worker's, as of this message
 
 
 def encode(message: object) -> bytes:
@@ -96,7 +27,7 @@ def encode(message: object) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
-class _Frames:
+class Frames:
     """Splits a byte stream into messages (state only, no I/O)."""
 
     def __init__(self) -> None:
@@ -126,7 +57,7 @@ class MessageReceiver:
 
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
         self._stream = stream
-        self._frames = _Frames()
+        self._frames = Frames()
         self._ready: list[object] = []
 
     async def receive(self) -> object | None:
@@ -148,7 +79,7 @@ class BlockingMessageSocket:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._frames = _Frames()
+        self._frames = Frames()
         self.closed = False
 
     def send(self, message: object) -> None:
@@ -164,7 +95,11 @@ class BlockingMessageSocket:
         end of stream."""
         messages: list[object] = []
         while not self.closed:
-            if not (block and not messages) and not self._frames.partial and not self.readable():
+            if (
+                not (block and not messages)
+                and not self._frames.partial
+                and not self.readable()
+            ):
                 break
             data = self._sock.recv(RECEIVE_CHUNK)
             if not data:

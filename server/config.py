@@ -20,31 +20,48 @@ class ServerConfig:
     """Everything a running vlserve needs to know. ``model=None`` means the built-in tiny model."""
 
     model: str | None = field(
-        default=None, metadata={"help": "local Hugging Face model directory (default: the built-in tiny model)"}
+        default=None,
+        metadata={
+            "help": "local Hugging Face model directory (default: the built-in tiny model)"
+        },
     )
     served_model_name: str | None = field(
-        default=None, metadata={"help": "model id clients send in 'model' (default: the directory's name)"}
+        default=None,
+        metadata={
+            "help": "model id clients send in 'model' (default: the directory's name)"
+        },
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(default=8000, metadata={"help": "TCP port to listen on (0: any free port)"})
+    port: int = field(
+        default=8000, metadata={"help": "TCP port to listen on (0: any free port)"}
+    )
     api_keys: tuple[str, ...] = field(
-        default=(), metadata={"option": "api_key", "help": "accepted Bearer key; repeat for several (default: no auth)"}
+        default=(),
+        metadata={
+            "option": "api_key",
+            "help": "accepted Bearer key; repeat for several (default: no auth)",
+        },
     )
     cors_allow_origins: tuple[str, ...] = field(
-        default=(), metadata={"help": "origins allowed by CORS, '*' for any (default: no CORS)"}
+        default=(),
+        metadata={"help": "origins allowed by CORS, '*' for any (default: no CORS)"},
     )
     max_body_bytes: int = field(
-        default=64 * 1024 * 1024, metadata={"help": "largest accepted request body in bytes (413 beyond)"}
+        default=64 * 1024 * 1024,
+        metadata={"help": "largest accepted request body in bytes (413 beyond)"},
     )
     max_concurrent_requests: int = field(
         default=256, metadata={"help": "requests in flight before refusing with 503"}
     )
     switch_interval: float = field(
         default=0.001,
-        metadata={"help": "seconds after which a GIL-holding thread must offer the GIL to the event loop"},
+        metadata={
+            "help": "seconds after which a GIL-holding thread must offer the GIL to the event loop"
+        },
     )
     drain_timeout: float = field(
-        default=30.0, metadata={"help": "seconds in-flight requests get to finish on SIGINT/SIGTERM"}
+        default=30.0,
+        metadata={"help": "seconds in-flight requests get to finish on SIGINT/SIGTERM"},
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from engine.errors import RequestRejected
+from engine.interface import Engine
 from engine.outputs import StreamDelta, TokenLogprob
 from engine.sampling_params import SamplingParams
 from server.errors import invalid_request_from_engine
 from server.schemas.common import Usage
 
 if TYPE_CHECKING:
-    from engine.prompt import EnginePrompt  # imports torch; the HTTP layer does not need it
+    from engine.prompt import (
+        EnginePrompt,  # imports torch; the HTTP layer does not need it
+    )
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class SequenceFailed(RuntimeError):
     """The engine ended a sequence because of an internal error (a server-side failure)."""
 
 
-async def stream_job(engine: Any, job: Job, on_delta: OnDelta) -> None:
+async def stream_job(engine: Engine, job: Job, on_delta: OnDelta) -> None:
     """Run one sequence, awaiting ``on_delta`` for each delta (a slow callback makes the
     engine coalesce deltas rather than queue them).
 
@@ -103,7 +106,7 @@ async def stream_job(engine: Any, job: Job, on_delta: OnDelta) -> None:
         raise invalid_request_from_engine(error) from None
 
 
-async def stream_jobs(engine: Any, jobs: Sequence[Job], on_delta: OnDelta) -> None:
+async def stream_jobs(engine: Engine, jobs: Sequence[Job], on_delta: OnDelta) -> None:
     """Run all ``jobs`` concurrently (see ``stream_job``); one failing cancels the others.
 
     Deltas of one job arrive in order; deltas of different jobs interleave.
@@ -116,7 +119,7 @@ async def stream_jobs(engine: Any, jobs: Sequence[Job], on_delta: OnDelta) -> No
             nursery.start_soon(stream_job, engine, job, on_delta)
 
 
-async def complete_jobs(engine: Any, jobs: Sequence[Job]) -> tuple[list[ChoiceResult], Usage]:
+async def complete_jobs(engine: Engine, jobs: Sequence[Job]) -> tuple[list[ChoiceResult], Usage]:
     """Run all ``jobs`` to the end; the results in ``index`` order, and the usage."""
     results = {job.index: ChoiceResult(index=job.index) for job in jobs}
     tally = UsageTally()

@@ -58,7 +58,9 @@ class Option:
         return f"{self.help_text} (default: {default})"
 
 
-def _option(owner: type, field: dataclasses.Field[Any], hint: Any, path: tuple[str, ...]) -> Option:
+def _option(
+    owner: type, field: dataclasses.Field[Any], hint: Any, path: tuple[str, ...]
+) -> Option:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     optional = type(None) in typing.get_args(hint)
     if typing.get_origin(hint) is tuple:
@@ -70,7 +72,14 @@ def _option(owner: type, field: dataclasses.Field[Any], hint: Any, path: tuple[s
     if kind not in (str, int, float, bool, tuple):
         raise TypeError(f"{owner.__name__}.{field.name}: no option type for {hint!r}")
     name = field.metadata.get("option", field.name)
-    return Option(path, name, kind, optional, field.default, field.metadata.get("help", name.replace("_", " ")))
+    return Option(
+        path,
+        name,
+        kind,
+        optional,
+        field.default,
+        field.metadata.get("help", name.replace("_", " ")),
+    )
 
 
 def _options_of(cls: type, prefix: tuple[str, ...]) -> list[Option]:
@@ -118,7 +127,9 @@ def convert(option: Option, raw: str, source: str) -> Any:
     try:
         return option.kind(raw)
     except ValueError:
-        raise ConfigError(f"{source}: expected {option.kind.__name__}, got {raw!r}") from None
+        raise ConfigError(
+            f"{source}: expected {option.kind.__name__}, got {raw!r}"
+        ) from None
 
 
 def values_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -154,7 +165,8 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
 def _build(cls: type, values: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {
-        name: _build(hints[name], value) if isinstance(value, dict) else value for name, value in values.items()
+        name: _build(hints[name], value) if isinstance(value, dict) else value
+        for name, value in values.items()
     }
     return cls(**kwargs)
 

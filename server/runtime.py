@@ -8,18 +8,16 @@ a nursery it owns; leaving it shuts them down in reverse order.
 from __future__ import annotations
 
 import gc
-import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import trio
 
-from engine.engine import Engine, open_engine
+from engine.async_engine import AsyncEngine, open_engine
 from engine.model_loader import LoadedModel, load_model
-from engine.process_engine import ProcessEngine, worker_config
 from engine.tiny_model import ensure_tiny_model
 from server.config import ServerConfig
 from vl.chat_preparer import ChatPreparer
@@ -41,7 +39,7 @@ class Runtime:
     model_name: str
     created: int
     max_model_len: int
-    engine: Engine | ProcessEngine
+    engine: AsyncEngine
     preparer: ChatPreparer
     loaded: LoadedModel
     device_gate: trio.CapacityLimiter
@@ -106,7 +104,7 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
     device_gate = trio.CapacityLimiter(1)
     policy = config.media
     async with ImageFetcher(policy) as fetcher:
-        async with _open_engine(loaded, config, device_gate) as engine, _open_prep_runner(loaded, config, policy) as runner:
+        async with open_engine(loaded, config.engine, device_gate) as engine, _open_prep_runner(loaded, config, policy) as runner:
             async with _open_encoder(loaded, config, device_gate) as encoder:
                 preparer = ChatPreparer(
                     tools=PrepTools(loaded.tokenizer, policy, _preprocessor(loaded)),
@@ -128,29 +126,6 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
                     loaded=loaded,
                     device_gate=device_gate,
                 )
-
-
-def _open_engine(loaded: LoadedModel, config: ServerConfig, device_gate: trio.CapacityLimiter):
-    """The engine in its worker process (default), or in a thread under the device gate."""
-    engine = config.engine
-    if engine.in_worker_process:
-        worker = worker_config(
-            loaded,
-            max_num_seqs=engine.max_num_seqs,
-            max_num_batched_tokens=engine.max_num_batched_tokens,
-            decode_steps_per_call=engine.decode_steps_per_call,
-            torch_threads=engine.torch_threads or max(1, (os.cpu_count() or 1) - 1),
-            nice=engine.nice,
-        )
-        return ProcessEngine.open(worker, stream_interval=engine.stream_interval)
-    return open_engine(
-        loaded,
-        max_num_seqs=engine.max_num_seqs,
-        max_num_batched_tokens=engine.max_num_batched_tokens,
-        device_gate=device_gate,
-        stream_interval=engine.stream_interval,
-        decode_steps_per_call=engine.decode_steps_per_call,
-    )
 
 
 @asynccontextmanager

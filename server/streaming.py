@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel
 
+from engine.interface import Engine
 from engine.outputs import StreamDelta
 from server.generation import Job, UsageTally, stream_jobs
 from server.schemas.common import Usage
@@ -24,7 +25,7 @@ class Chunker(Protocol):
 
 
 async def produce_chunks(
-    engine: Any, jobs: Sequence[Job], chunker: Chunker, include_usage: bool, send: SendEvent
+    engine: Engine, jobs: Sequence[Job], chunker: Chunker, include_usage: bool, send: SendEvent
 ) -> None:
     """Send each choice's start chunks, then chunks as deltas arrive, then the usage chunk
     if asked for. Cancellation: every sequence still running is aborted."""

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from engine.engine_core import EngineCore, SequenceUpdate
+from engine.core_messages import SequenceOutput
+from engine.engine_core import EngineCore
 from engine.model_loader import LoadedModel
 from engine.model_runner import ModelRunner
 from engine.prompt import EnginePrompt
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceIds
+from engine.sequence import Sequence
 from vl.errors import InvalidRequest
 
 
@@ -30,14 +32,14 @@ class AsyncioEngine:
         self._core = core
         self._scheduler = scheduler
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
-        self._ids = SequenceIds()
-        self._queues: dict[int, tuple[Sequence, asyncio.Queue[SequenceUpdate]]] = {}
+        self._ids = itertools.count()
+        self._queues: dict[int, tuple[Sequence, asyncio.Queue[SequenceOutput]]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     @classmethod
     def for_model(cls, loaded: LoadedModel, *, max_num_seqs: int, max_num_batched_tokens: int) -> AsyncioEngine:
-        """The same composition as ``engine.engine.open_engine``."""
+        """The same composition as ``engine.step_loop.StepLoop.for_model``."""
         core = EngineCore(
             ModelRunner(loaded.adapter, loaded.device),
             loaded.tokenizer.backend_tokenizer,
@@ -64,7 +66,7 @@ class AsyncioEngine:
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
         for seq, queue in list(self._queues.values()):
             if not queue.full():
-                queue.put_nowait(SequenceUpdate(seq, [], "", None, "abort"))
+                queue.put_nowait(SequenceOutput(seq.seq_id, [], "", None, "abort"))
 
     def check_lengths(self, prompt: EnginePrompt, params: SamplingParams) -> None:
         """Raise ``InvalidRequest`` if the prompt plus ``max_tokens`` cannot fit."""
@@ -80,7 +82,7 @@ class AsyncioEngine:
     @contextlib.asynccontextmanager
     async def open_stream(
         self, prompt: EnginePrompt, params: SamplingParams
-    ) -> AsyncIterator[AsyncIterator[list[SequenceUpdate]]]:
+    ) -> AsyncIterator[AsyncIterator[list[SequenceOutput]]]:
         """Submit a sequence; yield an iterator of its updates, in batches of whatever had
         arrived when the consumer asked (so a slow consumer gets fewer, larger batches).
 
@@ -88,8 +90,8 @@ class AsyncioEngine:
         Cancellation (asyncio): the consumer's ``CancelledError`` leaves the block, which
         aborts the sequence; a running one leaves the batch at the next step.
         """
-        seq = Sequence(self._ids.next(), prompt, params)
-        queue: asyncio.Queue[SequenceUpdate] = asyncio.Queue(maxsize=params.max_tokens + 2)
+        seq = Sequence(next(self._ids), prompt, params)
+        queue: asyncio.Queue[SequenceOutput] = asyncio.Queue(maxsize=params.max_tokens + 2)
         self._queues[seq.seq_id] = (seq, queue)
         self._scheduler.add(seq)
         self._wakeup.set()
@@ -102,7 +104,7 @@ class AsyncioEngine:
                 self._wakeup.set()
 
     @staticmethod
-    async def _updates(queue: asyncio.Queue[SequenceUpdate]) -> AsyncIterator[list[SequenceUpdate]]:
+    async def _updates(queue: asyncio.Queue[SequenceOutput]) -> AsyncIterator[list[SequenceOutput]]:
         while True:
             batch = [await queue.get()]
             while not queue.empty():
@@ -124,6 +126,6 @@ class AsyncioEngine:
                 continue
             report = await loop.run_in_executor(self._executor, self._core.execute, plan)
             for update in report.updates:
-                entry = self._queues.get(update.seq.seq_id)
+                entry = self._queues.get(update.seq_id)
                 if entry is not None:
                     entry[1].put_nowait(update)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from engine.engine import open_engine
+from engine.async_engine import open_engine
 from engine.sampling_params import SamplingParams
+from tests.engine.configs import in_thread
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
 
 TEXTS = [
@@ -47,7 +48,7 @@ async def test_mixed_requests_joining_a_running_batch_match_generate_alone(tiny_
     expected = [reference_generate(tiny_model, p, extra, n) for (p, extra), n in zip(requests, max_tokens)]
 
     results = [None] * len(requests)
-    async with open_engine(tiny_model, max_num_seqs=6, decode_steps_per_call=decode_steps_per_call) as engine:
+    async with open_engine(tiny_model, in_thread(max_num_seqs=6, decode_steps_per_call=decode_steps_per_call)) as engine:
 
         async def run(i):
             params = SamplingParams(max_tokens=max_tokens[i], temperature=0)
@@ -70,7 +71,7 @@ async def test_request_joins_while_batch_is_running(tiny_model):
     long_prompt, _ = chat_prompt(tiny_model, "hello world")
     short_prompt, _ = chat_prompt(tiny_model, "what")
     order = []
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, in_thread()) as engine:
 
         async def long_one():
             await collect(engine, long_prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))

@@ -7,8 +7,9 @@ import math
 import pytest
 import trio
 
-from engine.engine import open_engine
+from engine.async_engine import open_engine
 from engine.sampling_params import SamplingParams
+from tests.engine.configs import in_thread
 from tests.engine.prompts import chat_prompt
 from tests.engine.streams import run_stream, wait_until_idle
 
@@ -20,7 +21,7 @@ async def test_leaving_a_stream_mid_generation_aborts_and_frees_cache(tiny_model
     request still completes normally."""
     prompt, _ = chat_prompt(tiny_model, "hello world")
     other, _ = chat_prompt(tiny_model, "what")
-    async with open_engine(tiny_model, decode_steps_per_call=decode_steps_per_call) as engine:
+    async with open_engine(tiny_model, in_thread(decode_steps_per_call=decode_steps_per_call)) as engine:
         async with trio.open_nursery() as nursery:
             results = {}
 
@@ -44,7 +45,7 @@ async def test_cancelled_consumer_aborts_sequence(tiny_model):
     """Invariant: cancelling the task that consumes a stream aborts the sequence; the
     engine is idle afterwards (no running or waiting sequences, empty cache)."""
     prompt, _ = chat_prompt(tiny_model, "hello")
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, in_thread()) as engine:
         with trio.move_on_after(0.2):
             await run_stream(engine, prompt, SamplingParams(max_tokens=4000 - 64, ignore_eos=True))
         await wait_until_idle(engine)
@@ -52,7 +53,7 @@ async def test_cancelled_consumer_aborts_sequence(tiny_model):
 
 async def test_max_tokens_ends_with_length(tiny_model):
     prompt, _ = chat_prompt(tiny_model, "one two")
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, in_thread()) as engine:
         deltas = await run_stream(engine, prompt, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))
     assert sum(len(d.token_ids) for d in deltas) == 7
     assert deltas[-1].finish_reason == "length"
@@ -65,7 +66,7 @@ async def test_seed_reproduces_whatever_the_batch_mates(tiny_model):
     use filters (top-p, top-k, min-p) the seeded row did not ask for."""
     prompt, _ = chat_prompt(tiny_model, "tell me about the red car")
     params = SamplingParams(max_tokens=20, temperature=1.0, seed=42, ignore_eos=True)
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, in_thread()) as engine:
         alone = await run_stream(engine, prompt, params)
         together = {}
 
@@ -89,7 +90,7 @@ async def test_stop_string_never_leaks_streamed_or_not(tiny_model):
     """The text stops right before the stop string; no delta ever contains it, nor does
     the concatenation of the deltas."""
     prompt, _ = chat_prompt(tiny_model, "one two three")
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, in_thread()) as engine:
         free = await run_stream(engine, prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
         full_text = "".join(d.text for d in free)
         assert len(full_text) > 12
@@ -104,7 +105,7 @@ async def test_stop_string_never_leaks_streamed_or_not(tiny_model):
 
 async def test_logprobs_are_consistent(tiny_model):
     prompt, _ = chat_prompt(tiny_model, "hello")
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, in_thread()) as engine:
         deltas = await run_stream(engine, prompt, SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True))
     entries = [e for d in deltas for e in d.logprobs]
     assert len(entries) == 5
@@ -119,7 +120,7 @@ async def test_logprobs_are_consistent(tiny_model):
 
 async def test_penalties_change_output(tiny_model):
     prompt, _ = chat_prompt(tiny_model, "one two")
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, in_thread()) as engine:
         plain = await run_stream(engine, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
         penalised = await run_stream(
             engine, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, frequency_penalty=2.0, repetition_penalty=1.5)
@@ -145,7 +146,7 @@ async def test_failed_forward_fails_its_sequences_and_engine_goes_on(tiny_model,
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(adapter, "forward", flaky_forward)
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, in_thread()) as engine:
         async with engine.open_stream(prompt, SamplingParams(max_tokens=5, temperature=0)) as stream:
             deltas = [d async for d in stream]
             assert "simulated device failure" in stream.error
@@ -157,7 +158,7 @@ async def test_failed_forward_fails_its_sequences_and_engine_goes_on(tiny_model,
 
 async def test_stop_token_ids_end_generation_without_their_text(tiny_model):
     prompt, _ = chat_prompt(tiny_model, "one two three")
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, in_thread()) as engine:
         free = await run_stream(engine, prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
         ids = [t for d in free for t in d.token_ids]
         stop_id = ids[5]
@@ -184,7 +185,7 @@ async def test_one_failing_prompt_does_not_fail_its_prefill_mates(tiny_model, mo
         return real_embed(prompt, device)
 
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, in_thread()) as engine:
         expected = await run_stream(engine, good, params)
         monkeypatch.setattr(adapter, "embed_prompt", embed)
         results = {}
@@ -206,9 +207,9 @@ async def test_stream_interval_coalesces_tokens_but_not_the_last_delta(tiny_mode
     final delta is not held back."""
     prompt, _ = chat_prompt(tiny_model, "one two")
     params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
-    async with open_engine(tiny_model) as engine:
+    async with open_engine(tiny_model, in_thread()) as engine:
         plain = await run_stream(engine, prompt, params)
-    async with open_engine(tiny_model, stream_interval=0.05) as engine:
+    async with open_engine(tiny_model, in_thread(stream_interval=0.05)) as engine:
         times = []
         paced = []
         async with engine.open_stream(prompt, params) as stream:

@@ -7,10 +7,11 @@ import warnings
 
 import torch
 
-from engine.engine import open_engine
+from engine.async_engine import open_engine
 from engine.model_adapter import cache_keyword
 from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
+from tests.engine.configs import in_thread
 
 
 class OldStyleModel(torch.nn.Module):
@@ -34,7 +35,7 @@ async def test_engine_steps_raise_no_cache_deprecation_warning(tiny_model):
     ``cache_params`` (transformers announces their removal)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        async with open_engine(tiny_model) as engine:
+        async with open_engine(tiny_model, in_thread()) as engine:
             async with engine.open_stream(EnginePrompt([5, 6, 7, 8]), SamplingParams(max_tokens=4, temperature=0)) as stream:
                 tokens = [t async for delta in stream for t in delta.token_ids]
     assert len(tokens) == 4

@@ -8,10 +8,11 @@ import pytest
 import torch
 import trio
 
-from engine.engine import open_engine
+from engine.async_engine import open_engine
 from engine.model_loader import ModelLoadError, load_model
 from engine.sampling_params import SamplingParams
 from engine.tiny_model import _fan_in_init, build_config, build_tokenizer
+from tests.engine.configs import in_thread
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
 
 
@@ -55,7 +56,7 @@ def save_qwen25_vl(path, tiny_model_dir):
 
 async def greedy(loaded, prompts, n):
     out = [None] * len(prompts)
-    async with open_engine(loaded) as engine:
+    async with open_engine(loaded, in_thread()) as engine:
 
         async def run(i):
             ids = []

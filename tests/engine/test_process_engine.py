@@ -10,10 +10,11 @@ import signal
 import pytest
 import trio
 
-from engine.engine import open_engine
+from engine.async_engine import open_engine
 from engine.errors import ModelLoadError, RequestRejected
-from engine.process_engine import ProcessEngine, worker_config
 from engine.sampling_params import SamplingParams
+from engine.worker_core import WorkerCore
+from tests.engine.configs import in_thread, in_worker
 from tests.engine.prompts import chat_prompt, noise_image
 from tests.engine.streams import run_stream, wait_until_idle
 
@@ -27,18 +28,39 @@ async def run_all(engine, requests):
     async with trio.open_nursery() as nursery:
         for key, (prompt, params) in requests.items():
             nursery.start_soon(one, key, prompt, params)
-    return {key: ("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], deltas[-1].finish_reason)
-            for key, deltas in results.items()}
+    return {
+        key: (
+            "".join(d.text for d in deltas),
+            [t for d in deltas for t in d.token_ids],
+            deltas[-1].finish_reason,
+        )
+        for key, deltas in results.items()
+    }
 
 
 def mixed_requests(tiny_model):
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     requests = {
-        f"text-{i}": (chat_prompt(tiny_model, " ".join(["word"] * (3 + 5 * i)))[0], greedy) for i in range(5)
+        f"text-{i}": (
+            chat_prompt(tiny_model, " ".join(["word"] * (3 + 5 * i)))[0],
+            greedy,
+        )
+        for i in range(5)
     }
-    requests["image"] = (chat_prompt(tiny_model, "describe", noise_image(1, 64, 96))[0], greedy)
-    requests["seeded"] = (chat_prompt(tiny_model, "tell a story")[0], SamplingParams(max_tokens=24, temperature=1.0, seed=11, top_p=0.9, ignore_eos=True))
-    requests["stop"] = (chat_prompt(tiny_model, "one two")[0], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(5,)))
+    requests["image"] = (
+        chat_prompt(tiny_model, "describe", noise_image(1, 64, 96))[0],
+        greedy,
+    )
+    requests["seeded"] = (
+        chat_prompt(tiny_model, "tell a story")[0],
+        SamplingParams(
+            max_tokens=24, temperature=1.0, seed=11, top_p=0.9, ignore_eos=True
+        ),
+    )
+    requests["stop"] = (
+        chat_prompt(tiny_model, "one two")[0],
+        SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(5,)),
+    )
     return requests
 
 
@@ -46,13 +68,13 @@ async def test_outputs_match_the_in_thread_engine(tiny_model):
     """Greedy, seeded and image requests run together give the same token ids, text and
     finish reasons in the worker process as in the in-thread engine."""
     requests = mixed_requests(tiny_model)
-    async with ProcessEngine.open(worker_config(tiny_model, decode_steps_per_call=4)) as engine:
+    async with open_engine(tiny_model, in_worker(decode_steps_per_call=4)) as engine:
         in_process = await run_all(engine, requests)
         await wait_until_idle(engine, timeout=10)
         stats = engine.statistics()
-    async with open_engine(tiny_model, decode_steps_per_call=4) as engine:
-        in_thread = await run_all(engine, requests)
-    assert in_process == in_thread
+    async with open_engine(tiny_model, in_thread(decode_steps_per_call=4)) as engine:
+        threaded = await run_all(engine, requests)
+    assert in_process == threaded
     assert all(finish in ("length", "stop") for _, _, finish in in_process.values())
     assert stats.generation_tokens == sum(len(ids) for _, ids, _ in in_process.values())
     assert stats.running == 0 and stats.cache_tokens == 0
@@ -61,16 +83,23 @@ async def test_outputs_match_the_in_thread_engine(tiny_model):
 async def test_refuses_what_the_in_thread_engine_refuses(tiny_model):
     """Also: the worker runs at the niceness it was given, above the front end's."""
     prompt, _ = chat_prompt(tiny_model, "hello")
-    async with ProcessEngine.open(worker_config(tiny_model, nice=3)) as engine:
+    async with open_engine(tiny_model, in_worker(nice=3)) as engine:
         own = os.getpriority(os.PRIO_PROCESS, 0)
-        assert os.getpriority(os.PRIO_PROCESS, engine.worker_pid) == min(own + 3, 19)
+        assert os.getpriority(os.PRIO_PROCESS, engine.core.pid) == min(own + 3, 19)
         assert engine.max_model_len == tiny_model.max_model_len
         with pytest.raises(RequestRejected) as info:
-            async with engine.open_stream(prompt, SamplingParams(max_tokens=tiny_model.max_model_len)):
+            async with engine.open_stream(
+                prompt, SamplingParams(max_tokens=tiny_model.max_model_len)
+            ):
                 pass
-        assert (info.value.kind, info.value.subject) == ("context_length_exceeded", "max_tokens")
+        assert (info.value.kind, info.value.subject) == (
+            "context_length_exceeded",
+            "max_tokens",
+        )
         # the engine still serves after a refusal
-        deltas = await run_stream(engine, prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        deltas = await run_stream(
+            engine, prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        )
         assert deltas[-1].completion_tokens == 3
 
 
@@ -80,12 +109,16 @@ async def test_leaving_or_cancelling_a_stream_aborts_it_in_the_worker(tiny_model
     waiting sequence and an empty cache, and a concurrent request completes normally."""
     prompt, _ = chat_prompt(tiny_model, "hello world")
     endless = SamplingParams(max_tokens=3000, ignore_eos=True)
-    async with ProcessEngine.open(worker_config(tiny_model, decode_steps_per_call=4)) as engine:
+    async with open_engine(tiny_model, in_worker(decode_steps_per_call=4)) as engine:
         results = {}
         async with trio.open_nursery() as nursery:
 
             async def bystander():
-                results["other"] = await run_stream(engine, prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+                results["other"] = await run_stream(
+                    engine,
+                    prompt,
+                    SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                )
 
             async def cancelled_consumer(task_status=trio.TASK_STATUS_IGNORED):
                 with trio.CancelScope() as scope:
@@ -111,12 +144,14 @@ async def test_a_dead_worker_fails_open_streams_and_health(tiny_model):
     """If the worker dies, every open stream ends with ``abort`` and an error instead of
     hanging, ``is_healthy()`` turns false, and new requests are refused."""
     prompt, _ = chat_prompt(tiny_model, "hello")
-    async with ProcessEngine.open(worker_config(tiny_model)) as engine:
+    async with open_engine(tiny_model, in_worker()) as engine:
         assert engine.is_healthy()
-        async with engine.open_stream(prompt, SamplingParams(max_tokens=3000, ignore_eos=True)) as stream:
+        async with engine.open_stream(
+            prompt, SamplingParams(max_tokens=3000, ignore_eos=True)
+        ) as stream:
             first = await stream.__anext__()
             assert first.token_ids
-            os.kill(engine.worker_pid, signal.SIGKILL)
+            os.kill(engine.core.pid, signal.SIGKILL)
             with trio.fail_after(10):
                 rest = [delta async for delta in stream]
             assert rest[-1].finish_reason == "abort"
@@ -125,7 +160,7 @@ async def test_a_dead_worker_fails_open_streams_and_health(tiny_model):
         with pytest.raises(RuntimeError):
             async with engine.open_stream(prompt, SamplingParams(max_tokens=3)):
                 pass
-    assert engine.worker_exit_status == -signal.SIGKILL
+    assert engine.core.exit_status == -signal.SIGKILL
 
 
 async def test_leaving_the_engine_aborts_streams_and_reaps_the_worker(tiny_model):
@@ -135,10 +170,12 @@ async def test_leaving_the_engine_aborts_streams_and_reaps_the_worker(tiny_model
     async with trio.open_nursery() as nursery:
         finished = trio.Event()
         outcome = {}
-        async with ProcessEngine.open(worker_config(tiny_model)) as engine:
+        async with open_engine(tiny_model, in_worker()) as engine:
 
             async def consumer(task_status=trio.TASK_STATUS_IGNORED):
-                async with engine.open_stream(prompt, SamplingParams(max_tokens=3000, ignore_eos=True)) as stream:
+                async with engine.open_stream(
+                    prompt, SamplingParams(max_tokens=3000, ignore_eos=True)
+                ) as stream:
                     task_status.started()
                     outcome["deltas"] = [delta async for delta in stream]
                 finished.set()
@@ -148,12 +185,10 @@ async def test_leaving_the_engine_aborts_streams_and_reaps_the_worker(tiny_model
         with trio.fail_after(5):
             await finished.wait()
     assert outcome["deltas"][-1].finish_reason == "abort"
-    assert engine.worker_exit_status == 0
+    assert engine.core.exit_status == 0
 
 
 async def test_an_unloadable_model_is_a_model_load_error(tiny_model, tmp_path):
-    config = worker_config(tiny_model)
-    bad = type(config)(**{**config.__dict__, "model_path": str(tmp_path / "missing")})
     with pytest.raises(ModelLoadError, match="could not load"):
-        async with ProcessEngine.open(bad):
+        async with WorkerCore.start(str(tmp_path / "missing"), in_worker()):
             pass

@@ -10,11 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from engine.engine_core import SequenceUpdate
-from engine.prompt import EnginePrompt
+from engine.core_messages import SequenceOutput
 from engine.request_stream import RequestStream
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
 
 TOKENS = 200
 STEP = 0.001
@@ -22,14 +19,17 @@ STEP = 0.001
 
 async def paced_take_times(spread: float, seed: int) -> list[float]:
     """Feed one token per millisecond for 200 ms; return when each delta was taken."""
-    seq = Sequence(0, EnginePrompt([1, 2, 3]), SamplingParams(max_tokens=TOKENS))
-    stream = RequestStream(seq, min_interval=0.01, spread=spread, rng=random.Random(seed))
+    stream = RequestStream(
+        0, 3, min_interval=0.01, spread=spread, rng=random.Random(seed)
+    )
     times = []
 
     async def engine():
         for i in range(TOKENS):
             await trio.sleep(STEP)
-            stream.push(SequenceUpdate(seq, [i], "x", None, "length" if i == TOKENS - 1 else None))
+            stream.push(
+                SequenceOutput(0, [i], "x", None, "length" if i == TOKENS - 1 else None)
+            )
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(engine)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from engine.errors import SamplingParamError
 from engine.sampler import Sampler, _filtered_probs
 from engine.sampling_params import SamplingParams
-from engine.errors import SamplingParamError
 
 
 def test_filters_touch_only_the_rows_that_ask_for_them():

@@ -14,18 +14,19 @@ from PIL import Image
 
 from tests.helpers.image_server import Route, serve_images
 from tests.integration.invariants import wait_until_quiescent
+from vl.media_policy import MediaPolicy
 
 
 @pytest.fixture
 def vlserve_config(vlserve_config):
-    return dataclasses.replace(
-        vlserve_config,
+    media = MediaPolicy(
         allow_private_media_urls=False,
         allowed_media_domains=("localhost",),
-        image_fetch_timeout=0.5,
+        fetch_timeout=0.5,
         max_image_bytes=200_000,
         max_image_pixels=4096 * 4096,
     )
+    return dataclasses.replace(vlserve_config, media=media)
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:

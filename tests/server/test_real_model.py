@@ -15,6 +15,7 @@ from PIL import Image
 
 from server.runtime import open_runtime
 from tests.helpers.image_server import Route, serve_images
+from vl.media_policy import MediaPolicy
 
 USER = [{"role": "user", "content": "Say something."}]
 
@@ -22,7 +23,7 @@ USER = [{"role": "user", "content": "Say something."}]
 @pytest.fixture
 def vlserve_config(vlserve_config, tiny_model_dir):
     return dataclasses.replace(
-        vlserve_config, model=str(tiny_model_dir), allow_private_media_urls=True
+        vlserve_config, model=str(tiny_model_dir), media=MediaPolicy(allow_private_media_urls=True)
     )
 
 

@@ -1,12 +1,15 @@
-"""What an engine's steps have done so far, and the statistics both engine placements report."""
+"""``EngineStatistics`` (what an engine reports about itself) and ``StepTally`` (the
+counters its step loop keeps to fill them). No torch import here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from engine.engine_core import StepReport
-from engine.model_runner import ModelRunner
-from engine.scheduler import Scheduler
+if TYPE_CHECKING:
+    from engine.engine_core import StepReport
+    from engine.model_runner import ModelRunner
+    from engine.scheduler import Scheduler
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ IDLE_STATISTICS = EngineStatistics(0, 0, 0, 0, 0, 0, 0, 0.0, 0)
 
 @dataclass
 class StepTally:
-    """Counters fed by each step's report (by whoever owns the step loop)."""
+    """Counters fed by each step's report (by the step loop)."""
 
     steps: int = 0
     prompt_tokens: int = 0
@@ -40,7 +43,7 @@ class StepTally:
         self.generation_tokens += sum(len(u.token_ids) for u in report.updates)
         self.last_step_seconds = report.seconds
 
-    def statistics(self, scheduler: Scheduler, runner: ModelRunner, device_gate_borrowed: int = 0) -> EngineStatistics:
+    def statistics(self, scheduler: Scheduler, runner: ModelRunner) -> EngineStatistics:
         return EngineStatistics(
             running=scheduler.num_running,
             waiting=scheduler.num_waiting,
@@ -50,5 +53,5 @@ class StepTally:
             cache_tokens=runner.cache_tokens(),
             cache_bytes=runner.cache_bytes(),
             last_step_seconds=self.last_step_seconds,
-            device_gate_borrowed=device_gate_borrowed,
+            device_gate_borrowed=0,
         )

@@ -1,0 +1,126 @@
+"""The engine's one step loop: plain synchronous code that owns every ``Sequence``.
+
+``StepLoop`` applies what the front end sent (new sequences, aborts), runs one step of the
+scheduler and engine core while there is work, and reports each step's outputs with fresh
+statistics. The same loop runs in either placement (docs/architecture.md):
+
+- in the engine worker process, ``serve(channel)`` blocks on its socket while idle and
+  never waits for the front end's event loop (nor shares its GIL);
+- in a thread of the server process (``engine.thread_core``), the front end calls
+  ``step(submit)`` once per step under the device gate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from engine.core_messages import NewSequence, StepOutputs, Submit
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+from engine.statistics import EngineStatistics, StepTally
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from engine.engine_core import EngineCore
+    from engine.model_loader import LoadedModel
+    from engine.wire import BlockingMessageSocket
+
+
+class StepLoop:
+    """Sequences by id, the scheduler, the engine core and the step counters.
+
+    Not thread-safe: one caller at a time (the worker's main thread, or one step thread
+    after another).
+    """
+
+    def __init__(self, core: EngineCore, scheduler: Scheduler) -> None:
+        self._core = core
+        self._scheduler = scheduler
+        self._sequences: dict[int, Sequence] = {}
+        self._tally = StepTally()
+
+    @classmethod
+    def for_model(
+        cls,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        *,
+        has_news: Callable[[], bool] = lambda: False,
+    ) -> StepLoop:
+        """The loop for a loaded model. ``has_news()`` (read from the step) says whether
+        the front end has sent something since: it ends a run of back-to-back decode steps."""
+        from engine.engine_core import EngineCore
+
+        scheduler = Scheduler(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
+        core = EngineCore.for_model(
+            loaded, config, has_news=lambda: scheduler.num_waiting > 0 or has_news()
+        )
+        return cls(core, scheduler)
+
+    def has_work(self) -> bool:
+        return self._scheduler.has_work()
+
+    def apply(self, submit: Submit) -> None:
+        """Add the new sequences, then abort: a waiting sequence is forgotten at once, a
+        running one leaves the batch (freeing its cache) at the next step. Ids no longer
+        known (finished already) are ignored."""
+        for new in submit.adds:
+            self._add(new)
+        for seq_id in submit.aborts:
+            seq = self._sequences.get(seq_id)
+            if seq is None:
+                continue
+            was_waiting = seq.status is SequenceStatus.WAITING
+            self._scheduler.abort(seq)
+            if was_waiting:
+                self._sequences.pop(seq_id, None)
+
+    def _add(self, new: NewSequence) -> None:
+        seq = Sequence(new.seq_id, new.prompt, new.params)
+        self._sequences[seq.seq_id] = seq
+        self._scheduler.add(seq)
+
+    def step(self, submit: Submit | None = None) -> StepOutputs:
+        """Apply ``submit``, then run one step if there is work. Always returns the
+        statistics after it (with no updates if no step ran)."""
+        if submit is not None:
+            self.apply(submit)
+        return self._run_step() or StepOutputs([], self.statistics())
+
+    def _run_step(self) -> StepOutputs | None:
+        """One scheduled step and its outputs; ``None`` if there was nothing to run."""
+        if not self._scheduler.has_work():
+            return None
+        plan = self._scheduler.schedule()
+        if plan.empty:
+            return None
+        report = self._core.execute(plan)
+        for seq in plan.leaving:
+            self._sequences.pop(seq.seq_id, None)
+        self._tally.record(report)
+        return StepOutputs(report.updates, self.statistics())
+
+    def serve(self, channel: BlockingMessageSocket) -> None:
+        """Serve the front end on ``channel`` until it closes its end: block while idle,
+        else read what has arrived, step, and send the outputs."""
+        while True:
+            messages = channel.receive_all(block=not self._scheduler.has_work())
+            if channel.closed:
+                return
+            for message in messages:
+                if isinstance(message, Submit):
+                    self.apply(message)
+            outputs = self._run_step()
+            if outputs is not None:
+                channel.send(outputs)
+            elif messages:
+                channel.send(
+                    StepOutputs([], self.statistics())
+                )  # e.g. aborts of waiting sequences
+
+    def statistics(self) -> EngineStatistics:
+        return self._tally.statistics(self._scheduler, self._core.runner)
