@@ -73,12 +73,17 @@ async def test_request_joins_while_batch_is_running(tiny_model):
     order = []
     async with open_engine(tiny_model, in_thread()) as engine:
 
+        generating = trio.Event()
+
         async def long_one():
-            await collect(engine, long_prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+            params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+            async with engine.open_stream(long_prompt, params) as stream:
+                async for _ in stream:
+                    generating.set()
             order.append("long")
 
         async def short_one():
-            await trio.sleep(0.05)
+            await generating.wait()  # submitted while the long one is mid-generation
             await collect(engine, short_prompt, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
             order.append("short")
 

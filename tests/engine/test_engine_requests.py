@@ -9,7 +9,7 @@ import trio
 
 from engine.async_engine import open_engine
 from engine.sampling_params import SamplingParams
-from tests.engine.configs import in_thread
+from tests.engine.configs import in_thread, in_worker
 from tests.engine.prompts import chat_prompt
 from tests.engine.streams import run_stream, wait_until_idle
 
@@ -41,14 +41,23 @@ async def test_leaving_a_stream_mid_generation_aborts_and_frees_cache(tiny_model
         assert results["other"][-1].finish_reason == "length"
 
 
-async def test_cancelled_consumer_aborts_sequence(tiny_model):
-    """Invariant: cancelling the task that consumes a stream aborts the sequence; the
-    engine is idle afterwards (no running or waiting sequences, empty cache)."""
+@pytest.mark.parametrize("placement", [in_thread, in_worker], ids=["thread", "worker"])
+async def test_cancelled_consumer_aborts_sequence(tiny_model, placement):
+    """Invariant: cancelling the task that consumes a stream aborts the sequence: the
+    engine goes idle (no running or waiting sequences, empty cache) long before the
+    sequence could have reached its ``max_tokens``, which it would if the abort were lost."""
     prompt, _ = chat_prompt(tiny_model, "hello")
-    async with open_engine(tiny_model, in_thread()) as engine:
-        with trio.move_on_after(0.2):
-            await run_stream(engine, prompt, SamplingParams(max_tokens=4000 - 64, ignore_eos=True))
-        await wait_until_idle(engine)
+    endless = SamplingParams(max_tokens=tiny_model.max_model_len - len(prompt.token_ids), ignore_eos=True)
+    async with open_engine(tiny_model, placement()) as engine:
+        with trio.CancelScope() as scope:
+            async with engine.open_stream(prompt, endless) as stream:
+                async for delta in stream:
+                    assert delta.finish_reason is None
+                    scope.cancel()  # lands at the stream's next checkpoint
+        assert scope.cancelled_caught
+        await wait_until_idle(engine, timeout=30)
+        generated = engine.statistics().generation_tokens
+    assert 0 < generated < endless.max_tokens // 4
 
 
 async def test_max_tokens_ends_with_length(tiny_model):

@@ -176,12 +176,12 @@ async def test_leaving_the_engine_aborts_streams_and_reaps_the_worker(tiny_model
                 async with engine.open_stream(
                     prompt, SamplingParams(max_tokens=3000, ignore_eos=True)
                 ) as stream:
+                    deltas = [await stream.__anext__()]  # the worker is generating
                     task_status.started()
-                    outcome["deltas"] = [delta async for delta in stream]
+                    outcome["deltas"] = deltas + [delta async for delta in stream]
                 finished.set()
 
             await nursery.start(consumer)
-            await trio.sleep(0.05)
         with trio.fail_after(5):
             await finished.wait()
     assert outcome["deltas"][-1].finish_reason == "abort"

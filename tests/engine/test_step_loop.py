@@ -1,0 +1,201 @@
+"""The one step loop (``engine.step_loop.StepLoop``), with a fake engine core: adds, aborts
+of waiting and running sequences, and serving a socket until the front end closes it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass, field
+
+from engine.core_messages import NewSequence, SequenceOutput, StepOutputs, Submit
+from engine.prompt import EnginePrompt
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, StepPlan
+from engine.sequence import Sequence, SequenceStatus
+from engine.step_loop import StepLoop
+from engine.wire import BlockingMessageSocket, Frames, encode
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.rows: dict[int, Sequence] = {}
+
+    def cache_tokens(self) -> int:
+        return sum(seq.num_tokens for seq in self.rows.values())
+
+    def cache_bytes(self) -> int:
+        return 8 * self.cache_tokens()
+
+
+@dataclass
+class FakeReport:
+    updates: list[SequenceOutput] = field(default_factory=list)
+    prefill_tokens: int = 0
+    seconds: float = 0.0
+
+
+class FakeCore:
+    """Emits token ``len(output)`` for every running row; finishes at ``max_tokens``."""
+
+    def __init__(self) -> None:
+        self.runner = FakeRunner()
+        self.plans: list[StepPlan] = []
+
+    def execute(self, plan: StepPlan) -> FakeReport:
+        self.plans.append(plan)
+        report = FakeReport()
+        for seq in plan.leaving:
+            self.runner.rows.pop(seq.seq_id, None)
+        for seq in plan.joining:
+            self.runner.rows[seq.seq_id] = seq
+            report.prefill_tokens += seq.prompt_len
+        for seq in plan.decoding + plan.joining:
+            token = len(seq.output_ids)
+            seq.output_ids.append(token)
+            finish = "length" if len(seq.output_ids) >= seq.params.max_tokens else None
+            if finish:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, finish
+            report.updates.append(
+                SequenceOutput(seq.seq_id, [token], str(token), None, finish)
+            )
+        return report
+
+
+def new(seq_id: int, max_tokens: int = 3) -> NewSequence:
+    return NewSequence(
+        seq_id, EnginePrompt([1, 2]), SamplingParams(max_tokens=max_tokens)
+    )
+
+
+def make_loop(max_num_seqs: int = 8) -> tuple[StepLoop, FakeCore]:
+    core = FakeCore()
+    return StepLoop(
+        core, Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=100)
+    ), core
+
+
+def run_until_idle(loop: StepLoop) -> list[SequenceOutput]:
+    updates = []
+    for _ in range(100):
+        if not loop.has_work():
+            return updates
+        updates.extend(loop.step().updates)
+    raise AssertionError("the loop never went idle")
+
+
+def test_added_sequences_run_to_the_end_and_are_forgotten():
+    loop, _ = make_loop()
+    first = loop.step(Submit([new(1, 3), new(2, 2)]))
+    assert [(u.seq_id, u.token_ids) for u in first.updates] == [(1, [0]), (2, [0])]
+    assert first.stats.running == 2 and first.stats.prompt_tokens == 4
+    rest = run_until_idle(loop)
+    by_id = {1: [0], 2: [0]}
+    for update in rest:
+        by_id[update.seq_id] += update.token_ids
+    assert by_id == {1: [0, 1, 2], 2: [0, 1]}
+    stats = loop.statistics()
+    assert (stats.running, stats.waiting, stats.cache_tokens) == (0, 0, 0)
+    assert stats.generation_tokens == 5
+    assert loop._sequences == {}
+
+
+def test_abort_of_a_waiting_sequence_drops_it_before_any_step():
+    loop, core = make_loop(max_num_seqs=1)
+    loop.step(Submit([new(1, 10), new(2, 10)]))  # 2 waits: the batch holds one
+    assert loop.statistics().waiting == 1
+    outputs = loop.step(Submit(aborts=[2]))
+    assert 2 not in loop._sequences
+    assert outputs.stats.waiting == 0
+    loop.step(Submit(aborts=[1]))
+    run_until_idle(loop)
+    assert all(seq.seq_id != 2 for plan in core.plans for seq in plan.joining)
+
+
+def test_abort_of_a_running_sequence_frees_its_rows_at_the_next_step():
+    loop, core = make_loop()
+    loop.step(Submit([new(1, 50), new(2, 4)]))
+    outputs = loop.step(Submit(aborts=[1]))
+    assert [seq.seq_id for seq in core.plans[-1].leaving] == [1]
+    assert 1 not in core.runner.rows and 1 not in loop._sequences
+    assert all(u.seq_id == 2 for u in outputs.updates)
+    assert all(u.seq_id == 2 for u in run_until_idle(loop))
+    assert loop.statistics().cache_tokens == 0
+
+
+def test_aborts_of_unknown_or_finished_ids_are_ignored():
+    loop, _ = make_loop()
+    loop.step(Submit([new(1, 1)]))
+    run_until_idle(loop)
+    outputs = loop.step(Submit(aborts=[1, 99]))
+    assert outputs.updates == [] and not loop.has_work()
+
+
+def test_an_idle_step_reports_statistics_only():
+    loop, core = make_loop()
+    outputs = loop.step(Submit())
+    assert outputs == StepOutputs([], loop.statistics())
+    assert core.plans == []
+
+
+def receive_until(sock: socket.socket, frames: Frames, done) -> list[object]:
+    messages: list[object] = []
+    while not done(messages):
+        data = sock.recv(1 << 16)
+        assert data, "the worker closed its end"
+        frames.feed(data)
+        messages.extend(frames.pop_all())
+    return messages
+
+
+def test_serve_steps_what_arrives_and_returns_when_the_front_end_closes():
+    """The worker's loop: outputs for every step until each sequence finishes, a
+    statistics message after an abort that needed no step, and a clean return (no
+    exception, thread ends) when the front end closes its end."""
+    loop, _ = make_loop(max_num_seqs=1)
+    front, worker_end = socket.socketpair()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            loop.serve(BlockingMessageSocket(worker_end))
+        except BaseException as exc:  # noqa: BLE001  (reported to the test thread)
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        frames = Frames()
+        front.sendall(encode(Submit([new(1, 3), new(2, 100)])))
+
+        def finished_one(messages):
+            return any(
+                u.seq_id == 1 and u.finish_reason for m in messages for u in m.updates
+            )
+
+        messages = receive_until(front, frames, finished_one)
+        assert all(isinstance(m, StepOutputs) for m in messages)
+        assert [
+            t for m in messages for u in m.updates if u.seq_id == 1 for t in u.token_ids
+        ] == [0, 1, 2]
+        front.sendall(encode(Submit(aborts=[2])))
+        idle = receive_until(
+            front,
+            frames,
+            lambda ms: bool(ms) and ms[-1].stats.running == ms[-1].stats.waiting == 0,
+        )
+        assert idle[-1].stats.cache_tokens == 0
+    finally:
+        front.close()
+        thread.join(timeout=10)
+        worker_end.close()
+    assert not thread.is_alive()
+    assert errors == []
+
+
+def test_serve_returns_at_once_if_the_channel_is_already_closed():
+    loop, core = make_loop()
+    front, worker_end = socket.socketpair()
+    front.close()
+    with worker_end:
+        loop.serve(BlockingMessageSocket(worker_end))
+    assert core.plans == []
