@@ -6,6 +6,7 @@ import math
 
 import pytest
 import trio
+import trio.testing
 
 from engine.async_engine import open_engine
 from engine.sampling_params import SamplingParams
@@ -15,21 +16,31 @@ from tests.engine.streams import run_stream, wait_until_idle
 
 
 @pytest.mark.parametrize("decode_steps_per_call", [1, 4])
-async def test_leaving_a_stream_mid_generation_aborts_and_frees_cache(tiny_model, decode_steps_per_call):
+async def test_leaving_a_stream_mid_generation_aborts_and_frees_cache(
+    tiny_model, decode_steps_per_call
+):
     """Invariant: a consumer that leaves after two deltas aborts its sequence; once the
     next step has run the engine holds no sequences and no cache, and a concurrent
     request still completes normally."""
     prompt, _ = chat_prompt(tiny_model, "hello world")
     other, _ = chat_prompt(tiny_model, "what")
-    async with open_engine(tiny_model, in_thread(decode_steps_per_call=decode_steps_per_call)) as engine:
+    async with open_engine(
+        tiny_model, in_thread(decode_steps_per_call=decode_steps_per_call)
+    ) as engine:
         async with trio.open_nursery() as nursery:
             results = {}
 
             async def bystander():
-                results["other"] = await run_stream(engine, other, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+                results["other"] = await run_stream(
+                    engine,
+                    other,
+                    SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+                )
 
             nursery.start_soon(bystander)
-            async with engine.open_stream(prompt, SamplingParams(max_tokens=1000, ignore_eos=True)) as stream:
+            async with engine.open_stream(
+                prompt, SamplingParams(max_tokens=1000, ignore_eos=True)
+            ) as stream:
                 seen = 0
                 async for delta in stream:
                     seen += len(delta.token_ids)
@@ -47,7 +58,9 @@ async def test_cancelled_consumer_aborts_sequence(tiny_model, placement):
     engine goes idle (no running or waiting sequences, empty cache) long before the
     sequence could have reached its ``max_tokens``, which it would if the abort were lost."""
     prompt, _ = chat_prompt(tiny_model, "hello")
-    endless = SamplingParams(max_tokens=tiny_model.max_model_len - len(prompt.token_ids), ignore_eos=True)
+    endless = SamplingParams(
+        max_tokens=tiny_model.max_model_len - len(prompt.token_ids), ignore_eos=True
+    )
     async with open_engine(tiny_model, placement()) as engine:
         with trio.CancelScope() as scope:
             async with engine.open_stream(prompt, endless) as stream:
@@ -63,7 +76,9 @@ async def test_cancelled_consumer_aborts_sequence(tiny_model, placement):
 async def test_max_tokens_ends_with_length(tiny_model):
     prompt, _ = chat_prompt(tiny_model, "one two")
     async with open_engine(tiny_model, in_thread()) as engine:
-        deltas = await run_stream(engine, prompt, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))
+        deltas = await run_stream(
+            engine, prompt, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
+        )
     assert sum(len(d.token_ids) for d in deltas) == 7
     assert deltas[-1].finish_reason == "length"
     assert deltas[-1].completion_tokens == 7
@@ -85,8 +100,23 @@ async def test_seed_reproduces_whatever_the_batch_mates(tiny_model):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run, "seeded", params)
             for k in range(4):
-                nursery.start_soon(run, k, SamplingParams(max_tokens=25, temperature=0.7, top_p=0.5, top_k=20, min_p=0.05, ignore_eos=True))
-        other_seed = await run_stream(engine, prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True))
+                nursery.start_soon(
+                    run,
+                    k,
+                    SamplingParams(
+                        max_tokens=25,
+                        temperature=0.7,
+                        top_p=0.5,
+                        top_k=20,
+                        min_p=0.05,
+                        ignore_eos=True,
+                    ),
+                )
+        other_seed = await run_stream(
+            engine,
+            prompt,
+            SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True),
+        )
 
     def ids(deltas):
         return [t for d in deltas for t in d.token_ids]
@@ -100,12 +130,20 @@ async def test_stop_string_never_leaks_streamed_or_not(tiny_model):
     the concatenation of the deltas."""
     prompt, _ = chat_prompt(tiny_model, "one two three")
     async with open_engine(tiny_model, in_thread()) as engine:
-        free = await run_stream(engine, prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        free = await run_stream(
+            engine,
+            prompt,
+            SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+        )
         full_text = "".join(d.text for d in free)
         assert len(full_text) > 12
         stop = full_text[8:12]
         cut = full_text.index(stop)
-        stopped = await run_stream(engine, prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=(stop,)))
+        stopped = await run_stream(
+            engine,
+            prompt,
+            SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=(stop,)),
+        )
     text = "".join(d.text for d in stopped)
     assert text == full_text[:cut]
     assert stopped[-1].finish_reason == "stop"
@@ -115,7 +153,11 @@ async def test_stop_string_never_leaks_streamed_or_not(tiny_model):
 async def test_logprobs_are_consistent(tiny_model):
     prompt, _ = chat_prompt(tiny_model, "hello")
     async with open_engine(tiny_model, in_thread()) as engine:
-        deltas = await run_stream(engine, prompt, SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True))
+        deltas = await run_stream(
+            engine,
+            prompt,
+            SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True),
+        )
     entries = [e for d in deltas for e in d.logprobs]
     assert len(entries) == 5
     for entry in entries:
@@ -130,9 +172,21 @@ async def test_logprobs_are_consistent(tiny_model):
 async def test_penalties_change_output(tiny_model):
     prompt, _ = chat_prompt(tiny_model, "one two")
     async with open_engine(tiny_model, in_thread()) as engine:
-        plain = await run_stream(engine, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+        plain = await run_stream(
+            engine,
+            prompt,
+            SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+        )
         penalised = await run_stream(
-            engine, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, frequency_penalty=2.0, repetition_penalty=1.5)
+            engine,
+            prompt,
+            SamplingParams(
+                max_tokens=30,
+                temperature=0,
+                ignore_eos=True,
+                frequency_penalty=2.0,
+                repetition_penalty=1.5,
+            ),
         )
     plain_ids = [t for d in plain for t in d.token_ids]
     pen_ids = [t for d in penalised for t in d.token_ids]
@@ -140,7 +194,9 @@ async def test_penalties_change_output(tiny_model):
     assert len(set(pen_ids)) >= len(set(plain_ids))
 
 
-async def test_failed_forward_fails_its_sequences_and_engine_goes_on(tiny_model, monkeypatch):
+async def test_failed_forward_fails_its_sequences_and_engine_goes_on(
+    tiny_model, monkeypatch
+):
     """A forward that raises ends the sequences in it with ``abort`` and an error; the
     engine keeps serving later requests and holds nothing for the failed ones."""
     prompt, _ = chat_prompt(tiny_model, "hello")
@@ -156,11 +212,15 @@ async def test_failed_forward_fails_its_sequences_and_engine_goes_on(tiny_model,
 
     monkeypatch.setattr(adapter, "forward", flaky_forward)
     async with open_engine(tiny_model, in_thread()) as engine:
-        async with engine.open_stream(prompt, SamplingParams(max_tokens=5, temperature=0)) as stream:
+        async with engine.open_stream(
+            prompt, SamplingParams(max_tokens=5, temperature=0)
+        ) as stream:
             deltas = [d async for d in stream]
             assert "simulated device failure" in stream.error
         assert deltas[-1].finish_reason == "abort"
-        after = await run_stream(engine, prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        after = await run_stream(
+            engine, prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        )
         assert after[-1].finish_reason == "length"
         await wait_until_idle(engine)
 
@@ -168,11 +228,19 @@ async def test_failed_forward_fails_its_sequences_and_engine_goes_on(tiny_model,
 async def test_stop_token_ids_end_generation_without_their_text(tiny_model):
     prompt, _ = chat_prompt(tiny_model, "one two three")
     async with open_engine(tiny_model, in_thread()) as engine:
-        free = await run_stream(engine, prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        free = await run_stream(
+            engine,
+            prompt,
+            SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+        )
         ids = [t for d in free for t in d.token_ids]
         stop_id = ids[5]
         first = ids.index(stop_id)
-        stopped = await run_stream(engine, prompt, SamplingParams(max_tokens=20, temperature=0, stop_token_ids=(stop_id,)))
+        stopped = await run_stream(
+            engine,
+            prompt,
+            SamplingParams(max_tokens=20, temperature=0, stop_token_ids=(stop_id,)),
+        )
     got = [t for d in stopped for t in d.token_ids]
     assert got == ids[: first + 1]
     assert stopped[-1].finish_reason == "stop"
@@ -180,7 +248,9 @@ async def test_stop_token_ids_end_generation_without_their_text(tiny_model):
     assert "".join(d.text for d in stopped) == expected_text
 
 
-async def test_one_failing_prompt_does_not_fail_its_prefill_mates(tiny_model, monkeypatch):
+async def test_one_failing_prompt_does_not_fail_its_prefill_mates(
+    tiny_model, monkeypatch
+):
     """A prompt whose prefill raises fails alone; prompts prefilled in the same step still
     get the output they get alone."""
     good, _ = chat_prompt(tiny_model, "hello world")
@@ -207,7 +277,9 @@ async def test_one_failing_prompt_does_not_fail_its_prefill_mates(tiny_model, mo
             nursery.start_soon(run, "bad", bad)
         await wait_until_idle(engine)
     assert results["bad"][-1].finish_reason == "abort"
-    assert [t for d in results["good"] for t in d.token_ids] == [t for d in expected for t in d.token_ids]
+    assert [t for d in results["good"] for t in d.token_ids] == [
+        t for d in expected for t in d.token_ids
+    ]
 
 
 async def test_stream_interval_coalesces_tokens_but_not_the_last_delta(tiny_model):
@@ -225,8 +297,42 @@ async def test_stream_interval_coalesces_tokens_but_not_the_last_delta(tiny_mode
             async for delta in stream:
                 times.append(trio.current_time())
                 paced.append(delta)
-    assert [t for d in paced for t in d.token_ids] == [t for d in plain for t in d.token_ids]
+    assert [t for d in paced for t in d.token_ids] == [
+        t for d in plain for t in d.token_ids
+    ]
     assert "".join(d.text for d in paced) == "".join(d.text for d in plain)
     assert len(paced) < len(plain)
     gaps = [b - a for a, b in zip(times[:-2], times[1:-1])]
     assert all(g >= 0.045 for g in gaps)
+
+
+async def test_in_thread_steps_run_under_the_shared_device_gate(tiny_model):
+    """Invariant: with the step loop in threads, every step holds the device gate it
+    shares with the vision encoder: while someone else holds the gate no step runs, and
+    once it is free the request completes and the gate is back to full."""
+    prompt, _ = chat_prompt(tiny_model, "hello")
+    gate = trio.CapacityLimiter(1)
+    async with open_engine(tiny_model, in_thread(), gate) as engine:
+        deltas = []
+        async with trio.open_nursery() as nursery:
+            async with gate:  # e.g. a vision-encoder forward in progress
+
+                async def consume():
+                    deltas.extend(
+                        await run_stream(
+                            engine,
+                            prompt,
+                            SamplingParams(max_tokens=3, ignore_eos=True),
+                        )
+                    )
+
+                nursery.start_soon(consume)
+                await trio.testing.wait_all_tasks_blocked()
+                assert (
+                    gate.statistics().tasks_waiting == 1
+                )  # the step loop, waiting for the gate
+                assert engine.statistics().steps == 0 and deltas == []
+        assert deltas[-1].completion_tokens == 3
+        assert (
+            gate.borrowed_tokens == 0 and engine.statistics().device_gate_borrowed == 0
+        )

@@ -19,6 +19,12 @@ LIGHT_MODULES = [
     "engine.core_messages",
     "engine.stream_registry",
     "engine.interface",
+    "engine.outbox",
+    "engine.statistics",
+    "engine.async_engine",
+    "engine.step_loop",
+    "engine.sampling_params",
+    "engine.prompt",
 ]
 HEAVY = ("torch", "transformers")
 
