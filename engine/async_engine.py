@@ -106,9 +106,7 @@ class AsyncEngine:
         return self.core.max_model_len
 
     @asynccontextmanager
-    async def open_stream(
-        self, prompt: EnginePrompt, params: SamplingParams
-    ) -> AsyncIterator[RequestStream]:
+    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[RequestStream]:
         """Submit a sequence; yield its stream of deltas.
 
         Raises ``RequestRejected`` for a request the engine refuses (images to a text-only
@@ -117,11 +115,11 @@ class AsyncEngine:
         sequence: one not yet sent is never sent; otherwise the step loop drops it from its
         queue, or from the batch (freeing its cache) at its next step.
         """
-        check_submittable(
-            prompt, params, self.core.max_model_len, self.core.supports_images
-        )
+        check_submittable(prompt, params, self.core.max_model_len, self.core.supports_images)
         if not self._alive or self._closing:
             raise RuntimeError("the engine is not running")
+        if not self._streams:
+            self._last_progress = time.monotonic()  # the stall clock starts with the work
         stream = self._streams.open(prompt, params)
         new = NewSequence(stream.seq_id, prompt, params)
         self._outbox.add(new)
@@ -138,9 +136,7 @@ class AsyncEngine:
         finally:
             self._alive = False
             if not self._closing:
-                logger.error(
-                    "the engine stopped unexpectedly: %s", self.core.stopped_reason
-                )
+                logger.error("the engine stopped unexpectedly: %s", self.core.stopped_reason)
             self._abort_all(self.core.stopped_reason)
 
     def _deliver(self, outputs: StepOutputs) -> None:
@@ -148,9 +144,7 @@ class AsyncEngine:
         self._last_progress = time.monotonic()
         for update in outputs.updates:
             stream = self._streams.get(update.seq_id)
-            if (
-                stream is not None
-            ):  # else its consumer has left; the abort is on its way
+            if stream is not None:  # else its consumer has left; the abort is on its way
                 stream.push(update)
 
     def _abort_all(self, reason: str) -> None:
@@ -172,9 +166,7 @@ class AsyncEngine:
         return dataclasses.replace(
             self._stats,
             waiting=self._stats.waiting + self._outbox.pending_adds,
-            device_gate_borrowed=self._device_gate.borrowed_tokens
-            if self._device_gate
-            else 0,
+            device_gate_borrowed=self._device_gate.borrowed_tokens if self._device_gate else 0,
         )
 
 
@@ -194,6 +186,4 @@ def open_engine(
     from engine.thread_core import ThreadCore
 
     gate = device_gate or trio.CapacityLimiter(1)
-    return AsyncEngine.open(
-        ThreadCore(loaded, config, gate), config.stream_interval, gate
-    )
+    return AsyncEngine.open(ThreadCore(loaded, config, gate), config.stream_interval, gate)

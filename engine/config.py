@@ -24,18 +24,12 @@ class EngineConfig:
     )
     max_model_len: int = field(
         default=4096,
-        metadata={
-            "help": "context length in tokens (prompt plus completion), capped by the model's"
-        },
+        metadata={"help": "context length in tokens (prompt plus completion), capped by the model's"},
     )
-    max_num_seqs: int = field(
-        default=64, metadata={"help": "sequences decoded together in one batch"}
-    )
+    max_num_seqs: int = field(default=64, metadata={"help": "sequences decoded together in one batch"})
     max_num_batched_tokens: int = field(
         default=8192,
-        metadata={
-            "help": "prompt tokens prefilled in one step (a longer prompt runs alone)"
-        },
+        metadata={"help": "prompt tokens prefilled in one step (a longer prompt runs alone)"},
     )
     in_worker_process: bool = field(
         default=True,
@@ -62,15 +56,11 @@ class EngineConfig:
     )
     decode_steps_per_call: int = field(
         default=4,
-        metadata={
-            "help": "decode steps one engine call may run while no request joins or leaves"
-        },
+        metadata={"help": "decode steps one engine call may run while no request joins or leaves"},
     )
     stream_interval: float = field(
         default=0.01,
-        metadata={
-            "help": "minimum seconds between two deltas of one request (faster tokens are sent together)"
-        },
+        metadata={"help": "minimum seconds between two deltas of one request (faster tokens are sent together)"},
     )
     seed: int | None = field(
         default=None,
@@ -89,14 +79,8 @@ class EngineConfig:
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"EngineConfig.{name} must be an integer >= 1, got {value!r}"
-                )
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
         if self.stream_interval < 0:
-            raise ValueError(
-                f"EngineConfig.stream_interval must be >= 0, got {self.stream_interval!r}"
-            )
+            raise ValueError(f"EngineConfig.stream_interval must be >= 0, got {self.stream_interval!r}")
         if self.torch_threads < 0:
-            raise ValueError(
-                f"EngineConfig.torch_threads must be >= 0, got {self.torch_threads!r}"
-            )
+            raise ValueError(f"EngineConfig.torch_threads must be >= 0, got {self.torch_threads!r}")

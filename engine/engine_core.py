@@ -196,7 +196,7 @@ class EngineCore:
             [(s.prompt.token_ids, s.output_ids) for s in seqs],
             [st.generator for st in states],
         )
-        for seq, state, tok in zip(seqs, states, sampled):
+        for seq, state, tok in zip(seqs, states, sampled, strict=True):
             report.updates.append(self._advance(seq, state, tok))
 
     def _advance(self, seq: Sequence, state: _SeqState, tok: SampledToken) -> SequenceOutput:

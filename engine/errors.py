@@ -33,7 +33,5 @@ class SamplingParamError(RequestRejected):
     must be (``"must be in (0, 1]"``)."""
 
     def __init__(self, field: str, rule: str) -> None:
-        super().__init__(
-            f"'{field}' {rule}.", kind="invalid_sampling_param", subject=field
-        )
+        super().__init__(f"'{field}' {rule}.", kind="invalid_sampling_param", subject=field)
         self.rule = rule

@@ -38,9 +38,7 @@ class Engine(Protocol):
     @property
     def max_model_len(self) -> int: ...
 
-    def open_stream(
-        self, prompt: EnginePrompt, params: SamplingParams
-    ) -> AbstractAsyncContextManager[DeltaStream]:
+    def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AbstractAsyncContextManager[DeltaStream]:
         """Submit a sequence; the block yields its stream, and leaving the block early
         aborts the sequence. Raises ``engine.errors.RequestRejected`` for a request the
         engine refuses, ``RuntimeError`` if the engine is not running."""

@@ -90,7 +90,7 @@ def merge_caches(a: Cache | None, b: Cache) -> Cache:
         return b
     length = max(a.get_seq_length(), b.get_seq_length())
     layers = []
-    for la, lb in zip(a.layers, b.layers):
+    for la, lb in zip(a.layers, b.layers, strict=True):
         keys = torch.cat([left_pad(la.keys, length), left_pad(lb.keys, length)], dim=0)
         values = torch.cat([left_pad(la.values, length), left_pad(lb.values, length)], dim=0)
         layers.append(GrowableLayer(keys, values))

@@ -146,7 +146,7 @@ class Qwen2VLAdapter(CausalLMAdapter):
         sizes = [self.tokens_per_image(g) for g in grids]
         return [
             ImageFeatures(embeddings=chunk.clone(), grid_thw=tuple(g))  # own storage, not a view
-            for chunk, g in zip(torch.split(merged, sizes), grids)
+            for chunk, g in zip(torch.split(merged, sizes), grids, strict=True)
         ]
 
 

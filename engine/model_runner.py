@@ -94,7 +94,7 @@ class ModelRunner:
         batch_embeds = embeds[0].new_zeros((len(seqs), longest, hidden))
         batch_pos = torch.zeros((rows, len(seqs), longest), dtype=torch.long, device=self.device)
         mask = torch.zeros((len(seqs), longest), dtype=torch.long, device=self.device)
-        for i, (e, p, n) in enumerate(zip(embeds, positions, lengths)):
+        for i, (e, p, n) in enumerate(zip(embeds, positions, lengths, strict=True)):
             batch_embeds[i, longest - n :] = e
             batch_pos[:, i, longest - n :] = p.expand(rows, -1) if p.shape[0] == 1 else p
             mask[i, longest - n :] = 1
@@ -103,7 +103,7 @@ class ModelRunner:
 
         self._cache = merge_caches(self._cache, cache)
         self._mask = _merge_masks(self._mask, mask)
-        for seq, n, delta in zip(seqs, lengths, deltas):
+        for seq, n, delta in zip(seqs, lengths, deltas, strict=True):
             seq.rope_delta = delta
             self._rows.append(seq)
             self._next_pos.append(n + delta)

@@ -51,7 +51,7 @@ class Sampler:
 
         if any(p.needs_penalties for p in params):
             logits = logits.clone()
-            for row, (p, (prompt_ids, output_ids)) in enumerate(zip(params, histories)):
+            for row, (p, (prompt_ids, output_ids)) in enumerate(zip(params, histories, strict=True)):
                 if p.needs_penalties:
                     _apply_penalties(logits[row], p, prompt_ids, output_ids)
 
@@ -66,7 +66,7 @@ class Sampler:
 
         token_ids = chosen.tolist()
         results = []
-        for row, (p, tok) in enumerate(zip(params, token_ids)):
+        for row, (p, tok) in enumerate(zip(params, token_ids, strict=True)):
             if p.logprobs is None:
                 results.append(SampledToken(tok, None, []))
                 continue
@@ -74,7 +74,7 @@ class Sampler:
             top: list[tuple[int, float]] = []
             if p.logprobs > 0:
                 values, indices = torch.topk(row_lp, p.logprobs)
-                top = list(zip(indices.tolist(), values.tolist()))
+                top = list(zip(indices.tolist(), values.tolist(), strict=True))
             results.append(SampledToken(tok, float(row_lp[tok]), top))
         return results
 

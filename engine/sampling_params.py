@@ -39,15 +39,9 @@ class SamplingParams:
         self._check(self.temperature >= 0, "temperature", "must be non-negative")
         self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         self._check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
-        self._check(
-            -2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"
-        )
-        self._check(
-            -2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"
-        )
-        self._check(
-            self.repetition_penalty > 0, "repetition_penalty", "must be positive"
-        )
+        self._check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
+        self._check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
+        self._check(self.repetition_penalty > 0, "repetition_penalty", "must be positive")
         self._check(
             self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
             "logprobs",
@@ -71,8 +65,4 @@ class SamplingParams:
 
     @property
     def needs_penalties(self) -> bool:
-        return (
-            self.presence_penalty != 0
-            or self.frequency_penalty != 0
-            or self.repetition_penalty != 1
-        )
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

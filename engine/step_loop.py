@@ -56,9 +56,7 @@ class StepLoop:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
         )
-        core = EngineCore.for_model(
-            loaded, config, has_news=lambda: scheduler.num_waiting > 0 or has_news()
-        )
+        core = EngineCore.for_model(loaded, config, has_news=lambda: scheduler.num_waiting > 0 or has_news())
         return cls(core, scheduler)
 
     def has_work(self) -> bool:
@@ -118,9 +116,7 @@ class StepLoop:
             if outputs is not None:
                 channel.send(outputs)
             elif messages:
-                channel.send(
-                    StepOutputs([], self.statistics())
-                )  # e.g. aborts of waiting sequences
+                channel.send(StepOutputs([], self.statistics()))  # e.g. aborts of waiting sequences
 
     def statistics(self) -> EngineStatistics:
         return self._tally.statistics(self._scheduler, self._core.runner)

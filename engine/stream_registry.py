@@ -22,9 +22,7 @@ class StreamRegistry:
     module-level state). Event loop only.
     """
 
-    def __init__(
-        self, stream_interval: float, rng: random.Random | None = None
-    ) -> None:
+    def __init__(self, stream_interval: float, rng: random.Random | None = None) -> None:
         self._stream_interval = stream_interval
         self._ids = itertools.count()
         self._rng = rng or random.Random()

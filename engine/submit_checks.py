@@ -24,9 +24,7 @@ def check_submittable(
             subject="images",
         )
     if n == 0:
-        raise RequestRejected(
-            "The prompt is empty.", kind="empty_prompt", subject="prompt"
-        )
+        raise RequestRejected("The prompt is empty.", kind="empty_prompt", subject="prompt")
     if n >= max_model_len:
         raise RequestRejected(
             f"The prompt has {n} tokens; this model's maximum context length is {max_model_len}.",

@@ -49,7 +49,5 @@ class ThreadCore:
         while True:
             if not loop.has_work():
                 await outbox.wait()
-            outputs = await trio.to_thread.run_sync(
-                loop.step, outbox.take(), limiter=self._device_gate
-            )
+            outputs = await trio.to_thread.run_sync(loop.step, outbox.take(), limiter=self._device_gate)
             deliver(outputs)

@@ -95,11 +95,7 @@ class BlockingMessageSocket:
         end of stream."""
         messages: list[object] = []
         while not self.closed:
-            if (
-                not (block and not messages)
-                and not self._frames.partial
-                and not self.readable()
-            ):
+            if not (block and not messages) and not self._frames.partial and not self.readable():
                 break
             data = self._sock.recv(RECEIVE_CHUNK)
             if not data:

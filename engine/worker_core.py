@@ -67,9 +67,7 @@ class WorkerCore:
 
     @classmethod
     @asynccontextmanager
-    async def start(
-        cls, model_path: str, config: EngineConfig
-    ) -> AsyncIterator[WorkerCore]:
+    async def start(cls, model_path: str, config: EngineConfig) -> AsyncIterator[WorkerCore]:
         """Start the worker and wait until it has loaded the model; stop it on exit.
 
         Raises ``ModelLoadError`` if the worker cannot load the model. Cancellation while
@@ -89,9 +87,7 @@ class WorkerCore:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_end))
         try:
             receiver = MessageReceiver(stream)
-            ready = await _handshake(
-                stream, receiver, WorkerStart(model_path, config), process
-            )
+            ready = await _handshake(stream, receiver, WorkerStart(model_path, config), process)
             yield cls(process, stream, receiver, ready)
         finally:
             with trio.CancelScope(shield=True):
@@ -140,15 +136,11 @@ def worker_engine_config(loaded: LoadedModel, config: EngineConfig) -> EngineCon
 
 
 @asynccontextmanager
-async def open_worker_engine(
-    loaded: LoadedModel, config: EngineConfig
-) -> AsyncIterator[AsyncEngine]:
+async def open_worker_engine(loaded: LoadedModel, config: EngineConfig) -> AsyncIterator[AsyncEngine]:
     """An ``AsyncEngine`` whose step loop runs in a worker process that loads ``loaded``'s
     model directory (see ``worker_engine_config``)."""
     async with (
-        WorkerCore.start(
-            str(loaded.path), worker_engine_config(loaded, config)
-        ) as core,
+        WorkerCore.start(str(loaded.path), worker_engine_config(loaded, config)) as core,
         AsyncEngine.open(core, config.stream_interval) as engine,
     ):
         yield engine
@@ -169,12 +161,8 @@ async def _handshake(
     if isinstance(reply, WorkerReady):
         return reply
     if isinstance(reply, WorkerFailed):
-        raise ModelLoadError(
-            f"the engine worker could not load {start.model_path}: {reply.message}"
-        )
-    raise ModelLoadError(
-        f"the engine worker (pid {process.pid}) exited during start-up"
-    )
+        raise ModelLoadError(f"the engine worker could not load {start.model_path}: {reply.message}")
+    raise ModelLoadError(f"the engine worker (pid {process.pid}) exited during start-up")
 
 
 async def _stop_worker(process: trio.Process, stream: trio.SocketStream) -> None:

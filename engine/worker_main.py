@@ -77,9 +77,7 @@ def _build(start: WorkerStart, channel: BlockingMessageSocket) -> StepLoop:
 def main(argv: list[str]) -> int:
     # Ctrl-C reaches the whole process group: the front end decides when we stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = socket.socket(fileno=int(argv[1]))
     with sock:
         return serve(BlockingMessageSocket(sock))

@@ -21,20 +21,14 @@ class ServerConfig:
 
     model: str | None = field(
         default=None,
-        metadata={
-            "help": "local Hugging Face model directory (default: the built-in tiny model)"
-        },
+        metadata={"help": "local Hugging Face model directory (default: the built-in tiny model)"},
     )
     served_model_name: str | None = field(
         default=None,
-        metadata={
-            "help": "model id clients send in 'model' (default: the directory's name)"
-        },
+        metadata={"help": "model id clients send in 'model' (default: the directory's name)"},
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(
-        default=8000, metadata={"help": "TCP port to listen on (0: any free port)"}
-    )
+    port: int = field(default=8000, metadata={"help": "TCP port to listen on (0: any free port)"})
     api_keys: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -50,14 +44,10 @@ class ServerConfig:
         default=64 * 1024 * 1024,
         metadata={"help": "largest accepted request body in bytes (413 beyond)"},
     )
-    max_concurrent_requests: int = field(
-        default=256, metadata={"help": "requests in flight before refusing with 503"}
-    )
+    max_concurrent_requests: int = field(default=256, metadata={"help": "requests in flight before refusing with 503"})
     switch_interval: float = field(
         default=0.001,
-        metadata={
-            "help": "seconds after which a GIL-holding thread must offer the GIL to the event loop"
-        },
+        metadata={"help": "seconds after which a GIL-holding thread must offer the GIL to the event loop"},
     )
     drain_timeout: float = field(
         default=30.0,

@@ -58,9 +58,7 @@ class Option:
         return f"{self.help_text} (default: {default})"
 
 
-def _option(
-    owner: type, field: dataclasses.Field[Any], hint: Any, path: tuple[str, ...]
-) -> Option:
+def _option(owner: type, field: dataclasses.Field[Any], hint: Any, path: tuple[str, ...]) -> Option:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     optional = type(None) in typing.get_args(hint)
     if typing.get_origin(hint) is tuple:
@@ -127,9 +125,7 @@ def convert(option: Option, raw: str, source: str) -> Any:
     try:
         return option.kind(raw)
     except ValueError:
-        raise ConfigError(
-            f"{source}: expected {option.kind.__name__}, got {raw!r}"
-        ) from None
+        raise ConfigError(f"{source}: expected {option.kind.__name__}, got {raw!r}") from None
 
 
 def values_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -164,10 +160,7 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
 
 def _build(cls: type, values: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
-    kwargs = {
-        name: _build(hints[name], value) if isinstance(value, dict) else value
-        for name, value in values.items()
-    }
+    kwargs = {name: _build(hints[name], value) if isinstance(value, dict) else value for name, value in values.items()}
     return cls(**kwargs)
 
 

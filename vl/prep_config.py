@@ -20,15 +20,11 @@ class PrepConfig:
 
     image_prep_concurrency: int = field(
         default=2,
-        metadata={
-            "help": "images decoded and preprocessed at once (the image gate's size)"
-        },
+        metadata={"help": "images decoded and preprocessed at once (the image gate's size)"},
     )
     tokenizer_concurrency: int = field(
         default=1,
-        metadata={
-            "help": "chat templates and tokenizations run at once (the tokenizer gate's size)"
-        },
+        metadata={"help": "chat templates and tokenizations run at once (the tokenizer gate's size)"},
     )
     processes: bool = field(
         default=False,
@@ -45,12 +41,6 @@ class PrepConfig:
             "help": "niceness added to each prep worker process (bench/README.md: p99 35 ms at 0, 10 ms at 10)",
         },
     )
-    vision_max_batch_size: int = field(
-        default=16, metadata={"help": "images per vision-encoder forward"}
-    )
-    vision_max_batch_patches: int = field(
-        default=32768, metadata={"help": "image patches per vision-encoder forward"}
-    )
-    mm_cache_mb: int = field(
-        default=256, metadata={"help": "MiB of image features kept for repeated images"}
-    )
+    vision_max_batch_size: int = field(default=16, metadata={"help": "images per vision-encoder forward"})
+    vision_max_batch_patches: int = field(default=32768, metadata={"help": "image patches per vision-encoder forward"})
+    mm_cache_mb: int = field(default=256, metadata={"help": "MiB of image features kept for repeated images"})

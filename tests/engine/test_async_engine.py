@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 
+from engine import async_engine
 from engine.async_engine import AsyncEngine
 from engine.core_messages import SequenceOutput, StepOutputs, Submit
 from engine.errors import RequestRejected
@@ -92,9 +93,7 @@ async def test_leaving_before_the_end_sends_an_abort_once_sent():
             await stream.__anext__()
         await trio.testing.wait_all_tasks_blocked()
         assert core.aborted == [stream.seq_id]
-        core.emit(
-            SequenceOutput(stream.seq_id, [2], "b", None, None)
-        )  # in flight: dropped
+        core.emit(SequenceOutput(stream.seq_id, [2], "b", None, None))  # in flight: dropped
         await trio.testing.wait_all_tasks_blocked()
         assert engine.is_healthy()
 
@@ -135,9 +134,7 @@ async def test_closing_the_engine_ends_streams_with_abort():
     async with trio.open_nursery() as nursery, AsyncEngine.open(core) as engine:
 
         async def consumer(task_status=trio.TASK_STATUS_IGNORED):
-            async with engine.open_stream(
-                PROMPT, SamplingParams(max_tokens=50)
-            ) as stream:
+            async with engine.open_stream(PROMPT, SamplingParams(max_tokens=50)) as stream:
                 task_status.started()
                 outcome["deltas"] = [delta async for delta in stream]
                 outcome["error"] = stream.error
@@ -164,3 +161,27 @@ async def test_refusals_come_before_anything_is_queued():
         assert info.value.kind == "empty_prompt"
         await trio.testing.wait_all_tasks_blocked()
         assert core.submits == []
+
+
+async def test_a_stall_counts_from_when_work_arrived(monkeypatch):
+    """``is_healthy()``: a long idle time is no stall; work without progress for
+    ``STALL_SECONDS`` is; any delivered output ends the stall."""
+    now = [1000.0]
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return now[0]
+
+    monkeypatch.setattr(async_engine, "time", Clock)
+    core = ScriptedCore()
+    core.taking.set()
+    async with AsyncEngine.open(core) as engine:
+        now[0] += 10 * async_engine.STALL_SECONDS  # idle for a long time
+        async with engine.open_stream(PROMPT, SamplingParams(max_tokens=50)) as stream:
+            assert engine.is_healthy()
+            now[0] += async_engine.STALL_SECONDS + 1
+            assert not engine.is_healthy()
+            core.emit(SequenceOutput(stream.seq_id, [1], "a", None, None))
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.is_healthy()

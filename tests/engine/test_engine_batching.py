@@ -45,7 +45,7 @@ async def test_mixed_requests_joining_a_running_batch_match_generate_alone(tiny_
         image = noise_image(i, *IMAGE_SIZES[i]) if i in IMAGE_SIZES else None
         requests.append(chat_prompt(tiny_model, text, image))
     max_tokens = [12 + 3 * i for i in range(len(requests))]
-    expected = [reference_generate(tiny_model, p, extra, n) for (p, extra), n in zip(requests, max_tokens)]
+    expected = [reference_generate(tiny_model, p, extra, n) for (p, extra), n in zip(requests, max_tokens, strict=True)]
 
     results = [None] * len(requests)
     async with open_engine(tiny_model, in_thread(max_num_seqs=6, decode_steps_per_call=decode_steps_per_call)) as engine:

@@ -14,9 +14,7 @@ from engine.kv_cache import (
 )
 
 
-def kv(
-    batch: int, length: int, start: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def kv(batch: int, length: int, start: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys [B, 2, L, 4] numbered by position so tests can see which entries moved where."""
     pos = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1) + start
     rows = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1) * 1000

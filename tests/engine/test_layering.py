@@ -31,10 +31,6 @@ HEAVY = ("torch", "transformers")
 
 @pytest.mark.parametrize("module", LIGHT_MODULES)
 def test_light_modules_do_not_import_torch_or_transformers(module):
-    code = (
-        f"import sys, {module}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
+    code = f"import sys, {module}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"{module} imports {out.strip()}"

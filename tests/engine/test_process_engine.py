@@ -53,9 +53,7 @@ def mixed_requests(tiny_model):
     )
     requests["seeded"] = (
         chat_prompt(tiny_model, "tell a story")[0],
-        SamplingParams(
-            max_tokens=24, temperature=1.0, seed=11, top_p=0.9, ignore_eos=True
-        ),
+        SamplingParams(max_tokens=24, temperature=1.0, seed=11, top_p=0.9, ignore_eos=True),
     )
     requests["stop"] = (
         chat_prompt(tiny_model, "one two")[0],
@@ -88,18 +86,14 @@ async def test_refuses_what_the_in_thread_engine_refuses(tiny_model):
         assert os.getpriority(os.PRIO_PROCESS, engine.core.pid) == min(own + 3, 19)
         assert engine.max_model_len == tiny_model.max_model_len
         with pytest.raises(RequestRejected) as info:
-            async with engine.open_stream(
-                prompt, SamplingParams(max_tokens=tiny_model.max_model_len)
-            ):
+            async with engine.open_stream(prompt, SamplingParams(max_tokens=tiny_model.max_model_len)):
                 pass
         assert (info.value.kind, info.value.subject) == (
             "context_length_exceeded",
             "max_tokens",
         )
         # the engine still serves after a refusal
-        deltas = await run_stream(
-            engine, prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-        )
+        deltas = await run_stream(engine, prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
         assert deltas[-1].completion_tokens == 3
 
 
@@ -146,9 +140,7 @@ async def test_a_dead_worker_fails_open_streams_and_health(tiny_model):
     prompt, _ = chat_prompt(tiny_model, "hello")
     async with open_engine(tiny_model, in_worker()) as engine:
         assert engine.is_healthy()
-        async with engine.open_stream(
-            prompt, SamplingParams(max_tokens=3000, ignore_eos=True)
-        ) as stream:
+        async with engine.open_stream(prompt, SamplingParams(max_tokens=3000, ignore_eos=True)) as stream:
             first = await stream.__anext__()
             assert first.token_ids
             os.kill(engine.core.pid, signal.SIGKILL)
@@ -173,9 +165,7 @@ async def test_leaving_the_engine_aborts_streams_and_reaps_the_worker(tiny_model
         async with open_engine(tiny_model, in_worker()) as engine:
 
             async def consumer(task_status=trio.TASK_STATUS_IGNORED):
-                async with engine.open_stream(
-                    prompt, SamplingParams(max_tokens=3000, ignore_eos=True)
-                ) as stream:
+                async with engine.open_stream(prompt, SamplingParams(max_tokens=3000, ignore_eos=True)) as stream:
                     deltas = [await stream.__anext__()]  # the worker is generating
                     task_status.started()
                     outcome["deltas"] = deltas + [delta async for delta in stream]

@@ -4,6 +4,7 @@ engine steps drift apart instead of waking together."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -19,17 +20,13 @@ STEP = 0.001
 
 async def paced_take_times(spread: float, seed: int) -> list[float]:
     """Feed one token per millisecond for 200 ms; return when each delta was taken."""
-    stream = RequestStream(
-        0, 3, min_interval=0.01, spread=spread, rng=random.Random(seed)
-    )
+    stream = RequestStream(0, 3, min_interval=0.01, spread=spread, rng=random.Random(seed))
     times = []
 
     async def engine():
         for i in range(TOKENS):
             await trio.sleep(STEP)
-            stream.push(
-                SequenceOutput(0, [i], "x", None, "length" if i == TOKENS - 1 else None)
-            )
+            stream.push(SequenceOutput(0, [i], "x", None, "length" if i == TOKENS - 1 else None))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(engine)
@@ -41,7 +38,7 @@ async def paced_take_times(spread: float, seed: int) -> list[float]:
 @pytest.mark.parametrize("spread", [0.0, 0.5])
 async def test_intervals_are_between_min_and_stretched_max(spread, autojump_clock):
     times = await paced_take_times(spread, seed=1)
-    gaps = [b[0] - a[0] for a, b in zip(times, times[1:]) if b[1] is None]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(times) if b[1] is None]
     assert gaps
     assert all(0.01 - 1e-9 <= gap <= 0.01 * (1 + spread) + STEP + 1e-9 for gap in gaps)
     if spread:

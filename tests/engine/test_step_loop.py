@@ -55,23 +55,17 @@ class FakeCore:
             finish = "length" if len(seq.output_ids) >= seq.params.max_tokens else None
             if finish:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, finish
-            report.updates.append(
-                SequenceOutput(seq.seq_id, [token], str(token), None, finish)
-            )
+            report.updates.append(SequenceOutput(seq.seq_id, [token], str(token), None, finish))
         return report
 
 
 def new(seq_id: int, max_tokens: int = 3) -> NewSequence:
-    return NewSequence(
-        seq_id, EnginePrompt([1, 2]), SamplingParams(max_tokens=max_tokens)
-    )
+    return NewSequence(seq_id, EnginePrompt([1, 2]), SamplingParams(max_tokens=max_tokens))
 
 
 def make_loop(max_num_seqs: int = 8) -> tuple[StepLoop, FakeCore]:
     core = FakeCore()
-    return StepLoop(
-        core, Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=100)
-    ), core
+    return StepLoop(core, Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=100)), core
 
 
 def run_until_idle(loop: StepLoop) -> list[SequenceOutput]:
@@ -158,7 +152,7 @@ def test_serve_steps_what_arrives_and_returns_when_the_front_end_closes():
     def serve() -> None:
         try:
             loop.serve(BlockingMessageSocket(worker_end))
-        except BaseException as exc:  # noqa: BLE001  (reported to the test thread)
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=serve)
@@ -168,15 +162,11 @@ def test_serve_steps_what_arrives_and_returns_when_the_front_end_closes():
         front.sendall(encode(Submit([new(1, 3), new(2, 100)])))
 
         def finished_one(messages):
-            return any(
-                u.seq_id == 1 and u.finish_reason for m in messages for u in m.updates
-            )
+            return any(u.seq_id == 1 and u.finish_reason for m in messages for u in m.updates)
 
         messages = receive_until(front, frames, finished_one)
         assert all(isinstance(m, StepOutputs) for m in messages)
-        assert [
-            t for m in messages for u in m.updates if u.seq_id == 1 for t in u.token_ids
-        ] == [0, 1, 2]
+        assert [t for m in messages for u in m.updates if u.seq_id == 1 for t in u.token_ids] == [0, 1, 2]
         front.sendall(encode(Submit(aborts=[2])))
         idle = receive_until(
             front,

@@ -27,10 +27,7 @@ def test_streams_get_unique_ids_and_the_prompt_length():
 def test_ids_are_per_registry():
     """No module-level counter: two engines number their sequences independently."""
     a, b = StreamRegistry(0.0), StreamRegistry(0.0)
-    assert (
-        a.open(PROMPT, SamplingParams()).seq_id
-        == b.open(PROMPT, SamplingParams()).seq_id
-    )
+    assert a.open(PROMPT, SamplingParams()).seq_id == b.open(PROMPT, SamplingParams()).seq_id
 
 
 def test_close_forgets_and_open_streams_is_a_snapshot():

@@ -17,11 +17,7 @@ from engine.wire import HEADER, BlockingMessageSocket, Frames, MessageReceiver, 
 
 MESSAGES = [
     Submit(
-        [
-            NewSequence(
-                3, EnginePrompt([1, 2, 3]), SamplingParams(max_tokens=5, stop=("x",))
-            )
-        ],
+        [NewSequence(3, EnginePrompt([1, 2, 3]), SamplingParams(max_tokens=5, stop=("x",)))],
         [1, 2],
     ),
     StepOutputs(
@@ -123,9 +119,7 @@ def test_blocking_socket_round_trip_and_partial_messages():
         got = []
         while len(got) < 2:
             got.extend(worker.receive_all(block=True))
-        assert all(
-            same(x, y) for x, y in zip(got, [MESSAGES[0], MESSAGES[2]], strict=True)
-        )
+        assert all(same(x, y) for x, y in zip(got, [MESSAGES[0], MESSAGES[2]], strict=True))
         worker.send(MESSAGES[1])
         front = Frames()
         while not (messages := front.pop_all()):

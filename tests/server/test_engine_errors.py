@@ -17,9 +17,7 @@ from server.errors import invalid_request_from_engine
             ("'top_logprobs' must be between 0 and 20.", "top_logprobs", None),
         ),
         (
-            RequestRejected(
-                "too long", kind="context_length_exceeded", subject="prompt"
-            ),
+            RequestRejected("too long", kind="context_length_exceeded", subject="prompt"),
             ("too long", "messages", "context_length_exceeded"),
         ),
         (
@@ -27,9 +25,7 @@ from server.errors import invalid_request_from_engine
             ("no images", "messages", "images_not_supported"),
         ),
         (
-            RequestRejected(
-                "too many", kind="context_length_exceeded", subject="max_tokens"
-            ),
+            RequestRejected("too many", kind="context_length_exceeded", subject="max_tokens"),
             ("too many", "max_tokens", "context_length_exceeded"),
         ),
     ],

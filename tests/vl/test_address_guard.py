@@ -8,12 +8,7 @@ import pytest
 import trio
 
 from tests.helpers.resolver import ScriptedResolver
-from vl.address_guard import (
-    check_connected_stream,
-    check_host,
-    check_peer_address,
-    forbidden_reason,
-)
+from vl.address_guard import check_connected_stream, check_host, check_peer_address, forbidden_reason
 from vl.errors import MediaError
 from vl.media_policy import MediaPolicy
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 import torch
 import trio
 import trio.testing
