@@ -22,9 +22,7 @@ from server.errors import invalid_request_from_engine
 from server.schemas.common import Usage
 
 if TYPE_CHECKING:
-    from engine.prompt import (
-        EnginePrompt,  # imports torch; the HTTP layer does not need it
-    )
+    from engine.prompt import EnginePrompt
 
 
 @dataclass(frozen=True)
