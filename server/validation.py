@@ -67,6 +67,9 @@ def _message(detail: ErrorDetails, param: str | None) -> str:
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}"
     if kind == "unsupported_parameter":
+        field = detail.get("ctx", {}).get("field")
+        if param is not None and param.rsplit(".", 1)[-1] == field:  # a nested field: name its path
+            return f"'{param}' is not supported by this server."
         return detail["msg"]
     if kind == "missing":
         return f"Missing required parameter: '{param}'."

@@ -193,7 +193,7 @@ async def test_large_body_under_the_limit_is_accepted(http, fake_runtime):
     fake_runtime.max_model_len = MAX_BODY
     response = await http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
-    assert fake_runtime.preparer.calls[-1][0]["content"] == content
+    assert fake_runtime.preparer.calls[-1].messages[0].content == content
 
 
 @pytest.mark.parametrize("stream", [False, True])

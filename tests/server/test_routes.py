@@ -6,6 +6,7 @@ import openai
 import pytest
 
 from tests.server.fakes import FakeRuntime, Script
+from vl.chat_messages import Chat, ImagePart, Message, TextPart
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -88,17 +89,13 @@ async def test_chat_messages_reach_the_preparer(vlserve_client, fake_runtime):
             {"role": "assistant", "content": "a cat", "name": "bot"},
         ],
     )
-    assert fake_runtime.preparer.calls[-1] == [
-        {"role": "system", "content": "be brief"},
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "what?"},
-                {"type": "image_url", "image_url": image},
-            ],
-        },
-        {"role": "assistant", "content": "a cat"},
-    ]
+    assert fake_runtime.preparer.calls[-1] == Chat(
+        (
+            Message("system", "be brief"),
+            Message("user", (TextPart("what?"), ImagePart(image["url"], "low"))),
+            Message("assistant", "a cat"),
+        )
+    )
 
 
 async def test_chat_logprobs_shape(vlserve_client, fake_runtime):

@@ -11,8 +11,10 @@ import torch
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
 from server.runtime import open_runtime
+from server.schemas.chat import parse_chat
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
 from tests.helpers.image_server import RequestLog, Route, serve_images
+from vl.chat_messages import Chat, ImagePart, Message, TextPart
 from vl.errors import InvalidRequest, MediaError
 from vl.prep_processes import ProcessPrep
 
@@ -27,8 +29,8 @@ def data_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
-def image_message(url: str, text: str = "describe the picture") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+def image_message(url: str, text: str = "describe the picture") -> Chat:
+    return Chat((Message("user", (ImagePart(url), TextPart(text))),))
 
 
 @pytest.fixture
@@ -76,9 +78,8 @@ async def test_several_images_in_one_request_resolve_concurrently(tiny_model, co
     log = RequestLog()
     async with serve_images(routes, log=log) as base_url:
         async with open_runtime(config, loaded=tiny_model) as rt:
-            content = [{"type": "image_url", "image_url": {"url": f"{base_url}/{i}.png"}} for i in range(3)]
-            content.append({"type": "text", "text": "compare"})
-            prompt = await rt.preparer.prepare_chat([{"role": "user", "content": content}])
+            content = (*(ImagePart(f"{base_url}/{i}.png") for i in range(3)), TextPart("compare"))
+            prompt = await rt.preparer.prepare_chat(Chat((Message("user", content),)))
     assert len(prompt.images) == 3
     pad = tiny_model.model.config.image_token_id
     assert prompt.token_ids.count(pad) == sum(f.embeddings.shape[0] for f in prompt.images)
@@ -100,7 +101,7 @@ async def test_several_images_in_one_request_resolve_concurrently(tiny_model, co
 async def test_bad_messages_name_the_offending_field(tiny_model, config, messages, param):
     async with open_runtime(config, loaded=tiny_model) as rt:
         with pytest.raises(InvalidRequest) as info:
-            await rt.preparer.prepare_chat(messages)
+            await rt.preparer.prepare_chat(parse_chat(messages))
         stats = rt.preparer.statistics()
     assert info.value.param == param
     assert stats.image_gate.borrowed == 0 and stats.tokenizer_gate.borrowed == 0
@@ -109,10 +110,10 @@ async def test_bad_messages_name_the_offending_field(tiny_model, config, message
 async def test_too_many_images(tiny_model):
     config = ServerConfig(max_images_per_request=2)
     url = data_uri(noise_image(1, 32, 32))
-    content = [{"type": "image_url", "image_url": {"url": url}} for _ in range(3)]
+    content = (ImagePart(url),) * 3
     async with open_runtime(config, loaded=tiny_model) as rt:
         with pytest.raises(InvalidRequest) as info:
-            await rt.preparer.prepare_chat([{"role": "user", "content": content}])
+            await rt.preparer.prepare_chat(Chat((Message("user", content),)))
     assert info.value.code == "too_many_images"
     assert info.value.param == "messages[0].content[2].image_url"
 
