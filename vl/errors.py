@@ -70,7 +70,7 @@ def template_rejected(reason: object) -> InvalidRequest:
 # Where an image comes from -----------------------------------------------------------------
 
 
-def invalid_image_url(reason: str, param: str) -> MediaError:
+def invalid_image_url(reason: str, param: str | None) -> MediaError:
     """A URL that names no image we could load; ``reason`` says what is wrong with it."""
     return MediaError(reason, param=param, code="invalid_image_url")
 
@@ -84,9 +84,13 @@ def unsupported_image_url_scheme(scheme: str, param: str, *, after_redirect: boo
     )
 
 
-def media_url_forbidden(reason: str, param: str) -> MediaError:
+def media_url_forbidden(reason: str, param: str | None) -> MediaError:
     """A URL the server's media policy refuses (SSRF rules, local files off or outside the root)."""
     return MediaError(reason, param=param, code="media_url_forbidden")
+
+
+def media_url_unresolvable(host: str, param: str | None) -> MediaError:
+    return MediaError(f"image URL host {host!r} could not be resolved", param=param, code="media_url_unresolvable")
 
 
 def image_not_found(param: str) -> MediaError:

@@ -17,7 +17,7 @@ import struct
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vl.errors import MediaError
+from vl.errors import image_too_large, image_too_many_pixels, invalid_base64, invalid_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 
@@ -52,18 +52,14 @@ def decode_image(image: EncodedImage, policy: MediaPolicy, *, param: str) -> Ima
         _check_pixels(opened.size, policy, param)  # some formats settle their size on load
         return _to_rgb(opened)
     except UnidentifiedImageError as exc:
-        raise MediaError(
-            f"image data is not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})",
-            param=param,
-            code="invalid_image",
+        raise invalid_image(
+            f"image data is not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})", param
         ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Raised by PIL's own ceiling, or its warning when the warnings filter makes it an error.
-        raise MediaError("image has too many pixels", param=param, code="image_too_large") from exc
+        raise image_too_many_pixels(param) from exc
     except _CORRUPT_DATA_ERRORS as exc:
-        raise MediaError(
-            "image data could not be decoded (corrupt or truncated)", param=param, code="invalid_image"
-        ) from exc
+        raise invalid_image("image data could not be decoded (corrupt or truncated)", param) from exc
 
 
 def _raw_bytes(image: EncodedImage, policy: MediaPolicy, param: str) -> bytes:
@@ -72,26 +68,22 @@ def _raw_bytes(image: EncodedImage, policy: MediaPolicy, param: str) -> bytes:
     payload = image.payload
     if image.base64_encoded:
         if len(payload) // 4 * 3 - 2 > cap:  # certainly over the cap: do not decode at all
-            raise _too_many_bytes(cap, param)
+            raise image_too_large(cap, param)
         try:
             payload = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise MediaError("image data is not valid base64", param=param, code="invalid_base64") from exc
+            raise invalid_base64(param) from exc
     if len(payload) > cap:
-        raise _too_many_bytes(cap, param)
+        raise image_too_large(cap, param)
     if not payload:
-        raise MediaError("image data is empty", param=param, code="invalid_image")
+        raise invalid_image("image data is empty", param)
     return payload
 
 
 def _check_pixels(size: tuple[int, int], policy: MediaPolicy, param: str) -> None:
     width, height = size
     if width * height > policy.max_image_pixels:
-        raise MediaError(
-            f"image is {width}x{height} pixels, more than the limit of {policy.max_image_pixels}",
-            param=param,
-            code="image_too_large",
-        )
+        raise image_too_many_pixels(param, (width, height), policy.max_image_pixels)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -110,7 +102,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _has_alpha(image: Image.Image) -> bool:
     """An alpha channel, or a transparent palette entry / colour key (PNG ``tRNS``, GIF)."""
     return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
-
-
-def _too_many_bytes(cap: int, param: str) -> MediaError:
-    return MediaError(f"image is larger than the limit of {cap} bytes", param=param, code="image_too_large")
