@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
-from server.schemas.common import SamplingRequest
 from server.errors import completion_too_long, empty_prompt, prompt_too_long
+from server.schemas.common import SamplingRequest
 
 
 @dataclass(frozen=True)

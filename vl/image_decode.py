@@ -17,7 +17,12 @@ import struct
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vl.errors import image_too_large, image_too_many_pixels, invalid_base64, invalid_image
+from vl.errors import (
+    image_too_large,
+    image_too_many_pixels,
+    invalid_base64,
+    invalid_image,
+)
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 
