@@ -39,10 +39,6 @@ class ImagePreprocessor:
         grid = tuple(int(x) for x in out["image_grid_thw"][0].tolist())
         return PixelInputs(pixel_values=out["pixel_values"], grid_thw=grid)
 
-    def tokens_for(self, grid_thw: tuple[int, int, int]) -> int:
-        t, h, w = grid_thw
-        return t * h * w // (self.merge_size**2)
-
 
 def _settings_key(processor: Any) -> str:
     """A short digest of the processor settings that change its output (cache key part)."""

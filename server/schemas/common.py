@@ -1,9 +1,11 @@
-"""Shapes shared by several endpoints: request base, sampling fields, usage, errors."""
+"""Shapes shared by several endpoints: request base, sampling fields, usage.
+
+Error bodies are built by ``server.errors``, not modelled here."""
 
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -133,16 +135,3 @@ class UsageOnlyIfSet(BaseModel):
             data["usage"] = usage
         return data
 
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-FinishReason = Literal["stop", "length", "abort"]

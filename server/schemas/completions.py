@@ -9,7 +9,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from server.schemas.common import SamplingRequest, Usage, UsageOnlyIfSet, reject_unsupported
+from server.schemas.common import (
+    SamplingRequest,
+    Usage,
+    UsageOnlyIfSet,
+    reject_unsupported,
+)
 
 MAX_PROMPTS = 64
 DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for legacy completions
