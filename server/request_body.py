@@ -30,8 +30,7 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw)
     except ValueError:
         raise InvalidRequest(
-            "We could not parse the JSON body of your request. Send valid JSON "
-            "with 'Content-Type: application/json'.",
+            "We could not parse the JSON body of your request. Send valid JSON with 'Content-Type: application/json'.",
             code="invalid_json",
         ) from None
     if not isinstance(data, dict):

@@ -172,7 +172,7 @@ class ChatPreparer:
             raise image_token_mismatch(len(positions), len(features))
         out: list[int] = []
         start = 0
-        for pos, feat in zip(positions, features):
+        for pos, feat in zip(positions, features, strict=True):
             out.extend(token_ids[start:pos])
             out.extend([self._image_token_id] * feat.embeddings.shape[0])
             start = pos + 1

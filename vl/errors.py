@@ -107,9 +107,7 @@ def media_fetch_timeout(reason: str, param: str) -> MediaTimeout:
 
 
 def media_too_many_redirects(limit: int, param: str) -> MediaError:
-    return MediaError(
-        f"image URL redirected more than {limit} times", param=param, code="media_too_many_redirects"
-    )
+    return MediaError(f"image URL redirected more than {limit} times", param=param, code="media_too_many_redirects")
 
 
 # What an image holds -----------------------------------------------------------------------
@@ -121,7 +119,7 @@ def image_too_large(limit_bytes: int, param: str) -> MediaError:
 
 
 def image_too_many_pixels(param: str, size: tuple[int, int] | None = None, limit: int | None = None) -> MediaError:
-    """An image whose width × height exceeds the pixel limit (``size`` and ``limit`` when known)."""
+    """An image whose width x height exceeds the pixel limit (``size`` and ``limit`` when known)."""
     if size is None or limit is None:
         message = "image has too many pixels"
     else:

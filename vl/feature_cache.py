@@ -73,4 +73,6 @@ class FeatureCache:
 
     def statistics(self) -> FeatureCacheStatistics:
         with self._lock:
-            return FeatureCacheStatistics(len(self._entries), self._bytes, self.capacity_bytes, self._hits, self._misses)
+            return FeatureCacheStatistics(
+                len(self._entries), self._bytes, self.capacity_bytes, self._hits, self._misses
+            )

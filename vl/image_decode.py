@@ -41,7 +41,7 @@ def decode_image(image: EncodedImage, policy: MediaPolicy, *, param: str) -> Ima
 
     Base64 payloads are decoded strictly (no whitespace, no foreign characters). The byte cap
     (``policy.max_image_bytes``) is checked on the decoded bytes and the pixel cap
-    (``policy.max_image_pixels``) on the header's width × height before decoding pixels.
+    (``policy.max_image_pixels``) on the header's width x height before decoding pixels.
     Palette, alpha (composited onto white), greyscale (8- and 16-bit) and CMYK images become
     RGB. Multi-frame images give their first frame.
 
@@ -99,7 +99,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(grey).convert("RGB")
     if _has_alpha(image):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 

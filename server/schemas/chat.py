@@ -77,9 +77,7 @@ class ContentPart(RequestModel):
         if self.type == "text" and (self.text is None or self.image_url is not None):
             raise PydanticCustomError("content_part", "a 'text' part has exactly a 'text' field")
         if self.type == "image_url" and (self.image_url is None or self.text is not None):
-            raise PydanticCustomError(
-                "content_part", "an 'image_url' part has exactly an 'image_url' field"
-            )
+            raise PydanticCustomError("content_part", "an 'image_url' part has exactly an 'image_url' field")
         return self
 
     def to_part(self) -> TextPart | ImagePart:
@@ -177,9 +175,7 @@ class ChatCompletionRequest(SamplingRequest):
     def check_combinations(self) -> None:
         super().check_combinations()
         if self.top_logprobs is not None and not self.logprobs:
-            raise InvalidRequest(
-                "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs"
-            )
+            raise InvalidRequest("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
 
     @property
     def requested_max_tokens(self) -> tuple[int | None, str]:

@@ -97,9 +97,7 @@ class SamplingRequest(RequestModel):
     def check_combinations(self) -> None:
         """Raise ``InvalidRequest`` for fields that are valid alone but not together."""
         if self.stream_options is not None and not self.stream:
-            raise InvalidRequest(
-                "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
-            )
+            raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -134,4 +132,3 @@ class UsageOnlyIfSet(BaseModel):
         if "usage" in self.model_fields_set:
             data["usage"] = usage
         return data
-

@@ -45,9 +45,7 @@ class CompletionRequest(SamplingRequest):
     @classmethod
     def _prompt_count(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not 1 <= len(value) <= MAX_PROMPTS:
-            raise PydanticCustomError(
-                "prompt_count", "must hold 1 to {limit} prompts", {"limit": MAX_PROMPTS}
-            )
+            raise PydanticCustomError("prompt_count", "must hold 1 to {limit} prompts", {"limit": MAX_PROMPTS})
         return value
 
     @property

@@ -125,9 +125,7 @@ async def test_chat_stream_with_openai_client(vlserve_client, fake_runtime):
 
 async def test_completions(vlserve_client, fake_runtime):
     fake_runtime.engine.script = Script(pieces=["x"] * 40)
-    completion = await vlserve_client.completions.create(
-        model="fake-model", prompt=["ab", "cde"], n=2, logprobs=2
-    )
+    completion = await vlserve_client.completions.create(model="fake-model", prompt=["ab", "cde"], n=2, logprobs=2)
     assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
     assert [c.index for c in completion.choices] == [0, 1, 2, 3]
     assert all(c.finish_reason == "length" and c.text == "x" * 16 for c in completion.choices)
