@@ -2,7 +2,7 @@
 
 ``load_image_bytes`` only gathers bytes and does cheap checks on the event loop; it never
 decodes base64 or pixels (that is CPU work, done later in a worker thread by
-``vl.image_decode``). Every error is a ``MediaError`` naming the request field (``param``).
+``vl.image_pixels``). Every error is a ``MediaError`` naming the request field (``param``).
 """
 
 from __future__ import annotations

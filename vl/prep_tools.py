@@ -20,8 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from vl.errors import images_not_supported, no_chat_template, template_rejected
 from vl.gates import Gate
-from vl.image_decode import decode_image
-from vl.image_preprocess import ImagePreprocessor, PixelInputs
+from vl.image_pixels import ImagePreprocessor, PixelInputs, decode_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 

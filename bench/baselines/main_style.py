@@ -22,7 +22,7 @@ from engine.model_loader import LoadedModel
 from engine.prompt import EnginePrompt, ImageFeatures
 from server.schemas.chat import parse_chat
 from vl.errors import images_not_supported, too_many_images
-from vl.image_preprocess import ImagePreprocessor, PixelInputs
+from vl.image_pixels import ImagePreprocessor, PixelInputs
 
 T = TypeVar("T")
 IMAGE_TOKEN = "<|image_pad|>"

@@ -15,7 +15,7 @@ from tests.engine.prompts import noise_image
 from tests.vl.process_work import announce_then_wait
 from vl.errors import MediaError
 from vl.gates import Gate
-from vl.image_preprocess import ImagePreprocessor
+from vl.image_pixels import ImagePreprocessor
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 from vl.prep_processes import ProcessPrep

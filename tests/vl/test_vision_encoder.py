@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from engine.prompt import ImageFeatures
-from vl.image_preprocess import PixelInputs
+from vl.image_pixels import PixelInputs
 from vl.vision_encoder import VisionEncoder
 
 

@@ -1,28 +1,32 @@
-"""Encoded image bytes to a loaded RGB ``PIL.Image``, within the media policy.
+"""An encoded image to the vision tower's pixel patches: decode within the media policy
+(``decode_image``), then preprocess with the model's image processor (``ImagePreprocessor``).
 
-Synchronous CPU work: callers run ``decode_image`` in a worker thread under the CPU-prep
-limiter (``trio.to_thread.run_sync(..., limiter=...)``). It touches no global state: PIL's
-``MAX_IMAGE_PIXELS`` and warning filters are left alone (changing either is process-wide and
-not thread-safe); the policy's pixel limit is enforced from the image header before any pixel
-is decoded, and PIL's own bomb check stays as a second, process-wide ceiling.
+Synchronous CPU work, run by the ``ImagePixels`` prep step (``vl.prep_tools``) in a worker
+thread or prep process under the image-prep gate.
+
+Decoding touches no global state: PIL's ``MAX_IMAGE_PIXELS`` and warning filters are left
+alone (changing either is process-wide and not thread-safe); the policy's pixel limit is
+enforced from the image header before any pixel is decoded, and PIL's own bomb check stays
+as a second, process-wide ceiling. Preprocessing wraps the model's own Hugging Face image
+processor (loaded with ``AutoImageProcessor``, so no torchvision is needed).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import json
 import struct
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
-from vl.errors import (
-    image_too_large,
-    image_too_many_pixels,
-    invalid_base64,
-    invalid_image,
-)
+from vl.errors import image_too_large, image_too_many_pixels, invalid_base64, invalid_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 
@@ -107,3 +111,41 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _has_alpha(image: Image.Image) -> bool:
     """An alpha channel, or a transparent palette entry / colour key (PNG ``tRNS``, GIF)."""
     return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+
+
+# Preprocessing: a decoded image into patches ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class PixelInputs:
+    """One image's patches: ``pixel_values`` [patches, channels*t*p*p], grid (t, h, w)."""
+
+    pixel_values: torch.Tensor
+    grid_thw: tuple[int, int, int]
+
+    @property
+    def num_patches(self) -> int:
+        t, h, w = self.grid_thw
+        return t * h * w
+
+
+class ImagePreprocessor:
+    def __init__(self, image_processor: Any, merge_size: int) -> None:
+        self._processor = image_processor
+        self.merge_size = merge_size
+        self.settings_key = _settings_key(image_processor)
+
+    def __call__(self, image: Image.Image) -> PixelInputs:
+        out = self._processor(images=[image], return_tensors="pt")
+        grid = tuple(int(x) for x in out["image_grid_thw"][0].tolist())
+        return PixelInputs(pixel_values=out["pixel_values"], grid_thw=grid)
+
+
+def _settings_key(processor: Any) -> str:
+    """A short digest of the processor settings that change its output (cache key part)."""
+    try:
+        settings = processor.to_dict()
+    except Exception:  # processors without to_dict: fall back to their repr
+        settings = {"repr": repr(processor)}
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
