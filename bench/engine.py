@@ -24,8 +24,8 @@ from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 from engine.tiny_model import ensure_tiny_model
 from server.config import ServerConfig
+from server.request_body import parse_chat
 from server.runtime import open_runtime
-from server.schemas.chat import parse_chat
 
 PROMPTS = [
     "describe the red car on the road",

@@ -20,7 +20,7 @@ from bench.baselines.image_loading import ImageLoader
 from bench.baselines.prompt_text import expand_image_tokens, render_and_tokenize
 from engine.model_loader import LoadedModel
 from engine.prompt import EnginePrompt, ImageFeatures
-from server.schemas.chat import parse_chat
+from server.request_body import parse_chat
 from vl.errors import images_not_supported, too_many_images
 from vl.image_pixels import ImagePreprocessor, PixelInputs
 

@@ -27,7 +27,6 @@ from server.schemas.common import (
     UsageOnlyIfSet,
     reject_unsupported,
 )
-from server.validation import parse_model
 from vl.chat_messages import Chat, ImagePart, Message, TextPart
 from vl.errors import InvalidRequest
 
@@ -136,14 +135,9 @@ def chat_of(messages: list[ChatMessage]) -> Chat:
 
 
 class ChatMessages(RequestModel):
+    """Just the messages of a chat (``server.request_body.parse_chat``)."""
+
     messages: list[ChatMessage] = Field(min_length=1)
-
-
-def parse_chat(messages: Any) -> Chat:
-    """Validate OpenAI-shaped ``messages`` (plain JSON data) as the chat endpoint does and
-    return the typed chat; raises ``InvalidRequest`` naming the bad field. For callers that
-    hold messages outside an HTTP request (benchmarks, tests)."""
-    return chat_of(parse_model(ChatMessages, {"messages": messages}).messages)
 
 
 class ChatCompletionRequest(SamplingRequest):

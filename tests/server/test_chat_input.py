@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.schemas.chat import parse_chat
+from server.request_body import parse_chat
 from tests.server.fakes import FakeRuntime
 from vl.chat_messages import Chat, ImagePart, Message, TextPart
 from vl.errors import InvalidRequest

@@ -10,8 +10,8 @@ import torch
 
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
+from server.request_body import parse_chat
 from server.runtime import open_runtime
-from server.schemas.chat import parse_chat
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
 from tests.helpers.image_server import RequestLog, Route, serve_images
 from vl.chat_messages import Chat, ImagePart, Message, TextPart
