@@ -91,11 +91,6 @@ class ImageFetcher:
         self._bytes_fetched = 0
         self._failures = 0
 
-    @property
-    def policy(self) -> MediaPolicy:
-        """The policy every fetch enforces."""
-        return self._policy
-
     async def __aenter__(self) -> ImageFetcher:
         """Open the connection pool. Raises ``RuntimeError`` if this fetcher was entered before."""
         if self._entered:
