@@ -25,6 +25,7 @@ from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 from engine.tiny_model import ensure_tiny_model
 from server.config import ServerConfig
+from server.request_body import parse_chat
 from server.runtime import open_runtime
 
 PROMPTS = [
@@ -65,7 +66,7 @@ async def vlserve_throughput(loaded, requests: list[list[dict]], concurrency: in
         async def one(messages):
             nonlocal produced
             async with limiter:
-                prompt = await rt.preparer.prepare_chat(messages)
+                prompt = await rt.preparer.prepare_chat(parse_chat(messages))
                 async with rt.engine.open_stream(prompt, params) as stream:
                     async for delta in stream:
                         produced += len(delta.token_ids)

@@ -52,6 +52,9 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
+# Input errors of the request as a whole (those of its images are built in vl.errors) ---------
+
+
 def model_not_found(model: str) -> ApiError:
     """404 for a ``model`` we do not serve."""
     return ApiError(
@@ -75,6 +78,34 @@ def unavailable(message: str, code: str, retry_after_s: int) -> ApiError:
         type=SERVER_ERROR,
         code=code,
         headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def empty_prompt(param: str) -> InvalidRequest:
+    """400 for a prompt with no tokens; ``param`` names it (``messages``, ``prompt[1]``)."""
+    return InvalidRequest("The prompt is empty.", param=param, code="empty_prompt")
+
+
+def prompt_too_long(max_model_len: int, prompt_tokens: int, param: str) -> InvalidRequest:
+    """400 ``context_length_exceeded``: the prompt alone leaves no room to generate."""
+    return InvalidRequest(
+        f"This model's maximum context length is {max_model_len} tokens, "
+        f"and the prompt alone has {prompt_tokens} tokens.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def completion_too_long(max_model_len: int, prompt_tokens: int, requested: int, field: str) -> InvalidRequest:
+    """400 ``context_length_exceeded``: prompt plus the requested completion (``field``) do
+    not fit the context."""
+    return InvalidRequest(
+        f"This model's maximum context length is {max_model_len} tokens. "
+        f"However, you requested {prompt_tokens + requested} tokens "
+        f"({prompt_tokens} in the prompt, {requested} in the completion). "
+        "Please reduce the length of the prompt or completion.",
+        param=field,
+        code="context_length_exceeded",
     )
 
 

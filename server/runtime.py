@@ -24,7 +24,7 @@ from vl.chat_preparer import ChatPreparer
 from vl.feature_cache import FeatureCache
 from vl.gates import Gate
 from vl.image_fetcher import ImageFetcher
-from vl.image_preprocess import ImagePreprocessor
+from vl.image_pixels import ImagePreprocessor
 from vl.media_policy import MediaPolicy
 from vl.prep_processes import ProcessPrep
 from vl.prep_tools import PrepTools, PrepToolsSpec

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
+from server.errors import completion_too_long, empty_prompt, prompt_too_long
 from server.schemas.common import SamplingRequest
-from vl.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -29,27 +29,13 @@ class LengthBudget:
         """The completion length to use; raises ``InvalidRequest`` if it cannot fit."""
         room = self.max_model_len - self.prompt_tokens
         if self.prompt_tokens == 0:
-            raise InvalidRequest(
-                "The prompt is empty.", param=self.prompt_param, code="empty_prompt"
-            )
+            raise empty_prompt(self.prompt_param)
         if room < 1:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.max_model_len} tokens, "
-                f"and the prompt alone has {self.prompt_tokens} tokens.",
-                param=self.prompt_param,
-                code="context_length_exceeded",
-            )
+            raise prompt_too_long(self.max_model_len, self.prompt_tokens, self.prompt_param)
         if self.requested is None:
             return room if self.default is None else min(self.default, room)
         if self.requested > room:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.max_model_len} tokens. "
-                f"However, you requested {self.prompt_tokens + self.requested} tokens "
-                f"({self.prompt_tokens} in the prompt, {self.requested} in the completion). "
-                "Please reduce the length of the prompt or completion.",
-                param=self.field,
-                code="context_length_exceeded",
-            )
+            raise completion_too_long(self.max_model_len, self.prompt_tokens, self.requested, self.field)
         return self.requested
 
 

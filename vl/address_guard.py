@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import trio
 
-from vl.errors import MediaError
+from vl.errors import invalid_image_url, media_url_forbidden, media_url_unresolvable
 from vl.media_policy import MediaPolicy, normalise_host
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -118,7 +118,7 @@ async def check_host(host: str, port: int, policy: MediaPolicy, *, param: str | 
     """
     host = normalise_host(host)
     if not host:
-        raise MediaError("image URL has no host", param=param, code="invalid_image_url")
+        raise invalid_image_url("image URL has no host", param)
     if is_exempt(host, policy):
         return
     literal = parse_address(host)
@@ -128,17 +128,13 @@ async def check_host(host: str, port: int, policy: MediaPolicy, *, param: str | 
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise MediaError(
-            f"image URL host {host!r} could not be resolved", param=param, code="media_url_unresolvable"
-        ) from exc
+        raise media_url_unresolvable(host, param) from exc
     addresses = [parse_address(str(info[4][0])) for info in infos]
     if not addresses:
-        raise MediaError(f"image URL host {host!r} could not be resolved", param=param, code="media_url_unresolvable")
+        raise media_url_unresolvable(host, param)
     for address in addresses:
         if address is None:
-            raise MediaError(
-                f"image URL host {host!r} resolved to a non-IP address", param=param, code="media_url_forbidden"
-            )
+            raise media_url_forbidden(f"image URL host {host!r} resolved to a non-IP address", param)
         _refuse_if_forbidden(address, host, param)
 
 
@@ -153,10 +149,8 @@ def check_peer_address(server_addr: Any, host: str, policy: MediaPolicy, *, para
     peer = server_addr[0] if isinstance(server_addr, tuple) and server_addr else None
     address = parse_address(peer) if isinstance(peer, str) else None
     if address is None:
-        raise MediaError(
-            f"image URL host {normalise_host(host)!r}: the connected address could not be checked",
-            param=param,
-            code="media_url_forbidden",
+        raise media_url_forbidden(
+            f"image URL host {normalise_host(host)!r}: the connected address could not be checked", param
         )
     _refuse_if_forbidden(address, normalise_host(host), param)
 
@@ -173,8 +167,4 @@ def check_connected_stream(stream: NetworkStream, host: str, policy: MediaPolicy
 def _refuse_if_forbidden(address: IPAddress, host: str, param: str | None) -> None:
     reason = forbidden_reason(address)
     if reason is not None:
-        raise MediaError(
-            f"image URL host {host!r} is not allowed: it resolves to a {reason} address",
-            param=param,
-            code="media_url_forbidden",
-        )
+        raise media_url_forbidden(f"image URL host {host!r} is not allowed: it resolves to a {reason} address", param)

@@ -1,99 +1,77 @@
-"""Validate OpenAI chat messages and split them into template input and image references.
+"""The typed chat the preparer consumes: messages of text and image parts, already valid.
 
-Pure functions: no I/O, no threads. Every rejection is an ``InvalidRequest`` naming the
-exact request field (``messages[2].content[1].image_url.url``) that is wrong.
+The HTTP layer validates a request's ``messages`` once (``server.schemas.chat``) and
+builds a ``Chat`` from them; nothing here validates its input again. Roles are those a
+chat template knows (OpenAI's ``developer`` arrives as ``system``). Position in the chat
+is the request's position, so ``Chat.images()`` can name each image's request field
+(``messages[2].content[1].image_url``) in the errors it causes. Pure data: no I/O.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from vl.errors import InvalidRequest
+Role = Literal["system", "user", "assistant"]
+Detail = Literal["auto", "low", "high"]
 
-ROLES = ("system", "user", "assistant", "developer")
-DETAILS = ("auto", "low", "high")
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image by URL (``data:``, ``http(s):`` or ``file:``); ``detail`` is accepted, unused."""
+
+    url: str
+    detail: Detail = "auto"
+
+
+ContentPart = TextPart | ImagePart
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message: plain text, or parts in order."""
+
+    role: Role
+    content: str | tuple[ContentPart, ...]
 
 
 @dataclass(frozen=True)
 class ImageRef:
-    url: str
+    """An image of a chat and the request field that names it."""
+
+    image: ImagePart
     param: str
 
 
 @dataclass(frozen=True)
-class ParsedChat:
-    """``messages`` in the form chat templates expect (images as ``{"type": "image"}``
-    parts, in order) and the images they reference, in the same order."""
+class Chat:
+    """The messages of one chat request, in request order."""
 
-    messages: list[dict]
-    images: list[ImageRef]
+    messages: tuple[Message, ...]
 
+    def images(self) -> list[ImageRef]:
+        """Every image part in order, each with its request field."""
+        return [
+            ImageRef(part, f"messages[{i}].content[{j}].image_url")
+            for i, message in enumerate(self.messages)
+            if not isinstance(message.content, str)
+            for j, part in enumerate(message.content)
+            if isinstance(part, ImagePart)
+        ]
 
-def parse_messages(messages: Any, *, max_images: int, images_allowed: bool) -> ParsedChat:
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty list.", param="messages")
-    out: list[dict] = []
-    images: list[ImageRef] = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise InvalidRequest(f"{where} must be an object.", param=where)
-        role = message.get("role")
-        if role not in ROLES:
-            raise InvalidRequest(
-                f"{where}.role must be one of {', '.join(ROLES)} (got {role!r}).", param=f"{where}.role"
-            )
-        for unsupported in ("tool_calls", "function_call", "audio"):
-            if message.get(unsupported):
-                raise InvalidRequest(f"{where}.{unsupported} is not supported.", param=f"{where}.{unsupported}")
-        content = message.get("content")
-        if isinstance(content, str):
-            parts: str | list = content
-        elif isinstance(content, list):
-            parts = [_parse_part(part, f"{where}.content[{j}]", images) for j, part in enumerate(content)]
-        elif content is None and role == "assistant":
-            parts = ""
-        else:
-            raise InvalidRequest(f"{where}.content must be a string or a list of content parts.", param=f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": parts})
-    if images and not images_allowed:
-        raise InvalidRequest("This model does not accept images.", param=images[0].param, code="images_not_supported")
-    if len(images) > max_images:
-        raise InvalidRequest(
-            f"At most {max_images} images are allowed per request (got {len(images)}).",
-            param=images[max_images].param,
-            code="too_many_images",
-        )
-    return ParsedChat(out, images)
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The messages in the form chat templates take: images become ``{"type": "image"}``
+        parts in place (the preparer expands each into its feature tokens), so no image
+        data travels to the tokenizer."""
+        return [{"role": m.role, "content": _template_content(m.content)} for m in self.messages]
 
 
-def _parse_part(part: Any, where: str, images: list[ImageRef]) -> dict:
-    if not isinstance(part, dict):
-        raise InvalidRequest(f"{where} must be an object.", param=where)
-    kind = part.get("type")
-    if kind == "text":
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise InvalidRequest(f"{where}.text must be a string.", param=f"{where}.text")
-        return {"type": "text", "text": text}
-    if kind == "image_url":
-        image_url = part.get("image_url")
-        if isinstance(image_url, str):
-            url = image_url
-        elif isinstance(image_url, dict):
-            url = image_url.get("url")
-            detail = image_url.get("detail", "auto")
-            if detail not in DETAILS:
-                raise InvalidRequest(
-                    f"{where}.image_url.detail must be one of {', '.join(DETAILS)}.", param=f"{where}.image_url.detail"
-                )
-        else:
-            url = None
-        if not isinstance(url, str) or not url:
-            raise InvalidRequest(f"{where}.image_url.url must be a non-empty string.", param=f"{where}.image_url.url")
-        images.append(ImageRef(url, f"{where}.image_url"))
-        return {"type": "image"}
-    raise InvalidRequest(
-        f"{where}.type {kind!r} is not supported (supported: text, image_url).", param=f"{where}.type"
-    )
+def _template_content(content: str | tuple[ContentPart, ...]) -> str | list[dict[str, str]]:
+    if isinstance(content, str):
+        return content
+    return [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in content]

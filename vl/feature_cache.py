@@ -2,16 +2,27 @@
 
 Thread-safe (worker threads look up, the event loop stores). Bounded in bytes: storing
 past the bound evicts the least recently used entries; an entry larger than the whole
-bound is not stored.
+bound is not stored. ``image_cache_key`` makes the keys.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.prompt import ImageFeatures
+
+if TYPE_CHECKING:
+    from vl.image_source import EncodedImage
+
+
+def image_cache_key(image: EncodedImage, settings_key: str) -> str:
+    """The feature-cache key of an image: its bytes, their encoding and the preprocessor
+    settings. Hashing releases the GIL for payloads of more than 2 KiB."""
+    return f"{hashlib.sha256(image.payload).hexdigest()}:{int(image.base64_encoded)}:{settings_key}"
 
 
 @dataclass(frozen=True)
@@ -62,4 +73,6 @@ class FeatureCache:
 
     def statistics(self) -> FeatureCacheStatistics:
         with self._lock:
-            return FeatureCacheStatistics(len(self._entries), self._bytes, self.capacity_bytes, self._hits, self._misses)
+            return FeatureCacheStatistics(
+                len(self._entries), self._bytes, self.capacity_bytes, self._hits, self._misses
+            )

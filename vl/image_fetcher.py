@@ -27,7 +27,16 @@ import httpx
 import trio
 
 from vl.address_guard import check_connected_stream, check_host
-from vl.errors import MediaError, MediaTimeout
+from vl.errors import (
+    MediaError,
+    image_too_large,
+    invalid_image_url,
+    media_fetch_failed,
+    media_fetch_timeout,
+    media_too_many_redirects,
+    media_url_forbidden,
+    unsupported_image_url_scheme,
+)
 from vl.media_policy import MediaPolicy
 
 _CLOSE_GRACE_SECONDS = 2.0  # how long closing the pool may take once the fetcher is exited
@@ -81,11 +90,6 @@ class ImageFetcher:
         self._fetched = 0
         self._bytes_fetched = 0
         self._failures = 0
-
-    @property
-    def policy(self) -> MediaPolicy:
-        """The policy every fetch enforces."""
-        return self._policy
 
     async def __aenter__(self) -> ImageFetcher:
         """Open the connection pool. Raises ``RuntimeError`` if this fetcher was entered before."""
@@ -166,14 +170,8 @@ class ImageFetcher:
                 got_slot = True
                 return await self._follow_redirects(client, url, param)
         if not got_slot:
-            raise MediaTimeout(
-                f"no image fetch slot became free within {timeout:g} s (server busy)",
-                param=param,
-                code="media_fetch_timeout",
-            )
-        raise MediaTimeout(
-            f"fetching the image took longer than {timeout:g} s", param=param, code="media_fetch_timeout"
-        )
+            raise media_fetch_timeout(f"no image fetch slot became free within {timeout:g} s (server busy)", param)
+        raise media_fetch_timeout(f"fetching the image took longer than {timeout:g} s", param)
 
     async def _follow_redirects(self, client: httpx.AsyncClient, url: str, param: str) -> bytes:
         target = _parse_fetch_url(url, param)
@@ -187,11 +185,7 @@ class ImageFetcher:
                         target = _redirect_target(response, param)
                         continue
                     return await self._read_body(response, param)
-        raise MediaError(
-            f"image URL redirected more than {self._policy.max_redirects} times",
-            param=param,
-            code="media_too_many_redirects",
-        )
+        raise media_too_many_redirects(self._policy.max_redirects, param)
 
     @asynccontextmanager
     async def _open(
@@ -202,7 +196,7 @@ class ImageFetcher:
         async with client.stream("GET", target, extensions=extensions) as response:
             network_stream = response.extensions.get("network_stream")
             if network_stream is None:
-                raise MediaError("the image connection could not be checked", param=param, code="media_url_forbidden")
+                raise media_url_forbidden("the image connection could not be checked", param)
             check_connected_stream(network_stream, host, self._policy, param=param)
             yield response
 
@@ -224,28 +218,22 @@ class ImageFetcher:
 
     async def _read_body(self, response: httpx.Response, param: str) -> bytes:
         if not response.is_success:
-            raise MediaError(
-                f"image URL returned HTTP {response.status_code} {response.reason_phrase}".rstrip(),
-                param=param,
-                code="media_fetch_failed",
+            raise media_fetch_failed(
+                f"image URL returned HTTP {response.status_code} {response.reason_phrase}".rstrip(), param
             )
         coding = response.headers.get("content-encoding", "identity").strip().lower()
         if coding not in ("", "identity"):
-            raise MediaError(
-                f"image URL used unsupported content encoding {coding!r}",
-                param=param,
-                code="media_fetch_failed",
-            )
+            raise media_fetch_failed(f"image URL used unsupported content encoding {coding!r}", param)
         cap = self._policy.max_image_bytes
         declared = _declared_length(response)
         if declared is not None and declared > cap:
-            raise _too_large(cap, param)
+            raise image_too_large(cap, param)
         chunks: list[bytes] = []
         received = 0
         async for chunk in response.aiter_raw():
             received += len(chunk)
             if received > cap:
-                raise _too_large(cap, param)
+                raise image_too_large(cap, param)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -254,26 +242,21 @@ def _parse_fetch_url(url: str, param: str) -> httpx.URL:
     try:
         return httpx.URL(url)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise MediaError("image URL is not a valid URL", param=param, code="invalid_image_url") from exc
+        raise invalid_image_url("image URL is not a valid URL", param) from exc
 
 
 def _require_fetchable(target: httpx.URL, param: str, *, redirected: bool) -> None:
     if target.scheme not in _FETCH_SCHEMES:
-        where = " after a redirect" if redirected else ""
-        raise MediaError(
-            f"unsupported image URL scheme {target.scheme!r}{where}",
-            param=param,
-            code="unsupported_image_url_scheme",
-        )
+        raise unsupported_image_url_scheme(target.scheme, param, after_redirect=redirected)
     if not target.raw_host:
-        raise MediaError("image URL has no host", param=param, code="invalid_image_url")
+        raise invalid_image_url("image URL has no host", param)
 
 
 def _redirect_target(response: httpx.Response, param: str) -> httpx.URL:
     try:
         return response.url.join(response.headers["location"])
     except httpx.InvalidURL as exc:
-        raise MediaError("image URL redirected to an invalid URL", param=param, code="invalid_image_url") from exc
+        raise invalid_image_url("image URL redirected to an invalid URL", param) from exc
 
 
 def _declared_length(response: httpx.Response) -> int | None:
@@ -282,10 +265,6 @@ def _declared_length(response: httpx.Response) -> int | None:
         return int(value) if value is not None else None
     except ValueError:
         return None
-
-
-def _too_large(cap: int, param: str) -> MediaError:
-    return MediaError(f"image is larger than the limit of {cap} bytes", param=param, code="image_too_large")
 
 
 def _refuse_all_cookies() -> http.cookiejar.CookieJar:
@@ -299,10 +278,8 @@ def _translate_httpx_errors(param: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
-        raise MediaTimeout("fetching the image timed out", param=param, code="media_fetch_timeout") from exc
+        raise media_fetch_timeout("fetching the image timed out", param) from exc
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-        raise MediaError("image URL is not a valid http(s) URL", param=param, code="invalid_image_url") from exc
+        raise invalid_image_url("image URL is not a valid http(s) URL", param) from exc
     except httpx.HTTPError as exc:
-        raise MediaError(
-            f"fetching the image failed ({type(exc).__name__})", param=param, code="media_fetch_failed"
-        ) from exc
+        raise media_fetch_failed(f"fetching the image failed ({type(exc).__name__})", param) from exc

@@ -2,7 +2,7 @@
 
 ``load_image_bytes`` only gathers bytes and does cheap checks on the event loop; it never
 decodes base64 or pixels (that is CPU work, done later in a worker thread by
-``vl.image_decode``). Every error is a ``MediaError`` naming the request field (``param``).
+``vl.image_pixels``). Every error is a ``MediaError`` naming the request field (``param``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import trio
 
-from vl.errors import MediaError
+from vl.errors import (
+    image_not_found,
+    image_too_large,
+    invalid_base64,
+    invalid_image,
+    invalid_image_url,
+    media_url_forbidden,
+    unsupported_image_url_scheme,
+)
 from vl.image_fetcher import ImageFetcher
 from vl.media_policy import MediaPolicy
 
@@ -57,9 +65,7 @@ async def load_image_bytes(url: str, *, param: str, fetcher: ImageFetcher, polic
     """
     match = _SCHEME.match(url[:_SCHEME_PREFIX_CHARS]) if isinstance(url, str) else None
     if match is None:
-        raise MediaError(
-            "image URL has no scheme (expected data:, http(s): or file:)", param=param, code="invalid_image_url"
-        )
+        raise invalid_image_url("image URL has no scheme (expected data:, http(s): or file:)", param)
     scheme = match.group(1).lower()
     if scheme == "data":
         return parse_data_uri(url, policy, param=param)
@@ -67,11 +73,7 @@ async def load_image_bytes(url: str, *, param: str, fetcher: ImageFetcher, polic
         return EncodedImage(payload=await fetcher.fetch(url, param=param), base64_encoded=False, source="http")
     if scheme == "file":
         return await _load_local_file(url, policy, param=param)
-    raise MediaError(
-        f"unsupported image URL scheme {scheme!r} (expected data:, http(s): or file:)",
-        param=param,
-        code="unsupported_image_url_scheme",
-    )
+    raise unsupported_image_url_scheme(scheme, param)
 
 
 def parse_data_uri(url: str, policy: MediaPolicy, *, param: str) -> EncodedImage:
@@ -83,40 +85,36 @@ def parse_data_uri(url: str, policy: MediaPolicy, *, param: str) -> EncodedImage
     """
     header, comma, payload = url[len("data:") :].partition(",")
     if not comma:
-        raise MediaError("data URI has no ',' before its data", param=param, code="invalid_image_url")
+        raise invalid_image_url("data URI has no ',' before its data", param)
     fields = [field.strip().lower() for field in header.split(";")]
     media_type, options = fields[0], fields[1:]
     if media_type == "base64" and not options:  # tolerated: data:base64,...
         media_type, options = "", ["base64"]
     if not options or options[-1] != "base64":
-        raise MediaError("data URI images must be base64-encoded (';base64,')", param=param, code="invalid_image_url")
+        raise invalid_image_url("data URI images must be base64-encoded (';base64,')", param)
     if not (media_type.startswith("image/") or media_type in _DATA_MEDIA_TYPES_ACCEPTED):
-        raise MediaError(
-            f"data URI media type {media_type!r} is not an image type", param=param, code="invalid_image_url"
-        )
+        raise invalid_image_url(f"data URI media type {media_type!r} is not an image type", param)
     if not payload:
-        raise MediaError("data URI contains no image data", param=param, code="invalid_image")
+        raise invalid_image("data URI contains no image data", param)
     cap = policy.max_image_bytes
     if len(payload) > 4 * -(-cap // 3):  # the longest base64 text of at most `cap` bytes
-        raise MediaError(f"image is larger than the limit of {cap} bytes", param=param, code="image_too_large")
+        raise image_too_large(cap, param)
     try:
         data = payload.encode("ascii")
     except UnicodeEncodeError as exc:
-        raise MediaError("image data is not valid base64", param=param, code="invalid_base64") from exc
+        raise invalid_base64(param) from exc
     return EncodedImage(payload=data, base64_encoded=True, source="data", media_type=media_type or None)
 
 
 async def _load_local_file(url: str, policy: MediaPolicy, *, param: str) -> EncodedImage:
     """A regular file's bytes, if it lies inside ``policy.allowed_local_media_path``."""
     if policy.allowed_local_media_path is None:
-        raise MediaError("file:// image URLs are not enabled on this server", param=param, code="media_url_forbidden")
+        raise media_url_forbidden("file:// image URLs are not enabled on this server", param)
     path = _file_url_path(url, param)
     root = await trio.Path(policy.allowed_local_media_path).resolve()
     resolved = await trio.Path(path).resolve()
     if not resolved.is_relative_to(root):
-        raise MediaError(
-            "file:// image URL is outside the allowed local media directory", param=param, code="media_url_forbidden"
-        )
+        raise media_url_forbidden("file:// image URL is outside the allowed local media directory", param)
     data = await _read_regular_file(resolved, policy.max_image_bytes, param)
     return EncodedImage(payload=data, base64_encoded=False, source="file")
 
@@ -124,12 +122,12 @@ async def _load_local_file(url: str, policy: MediaPolicy, *, param: str) -> Enco
 def _file_url_path(url: str, param: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.netloc not in ("", "localhost"):
-        raise MediaError("file:// image URLs must not name a host", param=param, code="invalid_image_url")
+        raise invalid_image_url("file:// image URLs must not name a host", param)
     if parts.query or parts.fragment:
-        raise MediaError("file:// image URLs take no query or fragment", param=param, code="invalid_image_url")
+        raise invalid_image_url("file:// image URLs take no query or fragment", param)
     path = urllib.parse.unquote(parts.path)
     if not path.startswith("/") or "\x00" in path:
-        raise MediaError("file:// image URL must name an absolute path", param=param, code="invalid_image_url")
+        raise invalid_image_url("file:// image URL must name an absolute path", param)
     return path
 
 
@@ -139,18 +137,16 @@ async def _read_regular_file(path: trio.Path, cap: int, param: str) -> bytes:
         async with await trio.open_file(path, "rb", opener=_open_no_follow) as file:
             info = os.fstat(file.fileno())  # on the descriptor we read: no stat/open race
             if not stat.S_ISREG(info.st_mode):
-                raise MediaError(
-                    "file:// image URL does not name a regular file", param=param, code="invalid_image_url"
-                )
+                raise invalid_image_url("file:// image URL does not name a regular file", param)
             if info.st_size > cap:
-                raise MediaError(f"image is larger than the limit of {cap} bytes", param=param, code="image_too_large")
+                raise image_too_large(cap, param)
             data = await file.read(cap + 1)
     except FileNotFoundError as exc:
-        raise MediaError("local image file not found", param=param, code="image_not_found") from exc
+        raise image_not_found(param) from exc
     except OSError as exc:
-        raise MediaError("local image file could not be read", param=param, code="invalid_image_url") from exc
+        raise invalid_image_url("local image file could not be read", param) from exc
     if len(data) > cap:  # the file grew after fstat
-        raise MediaError(f"image is larger than the limit of {cap} bytes", param=param, code="image_too_large")
+        raise image_too_large(cap, param)
     return data
 
 

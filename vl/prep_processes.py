@@ -1,12 +1,12 @@
 """Preparation work in prep worker processes (trio-parallel), off the server's GIL.
 
 Template rendering, tokenization, image decode and preprocessing hold the GIL for much of
-their run (DESIGN.md's measurements); in worker threads they make the event loop wait for
-the GIL, and ``/health`` with it. ``ProcessPrep`` runs the same ``PrepTools`` methods in
-worker processes instead, each of which loads its own tokenizer and image processor once,
-at start. The gates stay in the server process: ``Gate.run_in_process`` holds a token for
-as long as a worker process runs the call, and a cancelled caller waits for the call to
-end, so a gate's borrowed tokens still equal the work running under it.
+their run; in worker threads they make the event loop wait for the GIL, and ``/health``
+with it. ``ProcessPrep`` runs the same typed steps (``vl.prep_tools.PrepStep``) in worker
+processes instead, each of which loads its own tokenizer and image processor once, at
+start. The gates stay in the server process: ``Gate.run_in_process`` holds a token for as
+long as a worker process runs the call, and a cancelled caller waits for the call to end,
+so a gate's borrowed tokens still equal the work running under it.
 """
 
 from __future__ import annotations
@@ -16,19 +16,21 @@ import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TypeVar
 
 import trio
 import trio_parallel
 
 from vl.gates import Gate
-from vl.prep_tools import PrepTools, PrepToolsSpec
+from vl.prep_tools import PrepStep, PrepTools, PrepToolsSpec
+
+T = TypeVar("T")
 
 SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 class ProcessPrep:
-    """Runs ``PrepTools`` methods in a pool of prep worker processes."""
+    """Runs preparation steps in a pool of prep worker processes."""
 
     def __init__(self, spec: PrepToolsSpec, context: trio_parallel.WorkerContext) -> None:
         self._spec = spec
@@ -55,8 +57,9 @@ class ProcessPrep:
             await prep._start_workers(workers)
             yield prep
 
-    async def run(self, gate: Gate, method: str, *args: Any) -> Any:
-        return await gate.run_in_process(self._context, _call_tool, self._spec, method, *args)
+    async def run(self, gate: Gate, step: PrepStep[T]) -> T:
+        """Run ``step`` in a prep process holding a token of ``gate`` (``PrepRunner.run``)."""
+        return await gate.run_in_process(self._context, _run_step, self._spec, step)
 
     @property
     def context(self) -> trio_parallel.WorkerContext:
@@ -101,6 +104,6 @@ def _load_tools(spec: PrepToolsSpec) -> None:
     _tools_for(spec)
 
 
-def _call_tool(spec: PrepToolsSpec, method: str, *args: Any) -> Any:
-    """Runs in a prep worker process: one ``PrepTools`` call."""
-    return getattr(_tools_for(spec), method)(*args)
+def _run_step(spec: PrepToolsSpec, step: PrepStep[T]) -> T:
+    """Runs in a prep worker process: one step on this process's tools."""
+    return step.run(_tools_for(spec))

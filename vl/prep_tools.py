@@ -1,24 +1,31 @@
-"""The synchronous preparation work of a request, wherever it runs.
+"""The synchronous preparation work of a request, the typed steps that ask for it, and
+where it runs.
 
 ``PrepTools`` holds the tokenizer, the media policy and (for VL models) the image
 preprocessor, and does the blocking work: chat-template rendering and tokenization,
 detokenization, image decode and preprocessing. The event loop never calls it directly:
-a ``PrepRunner`` runs its methods under a gate, in a worker thread of the server process
-(``ThreadPrep``) or in a prep worker process (``vl.prep_processes.ProcessPrep``), which
-builds its own copy from a ``PrepToolsSpec``.
+the preparer builds a step (``RenderChat``, ``Tokenize``, ``Detokenize``, ``ImagePixels``:
+small, picklable values whose type says what to do) and hands it with a gate to a
+``PrepRunner``, which runs ``step.run(tools)`` holding one token of that gate: in a worker
+thread of the server process (``ThreadPrep``, here) or in a prep worker process
+(``vl.prep_processes.ProcessPrep``, which builds its own tools from a ``PrepToolsSpec``).
+Gates, their statistics and their cancellation guarantees are the same for both (see
+``vl.gates``).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from vl.errors import InvalidRequest
-from vl.image_decode import decode_image
-from vl.image_preprocess import ImagePreprocessor, PixelInputs
+from vl.errors import images_not_supported, no_chat_template, template_rejected
+from vl.gates import Gate
+from vl.image_pixels import ImagePreprocessor, PixelInputs, decode_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 class PrepTools:
@@ -36,11 +43,11 @@ class PrepTools:
         Raises ``InvalidRequest`` (param ``messages``) when the model has no chat template
         or the template rejects the messages."""
         if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequest("This model has no chat template; use /v1/completions.", param="messages")
+            raise no_chat_template()
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # jinja errors: the template rejected these messages
-            raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages") from None
+            raise template_rejected(exc) from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -56,14 +63,75 @@ class PrepTools:
         patches. Raises ``MediaError`` naming ``param`` for bytes that are not an accepted
         image."""
         if self.preprocessor is None:
-            raise InvalidRequest("This model does not accept images.", param=param)
+            raise images_not_supported(param)
         return self.preprocessor(decode_image(image, self.policy, param=param))
 
 
-def image_cache_key(image: EncodedImage, settings_key: str) -> str:
-    """The feature-cache key of an image: its bytes, their encoding and the preprocessor
-    settings. Hashing releases the GIL for payloads of more than 2 KiB."""
-    return f"{hashlib.sha256(image.payload).hexdigest()}:{int(image.base64_encoded)}:{settings_key}"
+# The steps: what a runner can be asked to run ------------------------------------------------
+
+
+class PrepStep(Protocol[T_co]):
+    """One piece of preparation work; must pickle (it may run in a prep worker process)."""
+
+    def run(self, tools: PrepTools) -> T_co: ...
+
+
+@dataclass(frozen=True)
+class RenderChat:
+    """Render ``messages`` (``Chat.template_messages()``) with the chat template and tokenize."""
+
+    messages: list[dict]
+
+    def run(self, tools: PrepTools) -> list[int]:
+        return tools.render_and_tokenize(self.messages)
+
+
+@dataclass(frozen=True)
+class Tokenize:
+    text: str
+    add_special_tokens: bool = True
+
+    def run(self, tools: PrepTools) -> list[int]:
+        return tools.encode(self.text, self.add_special_tokens)
+
+
+@dataclass(frozen=True)
+class Detokenize:
+    token_ids: list[int]
+
+    def run(self, tools: PrepTools) -> str:
+        return tools.decode(self.token_ids)
+
+
+@dataclass(frozen=True)
+class ImagePixels:
+    """Decode and preprocess one image; errors name ``param``."""
+
+    image: EncodedImage
+    param: str
+
+    def run(self, tools: PrepTools) -> PixelInputs:
+        return tools.decode_and_preprocess(self.image, self.param)
+
+
+# Where steps run ----------------------------------------------------------------------------
+
+
+class PrepRunner(Protocol):
+    async def run(self, gate: Gate, step: PrepStep[T]) -> T:
+        """Run ``step`` holding a token of ``gate``; return or raise its outcome.
+        Cancellation: as ``Gate.run`` (work that started is finished)."""
+        ...
+
+
+class ThreadPrep:
+    """Runs steps in worker threads of the server process, on ``tools``."""
+
+    def __init__(self, tools: PrepTools) -> None:
+        self.tools = tools
+
+    async def run(self, gate: Gate, step: PrepStep[T]) -> T:
+        return await gate.run(step.run, self.tools)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 import trio
 
 from engine.prompt import ImageFeatures
-from vl.image_preprocess import PixelInputs
+from vl.image_pixels import PixelInputs
 
 EncodeFn = Callable[[torch.Tensor, list[tuple[int, int, int]]], list[ImageFeatures]]
 

@@ -11,7 +11,7 @@ import httpx
 from PIL import Image
 
 from vl.errors import MediaError
-from vl.image_decode import decode_image
+from vl.image_pixels import decode_image
 from vl.image_source import EncodedImage, parse_data_uri
 from vl.media_policy import MediaPolicy
 

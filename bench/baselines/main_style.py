@@ -10,8 +10,9 @@ burst the encoder executor's (unbounded) work queue holds every waiting request'
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,8 +20,9 @@ from bench.baselines.image_loading import ImageLoader
 from bench.baselines.prompt_text import expand_image_tokens, render_and_tokenize
 from engine.model_loader import LoadedModel
 from engine.prompt import EnginePrompt, ImageFeatures
-from vl.chat_messages import parse_messages
-from vl.image_preprocess import ImagePreprocessor, PixelInputs
+from server.request_body import parse_chat
+from vl.errors import images_not_supported, too_many_images
+from vl.image_pixels import ImagePreprocessor, PixelInputs
 
 T = TypeVar("T")
 IMAGE_TOKEN = "<|image_pad|>"
@@ -47,16 +49,21 @@ class MainStylePreparer:
         Cancellation: raises ``CancelledError`` at the next await; work already submitted to
         an executor runs to completion and its result is dropped.
         """
-        parsed = parse_messages(messages, max_images=MAX_IMAGES, images_allowed=self._supports_images)
+        chat = parse_chat(messages)
+        refs = chat.images()
+        if refs and not self._supports_images:
+            raise images_not_supported(refs[0].param)
+        if len(refs) > MAX_IMAGES:
+            raise too_many_images(MAX_IMAGES, len(refs), refs[MAX_IMAGES].param)
         loop = asyncio.get_running_loop()
         images = await asyncio.gather(
-            *(loop.run_in_executor(None, self._loader.load, r.url, r.param) for r in parsed.images)
+            *(loop.run_in_executor(None, self._loader.load, r.image.url, r.param) for r in refs)
         )
         features: list[ImageFeatures] = []
         if images:
             pixels = await self.encoder_call(self._preprocess, images)
             features = await self.encoder_call(self._encode, pixels)
-        token_ids = await self.prompt_call(render_and_tokenize, self._tokenizer, parsed.messages)
+        token_ids = await self.prompt_call(render_and_tokenize, self._tokenizer, chat.template_messages())
         if features:
             counts = [f.embeddings.shape[0] for f in features]
             token_ids = await self.wrap_call(expand_image_tokens, token_ids, self._image_token_id, counts)

@@ -32,7 +32,7 @@ async def chat_completions() -> Response:
     body = await read_body(ChatCompletionRequest, current_state().parse_limiter)
     body.check_combinations()
     check_model(body.model, runtime)
-    prompt = await runtime.preparer.prepare_chat(body.prompt_messages())
+    prompt = await runtime.preparer.prepare_chat(body.chat())
     requested, field = body.requested_max_tokens
     budget = LengthBudget(
         prompt_tokens=len(prompt.token_ids),

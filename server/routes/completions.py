@@ -34,9 +34,7 @@ async def completions() -> Response:
     check_model(body.model, runtime)
     texts = body.prompts
     if len(texts) * body.n > MAX_CHOICES:
-        raise InvalidRequest(
-            f"At most {MAX_CHOICES} choices per request (prompts times 'n').", param="n"
-        )
+        raise InvalidRequest(f"At most {MAX_CHOICES} choices per request (prompts times 'n').", param="n")
     prompts, params = [], []
     for position, text in enumerate(texts):
         prompt = await runtime.preparer.prepare_text(text)

@@ -36,7 +36,7 @@ async def tokenize() -> Response:
     check_model(body.model, runtime)
     preparer = runtime.preparer
     if isinstance(body, TokenizeChatRequest):
-        tokens = await preparer.tokenize_chat([m.to_prompt_dict() for m in body.messages])
+        tokens = await preparer.tokenize_chat(body.chat())
     else:
         tokens = await preparer.tokenize(body.prompt, add_special_tokens=body.add_special_tokens)
     token_strs = None

@@ -1,4 +1,8 @@
-"""``POST /v1/chat/completions``: request, response and streaming chunk shapes."""
+"""``POST /v1/chat/completions``: request, response and streaming chunk shapes.
+
+The request's ``messages`` are validated here and nowhere else: ``ChatCompletionRequest.chat()``
+turns them into the typed ``vl.chat_messages.Chat`` the preparer consumes.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from server.schemas.common import (
     UsageOnlyIfSet,
     reject_unsupported,
 )
+from vl.chat_messages import Chat, ImagePart, Message, TextPart
 from vl.errors import InvalidRequest
 
 # OpenAI chat fields we do not implement, with the values that ask for nothing.
@@ -45,6 +50,15 @@ UNSUPPORTED_CHAT: Mapping[str, tuple[Any, ...]] = MappingProxyType(
 )
 
 
+# Message fields OpenAI defines for an assistant message that we do not implement, with the
+# values that ask for nothing. ``refusal`` is accepted (unused), as ``name`` is: clients send
+# back the assistant messages they were given, and ours carry ``"refusal": null``.
+UNSUPPORTED_MESSAGE: Mapping[str, tuple[Any, ...]] = MappingProxyType(
+    {"tool_calls": ([],), "function_call": (), "audio": ()}
+)
+ASSISTANT_ONLY = ("refusal", *UNSUPPORTED_MESSAGE)
+
+
 class ImageURL(RequestModel):
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
@@ -62,25 +76,68 @@ class ContentPart(RequestModel):
         if self.type == "text" and (self.text is None or self.image_url is not None):
             raise PydanticCustomError("content_part", "a 'text' part has exactly a 'text' field")
         if self.type == "image_url" and (self.image_url is None or self.text is not None):
-            raise PydanticCustomError(
-                "content_part", "an 'image_url' part has exactly an 'image_url' field"
-            )
+            raise PydanticCustomError("content_part", "an 'image_url' part has exactly an 'image_url' field")
         return self
+
+    def to_part(self) -> TextPart | ImagePart:
+        if self.image_url is None:
+            return TextPart(self.text or "")
+        return ImagePart(self.image_url.url, self.image_url.detail or "auto")
 
 
 class ChatMessage(RequestModel):
-    """A message with role system/developer/user/assistant; ``name`` is accepted, unused."""
+    """A message with role system/developer/user/assistant; ``name`` is accepted, unused.
+
+    ``content`` is required, except on an assistant message, where it may be ``null`` or
+    absent (OpenAI allows that; the message then has empty content). ``tool_calls``,
+    ``function_call`` and ``audio`` are accepted on an assistant message only with values
+    that ask for nothing (absent, ``null``; ``[]`` for ``tool_calls``), since this server
+    has no tools.
+    """
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: str | list[ContentPart] | None = Field(default=None, validate_default=True)
     name: str | None = None
+    refusal: str | None = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
 
-    def to_prompt_dict(self) -> dict[str, Any]:
-        """The OpenAI-shaped dict the chat preparer takes (``developer`` becomes ``system``)."""
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, value: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if value is None and role is not None and role != "assistant":
+            raise PydanticCustomError("missing", "Field required")
+        return value
+
+    @field_validator(*ASSISTANT_ONLY, mode="before")
+    @classmethod
+    def _assistant_fields(cls, value: Any, info: ValidationInfo) -> Any:
+        field = info.field_name
+        if value is not None and info.data.get("role", "assistant") != "assistant":
+            raise PydanticCustomError("extra_forbidden", "Extra inputs are not permitted")
+        if field in UNSUPPORTED_MESSAGE:
+            return reject_unsupported(value, field, UNSUPPORTED_MESSAGE[field])
+        return value
+
+    def to_message(self) -> Message:
+        """The typed message (``developer`` becomes ``system``; no content becomes ``""``)."""
         role = "system" if self.role == "developer" else self.role
-        if isinstance(self.content, str):
-            return {"role": role, "content": self.content}
-        return {"role": role, "content": [p.model_dump(exclude_none=True) for p in self.content]}
+        if self.content is None or isinstance(self.content, str):
+            return Message(role, self.content or "")
+        return Message(role, tuple(part.to_part() for part in self.content))
+
+
+def chat_of(messages: list[ChatMessage]) -> Chat:
+    """The typed chat of validated messages, in request order."""
+    return Chat(tuple(message.to_message() for message in messages))
+
+
+class ChatMessages(RequestModel):
+    """Just the messages of a chat (``server.request_body.parse_chat``)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -112,9 +169,7 @@ class ChatCompletionRequest(SamplingRequest):
     def check_combinations(self) -> None:
         super().check_combinations()
         if self.top_logprobs is not None and not self.logprobs:
-            raise InvalidRequest(
-                "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs"
-            )
+            raise InvalidRequest("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
 
     @property
     def requested_max_tokens(self) -> tuple[int | None, str]:
@@ -130,8 +185,9 @@ class ChatCompletionRequest(SamplingRequest):
             return None
         return self.top_logprobs or 0
 
-    def prompt_messages(self) -> list[dict[str, Any]]:
-        return [m.to_prompt_dict() for m in self.messages]
+    def chat(self) -> Chat:
+        """The typed chat of ``messages``."""
+        return chat_of(self.messages)
 
 
 class ChatTopLogprob(BaseModel):

@@ -1,9 +1,11 @@
-"""Shapes shared by several endpoints: request base, sampling fields, usage, errors."""
+"""Shapes shared by several endpoints: request base, sampling fields, usage.
+
+Error bodies are built by ``server.errors``, not modelled here."""
 
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -95,9 +97,7 @@ class SamplingRequest(RequestModel):
     def check_combinations(self) -> None:
         """Raise ``InvalidRequest`` for fields that are valid alone but not together."""
         if self.stream_options is not None and not self.stream:
-            raise InvalidRequest(
-                "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
-            )
+            raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -132,17 +132,3 @@ class UsageOnlyIfSet(BaseModel):
         if "usage" in self.model_fields_set:
             data["usage"] = usage
         return data
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-FinishReason = Literal["stop", "length", "abort"]

@@ -9,7 +9,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from server.schemas.common import SamplingRequest, Usage, UsageOnlyIfSet, reject_unsupported
+from server.schemas.common import (
+    SamplingRequest,
+    Usage,
+    UsageOnlyIfSet,
+    reject_unsupported,
+)
 
 MAX_PROMPTS = 64
 DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for legacy completions
@@ -40,9 +45,7 @@ class CompletionRequest(SamplingRequest):
     @classmethod
     def _prompt_count(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not 1 <= len(value) <= MAX_PROMPTS:
-            raise PydanticCustomError(
-                "prompt_count", "must hold 1 to {limit} prompts", {"limit": MAX_PROMPTS}
-            )
+            raise PydanticCustomError("prompt_count", "must hold 1 to {limit} prompts", {"limit": MAX_PROMPTS})
         return value
 
     @property

@@ -6,8 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from server.schemas.chat import ChatMessage
+from server.schemas.chat import ChatMessage, chat_of
 from server.schemas.common import RequestModel, reject_unsupported
+from vl.chat_messages import Chat
 
 MAX_DETOKENIZE_TOKENS = 1 << 20
 
@@ -31,6 +32,10 @@ class TokenizeChatRequest(RequestModel):
     @classmethod
     def _generation_prompt_only(cls, value: Any, info: ValidationInfo) -> Any:
         return reject_unsupported(value, f"{info.field_name}=false", (True,))
+
+    def chat(self) -> Chat:
+        """The typed chat of ``messages``."""
+        return chat_of(self.messages)
 
 
 class TokenizeResponse(BaseModel):

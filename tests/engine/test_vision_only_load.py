@@ -17,7 +17,7 @@ from tests.engine.prompts import noise_image
 from tests.engine.streams import wait_until_idle
 from tests.engine.test_model_families import save_qwen2_causal
 from tests.vl.test_chat_preparer import data_uri, image_message
-from vl.image_preprocess import ImagePreprocessor
+from vl.image_pixels import ImagePreprocessor
 
 
 def parameter_names(model: torch.nn.Module) -> list[str]:

@@ -41,11 +41,17 @@ def picture(size=(96, 96)) -> Image.Image:
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose header claims a gigantic canvas."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def data_uri(payload: bytes, media: str = "image/png") -> str:
@@ -71,7 +77,11 @@ BIG_NOISE = encode(Image.fromarray((np.random.RandomState(1).rand(400, 400, 3) *
         ("huge download", lambda base: f"{base}/big.png", "image_too_large"),
         ("hanging image server", lambda base: f"{base}/hang.png", "media_fetch_timeout"),
         ("redirect to 127.0.0.1", lambda base: f"{base}/to-loopback.png", "media_url_forbidden"),
-        ("loopback without allow flag", lambda base: f"{base.replace('localhost', '127.0.0.1')}/ok.png", "media_url_forbidden"),
+        (
+            "loopback without allow flag",
+            lambda base: f"{base.replace('localhost', '127.0.0.1')}/ok.png",
+            "media_url_forbidden",
+        ),
         ("unsupported scheme", lambda base: "ftp://localhost/cat.png", "unsupported_image_url_scheme"),
         ("not found", lambda base: f"{base}/missing.png", "media_fetch_failed"),
     ],

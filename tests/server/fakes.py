@@ -21,6 +21,7 @@ from engine.outputs import StreamDelta, TokenLogprob, TopLogprob
 from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
+from vl.chat_messages import Chat, TextPart
 from vl.errors import InvalidRequest, MediaError
 
 
@@ -137,25 +138,16 @@ class FakeEngine:
         return self.healthy
 
 
-def _text_of(messages: list[dict[str, Any]]) -> tuple[str, int]:
-    text, images = "", 0
-    for i, message in enumerate(messages):
-        content = message["content"]
-        if isinstance(content, str):
-            text += content
-            continue
-        for j, part in enumerate(content):
-            if part["type"] == "text":
-                text += part["text"]
-            elif part["image_url"]["url"].startswith("bad:"):
-                raise MediaError(
-                    "The image could not be decoded.",
-                    param=f"messages[{i}].content[{j}].image_url",
-                    code="invalid_image",
-                )
-            else:
-                images += 1
-    return text, images
+def _text_of(chat: Chat) -> tuple[str, int]:
+    text = "".join(
+        m.content if isinstance(m.content, str) else "".join(p.text for p in m.content if isinstance(p, TextPart))
+        for m in chat.messages
+    )
+    images = chat.images()
+    for ref in images:
+        if ref.image.url.startswith("bad:"):
+            raise MediaError("The image could not be decoded.", param=ref.param, code="invalid_image")
+    return text, len(images)
 
 
 class FakePreparer:
@@ -173,10 +165,10 @@ class FakePreparer:
         else:
             await trio.lowlevel.checkpoint()
 
-    async def prepare_chat(self, messages: list[dict[str, Any]]) -> EnginePrompt:
-        self.calls.append(messages)
+    async def prepare_chat(self, chat: Chat) -> EnginePrompt:
+        self.calls.append(chat)
         await self._wait_gate()
-        text, images = _text_of(messages)
+        text, images = _text_of(chat)
         return EnginePrompt(token_ids=[ord(c) for c in text] + [0] * (4 * images))
 
     async def prepare_text(self, prompt: str) -> EnginePrompt:
@@ -188,9 +180,9 @@ class FakePreparer:
         await self._wait_gate()
         return ([1] if add_special_tokens else []) + [ord(c) for c in text]
 
-    async def tokenize_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def tokenize_chat(self, chat: Chat) -> list[int]:
         await self._wait_gate()
-        text, images = _text_of(messages)
+        text, images = _text_of(chat)
         return [ord(c) for c in text] + [0] * images
 
     async def detokenize(self, token_ids: list[int]) -> str:

@@ -60,9 +60,7 @@ async def test_unknown_model_retrieve_is_404(http):
     ids=["broken", "empty", "not-utf8", "array", "string"],
 )
 async def test_malformed_body_is_400(http, raw):
-    response = await http.post(
-        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
-    )
+    response = await http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     error = error_of(response, 400)
     assert error["type"] == "invalid_request_error" and error["code"] == "invalid_json"
 
@@ -180,9 +178,7 @@ async def test_context_length_exceeded(http, fake_runtime: FakeRuntime):
 
 async def test_body_too_large_is_413(http):
     content = "x" * (MAX_BODY + 1)
-    response = await http.post(
-        "/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]}
-    )
+    response = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
     error = error_of(response, 413)
     assert error["code"] == "request_too_large"
 
@@ -193,7 +189,7 @@ async def test_large_body_under_the_limit_is_accepted(http, fake_runtime):
     fake_runtime.max_model_len = MAX_BODY
     response = await http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
-    assert fake_runtime.preparer.calls[-1][0]["content"] == content
+    assert fake_runtime.preparer.calls[-1].messages[0].content == content
 
 
 @pytest.mark.parametrize("stream", [False, True])

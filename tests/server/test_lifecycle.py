@@ -177,7 +177,7 @@ async def test_body_larger_than_quarts_default_limit_is_accepted(http, fake_runt
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2}
     response = await http.post("/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text[:300]
-    received = fake_runtime.preparer.calls[-1][0]["content"][0]["image_url"]["url"]
+    received = fake_runtime.preparer.calls[-1].images()[0].image.url
     assert received == url
 
 

@@ -6,6 +6,7 @@ import openai
 import pytest
 
 from tests.server.fakes import FakeRuntime, Script
+from vl.chat_messages import Chat, ImagePart, Message, TextPart
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -88,17 +89,13 @@ async def test_chat_messages_reach_the_preparer(vlserve_client, fake_runtime):
             {"role": "assistant", "content": "a cat", "name": "bot"},
         ],
     )
-    assert fake_runtime.preparer.calls[-1] == [
-        {"role": "system", "content": "be brief"},
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "what?"},
-                {"type": "image_url", "image_url": image},
-            ],
-        },
-        {"role": "assistant", "content": "a cat"},
-    ]
+    assert fake_runtime.preparer.calls[-1] == Chat(
+        (
+            Message("system", "be brief"),
+            Message("user", (TextPart("what?"), ImagePart(image["url"], "low"))),
+            Message("assistant", "a cat"),
+        )
+    )
 
 
 async def test_chat_logprobs_shape(vlserve_client, fake_runtime):
@@ -128,9 +125,7 @@ async def test_chat_stream_with_openai_client(vlserve_client, fake_runtime):
 
 async def test_completions(vlserve_client, fake_runtime):
     fake_runtime.engine.script = Script(pieces=["x"] * 40)
-    completion = await vlserve_client.completions.create(
-        model="fake-model", prompt=["ab", "cde"], n=2, logprobs=2
-    )
+    completion = await vlserve_client.completions.create(model="fake-model", prompt=["ab", "cde"], n=2, logprobs=2)
     assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
     assert [c.index for c in completion.choices] == [0, 1, 2, 3]
     assert all(c.finish_reason == "length" and c.text == "x" * 16 for c in completion.choices)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.validation import param_path
+from server.request_body import param_path
 
 
 def test_union_tags_are_dropped():

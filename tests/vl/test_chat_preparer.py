@@ -10,9 +10,11 @@ import torch
 
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
+from server.request_body import parse_chat
 from server.runtime import open_runtime
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
 from tests.helpers.image_server import RequestLog, Route, serve_images
+from vl.chat_messages import Chat, ImagePart, Message, TextPart
 from vl.errors import InvalidRequest, MediaError
 from vl.media_policy import MediaPolicy
 from vl.prep_config import PrepConfig
@@ -29,8 +31,8 @@ def data_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
-def image_message(url: str, text: str = "describe the picture") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+def image_message(url: str, text: str = "describe the picture") -> Chat:
+    return Chat((Message("user", (ImagePart(url), TextPart(text))),))
 
 
 @pytest.fixture
@@ -78,9 +80,8 @@ async def test_several_images_in_one_request_resolve_concurrently(tiny_model, co
     log = RequestLog()
     async with serve_images(routes, log=log) as base_url:
         async with open_runtime(config, loaded=tiny_model) as rt:
-            content = [{"type": "image_url", "image_url": {"url": f"{base_url}/{i}.png"}} for i in range(3)]
-            content.append({"type": "text", "text": "compare"})
-            prompt = await rt.preparer.prepare_chat([{"role": "user", "content": content}])
+            content = (*(ImagePart(f"{base_url}/{i}.png") for i in range(3)), TextPart("compare"))
+            prompt = await rt.preparer.prepare_chat(Chat((Message("user", content),)))
     assert len(prompt.images) == 3
     pad = tiny_model.model.config.image_token_id
     assert prompt.token_ids.count(pad) == sum(f.embeddings.shape[0] for f in prompt.images)
@@ -93,16 +94,30 @@ async def test_several_images_in_one_request_resolve_concurrently(tiny_model, co
         ([], "messages"),
         ([{"role": "tool", "content": "x"}], "messages[0].role"),
         ([{"role": "user", "content": [{"type": "input_audio"}]}], "messages[0].content[0].type"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}], "messages[0].content[0].image_url.url"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}], "messages[0].content[0].image_url"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}], "messages[0].content[0].image_url"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}],
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}],
+            "messages[0].content[0].image_url",
+        ),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}],
+                }
+            ],
+            "messages[0].content[0].image_url",
+        ),
         ([{"role": "user", "content": "<|image_pad|> sneaky"}], "messages"),
     ],
 )
 async def test_bad_messages_name_the_offending_field(tiny_model, config, messages, param):
     async with open_runtime(config, loaded=tiny_model) as rt:
         with pytest.raises(InvalidRequest) as info:
-            await rt.preparer.prepare_chat(messages)
+            await rt.preparer.prepare_chat(parse_chat(messages))
         stats = rt.preparer.statistics()
     assert info.value.param == param
     assert stats.image_gate.borrowed == 0 and stats.tokenizer_gate.borrowed == 0
@@ -111,10 +126,10 @@ async def test_bad_messages_name_the_offending_field(tiny_model, config, message
 async def test_too_many_images(tiny_model):
     config = ServerConfig(media=MediaPolicy(max_images_per_request=2))
     url = data_uri(noise_image(1, 32, 32))
-    content = [{"type": "image_url", "image_url": {"url": url}} for _ in range(3)]
+    content = (ImagePart(url),) * 3
     async with open_runtime(config, loaded=tiny_model) as rt:
         with pytest.raises(InvalidRequest) as info:
-            await rt.preparer.prepare_chat([{"role": "user", "content": content}])
+            await rt.preparer.prepare_chat(Chat((Message("user", content),)))
     assert info.value.code == "too_many_images"
     assert info.value.param == "messages[0].content[2].image_url"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import trio
+import trio.lowlevel
 import trio.testing
 
 from vl.gates import Gate
@@ -32,7 +33,7 @@ async def test_cancelled_requester_keeps_token_until_its_thread_returns():
             scope_box.append(scope)
             await gate.run(work)
             finished.set()
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             scope_box.append("not cancelled")
 
     try:

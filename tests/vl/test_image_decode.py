@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from vl.errors import MediaError
-from vl.image_decode import decode_image
+from vl.image_pixels import decode_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 

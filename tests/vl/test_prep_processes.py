@@ -8,23 +8,31 @@ import os
 import pytest
 import torch
 import trio
+import trio.lowlevel
 import trio_parallel
 
 from tests.engine.prompts import noise_image
 from tests.vl.process_work import announce_then_wait
 from vl.errors import MediaError
 from vl.gates import Gate
-from vl.image_preprocess import ImagePreprocessor
+from vl.image_pixels import ImagePreprocessor
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 from vl.prep_processes import ProcessPrep
-from vl.prep_runner import ThreadPrep
-from vl.prep_tools import PrepTools, PrepToolsSpec
+from vl.prep_tools import (
+    Detokenize,
+    ImagePixels,
+    PrepTools,
+    PrepToolsSpec,
+    RenderChat,
+    ThreadPrep,
+    Tokenize,
+)
 
 
 async def wait_for_path(path) -> None:
     with trio.fail_after(30):
-        while not path.exists():
+        while not path.exists():  # noqa: ASYNC110 (written by another process: nothing to wait on)
             await trio.sleep(0.01)
 
 
@@ -41,7 +49,7 @@ async def test_cancelled_requester_keeps_token_until_its_process_returns(tmp_pat
         with scope:
             outcome.append(await gate.run_in_process(context, announce_then_wait, str(started), str(release)))
             finished.set()
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             outcome.append("not cancelled")
 
     async def waiter(i: int) -> None:
@@ -100,13 +108,13 @@ async def test_process_results_equal_thread_results(spec, local_tools):
         assert processes.worker_count() == 2
         results = []
         for runner in (threads, processes):
-            ids = await runner.run(tokens, "render_and_tokenize", messages)
+            ids = await runner.run(tokens, RenderChat(messages))
             results.append(
                 (
                     ids,
-                    await runner.run(tokens, "encode", "plain text", True),
-                    await runner.run(tokens, "decode", ids),
-                    await runner.run(images, "decode_and_preprocess", image, "messages[0].content[0]"),
+                    await runner.run(tokens, Tokenize("plain text", True)),
+                    await runner.run(tokens, Detokenize(ids)),
+                    await runner.run(images, ImagePixels(image, "messages[0].content[0]")),
                 )
             )
     (ids_t, enc_t, text_t, pix_t), (ids_p, enc_p, text_p, pix_p) = results
@@ -124,11 +132,11 @@ async def test_errors_in_a_prep_process_keep_param_and_code(spec, local_tools):
     gate = Gate("image_prep", 1)
     bad = EncodedImage(b"not an image at all", base64_encoded=False, source="data")
     with pytest.raises(MediaError) as in_thread:
-        await ThreadPrep(local_tools).run(gate, "decode_and_preprocess", bad, "messages[0].content[1]")
+        await ThreadPrep(local_tools).run(gate, ImagePixels(bad, "messages[0].content[1]"))
     async with ProcessPrep.open(spec, workers=1) as processes:
         with pytest.raises(MediaError) as in_process:
-            await processes.run(gate, "decode_and_preprocess", bad, "messages[0].content[1]")
-        assert await processes.run(gate, "encode", "still works", False)
+            await processes.run(gate, ImagePixels(bad, "messages[0].content[1]"))
+        assert await processes.run(gate, Tokenize("still works", False))
         assert processes.worker_count() == 1
     for attribute in ("message", "param", "code"):
         assert getattr(in_process.value, attribute) == getattr(in_thread.value, attribute)
@@ -151,5 +159,5 @@ async def test_a_dead_prep_process_fails_only_its_call_and_is_replaced(spec):
         with pytest.raises(trio_parallel.BrokenWorkerError):
             await gate.run_in_process(processes.context, os._exit, 3)
         assert gate.statistics().borrowed == 0
-        assert await processes.run(gate, "encode", "after the crash", False)
+        assert await processes.run(gate, Tokenize("after the crash", False))
         assert processes.worker_count() == 1

@@ -5,13 +5,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 import torch
 import trio
 import trio.testing
 
 from engine.prompt import ImageFeatures
-from vl.image_preprocess import PixelInputs
+from vl.image_pixels import PixelInputs
 from vl.vision_encoder import VisionEncoder
 
 
@@ -29,7 +28,10 @@ class BlockingForward:
         self.entered[call].set()
         self.release[call].wait(10)
         sizes = [pixel_values.shape[0] // len(grids)] * len(grids)
-        return [ImageFeatures(chunk.clone(), tuple(g)) for chunk, g in zip(torch.split(pixel_values, sizes), grids)]
+        return [
+            ImageFeatures(chunk.clone(), tuple(g))
+            for chunk, g in zip(torch.split(pixel_values, sizes), grids, strict=True)
+        ]
 
     def release_all(self):
         for e in self.release:
@@ -141,6 +143,7 @@ async def test_closing_encoder_fails_queued_jobs_instead_of_leaving_them_waiting
     holder = object()
     await gate.acquire_on_behalf_of(holder)  # the first batch waits for the device forever
     outcomes = []
+    two_closed = trio.Event()
     async with trio.open_nursery() as nursery:
 
         async def request(tag):
@@ -149,10 +152,11 @@ async def test_closing_encoder_fails_queued_jobs_instead_of_leaving_them_waiting
                 outcomes.append("ok")
             except EncoderClosed:
                 outcomes.append("closed")
+                if outcomes.count("closed") == 2:
+                    two_closed.set()
 
         async def release_once_queued_jobs_failed():
-            while outcomes.count("closed") < 2:
-                await trio.sleep(0.01)
+            await two_closed.wait()
             gate.release_on_behalf_of(holder)
             fake.release_all()
 

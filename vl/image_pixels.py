@@ -1,23 +1,32 @@
-"""Encoded image bytes to a loaded RGB ``PIL.Image``, within the media policy.
+"""An encoded image to the vision tower's pixel patches: decode within the media policy
+(``decode_image``), then preprocess with the model's image processor (``ImagePreprocessor``).
 
-Synchronous CPU work: callers run ``decode_image`` in a worker thread under the CPU-prep
-limiter (``trio.to_thread.run_sync(..., limiter=...)``). It touches no global state: PIL's
-``MAX_IMAGE_PIXELS`` and warning filters are left alone (changing either is process-wide and
-not thread-safe); the policy's pixel limit is enforced from the image header before any pixel
-is decoded, and PIL's own bomb check stays as a second, process-wide ceiling.
+Synchronous CPU work, run by the ``ImagePixels`` prep step (``vl.prep_tools``) in a worker
+thread or prep process under the image-prep gate.
+
+Decoding touches no global state: PIL's ``MAX_IMAGE_PIXELS`` and warning filters are left
+alone (changing either is process-wide and not thread-safe); the policy's pixel limit is
+enforced from the image header before any pixel is decoded, and PIL's own bomb check stays
+as a second, process-wide ceiling. Preprocessing wraps the model's own Hugging Face image
+processor (loaded with ``AutoImageProcessor``, so no torchvision is needed).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import json
 import struct
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
-from vl.errors import MediaError
+from vl.errors import image_too_large, image_too_many_pixels, invalid_base64, invalid_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 
@@ -36,7 +45,7 @@ def decode_image(image: EncodedImage, policy: MediaPolicy, *, param: str) -> Ima
 
     Base64 payloads are decoded strictly (no whitespace, no foreign characters). The byte cap
     (``policy.max_image_bytes``) is checked on the decoded bytes and the pixel cap
-    (``policy.max_image_pixels``) on the header's width × height before decoding pixels.
+    (``policy.max_image_pixels``) on the header's width x height before decoding pixels.
     Palette, alpha (composited onto white), greyscale (8- and 16-bit) and CMYK images become
     RGB. Multi-frame images give their first frame.
 
@@ -52,18 +61,14 @@ def decode_image(image: EncodedImage, policy: MediaPolicy, *, param: str) -> Ima
         _check_pixels(opened.size, policy, param)  # some formats settle their size on load
         return _to_rgb(opened)
     except UnidentifiedImageError as exc:
-        raise MediaError(
-            f"image data is not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})",
-            param=param,
-            code="invalid_image",
+        raise invalid_image(
+            f"image data is not an image in a supported format ({', '.join(ACCEPTED_FORMATS)})", param
         ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Raised by PIL's own ceiling, or its warning when the warnings filter makes it an error.
-        raise MediaError("image has too many pixels", param=param, code="image_too_large") from exc
+        raise image_too_many_pixels(param) from exc
     except _CORRUPT_DATA_ERRORS as exc:
-        raise MediaError(
-            "image data could not be decoded (corrupt or truncated)", param=param, code="invalid_image"
-        ) from exc
+        raise invalid_image("image data could not be decoded (corrupt or truncated)", param) from exc
 
 
 def _raw_bytes(image: EncodedImage, policy: MediaPolicy, param: str) -> bytes:
@@ -72,26 +77,22 @@ def _raw_bytes(image: EncodedImage, policy: MediaPolicy, param: str) -> bytes:
     payload = image.payload
     if image.base64_encoded:
         if len(payload) // 4 * 3 - 2 > cap:  # certainly over the cap: do not decode at all
-            raise _too_many_bytes(cap, param)
+            raise image_too_large(cap, param)
         try:
             payload = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise MediaError("image data is not valid base64", param=param, code="invalid_base64") from exc
+            raise invalid_base64(param) from exc
     if len(payload) > cap:
-        raise _too_many_bytes(cap, param)
+        raise image_too_large(cap, param)
     if not payload:
-        raise MediaError("image data is empty", param=param, code="invalid_image")
+        raise invalid_image("image data is empty", param)
     return payload
 
 
 def _check_pixels(size: tuple[int, int], policy: MediaPolicy, param: str) -> None:
     width, height = size
     if width * height > policy.max_image_pixels:
-        raise MediaError(
-            f"image is {width}x{height} pixels, more than the limit of {policy.max_image_pixels}",
-            param=param,
-            code="image_too_large",
-        )
+        raise image_too_many_pixels(param, (width, height), policy.max_image_pixels)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -102,7 +103,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(grey).convert("RGB")
     if _has_alpha(image):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
@@ -112,5 +113,39 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
 
 
-def _too_many_bytes(cap: int, param: str) -> MediaError:
-    return MediaError(f"image is larger than the limit of {cap} bytes", param=param, code="image_too_large")
+# Preprocessing: a decoded image into patches ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class PixelInputs:
+    """One image's patches: ``pixel_values`` [patches, channels*t*p*p], grid (t, h, w)."""
+
+    pixel_values: torch.Tensor
+    grid_thw: tuple[int, int, int]
+
+    @property
+    def num_patches(self) -> int:
+        t, h, w = self.grid_thw
+        return t * h * w
+
+
+class ImagePreprocessor:
+    def __init__(self, image_processor: Any, merge_size: int) -> None:
+        self._processor = image_processor
+        self.merge_size = merge_size
+        self.settings_key = _settings_key(image_processor)
+
+    def __call__(self, image: Image.Image) -> PixelInputs:
+        out = self._processor(images=[image], return_tensors="pt")
+        grid = tuple(int(x) for x in out["image_grid_thw"][0].tolist())
+        return PixelInputs(pixel_values=out["pixel_values"], grid_thw=grid)
+
+
+def _settings_key(processor: Any) -> str:
+    """A short digest of the processor settings that change its output (cache key part)."""
+    try:
+        settings = processor.to_dict()
+    except Exception:  # processors without to_dict: fall back to their repr
+        settings = {"repr": repr(processor)}
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
