@@ -3,8 +3,10 @@
 hypercorn's ``worker_serve`` names its ``TCPServer`` directly, so using a subclass means
 owning this loop: the same lifespan, sockets, TLS listeners, shutdown trigger and graceful
 deadline, plus (a) connections kept in a set so that idle ones are closed at shutdown
-(``FastTCPServer.close_if_idle``, in place of hypercorn's per-connection idle task) and
-(b) the pass at which each connection was accepted, for ``ProbePassLog``. QUIC (HTTP/3)
+(``FastTCPServer.close_if_idle``, in place of hypercorn's per-connection idle task),
+(b) the task that accepts a connection serves it (``_accept_then_serve``: one pass less
+on a fresh connection) and (c) the pass at which each connection was accepted, for
+``ProbePassLog``. QUIC (HTTP/3)
 is not served here: with ``quic_bind`` set, use ``hypercorn.trio.serve``.
 """
 
@@ -16,7 +18,7 @@ import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 from random import randint
-from typing import Any, NoReturn
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -86,26 +88,27 @@ async def serve(
                 probes=probes,
                 pass_log=pass_log,
             )
+            for listener in listeners:
+                server_nursery.start_soon(
+                    _accept_then_serve,
+                    listener,
+                    server_nursery,
+                    new_connection,
+                    pass_log,
+                )
             task_status.started(binds)
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
                     if shutdown_trigger is not None:
                         nursery.start_soon(raise_shutdown, shutdown_trigger)
                     nursery.start_soon(raise_shutdown, context.terminate.wait)
-                    for listener in listeners:
-                        nursery.start_soon(
-                            _accept_loop,
-                            listener,
-                            server_nursery,
-                            new_connection,
-                            pass_log,
-                        )
                     await trio.sleep_forever()
             except BaseExceptionGroup as error:
                 _, other_errors = error.split((ShutdownError, KeyboardInterrupt))
                 if other_errors is not None:
                     raise other_errors
             finally:
+                await _close_listeners(listeners)
                 await context.terminated.set()
                 for connection in list(connections):
                     connection.close_if_idle()
@@ -139,37 +142,48 @@ async def _listeners(config: Config) -> tuple[list[trio.abc.Listener[Any]], list
     return listeners, binds
 
 
-async def _accept_loop(
+async def _accept_then_serve(
     listener: trio.abc.Listener[Any],
-    handler_nursery: trio.Nursery,
+    nursery: trio.Nursery,
     new_connection: Callable[..., FastTCPServer],
     pass_log: ProbePassLog | None,
-) -> NoReturn:
-    """``trio.serve_listeners``' loop for one listener, noting the pass of each accept.
+) -> None:
+    """Accept one connection, hand accepting over to a new task, and serve the connection
+    in this one; return when the listener is closed.
 
-    Cancellation: stops accepting and closes the listener."""
-    async with listener:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.error(
-                    "accept returned %s; retrying in %s s",
-                    os.strerror(exc.errno),
-                    _ACCEPT_RETRY_S,
-                )
-                await trio.sleep(_ACCEPT_RETRY_S)
-            else:
-                accepted_pass = pass_log.counter.passes if pass_log is not None else 0
-                handler_nursery.start_soon(
-                    _run_connection, new_connection(stream, accepted_pass=accepted_pass)
-                )
+    ``trio.serve_listeners`` accepts in one task and starts each connection's task with
+    ``start_soon``: the connection's first read waits for the next scheduler pass. Here
+    the task that accepted reads at once, so a request already sent (a probe on a fresh
+    connection) is answered in the pass that accepted it.
 
-
-async def _run_connection(connection: FastTCPServer) -> None:
+    Cancellation: stops accepting; a connection being served is closed.
+    """
+    while True:
+        try:
+            stream = await listener.accept()
+        except trio.ClosedResourceError:
+            return  # shutting down: serve closed the listener
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log.error(
+                "accept returned %s; retrying in %s s",
+                os.strerror(exc.errno),
+                _ACCEPT_RETRY_S,
+            )
+            await trio.sleep(_ACCEPT_RETRY_S)
+        else:
+            break
+    accepted_pass = pass_log.counter.passes if pass_log is not None else 0
+    nursery.start_soon(_accept_then_serve, listener, nursery, new_connection, pass_log)
     try:
-        await connection.run()
+        await new_connection(stream, accepted_pass=accepted_pass).run()
     finally:
-        await trio.aclose_forcefully(connection.stream)
+        await trio.aclose_forcefully(stream)
+
+
+async def _close_listeners(listeners: list[trio.abc.Listener[Any]]) -> None:
+    """Close every listener (the task waiting in ``accept`` then returns). Not cancellable."""
+    with trio.CancelScope(shield=True):
+        for listener in listeners:
+            await listener.aclose()

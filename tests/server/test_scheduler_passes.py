@@ -1,15 +1,17 @@
 """Scheduler passes per request on ``server.http_path`` against hypercorn's own trio path.
 
-Counts come from a client in the same trio run (``tests.server.pass_probe``): they include
-the client's own passes, 1 on a keep-alive connection (its wake-up on the reply) and 2 on
-a fresh one. Measured on hypercorn 0.18.0 (client included):
+Counts come from a client in the same trio run that writes its request without yielding
+(``tests.server.pass_probe``), less the client's own wake-up on the reply: the passes the
+server needs from reading the request (or accepting the connection) to writing the reply.
+Measured on hypercorn 0.18.0:
 
 =================  ==========  =====  ================
 request            connection  stock  server.http_path
 =================  ==========  =====  ================
-GET /health        keep-alive      7                 2
-GET /health        fresh          12                 3
-GET /v1/models     keep-alive      8                 4
+GET /health        keep-alive      6                 1
+GET /health        fresh          11                 1
+GET /v1/models     keep-alive      7                 3
+GET /v1/models     fresh          12                 3
 =================  ==========  =====  ================
 
 The stock path is run under ``xfail(strict=True)``: each bound fails against unpatched
