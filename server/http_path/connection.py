@@ -63,6 +63,7 @@ class FastTCPServer(TCPServer):
         self._pass_log = pass_log
         self.accepted_pass = accepted_pass
         self.read_pass = accepted_pass
+        self._read_once = False
         self._idle_deadline = inf
         self._read_scope: trio.CancelScope | None = None
         self._socket: Any = (
@@ -124,10 +125,7 @@ class FastTCPServer(TCPServer):
             return ProbeHooks(self._probes)
 
         def on_reply(fresh: bool) -> None:
-            # the passes from the accept (fresh) or the read (keep-alive) to now
-            pass_log.record(
-                fresh=fresh, since_pass=self.accepted_pass if fresh else self.read_pass
-            )
+            pass_log.record(fresh=fresh, since_pass=self.read_pass)
 
         return ProbeHooks(self._probes, on_reply)
 
@@ -197,8 +195,11 @@ class FastTCPServer(TCPServer):
                 trio.TooSlowError,
             ):
                 break
-            if self._pass_log is not None:
+            if self._pass_log is not None and (waited or self._read_once):
+                # the first pass that could see these bytes: this one, or for a first
+                # read that did not wait, the accept's (ProbePassLog)
                 self.read_pass = self._pass_log.counter.passes
+            self._read_once = True
             await self.protocol.handle(RawData(data))
             if data == b"":
                 break

@@ -26,16 +26,18 @@ import pytest
 import trio
 
 from server.config import ServerConfig
+from server.http_path import ProbePassLog
 from server.serve import RunningServer, run_server
 from tests.server.fakes import FakeRuntimeFactory
-from tests.server.pass_probe import fresh_connection_passes, keep_alive_passes
-
-# Passes counted from the client, its own included (see the module docstring).
-PROBE_KEEP_ALIVE_MAX = 2  # the server replies in the pass that reads the request
-PROBE_FRESH_MAX = 3  # one pass to accept, one to start the connection and reply
-APP_REQUEST_KEEP_ALIVE_MAX = (
-    4  # through Quart: read + queue, the app's own passes, one write
+from tests.server.pass_probe import (
+    fresh_connection_passes,
+    keep_alive_passes,
+    pass_counter,
 )
+
+PROBE_KEEP_ALIVE_MAX = 1  # the reply is written in the pass that reads the request
+PROBE_FRESH_MAX = 1  # ... and, on a new connection, in the pass that accepts it
+APP_REQUEST_MAX = 3  # through Quart: read + queue, quart-trio's own passes, one write
 
 STOCK = pytest.param(
     False,
@@ -73,12 +75,36 @@ async def test_probe_on_keep_alive_connection_is_answered_in_the_pass_that_reads
 
 
 @pytest.mark.parametrize("served", [STOCK, FAST], indirect=True)
-async def test_probe_on_fresh_connection_needs_an_accept_and_a_start(served):
+async def test_probe_on_fresh_connection_is_answered_in_the_pass_that_accepts_it(served):
     assert await fresh_connection_passes(served.url, "/ready") <= PROBE_FRESH_MAX
 
 
 @pytest.mark.parametrize("served", [STOCK, FAST], indirect=True)
-async def test_app_request_on_keep_alive_connection_needs_fewer_passes(served):
-    assert (
-        await keep_alive_passes(served.url, "/v1/models") <= APP_REQUEST_KEEP_ALIVE_MAX
-    )
+async def test_app_request_needs_fewer_passes(served):
+    assert await keep_alive_passes(served.url, "/v1/models") <= APP_REQUEST_MAX
+    assert await fresh_connection_passes(served.url, "/v1/models") <= APP_REQUEST_MAX
+
+
+async def test_probe_pass_log_records_each_probe_by_connection_kind(
+    vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory
+):
+    """The server's own count (what ``vlserve serve`` writes for the benchmark): every
+    probe, keep-alive or on a fresh connection, written in the pass that read it."""
+    async with pass_counter() as counter:
+        pass_log = ProbePassLog(counter)
+        async with trio.open_nursery() as nursery:
+            start = partial(
+                run_server,
+                vlserve_config,
+                runtime_factory=fake_factory,
+                pass_log=pass_log,
+            )
+            server: RunningServer = await nursery.start(start)
+            await server.wait_ready()
+            # 4 probes on one connection (its first request counts as fresh), then 3 fresh
+            await keep_alive_passes(server.url, "/health", repeats=3)
+            await fresh_connection_passes(server.url, "/ready", repeats=3)
+            server.shutdown()
+    summary = pass_log.summary()
+    assert summary["keep_alive"]["histogram"] == {"1": 3}
+    assert summary["fresh"]["histogram"] == {"1": 4}
