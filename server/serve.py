@@ -101,7 +101,7 @@ async def run_server(
     stopped = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            if fast_http:
+            if fast_http and not hyper.quic_bind:  # server.http_path serves TCP only
                 serve = partial(
                     fast_serve, probes=app.probe_responder, pass_log=pass_log
                 )
