@@ -66,9 +66,8 @@ class FastTCPServer(TCPServer):
         self._read_once = False
         self._idle_deadline = inf
         self._read_scope: trio.CancelScope | None = None
-        self._socket: Any = (
-            None  # the plain socket, read without a checkpoint; None for TLS
-        )
+        # the plain socket, read without a checkpoint first (None for TLS)
+        self._socket: Any = None
 
     async def run(self) -> None:
         """hypercorn's ``run`` without the idle task (see the module docstring).
