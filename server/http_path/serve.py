@@ -35,7 +35,9 @@ from server.probes import ProbeResponder
 log = logging.getLogger(__name__)
 
 # As trio.serve_listeners: accept errors that mean "out of resources, retry shortly".
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_CAPACITY_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
 _ACCEPT_RETRY_S = 0.1
 
 
