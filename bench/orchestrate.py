@@ -22,12 +22,13 @@ import trio
 
 from bench.launch.servers import VLSERVE_VARIANTS, running_image_server, running_server
 from bench.loadgen.cpu_account import foreign_load_now
-from bench.loadgen.metrics import Summary, summarise
+from bench.loadgen.metrics import Summary, summarise, with_probe_passes
 from bench.loadgen.options import LoadOptions
 from bench.loadgen.run import LoadRun, run_load
 from bench.loadgen.sse_request import chat_body, first_model_id
 from bench.workloads.catalog import Workload, uses_image_server, uses_images
 from bench.workloads.image_store import ImageStore
+from server.http_path.probe_passes import PROBE_PASSES_FILE_ENV
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,10 @@ async def run_benchmark(plan: BenchmarkPlan, progress: Progress | None = None) -
         for repeat in range(plan.repeats):
             for name in _rotated(plan.servers, repeat):
                 extra = plan.vlserve_args if name in VLSERVE_VARIANTS else ()
-                async with running_server(name, plan.log_dir, model=plan.model, extra_args=extra) as server:
+                passes_file = plan.log_dir / f"probe-passes-{name}-{repeat}.json"
+                env = {PROBE_PASSES_FILE_ENV: str(passes_file)} if name in VLSERVE_VARIANTS else None
+                first = len(out)
+                async with running_server(name, plan.log_dir, model=plan.model, extra_args=extra, env=env) as server:
                     async with httpx.AsyncClient(base_url=server.base_url, timeout=30.0) as client:
                         model_id = await first_model_id(client)
                     for workload_name in plan.workloads:
@@ -102,6 +106,8 @@ async def run_benchmark(plan: BenchmarkPlan, progress: Progress | None = None) -
                             out.append((run, summary))
                             if progress is not None:
                                 progress(run, summary)
+                # the server wrote its probes' scheduler passes on the way out
+                out[first:] = [(run, with_probe_passes(summary, passes_file)) for run, summary in out[first:]]
     return out
 
 

@@ -6,7 +6,8 @@
 
 Starts each server in turn on a free 127.0.0.1 port, sends a warm-up and then the measured
 burst of streaming chat completions (closed loop, or Poisson with --request-rate), probes
-/health every 20 ms from its own process on its own connection, samples the server's RSS,
+/health every 20 ms from its own process (keep-alive and a new connection per probe),
+samples the server's RSS and its scheduler passes per probe (vlserve),
 and prints vLLM-style reports and one Markdown table with ratios to vlserve. Writes JSON,
 Markdown and a /health-over-time PNG under --results-dir. Every run is bounded by
 --num-requests and --max-seconds; only loopback addresses are used.
@@ -28,7 +29,7 @@ from bench.orchestrate import BenchmarkPlan, run_benchmark, timestamp
 from bench.report.health_plot import plot_health
 from bench.report.provenance import provenance
 from bench.report.results_files import write_results
-from bench.report.tables import best_runs, comparison_table, sweep_table
+from bench.report.tables import best_runs, comparison_table, probe_table, sweep_table
 from bench.workloads.catalog import WORKLOADS
 from bench.workloads.image_store import default_image_dir
 
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = trio.run(run_benchmark, plan, progress)
     summaries = [s for _, s in runs]
     markdown = comparison_table(summaries)
+    markdown += "\n\n/health probes and scheduler passes per probe:\n\n" + probe_table(summaries)
     if len(plan.concurrency_levels) > 1:
         markdown += "\n\nConcurrency sweep:\n\n" + sweep_table(summaries)
     stem = args.results_dir / f"{timestamp()}-{'+'.join(plan.workloads)}-c{'_'.join(map(str, plan.concurrency_levels))}"

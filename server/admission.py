@@ -18,9 +18,10 @@ import trio
 from quart import Quart, request
 
 from server.errors import unavailable
+from server.probes import PROBE_PATHS
 
 ADMITTED_KEY = "vlserve.admitted"
-EXEMPT_PATHS = frozenset({"/health", "/ready"})
+EXEMPT_PATHS = PROBE_PATHS
 RETRY_AFTER_S = 1
 
 AsgiApp = Callable[[Any, Any, Any], Awaitable[None]]

@@ -25,8 +25,9 @@ from server.cors import CorsPolicy, install_cors
 from server.errors import install_error_handlers
 from server.lifecycle import RuntimeFactory, RuntimeLifecycle
 from server.options import config_from_env
-from server.request_id import install_request_id
 from server.probe_fast_path import ProbeFastPath
+from server.probes import ProbeResponder
+from server.request_id import install_request_id
 from server.routes import register_routes
 from server.state import ServerState, attach_state
 
@@ -40,9 +41,11 @@ PARSE_CONCURRENCY = 1
 
 
 class VlserveApp(QuartTrio):
-    """QuartTrio with the connection-close fix (see ``server.connection_fix``)."""
+    """QuartTrio with the connection-close fix (see ``server.connection_fix``) and the
+    probe replies (``probe_responder``) that ``server.http_path`` sends without the app."""
 
     asgi_http_class = ShieldedFinalSendConnection
+    probe_responder: ProbeResponder
 
 
 @asynccontextmanager
@@ -59,7 +62,7 @@ async def open_default_runtime(config: ServerConfig) -> AsyncIterator[Any]:
 
 def create_app(
     config: ServerConfig | None = None, *, runtime_factory: RuntimeFactory | None = None
-) -> QuartTrio:
+) -> VlserveApp:
     """Build the app for ``config`` (default: from the environment).
 
     ``runtime_factory(config)`` must return an async context manager yielding a
@@ -90,7 +93,8 @@ def create_app(
     install_auth(app, ApiKeys(config.api_keys))
     install_admission(app, state.admission)
     register_routes(app)
-    app.asgi_app = ProbeFastPath(app.asgi_app, lifecycle, cors)  # type: ignore[method-assign]
+    app.probe_responder = ProbeResponder(lifecycle, cors)
+    app.asgi_app = ProbeFastPath(app.asgi_app, app.probe_responder)  # type: ignore[method-assign]
 
     async def start_runtime() -> None:
         app.nursery.start_soon(lifecycle.run)

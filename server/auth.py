@@ -8,8 +8,9 @@ from collections.abc import Iterable
 from quart import Quart, request
 
 from server.errors import unauthorized
+from server.probes import PROBE_PATHS
 
-EXEMPT_PATHS = frozenset({"/health", "/ready"})
+EXEMPT_PATHS = PROBE_PATHS
 
 
 class ApiKeys:

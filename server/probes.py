@@ -1,16 +1,27 @@
-"""The answers of ``GET /health`` (liveness) and ``GET /ready`` (readiness), as plain data.
+"""The probes, ``GET /health`` (liveness) and ``GET /ready`` (readiness): the one place that
+lists their paths and builds their answers.
 
-Both are functions of in-memory state only: no auth, no admission, no body, no await on
-preparation or the engine. ``server.probe_fast_path`` sends them; the Quart routes in
-``server.routes.health`` give the same answers where a request reaches Quart.
+Both answers are functions of in-memory state only: no auth, no admission, no body, no
+await on preparation or the engine. Three layers send them, all through this module:
+``server.http_path`` answers them inside the HTTP/1.1 protocol under ``vlserve serve``
+(no app task at all), ``server.probe_fast_path`` at the ASGI layer in front of Quart
+(plain ``hypercorn``), and ``server.routes.health`` where a request reaches Quart itself
+(the test client). Auth and admission exempt exactly ``PROBE_PATHS``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from server.cors import CorsPolicy
 from server.lifecycle import Phase, RuntimeLifecycle
+from server.request_id import HEADER as REQUEST_ID_HEADER
+from server.request_id import choose_request_id
+
+PROBE_METHODS = frozenset({"GET", "HEAD"})
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()
 
 
 @dataclass(frozen=True)
@@ -21,7 +32,9 @@ class ProbeAnswer:
 
 
 def _answer(status: int, phase: Phase, **headers: str) -> ProbeAnswer:
-    body = json.dumps({"status": "ok" if status == 200 else "unavailable", "phase": phase.value})
+    body = json.dumps(
+        {"status": "ok" if status == 200 else "unavailable", "phase": phase.value}
+    )
     return ProbeAnswer(status, body.encode(), headers)
 
 
@@ -41,7 +54,65 @@ def ready_answer(lifecycle: RuntimeLifecycle) -> ProbeAnswer:
     phase = lifecycle.phase
     if phase is Phase.READY:
         return _answer(200, phase)
-    return _answer(503, phase, **{"Retry-After": "5" if phase is Phase.LOADING else "1"})
+    return _answer(
+        503, phase, **{"Retry-After": "5" if phase is Phase.LOADING else "1"}
+    )
 
 
-PROBES = {"/health": health_answer, "/ready": ready_answer}
+PROBES: dict[str, Callable[[RuntimeLifecycle], ProbeAnswer]] = {
+    "/health": health_answer,
+    "/ready": ready_answer,
+}
+PROBE_PATHS = frozenset(PROBES)
+
+
+@dataclass(frozen=True)
+class ProbeReply:
+    """A complete probe response: status, lower-case header pairs (no framing headers
+    beyond ``content-length``) and the body (empty for ``HEAD``)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class ProbeResponder:
+    """Builds probe replies with the same ``X-Request-Id`` and CORS headers as every other
+    response. Synchronous: callers send the reply without any task of their own."""
+
+    def __init__(self, lifecycle: RuntimeLifecycle, cors: CorsPolicy) -> None:
+        self._lifecycle = lifecycle
+        self._cors = cors
+
+    @staticmethod
+    def is_probe(method: str, path: str) -> bool:
+        return path in PROBES and method in PROBE_METHODS
+
+    def reply(
+        self, method: str, path: str, headers: Iterable[tuple[bytes, bytes]]
+    ) -> ProbeReply:
+        """The reply to ``method path`` (which must satisfy ``is_probe``); ``headers`` are the
+        request's, names in any case."""
+        answer = PROBES[path](self._lifecycle)
+        request_headers = {name.lower(): value for name, value in headers}
+        presented = request_headers.get(_REQUEST_ID_KEY)
+        request_id = choose_request_id(
+            presented.decode("latin-1") if presented is not None else None
+        )
+        origin = request_headers.get(b"origin")
+        cors = self._cors.response_headers(
+            origin.decode("latin-1") if origin is not None else None
+        )
+        reply_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(answer.body)).encode()),
+            *(
+                (name.lower().encode(), value.encode())
+                for name, value in answer.headers.items()
+            ),
+            (_REQUEST_ID_KEY, request_id.encode()),
+            *((name.lower().encode(), value.encode()) for name, value in cors),
+        ]
+        return ProbeReply(
+            answer.status, reply_headers, b"" if method == "HEAD" else answer.body
+        )

@@ -8,25 +8,34 @@ finish (then they are cancelled, which aborts their sequences), then the runtime
 
 ``serve_until_signalled`` adds SIGINT/SIGTERM handling for ``vlserve serve``: the first
 signal drains as above, a second one stops at once.
+
+Both serve on ``server.http_path`` (hypercorn's trio path with fewer scheduler passes per
+request, probes answered inside the HTTP/1.1 protocol); ``fast_http=False`` serves on
+hypercorn's own, as plain ``hypercorn --worker-class trio`` does.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
-from hypercorn.trio import serve
+from hypercorn.trio import serve as stock_serve
 from quart_trio import QuartTrio
 
 from server.app import create_app
 from server.config import ServerConfig
+from server.http_path import PROBE_PASSES_FILE_ENV, ProbePassLog
+from server.http_path import serve as fast_serve
 from server.hypercorn_config import hypercorn_config
 from server.lifecycle import Phase, RuntimeFactory
+from server.scheduler_passes import PassCounter
 from server.state import ServerState, state_of
 
 if TYPE_CHECKING:
@@ -75,11 +84,15 @@ async def run_server(
     *,
     runtime_factory: RuntimeFactory | None = None,
     hypercorn_options: Mapping[str, Any] | None = None,
+    fast_http: bool = True,
+    pass_log: ProbePassLog | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``config`` until ``RunningServer.shutdown()`` or a runtime failure.
 
     Reports the ``RunningServer`` once the sockets are bound (the model may still load).
+    ``fast_http`` picks ``server.http_path`` (else hypercorn's own trio path);
+    ``pass_log`` (fast path only) records each probe's scheduler passes.
     Cancellation: stops at once; in-flight requests are cancelled and the runtime closed.
     """
     app = create_app(config, runtime_factory=runtime_factory)
@@ -88,7 +101,15 @@ async def run_server(
     stopped = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            serve_task = partial(_serve_then_cancel, app, hyper, shutdown, nursery.cancel_scope)
+            if fast_http and not hyper.quic_bind:  # server.http_path serves TCP only
+                serve = partial(
+                    fast_serve, probes=app.probe_responder, pass_log=pass_log
+                )
+            else:
+                serve = stock_serve
+            serve_task = partial(
+                _serve_then_cancel, serve, app, hyper, shutdown, nursery.cancel_scope
+            )
             urls = await nursery.start(serve_task)
             server = RunningServer(app, state_of(app), urls, shutdown, stopped)
             nursery.start_soon(_shut_down_when_runtime_closes, server)
@@ -98,6 +119,7 @@ async def run_server(
 
 
 async def _serve_then_cancel(
+    serve: Any,
     app: QuartTrio,
     hyper: Any,
     shutdown: trio.Event,
@@ -126,7 +148,34 @@ async def serve_until_signalled(
     """Serve until SIGINT/SIGTERM, drain, and return the process exit status.
 
     0 after a graceful drain; 1 if the runtime failed or a second signal forced the stop.
+    With ``VLSERVE_PROBE_PASSES_FILE`` set, probes' scheduler passes are counted and their
+    summary written to that file on the way out (``server.http_path.probe_passes``).
     """
+    pass_log = _pass_log_from_env()
+    try:
+        return await _serve_until_signalled(
+            config, runtime_factory, hypercorn_options, pass_log
+        )
+    finally:
+        if pass_log is not None:
+            trio.lowlevel.remove_instrument(pass_log.counter)
+            pass_log.write(Path(os.environ[PROBE_PASSES_FILE_ENV]))
+
+
+def _pass_log_from_env() -> ProbePassLog | None:
+    if not os.environ.get(PROBE_PASSES_FILE_ENV):
+        return None
+    counter = PassCounter()
+    trio.lowlevel.add_instrument(counter)
+    return ProbePassLog(counter)
+
+
+async def _serve_until_signalled(
+    config: ServerConfig,
+    runtime_factory: RuntimeFactory | None,
+    hypercorn_options: Mapping[str, Any] | None,
+    pass_log: ProbePassLog | None,
+) -> int:
     forced = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -135,6 +184,7 @@ async def serve_until_signalled(
                 config,
                 runtime_factory=runtime_factory,
                 hypercorn_options=hypercorn_options,
+                pass_log=pass_log,
             )
             server: RunningServer = await nursery.start(start)
             for url in server.urls:
@@ -144,7 +194,9 @@ async def serve_until_signalled(
                 nonlocal forced
                 async for signum in signals:
                     if server.shutting_down:
-                        log.warning("second %s: stopping now", signal.Signals(signum).name)
+                        log.warning(
+                            "second %s: stopping now", signal.Signals(signum).name
+                        )
                         forced = True
                         nursery.cancel_scope.cancel()
                         return

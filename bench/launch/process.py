@@ -8,10 +8,11 @@ group, no name matching.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -48,8 +49,10 @@ async def managed_process(
     stop_signal: int = signal.SIGINT,
     stop_timeout: float = 15.0,
     cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[trio.Process]:
-    """Start ``command``; yield it once ``ready()`` returned True (polled every 0.1 s).
+    """Start ``command`` (with ``env`` added to this process's environment); yield it once
+    ``ready()`` returned True (polled every 0.1 s).
 
     Raises ``ProcessStartError`` if the process exits first or ``startup_timeout`` passes.
     Cancellation: at any point, the process is stopped (signal, then kill) under a shielded
@@ -57,7 +60,9 @@ async def managed_process(
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        process = await trio.lowlevel.open_process(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        process = await trio.lowlevel.open_process(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **env} if env else None
+        )
     try:
         if ready is not None:
             await _wait_ready(process, ready, startup_timeout, log_path)

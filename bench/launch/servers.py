@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +78,10 @@ async def running_server(
     model: str | None = None,
     extra_args: tuple[str, ...] = (),
     startup_timeout: float = 180.0,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Serve ``name`` on a free loopback port until the block exits; yield it once ready.
+    ``env`` is added to the server's environment.
 
     Stops it with SIGINT, then kills it by PID after 15 s. Cancellation: as
     ``managed_process``: the server is always stopped.
@@ -92,6 +94,7 @@ async def running_server(
         ready=http_ready(base_url),
         startup_timeout=startup_timeout,
         cwd=REPO_ROOT,
+        env=env,
     ) as process:
         yield RunningServer(name=name, base_url=base_url, pid=process.pid)
 

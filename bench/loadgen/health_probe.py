@@ -1,14 +1,17 @@
-"""Probe ``GET /health`` every ``interval`` seconds on one dedicated keep-alive connection.
+"""Probe ``GET /health`` every ``interval`` seconds with two probers side by side: one on a
+dedicated keep-alive connection, one opening a new TCP connection per probe (the way
+Kubernetes probes: the server's accept and connection set-up are part of each probe).
 
     python -m bench.loadgen.health_probe http://127.0.0.1:PORT --out FILE [--interval 0.02]
 
 Runs in its own process, so the load generator's own event loop and GIL never delay a
 probe: what it measures is the server. A probe that takes longer than the interval delays
-the next one (one connection, one probe at a time). Creates ``FILE`` with the suffix
-``.started`` once the first probe is answered. Stops on SIGINT/SIGTERM or after
-``--max-seconds`` and then writes ``{"samples": [[sent, latency, status], ...]}`` to
-``--out``: ``sent`` on the system-wide ``time.monotonic`` clock, ``latency`` in seconds,
-``status`` the HTTP status or 0 for a transport error or timeout.
+that prober's next one (one probe at a time per prober). Creates ``FILE`` with the suffix
+``.started`` once the first keep-alive probe is answered. Stops on SIGINT/SIGTERM or after
+``--max-seconds`` and then writes ``{"samples": [[sent, latency, status], ...],
+"fresh_samples": [...]}`` to ``--out`` (keep-alive, then fresh-connection probes):
+``sent`` on the system-wide ``time.monotonic`` clock, ``latency`` in seconds (connecting
+included for fresh probes), ``status`` the HTTP status or 0 for a transport error or timeout.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import signal
 import time
 import urllib.parse
+from functools import partial
 from pathlib import Path
 
 import h11
@@ -29,10 +33,12 @@ _RECEIVE_SIZE = 16384
 
 class HealthConnection:
     """One HTTP/1.1 keep-alive connection that sends ``GET /health`` (trio + h11: a few
-    microseconds of client work per probe, so the latency measured is the server's)."""
+    microseconds of client work per probe, so the latency measured is the server's);
+    ``fresh`` closes it after every probe, so each probe opens a new one."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, fresh: bool = False) -> None:
         self._host, self._port = host, port
+        self._fresh = fresh
         self._stream: trio.SocketStream | None = None
         self._conn: h11.Connection | None = None
 
@@ -60,7 +66,9 @@ class HealthConnection:
                     status = event.status_code
                 elif isinstance(event, h11.EndOfMessage):
                     break
-            if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
+            if self._fresh:
+                await self.close()
+            elif self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
                 self._conn.start_next_cycle()
             else:
                 await self.close()
@@ -76,15 +84,21 @@ class HealthConnection:
 
 
 async def probe(
-    url: str, interval: float, samples: list[tuple[float, float, int]], started: Path | None = None
+    url: str,
+    interval: float,
+    samples: list[tuple[float, float, int]],
+    started: Path | None = None,
+    *,
+    fresh: bool = False,
 ) -> None:
     """Append one sample per probe to ``samples`` until cancelled; create the file
-    ``started`` (if given) once the first probe has been answered.
+    ``started`` (if given) once the first probe has been answered. ``fresh``: a new
+    connection per probe.
 
     Cancellation: the probe in flight is dropped (not recorded) and the connection closed.
     """
     parts = urllib.parse.urlsplit(url)
-    connection = HealthConnection(parts.hostname, parts.port or 80)
+    connection = HealthConnection(parts.hostname, parts.port or 80, fresh=fresh)
     try:
         due = trio.current_time()
         while True:
@@ -111,15 +125,17 @@ async def run(url: str, interval: float, max_seconds: float, out: Path) -> None:
     answered probe on, ``out`` with the suffix ``.started``). Cancellation: not expected
     (it is the process's main task); the samples so far would be lost."""
     samples: list[tuple[float, float, int]] = []
+    fresh_samples: list[tuple[float, float, int]] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         with trio.move_on_after(max_seconds):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(probe, url, interval, samples, out.with_suffix(".started"))
+                nursery.start_soon(partial(probe, url, interval, fresh_samples, fresh=True))
                 async for _ in signals:
                     break
                 nursery.cancel_scope.cancel()
     staging = out.with_suffix(".partial")
-    staging.write_text(json.dumps({"url": url, "interval": interval, "samples": samples}))
+    staging.write_text(json.dumps({"url": url, "interval": interval, "samples": samples, "fresh_samples": fresh_samples}))
     staging.replace(out)
 
 

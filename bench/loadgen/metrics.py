@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -55,6 +58,16 @@ class Summary:
     foreign_cpu_pct: float
     repeat: int
     first_error: str | None
+    # probes on a new TCP connection each (the Kubernetes way), during the burst
+    fresh_health_probes: int = 0
+    fresh_health_failures: int = 0
+    fresh_health_p50_ms: float = math.nan
+    fresh_health_p99_ms: float = math.nan
+    fresh_health_max_ms: float = math.nan
+    # the server's scheduler passes per probe, mean over its lifetime (vlserve only:
+    # VLSERVE_PROBE_PASSES_FILE; filled in once the server has stopped)
+    probe_passes_keep_alive: float = math.nan
+    probe_passes_fresh: float = math.nan
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +100,11 @@ class Summary:
                 "P50 / P99 / Max (ms):",
                 f"{self.health_p50_ms:.2f} / {self.health_p99_ms:.2f} / {self.health_max_ms:.2f}",
             ),
+            ("Fresh connection probes (failed):", f"{self.fresh_health_probes} ({self.fresh_health_failures})"),
+            (
+                "Fresh P50 / P99 / Max (ms):",
+                f"{self.fresh_health_p50_ms:.2f} / {self.fresh_health_p99_ms:.2f} / {self.fresh_health_max_ms:.2f}",
+            ),
             ("Peak RSS (MiB, before burst):", f"{self.peak_rss_mib:.0f} ({self.rss_before_mib:.0f})"),
             ("Other processes' CPU (% of machine):", f"{self.foreign_cpu_pct:.0f}"),
         ]
@@ -97,9 +115,24 @@ class Summary:
         return "\n".join(lines + ["=" * width])
 
 
-def burst_health(run: LoadRun) -> list[tuple[float, float, int]]:
-    """Probes sent during the burst."""
-    return [s for s in run.health if run.burst_started <= s[0] <= run.burst_ended]
+def burst_health(run: LoadRun, *, fresh: bool = False) -> list[tuple[float, float, int]]:
+    """Keep-alive (or ``fresh``-connection) probes sent during the burst."""
+    samples = run.health_fresh if fresh else run.health
+    return [s for s in samples if run.burst_started <= s[0] <= run.burst_ended]
+
+
+def with_probe_passes(summary: Summary, passes_file: Path) -> Summary:
+    """``summary`` with the server's scheduler passes per probe from ``passes_file`` (the
+    JSON ``vlserve serve`` writes at exit, see bench/README.md); unchanged if there is none."""
+    try:
+        passes = json.loads(passes_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return summary
+    return replace(
+        summary,
+        probe_passes_keep_alive=passes["keep_alive"].get("mean", math.nan),
+        probe_passes_fresh=passes["fresh"].get("mean", math.nan),
+    )
 
 
 def summarise(run: LoadRun) -> Summary:
@@ -115,6 +148,8 @@ def summarise(run: LoadRun) -> Summary:
     latencies = [s[1] for s in during]
     idle = [s[1] for s in run.health if s[0] < run.warmup_started]
     failed = [r for r in run.results if not r.ok]
+    fresh = burst_health(run, fresh=True)
+    fresh_latencies = [s[1] for s in fresh]
     return Summary(
         server=run.server,
         workload=run.workload,
@@ -150,4 +185,9 @@ def summarise(run: LoadRun) -> Summary:
         foreign_cpu_pct=100.0 * run.foreign_cpu,
         repeat=run.repeat,
         first_error=next((r.error for r in failed if r.error), None),
+        fresh_health_probes=len(fresh),
+        fresh_health_failures=sum(1 for s in fresh if s[2] != 200),
+        fresh_health_p50_ms=_ms(fresh_latencies, 50),
+        fresh_health_p99_ms=_ms(fresh_latencies, 99),
+        fresh_health_max_ms=max(fresh_latencies) * 1000.0 if fresh_latencies else float("nan"),
     )

@@ -31,8 +31,9 @@ class LoadRun:
     """Everything one run observed. Times are on the ``time.monotonic`` clock.
 
     ``results`` are the measured requests only (warm-up excluded), cut-off ones included
-    with ``ok`` False. ``health`` holds every probe ``(sent, latency, status)`` from before
-    the warm-up to after the burst; ``rss`` holds ``(time, bytes)`` during the burst.
+    with ``ok`` False. ``health`` holds every keep-alive probe ``(sent, latency, status)``
+    from before the warm-up to after the burst, ``health_fresh`` the probes made on a new
+    connection each; ``rss`` holds ``(time, bytes)`` during the burst.
     """
 
     options: LoadOptions
@@ -44,6 +45,7 @@ class LoadRun:
     results: list[RequestResult] = field(default_factory=list)
     warmup_failures: int = 0
     health: list[tuple[float, float, int]] = field(default_factory=list)
+    health_fresh: list[tuple[float, float, int]] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)
     rss_before: int = 0
     loadavg_before: float = 0.0
@@ -96,9 +98,11 @@ async def run_load(
                 nursery.cancel_scope.cancel()
             await trio.sleep(options.idle_probe_seconds)
     try:
-        run.health = [tuple(s) for s in json.loads(probe_out.read_text())["samples"]]
+        probes = json.loads(probe_out.read_text())
     except FileNotFoundError:  # the probe was killed before it could write: no figures
-        run.health = []
+        probes = {}
+    run.health = [tuple(s) for s in probes.get("samples", [])]
+    run.health_fresh = [tuple(s) for s in probes.get("fresh_samples", [])]
     for suffix in (".json", ".log", ".started"):
         probe_out.with_suffix(suffix).unlink(missing_ok=True)
     return run

@@ -31,6 +31,7 @@ def run_record(run: LoadRun, summary: Summary) -> dict:
         "loadavg_1m": [run.loadavg_before, run.loadavg_after],
         "warmup_failures": run.warmup_failures,
         "health": [[round(s[0] - t0, 4), round(s[1] * 1000.0, 3), s[2]] for s in run.health],
+        "health_fresh": [[round(s[0] - t0, 4), round(s[1] * 1000.0, 3), s[2]] for s in run.health_fresh],
         "rss_mib": [[round(s[0] - t0, 3), round(s[1] / 2**20, 1)] for s in run.rss],
         "errors": sorted({r.error for r in run.results if r.error})[:20],
     }

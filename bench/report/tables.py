@@ -85,3 +85,24 @@ def sweep_table(summaries: Sequence[Summary]) -> str:
             f" | {_num(s.health_p99_ms, 1)} | {_num(s.health_max_ms, 1)} | {_num(s.peak_rss_mib, 0)} |"
         )
     return "\n".join(lines)
+
+
+def probe_table(summaries: Sequence[Summary]) -> str:
+    """/health during each burst by both probers (keep-alive and a new TCP connection per
+    probe), with the server's own scheduler passes per probe where it reports them
+    (vlserve; bench/README.md)."""
+    lines = [
+        (
+            "| workload | conc. | server | keep-alive p50 / p99 / max ms | fresh p50 / p99 / max ms"
+            " | passes/probe keep-alive | passes/probe fresh |"
+        ),
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for s, _ in best_runs(summaries):
+        lines.append(
+            f"| {s.workload} | {s.concurrency} | {s.server}"
+            f" | {_num(s.health_p50_ms)} / {_num(s.health_p99_ms)} / {_num(s.health_max_ms)}"
+            f" | {_num(s.fresh_health_p50_ms)} / {_num(s.fresh_health_p99_ms)} / {_num(s.fresh_health_max_ms)}"
+            f" | {_num(s.probe_passes_keep_alive, 2)} | {_num(s.probe_passes_fresh, 2)} |"
+        )
+    return "\n".join(lines)

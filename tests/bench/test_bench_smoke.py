@@ -23,7 +23,7 @@ from bench.loadgen.options import LoadOptions  # noqa: E402
 from bench.orchestrate import BenchmarkPlan, run_benchmark  # noqa: E402
 from bench.report.health_plot import plot_health  # noqa: E402
 from bench.report.results_files import write_results  # noqa: E402
-from bench.report.tables import comparison_table, sweep_table  # noqa: E402
+from bench.report.tables import comparison_table, probe_table, sweep_table  # noqa: E402
 from bench.workloads.catalog import WORKLOADS  # noqa: E402
 
 SERVERS = ("vlserve", "pr-style")
@@ -64,7 +64,13 @@ async def test_every_workload_runs_against_vlserve_and_a_baseline(tmp_path, tiny
             assert figure > 0 and math.isfinite(figure), where
         assert summary.health_probes >= 1 and summary.health_failures == 0, where
         assert 0 < summary.health_p50_ms <= summary.health_p99_ms <= summary.health_max_ms, where
+        assert summary.fresh_health_probes >= 1 and summary.fresh_health_failures == 0, where
+        assert 0 < summary.fresh_health_p50_ms <= summary.fresh_health_p99_ms, where
         assert summary.peak_rss_mib > 50, where
+        if summary.server == "vlserve":  # the server's own count (VLSERVE_PROBE_PASSES_FILE)
+            assert summary.probe_passes_keep_alive == 1.0 and summary.probe_passes_fresh == 1.0, where
+        else:
+            assert math.isnan(summary.probe_passes_keep_alive), where
     mixed = next(run for run, _ in runs if run.workload == "mixed")
     assert {r.kind for r in mixed.results} == {"text", "image-base64", "image-url"}
 
@@ -74,6 +80,7 @@ async def test_every_workload_runs_against_vlserve_and_a_baseline(tmp_path, tiny
         assert f"| {workload} | 2 | vlserve | 3 / 0 |" in table
         assert f"| {workload} | 2 | pr-style | 3 / 0 |" in table
     assert "| text | vlserve | 2 |" in sweep_table(summaries)
+    assert "| text | 2 | vlserve |" in probe_table(summaries)
 
     paths = write_results(tmp_path / "out" / "smoke", command="smoke", meta={}, runs=runs, markdown=table)
     record = json.loads(paths[0].read_text())

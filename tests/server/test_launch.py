@@ -4,6 +4,7 @@ and the pytest plugin."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import signal
 import textwrap
 import tomllib
@@ -158,3 +159,31 @@ async def test_pytest_plugin_fixtures_in_a_user_test_suite(tiny_model_dir, tmp_p
         await trio.sleep(0.1)
     assert returncode == 0, run.log()
     assert "1 passed" in run.log()
+
+
+async def test_vlserve_serve_writes_probe_passes_when_asked(tiny_model_dir, tmp_path):
+    """With VLSERVE_PROBE_PASSES_FILE set, ``vlserve serve`` counts each probe's scheduler
+    passes and writes them at exit: every probe, keep-alive or on a fresh connection, is
+    answered in the first pass that can see its bytes."""
+    out = tmp_path / "passes.json"
+    args = ["-m", "server.cli", "serve", "--port", "0"]
+    env = {"VLSERVE_MODEL": str(tiny_model_dir), "VLSERVE_PROBE_PASSES_FILE": str(out)}
+    async with launched(args, env) as server:
+        url = (await server.wait_for_line(r"listening on (http://\S+)", START_TIMEOUT_S))[1]
+        await wait_ready(url, START_TIMEOUT_S)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            for _ in range(3):
+                assert (await http.get("/health")).status_code == 200
+        for _ in range(3):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                assert (await http.get("/health")).status_code == 200
+        server.process.send_signal(signal.SIGINT)
+        with trio.fail_after(30):
+            assert await server.process.wait() == 0, server.log()
+    summary = json.loads(out.read_text())
+    assert summary["keep_alive"]["probes"] >= 2 and summary["keep_alive"]["histogram"] == {
+        "1": summary["keep_alive"]["probes"]
+    }
+    assert summary["fresh"]["probes"] >= 4 and summary["fresh"]["histogram"] == {
+        "1": summary["fresh"]["probes"]
+    }

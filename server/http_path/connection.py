@@ -1,0 +1,242 @@
+"""hypercorn's trio ``TCPServer`` (one connection) with fewer scheduler passes per request.
+
+Every change keeps hypercorn's behaviour (keep-alive timeout, closing at shutdown, write
+shielding, back-pressure) and removes passes a request waits for:
+
+- Reading: the first attempt reads the socket without a checkpoint; a checkpoint follows
+  the handling of data that did not have to be waited for. ``receive_some`` checkpoints
+  *before* handling data that is already there (the first read of a fresh connection,
+  a body arriving behind its head): one pass between the bytes and the reply.
+- Idle timer: the keep-alive timeout is the deadline of the read's own cancel scope,
+  set and cleared by assignment. hypercorn runs it as a task restarted through a
+  ``trio.Lock`` (a pass even when free) and ``nursery.start`` (two more), and stopped
+  through the lock again: three to four passes per request, three on a fresh connection
+  before its first read. Closing idle connections at shutdown (hypercorn's idle task
+  waits on ``context.terminated``) is ``close_if_idle``, called by ``server.http_path.serve``.
+- Writing: the send lock is taken without a checkpoint when it is free (``trio.Lock``
+  yields a pass even then), and empty writes are skipped (``send_all(b"")`` is a pass).
+- The app's queue is fed without a checkpoint (``NoWaitTaskGroup``), and the HTTP/1.1
+  protocol writes each response once (``FastH11Protocol``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from math import inf
+from typing import Any
+
+import trio
+from hypercorn.events import Closed, RawData, Updated
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import parse_socket_addr
+
+from server.http_path.probe_passes import ProbePassLog
+from server.http_path.protocol import FastProtocolWrapper, ProbeHooks
+from server.http_path.task_group import NoWaitTaskGroup
+from server.probes import ProbeResponder
+
+
+class FastTCPServer(TCPServer):
+    """See the module docstring. ``connections`` is the serving loop's set of live
+    connections (for ``close_if_idle`` at shutdown); ``probes`` answers probes in the
+    protocol (``None``: through the app); ``pass_log`` (if given) records each probe's
+    passes, ``accepted_pass`` being its counter's value when the connection was accepted."""
+
+    def __init__(
+        self,
+        app: Any,
+        config: Any,
+        context: Any,
+        state: Any,
+        stream: Any,
+        *,
+        connections: set[FastTCPServer],
+        probes: ProbeResponder | None = None,
+        pass_log: ProbePassLog | None = None,
+        accepted_pass: int = 0,
+    ) -> None:
+        super().__init__(app, config, context, state, stream)
+        self._connections = connections
+        self._probes = probes
+        self._pass_log = pass_log
+        self.accepted_pass = accepted_pass
+        self.read_pass = accepted_pass
+        self._read_once = False
+        self._idle_deadline = inf
+        self._read_scope: trio.CancelScope | None = None
+        # the plain socket, read without a checkpoint first (None for TLS)
+        self._socket: Any = None
+
+    async def run(self) -> None:
+        """hypercorn's ``run`` without the idle task (see the module docstring).
+
+        Cancellation: as hypercorn's: the connection is closed."""
+        try:
+            try:
+                with trio.fail_after(self.config.ssl_handshake_timeout):
+                    await self.stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError):
+                return
+            alpn_protocol = self.stream.selected_alpn_protocol()
+            socket = self.stream.transport_stream.socket
+            ssl = True
+        except AttributeError:  # not TLS
+            alpn_protocol = "http/1.1"
+            socket = self.stream.socket
+            self._socket = socket
+            ssl = False
+
+        self._connections.add(self)
+        try:
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+            async with NoWaitTaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = FastProtocolWrapper(
+                    self.app,
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state),
+                    ssl,
+                    client,
+                    server,
+                    self.protocol_send,
+                    alpn_protocol,
+                    probes=self._protocol_probes(),
+                )
+                await self.protocol.initiate()
+                self._set_idle(True)  # hypercorn starts the keep-alive timer here too
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            self._connections.discard(self)
+            await self._close()
+
+    def _protocol_probes(self) -> ProbeHooks | None:
+        if self._probes is None:
+            return None
+        pass_log = self._pass_log
+        if pass_log is None:
+            return ProbeHooks(self._probes)
+
+        def on_reply(fresh: bool) -> None:
+            pass_log.record(fresh=fresh, since_pass=self.read_pass)
+
+        return ProbeHooks(self._probes, on_reply)
+
+    async def protocol_send(self, event: Any) -> None:
+        """hypercorn's ``protocol_send`` with the changes in the module docstring.
+
+        Cancellation: writes are shielded, as in hypercorn; waiting for the send lock
+        (another task writing) is cancellable."""
+        if isinstance(event, RawData):
+            if not event.data:
+                return
+            try:
+                self.send_lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self.send_lock.acquire()
+            try:
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+            finally:
+                self.send_lock.release()
+        elif isinstance(event, Closed):
+            await self._close()
+            await self.protocol.handle(Closed())
+        elif isinstance(event, Updated):
+            self._set_idle(event.idle)
+
+    def close_if_idle(self) -> None:
+        """Close the connection now if it is idle (at shutdown; busy ones close after
+        their response, as hypercorn's recycle checks ``context.terminated``)."""
+        if self._idle_deadline != inf:
+            self._set_deadline(-inf)
+
+    def _set_idle(self, idle: bool) -> None:
+        if not idle:
+            self._set_deadline(inf)
+        elif self.context.terminated.is_set():
+            self._set_deadline(-inf)
+        else:
+            self._set_deadline(trio.current_time() + self.config.keep_alive_timeout)
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._idle_deadline = deadline
+        if self._read_scope is not None:
+            self._read_scope.deadline = deadline
+
+    async def _read_data(self) -> None:
+        """Read and handle until EOF, an error, the read timeout or the keep-alive timeout.
+
+        Cancellation: stops reading; the connection is then closed by ``run``."""
+        while True:
+            try:
+                with trio.fail_after(self.config.read_timeout or inf):
+                    with trio.CancelScope(deadline=self._idle_deadline) as idle_scope:
+                        self._read_scope = idle_scope
+                        try:
+                            data, waited = await self._receive()
+                        finally:
+                            self._read_scope = None
+                if idle_scope.cancelled_caught:
+                    break  # idle past keep_alive_timeout, or idle at shutdown
+            except (
+                trio.ClosedResourceError,
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+            ):
+                break
+            if self._pass_log is not None and (waited or self._read_once):
+                # the first pass that could see these bytes: this one, or for a first
+                # read that did not wait, the accept's (ProbePassLog)
+                self.read_pass = self._pass_log.counter.passes
+            self._read_once = True
+            await self.protocol.handle(RawData(data))
+            if data == b"":
+                break
+            if not waited:
+                await trio.lowlevel.checkpoint()
+        await self.protocol.handle(Closed())
+
+    async def _receive(self) -> tuple[bytes, bool]:
+        """Up to ``MAX_RECV`` bytes (``b""`` at EOF), and whether it had to wait for them.
+
+        Cancellation: a checkpoint only when it waits (see the module docstring); raises
+        ``Cancelled`` at once if the surrounding scope is already cancelled."""
+        if self._socket is None:
+            return await self.stream.receive_some(MAX_RECV), True
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            return self._receive_nowait(), False
+        except BlockingIOError:
+            pass
+        while True:
+            await trio.lowlevel.wait_readable(self._socket)
+            try:
+                return self._receive_nowait(), True
+            except BlockingIOError:
+                pass
+
+    def _receive_nowait(self) -> bytes:
+        """One non-blocking read; errors as ``trio.SocketStream.receive_some`` raises them."""
+        fd = self._socket.fileno()
+        if fd == -1:
+            raise trio.ClosedResourceError("socket was already closed")
+        try:
+            return os.read(fd, MAX_RECV)
+        except BlockingIOError:
+            raise
+        except OSError as error:
+            if error.errno == errno.EBADF:
+                raise trio.ClosedResourceError("socket was already closed") from None
+            raise trio.BrokenResourceError(
+                f"socket connection broken: {error}"
+            ) from error

@@ -1,0 +1,58 @@
+"""Scheduler passes per answered probe, kept by the server for the benchmark.
+
+With ``VLSERVE_PROBE_PASSES_FILE`` set, ``vlserve serve`` installs a ``PassCounter`` and a
+``ProbePassLog``, and writes the log's summary to that file when it stops; the benchmark
+prints it (bench/README.md). A probe's count runs from the first pass that could see its
+bytes to the pass in which its reply is written, both included: 1 means the reply was
+written in the pass that read the request. On a fresh connection (the Kubernetes way)
+whose request is already there when it is accepted, the first pass is the accept's; if
+the bytes arrive later, the pass that wakes up for them (passes spent waiting for the
+client are not the server's).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.scheduler_passes import PassCounter
+
+# The environment variable naming the file the summary is written to (unset: no counting).
+PROBE_PASSES_FILE_ENV = "VLSERVE_PROBE_PASSES_FILE"
+
+
+@dataclass
+class ProbePassLog:
+    """Histograms (passes -> probes) of fresh-connection and keep-alive probes."""
+
+    counter: PassCounter
+    fresh: Counter[int] = field(default_factory=Counter)
+    keep_alive: Counter[int] = field(default_factory=Counter)
+
+    def record(self, *, fresh: bool, since_pass: int) -> None:
+        """Record a probe whose reply is written now, started in pass ``since_pass``."""
+        passes = self.counter.passes - since_pass + 1
+        (self.fresh if fresh else self.keep_alive)[passes] += 1
+
+    def summary(self) -> dict[str, dict[str, object]]:
+        return {
+            "fresh": _summarise(self.fresh),
+            "keep_alive": _summarise(self.keep_alive),
+        }
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.summary(), indent=1))
+
+
+def _summarise(histogram: Counter[int]) -> dict[str, object]:
+    probes = sum(histogram.values())
+    if not probes:
+        return {"probes": 0}
+    return {
+        "probes": probes,
+        "mean": sum(passes * n for passes, n in histogram.items()) / probes,
+        "max": max(histogram),
+        "histogram": {str(passes): n for passes, n in sorted(histogram.items())},
+    }

@@ -1,0 +1,191 @@
+"""``serve``: hypercorn's trio ``worker_serve`` with ``FastTCPServer`` connections.
+
+hypercorn's ``worker_serve`` names its ``TCPServer`` directly, so using a subclass means
+owning this loop: the same lifespan, sockets, TLS listeners, shutdown trigger and graceful
+deadline, plus (a) connections kept in a set so that idle ones are closed at shutdown
+(``FastTCPServer.close_if_idle``, in place of hypercorn's per-connection idle task),
+(b) the task that accepts a connection serves it (``_accept_then_serve``: one pass less
+on a fresh connection) and (c) the pass at which each connection was accepted, for
+``ProbePassLog``. QUIC (HTTP/3)
+is not served here: with ``quic_bind`` set, use ``hypercorn.trio.serve``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from functools import partial
+from random import randint
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState, LifespanState
+from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+
+from server.http_path.connection import FastTCPServer
+from server.http_path.probe_passes import ProbePassLog
+from server.probes import ProbeResponder
+
+log = logging.getLogger(__name__)
+
+# As trio.serve_listeners: accept errors that mean "out of resources, retry shortly".
+_ACCEPT_CAPACITY_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+_ACCEPT_RETRY_S = 0.1
+
+
+async def serve(
+    app: Any,
+    config: Config,
+    *,
+    probes: ProbeResponder | None = None,
+    pass_log: ProbePassLog | None = None,
+    shutdown_trigger: Callable[..., Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the ASGI ``app`` as ``hypercorn.trio.serve`` does, on ``FastTCPServer``s.
+
+    ``probes`` (if given) answers probe requests inside the HTTP/1.1 protocol;
+    ``pass_log`` (if given) records their scheduler passes. Reports the bound URLs through
+    ``task_status``. Returns after ``shutdown_trigger`` returns and in-flight requests
+    finished (or ``config.graceful_timeout`` passed).
+
+    Cancellation: stops at once, like hypercorn's: connections are closed, the app's
+    lifespan shutdown does not run.
+    """
+    if config.quic_bind:
+        raise ValueError(
+            "server.http_path.serve does not serve QUIC; use hypercorn.trio.serve"
+        )
+    config.set_statsd_logger_class(StatsdLogger)
+    app = wrap_app(app, config.wsgi_max_body_size, None)
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(app, config, lifespan_state)
+    max_requests = None
+    if config.max_requests is not None:
+        max_requests = config.max_requests + randint(0, config.max_requests_jitter)
+    context = WorkerContext(max_requests)
+    connections: set[FastTCPServer] = set()
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+
+        async with trio.open_nursery() as server_nursery:
+            listeners, binds = await _listeners(config)
+            new_connection = partial(
+                FastTCPServer,
+                app,
+                config,
+                context,
+                ConnectionState(lifespan_state.copy()),
+                connections=connections,
+                probes=probes,
+                pass_log=pass_log,
+            )
+            for listener in listeners:
+                server_nursery.start_soon(
+                    _accept_then_serve,
+                    listener,
+                    server_nursery,
+                    new_connection,
+                    pass_log,
+                )
+            task_status.started(binds)
+            try:
+                async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                    if shutdown_trigger is not None:
+                        nursery.start_soon(raise_shutdown, shutdown_trigger)
+                    nursery.start_soon(raise_shutdown, context.terminate.wait)
+                    await trio.sleep_forever()
+            except BaseExceptionGroup as error:
+                _, other_errors = error.split((ShutdownError, KeyboardInterrupt))
+                if other_errors is not None:
+                    raise other_errors
+            finally:
+                await _close_listeners(listeners)
+                await context.terminated.set()
+                for connection in list(connections):
+                    connection.close_if_idle()
+                server_nursery.cancel_scope.deadline = (
+                    trio.current_time() + config.graceful_timeout
+                )
+
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+
+
+async def _listeners(config: Config) -> tuple[list[trio.abc.Listener[Any]], list[str]]:
+    """hypercorn's listeners for ``config``'s TCP binds (TLS where configured) and their URLs."""
+    sockets = config.create_sockets()
+    ssl_context = config.create_ssl_context()
+    listeners: list[trio.abc.Listener[Any]] = []
+    binds = []
+    for sock in sockets.secure_sockets:
+        sock.listen(config.backlog)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        listeners.append(trio.SSLListener(listener, ssl_context, https_compatible=True))
+        bind = f"https://{repr_socket_addr(sock.family, sock.getsockname())}"
+        binds.append(bind)
+        await config.log.info(f"Running on {bind} (CTRL + C to quit)")
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        bind = f"http://{repr_socket_addr(sock.family, sock.getsockname())}"
+        binds.append(bind)
+        await config.log.info(f"Running on {bind} (CTRL + C to quit)")
+    return listeners, binds
+
+
+async def _accept_then_serve(
+    listener: trio.abc.Listener[Any],
+    nursery: trio.Nursery,
+    new_connection: Callable[..., FastTCPServer],
+    pass_log: ProbePassLog | None,
+) -> None:
+    """Accept one connection, hand accepting over to a new task, and serve the connection
+    in this one; return when the listener is closed.
+
+    ``trio.serve_listeners`` accepts in one task and starts each connection's task with
+    ``start_soon``: the connection's first read waits for the next scheduler pass. Here
+    the task that accepted reads at once, so a request already sent (a probe on a fresh
+    connection) is answered in the pass that accepted it.
+
+    Cancellation: stops accepting; a connection being served is closed.
+    """
+    while True:
+        try:
+            stream = await listener.accept()
+        except trio.ClosedResourceError:
+            return  # shutting down: serve closed the listener
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log.error(
+                "accept returned %s; retrying in %s s",
+                os.strerror(exc.errno),
+                _ACCEPT_RETRY_S,
+            )
+            await trio.sleep(_ACCEPT_RETRY_S)
+        else:
+            break
+    accepted_pass = pass_log.counter.passes if pass_log is not None else 0
+    nursery.start_soon(_accept_then_serve, listener, nursery, new_connection, pass_log)
+    try:
+        await new_connection(stream, accepted_pass=accepted_pass).run()
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _close_listeners(listeners: list[trio.abc.Listener[Any]]) -> None:
+    """Close every listener (the task waiting in ``accept`` then returns). Not cancellable."""
+    with trio.CancelScope(shield=True):
+        for listener in listeners:
+            await listener.aclose()

@@ -1,0 +1,110 @@
+"""Scheduler passes per request on ``server.http_path`` against hypercorn's own trio path.
+
+Counts come from a client in the same trio run that writes its request without yielding
+(``tests.server.pass_probe``), less the client's own wake-up on the reply: the passes the
+server needs from reading the request (or accepting the connection) to writing the reply.
+Measured on hypercorn 0.18.0:
+
+=================  ==========  =====  ================
+request            connection  stock  server.http_path
+=================  ==========  =====  ================
+GET /health        keep-alive      6                 1
+GET /health        fresh          11                 1
+GET /v1/models     keep-alive      7                 3
+GET /v1/models     fresh          12                 3
+=================  ==========  =====  ================
+
+The stock path is run under ``xfail(strict=True)``: each bound fails against unpatched
+hypercorn, so each test can fail.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import trio
+
+from server.config import ServerConfig
+from server.http_path import ProbePassLog
+from server.serve import RunningServer, run_server
+from tests.server.fakes import FakeRuntimeFactory
+from tests.server.pass_probe import (
+    fresh_connection_passes,
+    keep_alive_passes,
+    pass_counter,
+)
+
+PROBE_KEEP_ALIVE_MAX = 1  # the reply is written in the pass that reads the request
+PROBE_FRESH_MAX = 1  # ... and, on a new connection, in the pass that accepts it
+APP_REQUEST_MAX = 3  # through Quart: read + queue, quart-trio's own passes, one write
+
+STOCK = pytest.param(
+    False,
+    id="stock-hypercorn",
+    marks=pytest.mark.xfail(strict=True, reason="hypercorn's own passes"),
+)
+FAST = pytest.param(True, id="http_path")
+
+
+@pytest.fixture
+async def served(
+    request, vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory
+):
+    async with trio.open_nursery() as nursery:
+        start = partial(
+            run_server,
+            vlserve_config,
+            runtime_factory=fake_factory,
+            fast_http=request.param,
+        )
+        server: RunningServer = await nursery.start(start)
+        with trio.fail_after(30):
+            await server.wait_ready()
+        yield server
+        server.shutdown()
+        with trio.fail_after(30):
+            await server.wait_stopped()
+
+
+@pytest.mark.parametrize("served", [STOCK, FAST], indirect=True)
+async def test_probe_on_keep_alive_connection_is_answered_in_the_pass_that_reads_it(
+    served,
+):
+    assert await keep_alive_passes(served.url, "/health") <= PROBE_KEEP_ALIVE_MAX
+
+
+@pytest.mark.parametrize("served", [STOCK, FAST], indirect=True)
+async def test_probe_on_fresh_connection_is_answered_in_the_pass_that_accepts_it(served):
+    assert await fresh_connection_passes(served.url, "/ready") <= PROBE_FRESH_MAX
+
+
+@pytest.mark.parametrize("served", [STOCK, FAST], indirect=True)
+async def test_app_request_needs_fewer_passes(served):
+    assert await keep_alive_passes(served.url, "/v1/models") <= APP_REQUEST_MAX
+    assert await fresh_connection_passes(served.url, "/v1/models") <= APP_REQUEST_MAX
+
+
+async def test_probe_pass_log_records_each_probe_by_connection_kind(
+    vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory
+):
+    """The server's own count (what ``vlserve serve`` writes for the benchmark): every
+    probe, keep-alive or on a fresh connection, written in the pass that read it."""
+    async with pass_counter() as counter:
+        pass_log = ProbePassLog(counter)
+        async with trio.open_nursery() as nursery:
+            start = partial(
+                run_server,
+                vlserve_config,
+                runtime_factory=fake_factory,
+                pass_log=pass_log,
+            )
+            server: RunningServer = await nursery.start(start)
+            await server.wait_ready()
+            # 4 probes on one connection (its first request counts as fresh), then 3 fresh
+            await keep_alive_passes(server.url, "/health", repeats=3)
+            await fresh_connection_passes(server.url, "/ready", repeats=3)
+            server.shutdown()
+    summary = pass_log.summary()
+    assert summary["keep_alive"]["histogram"] == {"1": 3}
+    assert summary["fresh"]["histogram"] == {"1": 4}
