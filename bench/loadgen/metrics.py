@@ -55,6 +55,9 @@ class Summary:
     foreign_cpu_pct: float
     repeat: int
     first_error: str | None
+    loop_lag_p50_ms: float = float("nan")
+    loop_lag_p99_ms: float = float("nan")
+    loop_lag_samples: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -150,4 +153,7 @@ def summarise(run: LoadRun) -> Summary:
         foreign_cpu_pct=100.0 * run.foreign_cpu,
         repeat=run.repeat,
         first_error=next((r.error for r in failed if r.error), None),
+        loop_lag_p50_ms=run.loop_lag_p50_ms,
+        loop_lag_p99_ms=run.loop_lag_p99_ms,
+        loop_lag_samples=run.loop_lag_samples,
     )
