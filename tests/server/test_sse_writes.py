@@ -191,8 +191,12 @@ async def test_client_gone_cancels_the_producer_and_aborts_the_sequence():
     with trio.CancelScope() as scope:
         async with body:
             async for _chunk in body:
-                engine.step("a")
+                await (
+                    trio.testing.wait_all_tasks_blocked()
+                )  # the choices' streams are open
                 if engine.streams and engine.streams[0].seq.output_ids:
-                    scope.cancel()
+                    scope.cancel()  # the client leaves after the first token's write
+                else:
+                    engine.step("a")
     assert engine.aborted == 2
     assert body.outbox.statistics().closed
