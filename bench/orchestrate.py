@@ -22,6 +22,7 @@ import trio
 
 from bench.launch.servers import VLSERVE_VARIANTS, running_image_server, running_server
 from bench.loadgen.cpu_account import foreign_load_now
+from bench.loadgen.loop_lag import scrape_lag_histogram
 from bench.loadgen.metrics import Summary, summarise, with_probe_passes
 from bench.loadgen.options import LoadOptions
 from bench.loadgen.run import LoadRun, run_load
@@ -141,6 +142,7 @@ async def _one_run(plan: BenchmarkPlan, server, workload: Workload, model_id: st
             model_id, workload.messages(index), max_tokens=options.max_tokens, ignore_eos=options.ignore_eos
         )
 
+    lag_before = await scrape_lag_histogram(server.base_url)
     run = await run_load(
         base_url=server.base_url,
         server=server.name,
@@ -154,6 +156,12 @@ async def _one_run(plan: BenchmarkPlan, server, workload: Workload, model_id: st
         work_dir=plan.log_dir,
     )
     run.repeat = repeat
+    lag_after = await scrape_lag_histogram(server.base_url)
+    if lag_before is not None and lag_after is not None:
+        lag = lag_after.since(lag_before)
+        run.loop_lag_p50_ms = lag.quantile(0.50) * 1000
+        run.loop_lag_p99_ms = lag.quantile(0.99) * 1000
+        run.loop_lag_samples = int(lag.count)
     return run
 
 

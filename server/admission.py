@@ -5,7 +5,8 @@ before routing until the last byte of a (streamed) response is sent, and is give
 however the request ends: response done, client gone, handler cancelled. The wrapper
 only records whether the request got a slot; a ``before_request`` hook (registered after
 auth) turns "no slot" into the 503, before any body is read or any preparation starts.
-Liveness/readiness probes and CORS preflights never take a slot and are never refused.
+Liveness/readiness probes, ``/metrics`` and CORS preflights never take a slot and are never
+refused.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from server.errors import unavailable
 from server.probes import PROBE_PATHS
 
 ADMITTED_KEY = "vlserve.admitted"
-EXEMPT_PATHS = PROBE_PATHS
+EXEMPT_PATHS = PROBE_PATHS | {"/metrics"}
 RETRY_AFTER_S = 1
 
 AsgiApp = Callable[[Any, Any, Any], Awaitable[None]]

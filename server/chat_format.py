@@ -1,22 +1,24 @@
-"""Engine results and deltas as ``chat.completion`` and ``chat.completion.chunk`` objects."""
+"""Engine results and deltas as ``chat.completion`` and ``chat.completion.chunk`` objects.
+
+Whole responses are schema models. Streamed chunks are plain dicts with the keys, order
+and values ``ChatCompletionChunk.model_dump_json`` would give (tests/server/test_chunk_format.py
+checks it), because a chunk per token through pydantic costs the event loop more than
+the rest of the chunk's way to the socket (bench/sse_cost.py).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from engine.outputs import StreamDelta
 from server.generation import ChoiceResult
-from server.logprobs import chat_logprobs
+from server.logprobs import chat_logprobs, chat_logprobs_payload
 from server.response_meta import ResponseMeta
-from server.schemas.chat import (
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatDelta,
-    ChatMessageOut,
-)
+from server.schemas.chat import ChatChoice, ChatCompletion, ChatMessageOut
 from server.schemas.common import Usage
+
+Chunk = dict[str, Any]
 
 
 def chat_completion(
@@ -47,46 +49,59 @@ class ChatChunker:
     and a last chunk with no choices carries the usage.
     """
 
-    def __init__(self, meta: ResponseMeta, *, include_usage: bool, logprobs: bool) -> None:
-        self._meta = meta
+    def __init__(
+        self, meta: ResponseMeta, *, include_usage: bool, logprobs: bool
+    ) -> None:
+        self._head = {
+            "id": meta.id,
+            "object": "chat.completion.chunk",
+            "created": meta.created,
+            "model": meta.model,
+        }
         self._include_usage = include_usage
         self._logprobs = logprobs
 
-    def _chunk(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
-        meta = self._meta
+    def _chunk(self, choices: list[Chunk]) -> Chunk:
+        chunk = {**self._head, "choices": choices, "system_fingerprint": None}
         if self._include_usage:
-            return ChatCompletionChunk(
-                id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=None
-            )
-        return ChatCompletionChunk(
-            id=meta.id, created=meta.created, model=meta.model, choices=choices
-        )
+            chunk["usage"] = None
+        return chunk
 
-    def start(self, index: int) -> list[ChatCompletionChunk]:
+    def start(self, index: int) -> list[Chunk]:
         """The role chunk that opens choice ``index``."""
-        delta = ChatDelta(role="assistant", content="")
-        return [self._chunk([ChatChunkChoice(index=index, delta=delta)])]
+        delta = {"role": "assistant", "content": ""}
+        return [self._chunk([_choice(index, delta, None, None)])]
 
-    def for_delta(self, index: int, delta: StreamDelta) -> list[ChatCompletionChunk]:
+    def for_delta(self, index: int, delta: StreamDelta) -> list[Chunk]:
         """The chunks for one engine delta: content (if any), then finish (if last)."""
         chunks = []
         has_logprobs = self._logprobs and bool(delta.logprobs)
         if delta.text or has_logprobs:
-            choice = ChatChunkChoice(
-                index=index,
-                delta=ChatDelta(content=delta.text),
-                logprobs=chat_logprobs(delta.logprobs or []) if has_logprobs else None,
+            logprobs = (
+                chat_logprobs_payload(delta.logprobs or []) if has_logprobs else None
             )
-            chunks.append(self._chunk([choice]))
+            chunks.append(
+                self._chunk([_choice(index, {"content": delta.text}, logprobs, None)])
+            )
         if delta.finish_reason is not None:
-            choice = ChatChunkChoice(
-                index=index, delta=ChatDelta(), finish_reason=delta.finish_reason
-            )
-            chunks.append(self._chunk([choice]))
+            chunks.append(self._chunk([_choice(index, {}, None, delta.finish_reason)]))
         return chunks
 
-    def usage(self, usage: Usage) -> ChatCompletionChunk:
-        meta = self._meta
-        return ChatCompletionChunk(
-            id=meta.id, created=meta.created, model=meta.model, choices=[], usage=usage
-        )
+    def usage(self, usage: Usage) -> Chunk:
+        return {
+            **self._head,
+            "choices": [],
+            "system_fingerprint": None,
+            "usage": usage.model_dump(),
+        }
+
+
+def _choice(
+    index: int, delta: Chunk, logprobs: Chunk | None, finish_reason: str | None
+) -> Chunk:
+    return {
+        "index": index,
+        "delta": delta,
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }

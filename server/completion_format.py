@@ -1,15 +1,22 @@
-"""Engine results and deltas as legacy ``text_completion`` objects (whole and streamed)."""
+"""Engine results and deltas as legacy ``text_completion`` objects (whole and streamed).
+
+Streamed chunks are plain dicts shaped as ``CompletionChunk.model_dump_json`` would shape
+them (see ``server.chat_format`` for why).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from engine.outputs import StreamDelta
 from server.generation import ChoiceResult
-from server.logprobs import completion_logprobs
+from server.logprobs import completion_logprobs, completion_logprobs_payload
 from server.response_meta import ResponseMeta
 from server.schemas.common import Usage
-from server.schemas.completions import Completion, CompletionChoice, CompletionChunk
+from server.schemas.completions import Completion, CompletionChoice
+
+Chunk = dict[str, Any]
 
 
 def completion(
@@ -23,7 +30,9 @@ def completion(
             CompletionChoice(
                 index=result.index,
                 text=result.text,
-                logprobs=completion_logprobs(result.logprobs or []) if logprobs else None,
+                logprobs=completion_logprobs(result.logprobs or [])
+                if logprobs
+                else None,
                 finish_reason=result.finish_reason,
             )
             for result in results
@@ -36,37 +45,49 @@ class CompletionChunker:
     """Makes the chunks of one streamed completion: one per delta with text, logprobs or a
     finish reason; with ``include_usage`` a last chunk with no choices carries the usage."""
 
-    def __init__(self, meta: ResponseMeta, *, include_usage: bool, logprobs: bool) -> None:
-        self._meta = meta
+    def __init__(
+        self, meta: ResponseMeta, *, include_usage: bool, logprobs: bool
+    ) -> None:
+        self._head = {
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+        }
         self._include_usage = include_usage
         self._logprobs = logprobs
         self._text_offsets: dict[int, int] = {}
 
-    def _chunk(self, choices: list[CompletionChoice], **usage: Usage | None) -> CompletionChunk:
-        meta = self._meta
-        if self._include_usage and not usage:
-            usage = {"usage": None}
-        return CompletionChunk(
-            id=meta.id, created=meta.created, model=meta.model, choices=choices, **usage
-        )
+    def _chunk(self, choices: list[Chunk]) -> Chunk:
+        chunk = {**self._head, "choices": choices, "system_fingerprint": None}
+        if self._include_usage:
+            chunk["usage"] = None
+        return chunk
 
-    def start(self, index: int) -> list[CompletionChunk]:
+    def start(self, index: int) -> list[Chunk]:
         """Legacy completions open a choice with nothing."""
         return []
 
-    def for_delta(self, index: int, delta: StreamDelta) -> list[CompletionChunk]:
+    def for_delta(self, index: int, delta: StreamDelta) -> list[Chunk]:
         has_logprobs = self._logprobs and bool(delta.logprobs)
         if not (delta.text or has_logprobs or delta.finish_reason is not None):
             return []
         offset = self._text_offsets.get(index, 0)
         self._text_offsets[index] = offset + len(delta.text)
-        choice = CompletionChoice(
-            index=index,
-            text=delta.text,
-            logprobs=completion_logprobs(delta.logprobs or [], offset) if has_logprobs else None,
-            finish_reason=delta.finish_reason,
-        )
+        choice = {
+            "index": index,
+            "text": delta.text,
+            "logprobs": completion_logprobs_payload(delta.logprobs or [], offset)
+            if has_logprobs
+            else None,
+            "finish_reason": delta.finish_reason,
+        }
         return [self._chunk([choice])]
 
-    def usage(self, usage: Usage) -> CompletionChunk:
-        return self._chunk([], usage=usage)
+    def usage(self, usage: Usage) -> Chunk:
+        return {
+            **self._head,
+            "choices": [],
+            "system_fingerprint": None,
+            "usage": usage.model_dump(),
+        }

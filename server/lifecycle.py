@@ -4,6 +4,9 @@ Readiness is this object's phase: ``LOADING`` until the runtime is open, ``READY
 serves, ``DRAINING`` once shutdown has begun (in-flight requests keep their runtime; new
 ones are refused), ``STOPPED`` after it closed, ``FAILED`` if opening it or running it
 raised. The runtime factory is any ``ServerConfig -> async context manager of Runtime``.
+
+The lifecycle also owns the event loop's lag monitor (``server.loop_lag``): it runs for as
+long as ``run()`` does, from before the model loads until the runtime has closed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import trio
 
 from engine.errors import ModelLoadError
 from server.config import ServerConfig
+from server.loop_lag import LoopLagMonitor
 
 if TYPE_CHECKING:
     from server.runtime import Runtime
@@ -43,8 +47,14 @@ class RuntimeFailed(RuntimeError):
 class RuntimeLifecycle:
     """Opens one runtime with ``factory(config)`` and keeps it open until ``stop()``."""
 
-    def __init__(self, config: ServerConfig, factory: RuntimeFactory) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        factory: RuntimeFactory,
+        loop_lag: LoopLagMonitor | None = None,
+    ) -> None:
         self.config = config
+        self.loop_lag = loop_lag or LoopLagMonitor()
         self.phase = Phase.LOADING
         self.runtime: Runtime | None = None
         self.load_seconds: float | None = None
@@ -55,13 +65,22 @@ class RuntimeLifecycle:
         self._closed = trio.Event()
 
     async def run(self) -> None:
-        """Open the runtime, publish it, hold it until ``stop()``, then close it.
+        """Open the runtime, publish it, hold it until ``stop()``, then close it; measure
+        the loop's lag meanwhile.
 
         A failure while opening or running is logged and leaves the phase ``FAILED``; it
         is not raised, so the server stays up to report it (``/health`` answers 503).
         Cancellation: the runtime is closed (its own tasks are cancelled) and ``Cancelled``
         propagates; waiters are released either way.
         """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.loop_lag.run)
+            try:
+                await self._hold_runtime()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _hold_runtime(self) -> None:
         started = time.monotonic()
         try:
             async with self._factory(self.config) as runtime:
@@ -113,7 +132,9 @@ class RuntimeLifecycle:
         """
         await self._settled.wait()
         if self.runtime is None or self.phase is Phase.FAILED:
-            raise RuntimeFailed(f"the model runtime is {self.phase.value}") from self.error
+            raise RuntimeFailed(
+                f"the model runtime is {self.phase.value}"
+            ) from self.error
         return self.runtime
 
     async def wait_closed(self) -> None:

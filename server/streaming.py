@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
-
-from pydantic import BaseModel
+from typing import Any, Protocol
 
 from engine.interface import Engine
 from engine.outputs import StreamDelta
@@ -13,22 +11,31 @@ from server.generation import Job, UsageTally, stream_jobs
 from server.schemas.common import Usage
 from server.sse import SendEvent
 
+Chunk = dict[str, Any]
+
 
 class Chunker(Protocol):
-    """Formats one response's chunks (chat or legacy completions)."""
+    """Formats one response's chunks (chat or legacy completions) as JSON-ready dicts."""
 
-    def start(self, index: int) -> list[BaseModel]: ...
+    def start(self, index: int) -> list[Chunk]: ...
 
-    def for_delta(self, index: int, delta: StreamDelta) -> list[BaseModel]: ...
+    def for_delta(self, index: int, delta: StreamDelta) -> list[Chunk]: ...
 
-    def usage(self, usage: Usage) -> BaseModel: ...
+    def usage(self, usage: Usage) -> Chunk: ...
 
 
 async def produce_chunks(
-    engine: Engine, jobs: Sequence[Job], chunker: Chunker, include_usage: bool, send: SendEvent
+    engine: Engine,
+    jobs: Sequence[Job],
+    chunker: Chunker,
+    include_usage: bool,
+    send: SendEvent,
 ) -> None:
     """Send each choice's start chunks, then chunks as deltas arrive, then the usage chunk
-    if asked for. Cancellation: every sequence still running is aborted."""
+    if asked for. ``send`` is expected not to yield while its receiver keeps up (see
+    ``server.sse``), so the chunks of one delta, and the deltas of every choice that one
+    engine step made, leave in one write. Cancellation: every sequence still running is
+    aborted."""
     tally = UsageTally()
     for job in jobs:
         for chunk in chunker.start(job.index):

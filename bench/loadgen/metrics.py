@@ -68,6 +68,9 @@ class Summary:
     # VLSERVE_PROBE_PASSES_FILE; filled in once the server has stopped)
     probe_passes_keep_alive: float = math.nan
     probe_passes_fresh: float = math.nan
+    loop_lag_p50_ms: float = float("nan")
+    loop_lag_p99_ms: float = float("nan")
+    loop_lag_samples: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -190,4 +193,7 @@ def summarise(run: LoadRun) -> Summary:
         fresh_health_p50_ms=_ms(fresh_latencies, 50),
         fresh_health_p99_ms=_ms(fresh_latencies, 99),
         fresh_health_max_ms=max(fresh_latencies) * 1000.0 if fresh_latencies else float("nan"),
+        loop_lag_p50_ms=run.loop_lag_p50_ms,
+        loop_lag_p99_ms=run.loop_lag_p99_ms,
+        loop_lag_samples=run.loop_lag_samples,
     )

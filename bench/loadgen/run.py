@@ -52,6 +52,10 @@ class LoadRun:
     loadavg_after: float = 0.0
     foreign_cpu: float = 0.0  # other processes' share of all cores during the burst (0..1)
     repeat: int = 0
+    # the server's own event-loop lag over warm-up + burst, from its /metrics (vlserve only)
+    loop_lag_p50_ms: float = float("nan")
+    loop_lag_p99_ms: float = float("nan")
+    loop_lag_samples: int = 0
 
 
 async def run_load(

@@ -49,8 +49,9 @@ def comparison_table(summaries: Sequence[Summary]) -> str:
     lines = [
         "| workload | conc. | server | ok / failed | req/s | req/s vs vlserve | req/s of each run | out tok/s"
         " | mean TTFT ms | p99 TTFT ms | mean TPOT ms | p99 ITL ms | median E2E ms | /health p50 ms"
-        " | /health p99 ms | /health max ms | /health p99 vs vlserve | peak RSS MiB | other CPU % |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | /health p99 ms | /health max ms | /health p99 vs vlserve | loop lag p99 ms | peak RSS MiB"
+        " | other CPU % |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s, runs in rows:
         ref = reference.get((s.workload, s.concurrency))
@@ -61,7 +62,8 @@ def comparison_table(summaries: Sequence[Summary]) -> str:
             f" | {_num(s.output_throughput, 0)} | {_num(s.mean_ttft_ms, 0)} | {_num(s.p99_ttft_ms, 0)}"
             f" | {_num(s.mean_tpot_ms, 1)} | {_num(s.p99_itl_ms, 0)} | {_num(s.median_e2el_ms, 0)}"
             f" | {_num(s.health_p50_ms, 1)} | {_num(s.health_p99_ms, 1)} | {_num(s.health_max_ms, 1)}"
-            f" | {_ratio(s.health_p99_ms, ref.health_p99_ms if ref else None)} | {_num(s.peak_rss_mib, 0)}"
+            f" | {_ratio(s.health_p99_ms, ref.health_p99_ms if ref else None)} | {_num(s.loop_lag_p99_ms, 1)}"
+            f" | {_num(s.peak_rss_mib, 0)}"
             f" | {_num(s.foreign_cpu_pct, 0)} |"
         )
     return "\n".join(lines)
@@ -72,8 +74,8 @@ def sweep_table(summaries: Sequence[Summary]) -> str:
     "vs lowest" column is req/s ÷ req/s at the lowest concurrency of the same server."""
     lines = [
         "| workload | server | conc. | req/s | req/s vs lowest conc. | /health p50 ms | /health p99 ms"
-        " | /health max ms | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        " | /health max ms | loop lag p50 ms | loop lag p99 ms | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     best = sorted((b for b, _ in best_runs(summaries)), key=lambda s: (s.workload, s.server, s.concurrency))
     lowest: dict[tuple[str, str], Summary] = {}
@@ -82,7 +84,8 @@ def sweep_table(summaries: Sequence[Summary]) -> str:
         lines.append(
             f"| {s.workload} | {s.server} | {s.concurrency} | {_num(s.request_throughput, 2)}"
             f" | {_ratio(s.request_throughput, first.request_throughput)} | {_num(s.health_p50_ms, 1)}"
-            f" | {_num(s.health_p99_ms, 1)} | {_num(s.health_max_ms, 1)} | {_num(s.peak_rss_mib, 0)} |"
+            f" | {_num(s.health_p99_ms, 1)} | {_num(s.health_max_ms, 1)} | {_num(s.loop_lag_p50_ms, 1)}"
+            f" | {_num(s.loop_lag_p99_ms, 1)} | {_num(s.peak_rss_mib, 0)} |"
         )
     return "\n".join(lines)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from quart import Quart
 
-from server.routes import chat, completions, health, models, tokenize
+from server.routes import chat, completions, health, metrics, models, tokenize
 
 
 def register_routes(app: Quart) -> None:
-    for module in (health, models, chat, completions, tokenize):
+    for module in (health, metrics, models, chat, completions, tokenize):
         app.register_blueprint(module.blueprint)
