@@ -54,7 +54,12 @@ def messages_for(i: int, image_uri: str | None) -> list[dict]:
     text = PROMPTS[i % len(PROMPTS)] + f" (request {i})"
     if image_uri is None:
         return [{"role": "user", "content": text}]
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_uri}}, {"type": "text", "text": text}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": image_uri}}, {"type": "text", "text": text}],
+        }
+    ]
 
 
 async def vlserve_throughput(loaded, requests: list[list[dict]], concurrency: int, max_tokens: int) -> float:
@@ -92,7 +97,9 @@ def generate_throughput(loaded, requests: list[list[dict]], max_tokens: int) -> 
             processed = loaded.image_processor(images=[image], return_tensors="pt")
             n = int(processed["image_grid_thw"].prod()) // 4
             content = [{"type": "image"}, content[1]]
-            text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
             text = text.replace("<|image_pad|>", "<|image_pad|>" * n)
             kwargs = {"pixel_values": processed["pixel_values"], "image_grid_thw": processed["image_grid_thw"]}
         else:
@@ -102,8 +109,12 @@ def generate_throughput(loaded, requests: list[list[dict]], max_tokens: int) -> 
             kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens, do_sample=False, **kwargs,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                **kwargs,
             )
         produced += out.shape[1] - ids.shape[1]
     return produced / (time.perf_counter() - start)
@@ -121,9 +132,15 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
     for kind in ("text", "image 1024²"):
-        uris = [jpeg_data_uri(natural_image(i)) for i in range(max(args.requests, max(levels)))] if kind != "text" else None
-        def make(n, offset=0):
+        uris = (
+            [jpeg_data_uri(natural_image(i)) for i in range(max(args.requests, max(levels)))]
+            if kind != "text"
+            else None
+        )
+
+        def make(n, offset=0, uris=uris):
             return [messages_for(i + offset, uris[(i + offset) % len(uris)] if uris else None) for i in range(n)]
+
         baseline = generate_throughput(loaded, make(args.baseline_requests), args.max_tokens)
         for c in levels:
             n = max(args.requests, c)

@@ -28,7 +28,10 @@ PROBE_PERIOD = 0.02
 async def measure(loaded, prompts, max_tokens: int) -> tuple[float, list[float]]:
     lateness: list[float] = []
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    async with open_engine(loaded, EngineConfig(in_worker_process=False, max_num_seqs=len(prompts), decode_steps_per_call=1, stream_interval=0.0)) as engine:
+    async with open_engine(
+        loaded,
+        EngineConfig(in_worker_process=False, max_num_seqs=len(prompts), decode_steps_per_call=1, stream_interval=0.0),
+    ) as engine:
         done = trio.Event()
 
         async def probe() -> None:
@@ -66,7 +69,11 @@ def main() -> None:
     tok = loaded.tokenizer
 
     def prompt(i: int) -> EnginePrompt:
-        text = tok.apply_chat_template([{"role": "user", "content": f"describe the red car number {i}"}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": f"describe the red car number {i}"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         return EnginePrompt(tok(text, add_special_tokens=False).input_ids)
 
     previous = sys.getswitchinterval()
@@ -82,8 +89,13 @@ def main() -> None:
     print("| switch interval | concurrent | tok/s | wake-up lateness p50 | p99 | max |")
     print("|---:|---:|---:|---:|---:|---:|")
     for interval, batch, tps, late in rows:
-        p = lambda q: late[min(len(late) - 1, int(q * len(late)))] * 1e3
-        print(f"| {interval * 1e3:g} ms | {batch} | {tps:,.0f} | {p(0.5):.2f} ms | {p(0.99):.2f} ms | {late[-1] * 1e3:.2f} ms |")
+
+        def p(q, late=late):
+            return late[min(len(late) - 1, int(q * len(late)))] * 1e3
+
+        print(
+            f"| {interval * 1e3:g} ms | {batch} | {tps:,.0f} | {p(0.5):.2f} ms | {p(0.99):.2f} ms | {late[-1] * 1e3:.2f} ms |"
+        )
 
 
 if __name__ == "__main__":

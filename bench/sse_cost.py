@@ -64,9 +64,7 @@ class SteppingEngine:
         self.steps = 0
 
     @asynccontextmanager
-    async def open_stream(
-        self, prompt: EnginePrompt, params: SamplingParams
-    ) -> AsyncIterator[RequestStream]:
+    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[RequestStream]:
         seq = Sequence(self._next_id, prompt, params)
         self._next_id += 1
         stream = RequestStream(seq)
@@ -86,11 +84,7 @@ class SteppingEngine:
                 seq = stream.seq
                 seq.output_ids.append(len(seq.output_ids))
                 last = len(seq.output_ids) >= seq.params.max_tokens
-                stream.push(
-                    _Update(
-                        [len(seq.output_ids)], PIECE, None, "length" if last else None
-                    )
-                )
+                stream.push(_Update([len(seq.output_ids)], PIECE, None, "length" if last else None))
 
 
 class StepCounter(trio.abc.Instrument):
@@ -118,9 +112,7 @@ class Sink:
                 await trio.lowlevel.checkpoint()  # a socket write's checkpoint
 
 
-async def stream_all(
-    streams: int, tokens: int, n: int, step_s: float
-) -> dict[str, Any]:
+async def stream_all(streams: int, tokens: int, n: int, step_s: float) -> dict[str, Any]:
     engine = SteppingEngine(step_s)
     sinks = [Sink() for _ in range(streams)]
     params = [SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)] * n
@@ -152,9 +144,7 @@ def measure(streams: int, tokens: int, n: int, step_s: float) -> dict[str, Any]:
     counter = StepCounter()
     clock = trio.testing.MockClock(autojump_threshold=0)
     started = time.thread_time()
-    counts = trio.run(
-        stream_all, streams, tokens, n, step_s, clock=clock, instruments=[counter]
-    )
+    counts = trio.run(stream_all, streams, tokens, n, step_s, clock=clock, instruments=[counter])
     cpu = time.thread_time() - started
     total_tokens = streams * n * tokens
     return {
@@ -165,32 +155,21 @@ def measure(streams: int, tokens: int, n: int, step_s: float) -> dict[str, Any]:
         "cpu_us_per_token": round(cpu * 1e6 / total_tokens, 2),
         "cpu_us_per_event": round(cpu * 1e6 / counts["events"], 2),
         "cpu_us_per_write": round(cpu * 1e6 / counts["writes"], 2),
-        "writes_per_step_per_stream": round(
-            counts["writes"] / (counts["steps"] * streams), 3
-        ),
+        "writes_per_step_per_stream": round(counts["writes"] / (counts["steps"] * streams), 3),
         "task_steps_per_token": round(counter.task_steps / total_tokens, 2),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--streams", type=int, default=64, help="concurrent streamed requests"
-    )
+    parser.add_argument("--streams", type=int, default=64, help="concurrent streamed requests")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per choice")
     parser.add_argument("--n", type=int, default=1, help="choices per request")
-    parser.add_argument(
-        "--step-ms", type=float, default=10.0, help="engine step length (mock time)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="runs; the lowest CPU is printed"
-    )
+    parser.add_argument("--step-ms", type=float, default=10.0, help="engine step length (mock time)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs; the lowest CPU is printed")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    runs = [
-        measure(args.streams, args.tokens, args.n, args.step_ms / 1000)
-        for _ in range(args.repeats)
-    ]
+    runs = [measure(args.streams, args.tokens, args.n, args.step_ms / 1000) for _ in range(args.repeats)]
     best = min(runs, key=lambda r: r["cpu_s"])
     if args.json:
         print(json.dumps(best))

@@ -204,9 +204,7 @@ class EngineCore:
         finish = None
         if tok.token_id in state.stop_ids or state.detokenizer.add(tok.token_id):
             finish = "stop"
-        elif finish is None and (
-            len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
-        ):
+        elif finish is None and (len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len):
             finish = "length"
         logprobs = None
         if seq.params.logprobs is not None:

@@ -94,7 +94,9 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if model_type in UNSUPPORTED_VL_TYPES:
-        raise ModelLoadError(f"model type {model_type!r} is not supported yet (supported VL: {', '.join(VL_MODEL_TYPES)})")
+        raise ModelLoadError(
+            f"model type {model_type!r} is not supported yet (supported VL: {', '.join(VL_MODEL_TYPES)})"
+        )
     if model_type in VL_MODEL_TYPES:
         auto_class = AutoModelForImageTextToText
     elif any(a.endswith("ForCausalLM") for a in architectures):

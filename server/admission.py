@@ -63,11 +63,7 @@ class Admission:
 
 
 def needs_admission(scope: Any) -> bool:
-    return (
-        scope.get("type") == "http"
-        and scope.get("path") not in EXEMPT_PATHS
-        and scope.get("method") != "OPTIONS"
-    )
+    return scope.get("type") == "http" and scope.get("path") not in EXEMPT_PATHS and scope.get("method") != "OPTIONS"
 
 
 class AdmissionMiddleware:
@@ -97,9 +93,7 @@ class AdmissionMiddleware:
 
 async def _refuse_if_not_admitted() -> None:
     if request.scope.get(ADMITTED_KEY) is False:
-        raise unavailable(
-            "The server is overloaded; please retry shortly.", "overloaded", RETRY_AFTER_S
-        )
+        raise unavailable("The server is overloaded; please retry shortly.", "overloaded", RETRY_AFTER_S)
 
 
 def install_admission(app: Quart, admission: Admission) -> None:

@@ -60,9 +60,7 @@ async def open_default_runtime(config: ServerConfig) -> AsyncIterator[Any]:
         yield runtime
 
 
-def create_app(
-    config: ServerConfig | None = None, *, runtime_factory: RuntimeFactory | None = None
-) -> VlserveApp:
+def create_app(config: ServerConfig | None = None, *, runtime_factory: RuntimeFactory | None = None) -> VlserveApp:
     """Build the app for ``config`` (default: from the environment).
 
     ``runtime_factory(config)`` must return an async context manager yielding a

@@ -49,9 +49,7 @@ class ChatChunker:
     and a last chunk with no choices carries the usage.
     """
 
-    def __init__(
-        self, meta: ResponseMeta, *, include_usage: bool, logprobs: bool
-    ) -> None:
+    def __init__(self, meta: ResponseMeta, *, include_usage: bool, logprobs: bool) -> None:
         self._head = {
             "id": meta.id,
             "object": "chat.completion.chunk",
@@ -77,12 +75,8 @@ class ChatChunker:
         chunks = []
         has_logprobs = self._logprobs and bool(delta.logprobs)
         if delta.text or has_logprobs:
-            logprobs = (
-                chat_logprobs_payload(delta.logprobs or []) if has_logprobs else None
-            )
-            chunks.append(
-                self._chunk([_choice(index, {"content": delta.text}, logprobs, None)])
-            )
+            logprobs = chat_logprobs_payload(delta.logprobs or []) if has_logprobs else None
+            chunks.append(self._chunk([_choice(index, {"content": delta.text}, logprobs, None)]))
         if delta.finish_reason is not None:
             chunks.append(self._chunk([_choice(index, {}, None, delta.finish_reason)]))
         return chunks
@@ -96,9 +90,7 @@ class ChatChunker:
         }
 
 
-def _choice(
-    index: int, delta: Chunk, logprobs: Chunk | None, finish_reason: str | None
-) -> Chunk:
+def _choice(index: int, delta: Chunk, logprobs: Chunk | None, finish_reason: str | None) -> Chunk:
     return {
         "index": index,
         "delta": delta,

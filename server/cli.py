@@ -23,9 +23,7 @@ def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
     common: dict[str, Any] = {"dest": option.name, "default": argparse.SUPPRESS}
     help_text = f"{option.help} [env {option.env}]"
     if option.kind is bool:
-        parser.add_argument(
-            option.flag, action=argparse.BooleanOptionalAction, help=help_text, **common
-        )
+        parser.add_argument(option.flag, action=argparse.BooleanOptionalAction, help=help_text, **common)
     elif option.kind is tuple:
         parser.add_argument(
             option.flag,
@@ -35,9 +33,7 @@ def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
             **common,
         )
     else:
-        parser.add_argument(
-            option.flag, metavar=option.kind.__name__.upper(), help=help_text, **common
-        )
+        parser.add_argument(option.flag, metavar=option.kind.__name__.upper(), help=help_text, **common)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible API")
     for option in config_options():
         _add_option(serve, option)
-    serve.add_argument(
-        "--log-level", default=os.environ.get("VLSERVE_LOG_LEVEL", "INFO"), help="logging level"
-    )
+    serve.add_argument("--log-level", default=os.environ.get("VLSERVE_LOG_LEVEL", "INFO"), help="logging level")
     tiny = commands.add_parser("make-tiny-model", help="build the tiny random test model")
     tiny.add_argument("directory", help="where to save it")
     return parser

@@ -19,9 +19,7 @@ from server.schemas.completions import Completion, CompletionChoice
 Chunk = dict[str, Any]
 
 
-def completion(
-    meta: ResponseMeta, results: Sequence[ChoiceResult], usage: Usage, *, logprobs: bool
-) -> Completion:
+def completion(meta: ResponseMeta, results: Sequence[ChoiceResult], usage: Usage, *, logprobs: bool) -> Completion:
     return Completion(
         id=meta.id,
         created=meta.created,
@@ -30,9 +28,7 @@ def completion(
             CompletionChoice(
                 index=result.index,
                 text=result.text,
-                logprobs=completion_logprobs(result.logprobs or [])
-                if logprobs
-                else None,
+                logprobs=completion_logprobs(result.logprobs or []) if logprobs else None,
                 finish_reason=result.finish_reason,
             )
             for result in results
@@ -45,9 +41,7 @@ class CompletionChunker:
     """Makes the chunks of one streamed completion: one per delta with text, logprobs or a
     finish reason; with ``include_usage`` a last chunk with no choices carries the usage."""
 
-    def __init__(
-        self, meta: ResponseMeta, *, include_usage: bool, logprobs: bool
-    ) -> None:
+    def __init__(self, meta: ResponseMeta, *, include_usage: bool, logprobs: bool) -> None:
         self._head = {
             "id": meta.id,
             "object": "text_completion",
@@ -77,9 +71,7 @@ class CompletionChunker:
         choice = {
             "index": index,
             "text": delta.text,
-            "logprobs": completion_logprobs_payload(delta.logprobs or [], offset)
-            if has_logprobs
-            else None,
+            "logprobs": completion_logprobs_payload(delta.logprobs or [], offset) if has_logprobs else None,
             "finish_reason": delta.finish_reason,
         }
         return [self._chunk([choice])]

@@ -74,9 +74,7 @@ class UsageTally:
     def usage(self) -> Usage:
         prompt = sum(self._prompt.values())
         completion = sum(self._completion.values())
-        return Usage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-        )
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 OnDelta = Callable[[Job, StreamDelta], Awaitable[None]]
@@ -130,9 +128,7 @@ async def complete_jobs(engine: Engine, jobs: Sequence[Job]) -> tuple[list[Choic
     return [results[i] for i in sorted(results)], tally.usage()
 
 
-def make_jobs(
-    prompts: Sequence[EnginePrompt], params: Sequence[Sequence[SamplingParams]]
-) -> list[Job]:
+def make_jobs(prompts: Sequence[EnginePrompt], params: Sequence[Sequence[SamplingParams]]) -> list[Job]:
     """Jobs for ``params[p][i]`` (choice ``i`` of prompt ``p``), indexed ``p * n + i``."""
     jobs = []
     for prompt_index, (prompt, choice_params) in enumerate(zip(prompts, params, strict=True)):

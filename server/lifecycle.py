@@ -132,9 +132,7 @@ class RuntimeLifecycle:
         """
         await self._settled.wait()
         if self.runtime is None or self.phase is Phase.FAILED:
-            raise RuntimeFailed(
-                f"the model runtime is {self.phase.value}"
-            ) from self.error
+            raise RuntimeFailed(f"the model runtime is {self.phase.value}") from self.error
         return self.runtime
 
     async def wait_closed(self) -> None:

@@ -56,9 +56,7 @@ def chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
     return ChatLogprobs.model_validate(chat_logprobs_payload(items))
 
 
-def completion_logprobs_payload(
-    items: Sequence[TokenLogprob], text_offset: int = 0
-) -> dict[str, Any]:
+def completion_logprobs_payload(items: Sequence[TokenLogprob], text_offset: int = 0) -> dict[str, Any]:
     """``CompletionLogprobs`` as a dict; ``text_offset`` of the first token within the
     choice's text."""
     offsets = []
@@ -68,17 +66,11 @@ def completion_logprobs_payload(
     return {
         "tokens": [item.token for item in items],
         "token_logprobs": [finite(item.logprob) for item in items],
-        "top_logprobs": [
-            {top.token: finite(top.logprob) for top in item.top} for item in items
-        ],
+        "top_logprobs": [{top.token: finite(top.logprob) for top in item.top} for item in items],
         "text_offset": offsets,
     }
 
 
-def completion_logprobs(
-    items: Sequence[TokenLogprob], text_offset: int = 0
-) -> CompletionLogprobs:
+def completion_logprobs(items: Sequence[TokenLogprob], text_offset: int = 0) -> CompletionLogprobs:
     """Legacy shape; ``text_offset`` of the first token within the choice's text."""
-    return CompletionLogprobs.model_validate(
-        completion_logprobs_payload(items, text_offset)
-    )
+    return CompletionLogprobs.model_validate(completion_logprobs_payload(items, text_offset))

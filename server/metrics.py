@@ -89,9 +89,7 @@ class ServerCollector:
             admission.refused,
         )
         ready = self._state.lifecycle.phase is Phase.READY
-        yield GaugeMetricFamily(
-            "vlserve_runtime_ready", "1 while new requests are served.", int(ready)
-        )
+        yield GaugeMetricFamily("vlserve_runtime_ready", "1 while new requests are served.", int(ready))
 
     def _engine(self) -> Iterator[Metric]:
         runtime = self._state.lifecycle.runtime
@@ -99,9 +97,7 @@ class ServerCollector:
         if statistics is None:
             return
         for name, value in _numbers(statistics()):
-            family = (
-                CounterMetricFamily if name in ENGINE_COUNTERS else GaugeMetricFamily
-            )
+            family = CounterMetricFamily if name in ENGINE_COUNTERS else GaugeMetricFamily
             yield family(f"vlserve_engine_{name}", f"Engine statistics: {name}.", value)
 
     def _gates(self) -> Iterator[Metric]:
@@ -114,9 +110,7 @@ class ServerCollector:
             gates = [
                 (gate.name, gate.borrowed, gate.total, gate.waiting)
                 for gate in _fields(statistics())
-                if all(
-                    hasattr(gate, a) for a in ("name", "borrowed", "total", "waiting")
-                )
+                if all(hasattr(gate, a) for a in ("name", "borrowed", "total", "waiting"))
             ]
         device_gate = getattr(runtime, "device_gate", None)
         if device_gate is not None:
@@ -130,15 +124,9 @@ class ServerCollector:
                 )
             )
         families = [
-            GaugeMetricFamily(
-                "vlserve_gate_borrowed", "Gate tokens in use.", labels=["gate"]
-            ),
-            GaugeMetricFamily(
-                "vlserve_gate_tokens", "Gate tokens in all.", labels=["gate"]
-            ),
-            GaugeMetricFamily(
-                "vlserve_gate_waiting", "Tasks waiting at a gate.", labels=["gate"]
-            ),
+            GaugeMetricFamily("vlserve_gate_borrowed", "Gate tokens in use.", labels=["gate"]),
+            GaugeMetricFamily("vlserve_gate_tokens", "Gate tokens in all.", labels=["gate"]),
+            GaugeMetricFamily("vlserve_gate_waiting", "Tasks waiting at a gate.", labels=["gate"]),
         ]
         for name, *values in gates:
             for family, value in zip(families, values, strict=True):

@@ -31,14 +31,10 @@ class ProbeFastPath:
         self.responder = responder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.responder.is_probe(
-            scope["method"], scope.get("path", "")
-        ):
+        if scope["type"] != "http" or not self.responder.is_probe(scope["method"], scope.get("path", "")):
             await self._inner(scope, receive, send)
             return
-        reply = self.responder.reply(
-            scope["method"], scope["path"], scope.get("headers", ())
-        )
+        reply = self.responder.reply(scope["method"], scope["path"], scope.get("headers", ()))
         await send(
             {
                 "type": "http.response.start",
@@ -46,6 +42,4 @@ class ProbeFastPath:
                 "headers": reply.headers,
             }
         )
-        await send(
-            {"type": "http.response.body", "body": reply.body, "more_body": False}
-        )
+        await send({"type": "http.response.body", "body": reply.body, "more_body": False})

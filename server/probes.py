@@ -32,9 +32,7 @@ class ProbeAnswer:
 
 
 def _answer(status: int, phase: Phase, **headers: str) -> ProbeAnswer:
-    body = json.dumps(
-        {"status": "ok" if status == 200 else "unavailable", "phase": phase.value}
-    )
+    body = json.dumps({"status": "ok" if status == 200 else "unavailable", "phase": phase.value})
     return ProbeAnswer(status, body.encode(), headers)
 
 
@@ -54,9 +52,7 @@ def ready_answer(lifecycle: RuntimeLifecycle) -> ProbeAnswer:
     phase = lifecycle.phase
     if phase is Phase.READY:
         return _answer(200, phase)
-    return _answer(
-        503, phase, **{"Retry-After": "5" if phase is Phase.LOADING else "1"}
-    )
+    return _answer(503, phase, **{"Retry-After": "5" if phase is Phase.LOADING else "1"})
 
 
 PROBES: dict[str, Callable[[RuntimeLifecycle], ProbeAnswer]] = {
@@ -88,31 +84,20 @@ class ProbeResponder:
     def is_probe(method: str, path: str) -> bool:
         return path in PROBES and method in PROBE_METHODS
 
-    def reply(
-        self, method: str, path: str, headers: Iterable[tuple[bytes, bytes]]
-    ) -> ProbeReply:
+    def reply(self, method: str, path: str, headers: Iterable[tuple[bytes, bytes]]) -> ProbeReply:
         """The reply to ``method path`` (which must satisfy ``is_probe``); ``headers`` are the
         request's, names in any case."""
         answer = PROBES[path](self._lifecycle)
         request_headers = {name.lower(): value for name, value in headers}
         presented = request_headers.get(_REQUEST_ID_KEY)
-        request_id = choose_request_id(
-            presented.decode("latin-1") if presented is not None else None
-        )
+        request_id = choose_request_id(presented.decode("latin-1") if presented is not None else None)
         origin = request_headers.get(b"origin")
-        cors = self._cors.response_headers(
-            origin.decode("latin-1") if origin is not None else None
-        )
+        cors = self._cors.response_headers(origin.decode("latin-1") if origin is not None else None)
         reply_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(answer.body)).encode()),
-            *(
-                (name.lower().encode(), value.encode())
-                for name, value in answer.headers.items()
-            ),
+            *((name.lower().encode(), value.encode()) for name, value in answer.headers.items()),
             (_REQUEST_ID_KEY, request_id.encode()),
             *((name.lower().encode(), value.encode()) for name, value in cors),
         ]
-        return ProbeReply(
-            answer.status, reply_headers, b"" if method == "HEAD" else answer.body
-        )
+        return ProbeReply(answer.status, reply_headers, b"" if method == "HEAD" else answer.body)

@@ -80,16 +80,12 @@ def vlserve_base_url(vlserve_server: RunningServer) -> str:
 
 
 @pytest.fixture
-async def vlserve_client(
-    vlserve_server: RunningServer, vlserve_config: ServerConfig
-) -> AsyncIterator[Any]:
+async def vlserve_client(vlserve_server: RunningServer, vlserve_config: ServerConfig) -> AsyncIterator[Any]:
     """An ``openai.AsyncOpenAI`` for the server (first configured key; no retries)."""
     import openai
 
     api_key = vlserve_config.api_keys[0] if vlserve_config.api_keys else "unused"
-    client = openai.AsyncOpenAI(
-        base_url=f"{vlserve_server.url}/v1", api_key=api_key, max_retries=0, timeout=60.0
-    )
+    client = openai.AsyncOpenAI(base_url=f"{vlserve_server.url}/v1", api_key=api_key, max_retries=0, timeout=60.0)
     try:
         yield client
     finally:

@@ -30,9 +30,7 @@ def install_request_id(app: Quart) -> None:
         g.request_id = choose_request_id(request.headers.get(HEADER))
 
     async def echo(response: Response) -> Response:
-        response.headers[HEADER] = g.get("request_id") or choose_request_id(
-            request.headers.get(HEADER)
-        )
+        response.headers[HEADER] = g.get("request_id") or choose_request_id(request.headers.get(HEADER))
         return response
 
     app.before_request_funcs.setdefault(None, []).insert(0, assign)

@@ -104,7 +104,10 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
     device_gate = trio.CapacityLimiter(1)
     policy = config.media
     async with ImageFetcher(policy) as fetcher:
-        async with open_engine(loaded, config.engine, device_gate) as engine, _open_prep_runner(loaded, config, policy) as runner:
+        async with (
+            open_engine(loaded, config.engine, device_gate) as engine,
+            _open_prep_runner(loaded, config, policy) as runner,
+        ):
             async with _open_encoder(loaded, config, device_gate) as encoder:
                 preparer = ChatPreparer(
                     tools=PrepTools(loaded.tokenizer, policy, _preprocessor(loaded)),
@@ -129,7 +132,9 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
 
 
 @asynccontextmanager
-async def _open_prep_runner(loaded: LoadedModel, config: ServerConfig, policy: MediaPolicy) -> AsyncIterator[ProcessPrep | None]:
+async def _open_prep_runner(
+    loaded: LoadedModel, config: ServerConfig, policy: MediaPolicy
+) -> AsyncIterator[ProcessPrep | None]:
     """Prep worker processes (one per gate token) if configured, else ``None`` (threads)."""
     if not config.prep.processes:
         yield None

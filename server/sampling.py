@@ -39,9 +39,7 @@ class LengthBudget:
         return self.requested
 
 
-def sampling_params(
-    request: SamplingRequest, *, max_tokens: int, logprobs: int | None
-) -> list[SamplingParams]:
+def sampling_params(request: SamplingRequest, *, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
     """One ``SamplingParams`` per choice (``n``); choice ``i`` gets ``seed + i``.
 
     Raises ``InvalidRequest`` naming the parameter for values the sampler rejects.
@@ -54,14 +52,9 @@ def sampling_params(
         "min_p": request.min_p or 0.0,
         "presence_penalty": request.presence_penalty or 0.0,
         "frequency_penalty": request.frequency_penalty or 0.0,
-        "repetition_penalty": (
-            1.0 if request.repetition_penalty is None else request.repetition_penalty
-        ),
+        "repetition_penalty": (1.0 if request.repetition_penalty is None else request.repetition_penalty),
         "stop": request.stop_strings,
         "ignore_eos": request.ignore_eos,
         "logprobs": logprobs,
     }
-    return [
-        SamplingParams(**base, seed=None if request.seed is None else request.seed + i)
-        for i in range(request.n)
-    ]
+    return [SamplingParams(**base, seed=None if request.seed is None else request.seed + i) for i in range(request.n)]

@@ -102,14 +102,10 @@ async def run_server(
     try:
         async with trio.open_nursery() as nursery:
             if fast_http and not hyper.quic_bind:  # server.http_path serves TCP only
-                serve = partial(
-                    fast_serve, probes=app.probe_responder, pass_log=pass_log
-                )
+                serve = partial(fast_serve, probes=app.probe_responder, pass_log=pass_log)
             else:
                 serve = stock_serve
-            serve_task = partial(
-                _serve_then_cancel, serve, app, hyper, shutdown, nursery.cancel_scope
-            )
+            serve_task = partial(_serve_then_cancel, serve, app, hyper, shutdown, nursery.cancel_scope)
             urls = await nursery.start(serve_task)
             server = RunningServer(app, state_of(app), urls, shutdown, stopped)
             nursery.start_soon(_shut_down_when_runtime_closes, server)
@@ -153,9 +149,7 @@ async def serve_until_signalled(
     """
     pass_log = _pass_log_from_env()
     try:
-        return await _serve_until_signalled(
-            config, runtime_factory, hypercorn_options, pass_log
-        )
+        return await _serve_until_signalled(config, runtime_factory, hypercorn_options, pass_log)
     finally:
         if pass_log is not None:
             trio.lowlevel.remove_instrument(pass_log.counter)
@@ -194,9 +188,7 @@ async def _serve_until_signalled(
                 nonlocal forced
                 async for signum in signals:
                     if server.shutting_down:
-                        log.warning(
-                            "second %s: stopping now", signal.Signals(signum).name
-                        )
+                        log.warning("second %s: stopping now", signal.Signals(signum).name)
                         forced = True
                         nursery.cancel_scope.cancel()
                         return

@@ -184,9 +184,7 @@ class ProducedEventsBody(ResponseBody):
     last one, leaving cancels whatever of it is still running.
     """
 
-    def __init__(
-        self, producer: Producer, request_id: str, outbox: EventOutbox | None = None
-    ) -> None:
+    def __init__(self, producer: Producer, request_id: str, outbox: EventOutbox | None = None) -> None:
         self._producer = producer
         self._request_id = request_id
         self.outbox = outbox or EventOutbox()

@@ -11,9 +11,9 @@ its result is discarded.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
 
 import torch
 import trio
@@ -44,7 +44,7 @@ class EncoderClosed(EncoderFailed):
 
 
 class _Job:
-    __slots__ = ("pixels", "done", "result", "error", "abandoned")
+    __slots__ = ("abandoned", "done", "error", "pixels", "result")
 
     def __init__(self, pixels: PixelInputs) -> None:
         self.pixels = pixels
@@ -80,7 +80,9 @@ class VisionEncoder:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, encode_fn: EncodeFn, device_gate: trio.CapacityLimiter, **options) -> AsyncIterator[VisionEncoder]:
+    async def open(
+        cls, encode_fn: EncodeFn, device_gate: trio.CapacityLimiter, **options
+    ) -> AsyncIterator[VisionEncoder]:
         """Run the batcher for the duration of the block. On exit the batcher is cancelled
         after its current forward (if any) has finished."""
         encoder = cls(encode_fn, device_gate, **options)
@@ -146,7 +148,7 @@ class VisionEncoder:
         self._batches += 1
         self._last = len(batch)
         self._largest = max(self._largest, len(batch))
-        for job, features in zip(batch, results):
+        for job, features in zip(batch, results, strict=True):
             job.result = features
             self._encoded += 1
             job.done.set()

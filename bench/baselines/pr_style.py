@@ -10,7 +10,8 @@ Image fetch and decode stay in the default thread pool, ungated, as in the PR.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from bench.baselines.executor_gate import run_gated
 from bench.baselines.image_loading import ImageLoader

@@ -17,7 +17,11 @@ from bench.launch.readiness import http_ready
 
 SERVERS = ("vlserve", "vlserve-thread", "vlserve-prep-procs", "pr-style", "main-style")
 DEFAULT_SERVERS = ("vlserve", "pr-style", "main-style")
-VLSERVE_VARIANTS = {"vlserve": (), "vlserve-thread": ("--no-engine-process",), "vlserve-prep-procs": ("--prep-processes",)}
+VLSERVE_VARIANTS = {
+    "vlserve": (),
+    "vlserve-thread": ("--no-engine-process",),
+    "vlserve-prep-procs": ("--prep-processes",),
+}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -135,7 +135,9 @@ async def run(url: str, interval: float, max_seconds: float, out: Path) -> None:
                     break
                 nursery.cancel_scope.cancel()
     staging = out.with_suffix(".partial")
-    staging.write_text(json.dumps({"url": url, "interval": interval, "samples": samples, "fresh_samples": fresh_samples}))
+    staging.write_text(
+        json.dumps({"url": url, "interval": interval, "samples": samples, "fresh_samples": fresh_samples})
+    )
     staging.replace(out)
 
 

@@ -26,9 +26,7 @@ class LagHistogram:
 
     def since(self, earlier: LagHistogram) -> LagHistogram:
         before = dict(earlier.buckets)
-        return LagHistogram(
-            tuple((le, count - before.get(le, 0.0)) for le, count in self.buckets)
-        )
+        return LagHistogram(tuple((le, count - before.get(le, 0.0)) for le, count in self.buckets))
 
     @property
     def count(self) -> float:
@@ -56,11 +54,7 @@ class LagHistogram:
 def parse_lag_histogram(text: str) -> LagHistogram | None:
     for family in text_string_to_metric_families(text):
         if family.name == FAMILY:
-            buckets = sorted(
-                (float(s.labels["le"]), s.value)
-                for s in family.samples
-                if s.name == FAMILY + "_bucket"
-            )
+            buckets = sorted((float(s.labels["le"]), s.value) for s in family.samples if s.name == FAMILY + "_bucket")
             return LagHistogram(tuple(buckets))
     return None
 

@@ -115,7 +115,7 @@ class Summary:
         width = 50
         lines = [head.center(width, "=")]
         lines += [f"{label:<40}{value:>10}" if value else label for label, value in rows]
-        return "\n".join(lines + ["=" * width])
+        return "\n".join([*lines, "=" * width])
 
 
 def burst_health(run: LoadRun, *, fresh: bool = False) -> list[tuple[float, float, int]]:

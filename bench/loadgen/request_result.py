@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 
@@ -36,7 +37,7 @@ class RequestResult:
     def itls(self) -> list[float]:
         """Gaps between consecutive output chunks."""
         times = self.chunk_times
-        return [b - a for a, b in zip(times, times[1:], strict=False)]
+        return [b - a for a, b in itertools.pairwise(times)]
 
     @property
     def tpot(self) -> float | None:

@@ -9,14 +9,20 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from bench.loadgen.metrics import burst_health  # noqa: E402
-from bench.loadgen.run import LoadRun  # noqa: E402
+from bench.loadgen.metrics import burst_health
+from bench.loadgen.run import LoadRun
 
 TARGET_P99_MS = 5.0
 TARGET_MAX_MS = 15.0
-COLOURS = (("vlserve", "tab:blue"), ("vlserve-thread", "tab:purple"), ("vlserve-prep-procs", "tab:cyan"), ("pr-style", "tab:orange"), ("main-style", "tab:green"))
+COLOURS = (
+    ("vlserve", "tab:blue"),
+    ("vlserve-thread", "tab:purple"),
+    ("vlserve-prep-procs", "tab:cyan"),
+    ("pr-style", "tab:orange"),
+    ("main-style", "tab:green"),
+)
 
 # (server, concurrency, [(seconds since the burst started, latency ms), ...])
 Series = tuple[str, int, list[tuple[float, float]]]

@@ -237,6 +237,4 @@ class FastTCPServer(TCPServer):
         except OSError as error:
             if error.errno == errno.EBADF:
                 raise trio.ClosedResourceError("socket was already closed") from None
-            raise trio.BrokenResourceError(
-                f"socket connection broken: {error}"
-            ) from error
+            raise trio.BrokenResourceError(f"socket connection broken: {error}") from error

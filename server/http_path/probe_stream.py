@@ -87,7 +87,5 @@ class ProbeStream:
                 "status": reply.status,
                 "headers": reply.headers,
             }
-            await self._config.log.access(
-                self._scope(), response, time() - self._start_time
-            )
+            await self._config.log.access(self._scope(), response, time() - self._start_time)
         await self._send(StreamClosed(stream_id=self._stream_id))

@@ -35,9 +35,7 @@ class ProbeHooks:
     """What the protocol needs to answer probes: the responder, and a callback run just
     before each probe reply is written (``fresh`` is true for a connection's first request)."""
 
-    def __init__(
-        self, responder: ProbeResponder, on_reply: Callable[[bool], None] | None = None
-    ) -> None:
+    def __init__(self, responder: ProbeResponder, on_reply: Callable[[bool], None] | None = None) -> None:
         self.responder = responder
         self.on_reply = on_reply
 
@@ -56,9 +54,7 @@ class FastH11Protocol(H11Protocol):
             headers = [*event.headers, *self.config.response_headers("h11")]
             if self.keep_alive_requests >= self.config.keep_alive_max_requests:
                 headers.append((b"connection", b"close"))
-            self._unsent_head += self._h11_bytes(
-                h11.Response(headers=headers, status_code=event.status_code)
-            )
+            self._unsent_head += self._h11_bytes(h11.Response(headers=headers, status_code=event.status_code))
         elif isinstance(event, Body):
             await self._write(self._h11_bytes(h11.Data(data=event.data)))
         elif isinstance(event, EndBody):

@@ -35,9 +35,7 @@ from server.probes import ProbeResponder
 log = logging.getLogger(__name__)
 
 # As trio.serve_listeners: accept errors that mean "out of resources, retry shortly".
-_ACCEPT_CAPACITY_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-)
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY_S = 0.1
 
 
@@ -61,9 +59,7 @@ async def serve(
     lifespan shutdown does not run.
     """
     if config.quic_bind:
-        raise ValueError(
-            "server.http_path.serve does not serve QUIC; use hypercorn.trio.serve"
-        )
+        raise ValueError("server.http_path.serve does not serve QUIC; use hypercorn.trio.serve")
     config.set_statsd_logger_class(StatsdLogger)
     app = wrap_app(app, config.wsgi_max_body_size, None)
     lifespan_state: LifespanState = {}
@@ -108,15 +104,13 @@ async def serve(
             except BaseExceptionGroup as error:
                 _, other_errors = error.split((ShutdownError, KeyboardInterrupt))
                 if other_errors is not None:
-                    raise other_errors
+                    raise other_errors from None  # the real errors, without the shutdown signal beside them
             finally:
                 await _close_listeners(listeners)
                 await context.terminated.set()
                 for connection in list(connections):
                     connection.close_if_idle()
-                server_nursery.cancel_scope.deadline = (
-                    trio.current_time() + config.graceful_timeout
-                )
+                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()

@@ -37,9 +37,7 @@ class NoWaitTaskGroup(TaskGroup):
         scope: Any,
         send: Callable[[Any], Awaitable[None]],
     ) -> Callable[[Any], Awaitable[None]]:
-        app_send_channel, app_receive_channel = trio.open_memory_channel[Any](
-            config.max_app_queue_size
-        )
+        app_send_channel, app_receive_channel = trio.open_memory_channel[Any](config.max_app_queue_size)
         self._nursery.start_soon(  # type: ignore[union-attr]
             _handle,
             app,

@@ -19,9 +19,7 @@ blueprint = Blueprint("health", __name__)
 
 
 def _response(answer: ProbeAnswer) -> Response:
-    response = Response(
-        answer.body, status=answer.status, content_type="application/json"
-    )
+    response = Response(answer.body, status=answer.status, content_type="application/json")
     for name, value in answer.headers.items():
         response.headers[name] = value
     return response
@@ -37,6 +35,4 @@ def _route(
 
 
 for _path, _answer in PROBES.items():
-    blueprint.add_url_rule(
-        _path, f"probe{_path.replace('/', '_')}", _route(_answer), methods=["GET"]
-    )
+    blueprint.add_url_rule(_path, f"probe{_path.replace('/', '_')}", _route(_answer), methods=["GET"])

@@ -17,9 +17,7 @@ blueprint = Blueprint("models", __name__)
 
 
 def model_card(runtime: Runtime) -> ModelCard:
-    return ModelCard(
-        id=runtime.model_name, created=runtime.created, max_model_len=runtime.max_model_len
-    )
+    return ModelCard(id=runtime.model_name, created=runtime.created, max_model_len=runtime.max_model_len)
 
 
 @blueprint.get("/v1/models")

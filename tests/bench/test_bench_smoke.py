@@ -19,12 +19,12 @@ pytest.importorskip("uvicorn", reason="the benchmark needs the 'bench' extra")
 pytest.importorskip("psutil", reason="the benchmark needs the 'bench' extra")
 pytest.importorskip("matplotlib", reason="the benchmark needs the 'bench' extra")
 
-from bench.loadgen.options import LoadOptions  # noqa: E402
-from bench.orchestrate import BenchmarkPlan, run_benchmark  # noqa: E402
-from bench.report.health_plot import plot_health  # noqa: E402
-from bench.report.results_files import write_results  # noqa: E402
-from bench.report.tables import comparison_table, probe_table, sweep_table  # noqa: E402
-from bench.workloads.catalog import WORKLOADS  # noqa: E402
+from bench.loadgen.options import LoadOptions
+from bench.orchestrate import BenchmarkPlan, run_benchmark
+from bench.report.health_plot import plot_health
+from bench.report.results_files import write_results
+from bench.report.tables import comparison_table, probe_table, sweep_table
+from bench.workloads.catalog import WORKLOADS
 
 SERVERS = ("vlserve", "pr-style")
 

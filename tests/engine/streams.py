@@ -14,10 +14,10 @@ async def run_stream(engine, prompt, params):
     return deltas
 
 
-async def wait_until_idle(engine, timeout: float = 5.0):  # noqa: ASYNC109  (a test helper's deadline)
+async def wait_until_idle(engine, timeout: float = 5.0):
     """Wait until the engine reports no running or waiting sequence and an empty cache;
     fail the test after ``timeout`` seconds."""
     with trio.fail_after(timeout):
         # polls: the figures come from the step loop (maybe another process), with no event to wait on
-        while engine.statistics().running or engine.statistics().waiting or engine.statistics().cache_tokens:  # noqa: ASYNC110
+        while engine.statistics().running or engine.statistics().waiting or engine.statistics().cache_tokens:
             await trio.sleep(0.005)

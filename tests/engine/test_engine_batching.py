@@ -48,7 +48,9 @@ async def test_mixed_requests_joining_a_running_batch_match_generate_alone(tiny_
     expected = [reference_generate(tiny_model, p, extra, n) for (p, extra), n in zip(requests, max_tokens, strict=True)]
 
     results = [None] * len(requests)
-    async with open_engine(tiny_model, in_thread(max_num_seqs=6, decode_steps_per_call=decode_steps_per_call)) as engine:
+    async with open_engine(
+        tiny_model, in_thread(max_num_seqs=6, decode_steps_per_call=decode_steps_per_call)
+    ) as engine:
 
         async def run(i):
             params = SamplingParams(max_tokens=max_tokens[i], temperature=0)
@@ -72,7 +74,6 @@ async def test_request_joins_while_batch_is_running(tiny_model):
     short_prompt, _ = chat_prompt(tiny_model, "what")
     order = []
     async with open_engine(tiny_model, in_thread()) as engine:
-
         generating = trio.Event()
 
         async def long_one():

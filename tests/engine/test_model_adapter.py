@@ -36,7 +36,9 @@ async def test_engine_steps_raise_no_cache_deprecation_warning(tiny_model):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         async with open_engine(tiny_model, in_thread()) as engine:
-            async with engine.open_stream(EnginePrompt([5, 6, 7, 8]), SamplingParams(max_tokens=4, temperature=0)) as stream:
+            async with engine.open_stream(
+                EnginePrompt([5, 6, 7, 8]), SamplingParams(max_tokens=4, temperature=0)
+            ) as stream:
                 tokens = [t async for delta in stream for t in delta.token_ids]
     assert len(tokens) == 4
     messages = [str(w.message) for w in caught]

@@ -21,9 +21,15 @@ def save_qwen2_causal(path):
 
     tokenizer = build_tokenizer()
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
@@ -38,13 +44,27 @@ def save_qwen25_vl(path, tiny_model_dir):
 
     tokenizer = build_tokenizer()
     base = build_config(tokenizer).to_dict()
-    vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                  fullatt_block_indexes=[1])
-    config = Qwen2_5_VLConfig(text_config=base["text_config"], vision_config=vision,
-                              image_token_id=base["image_token_id"], video_token_id=base["video_token_id"],
-                              vision_start_token_id=base["vision_start_token_id"],
-                              vision_end_token_id=base["vision_end_token_id"], tie_word_embeddings=False)
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        out_hidden_size=64,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=base["text_config"],
+        vision_config=vision,
+        image_token_id=base["image_token_id"],
+        video_token_id=base["video_token_id"],
+        vision_start_token_id=base["vision_start_token_id"],
+        vision_end_token_id=base["vision_end_token_id"],
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config)
     _fan_in_init(model, torch.Generator().manual_seed(0))
@@ -93,8 +113,22 @@ async def test_qwen25_vl_batches_like_generate(tmp_path, tiny_model_dir):
         (lambda p: None, "not a directory"),
         (lambda p: p.mkdir(), "no config.json"),
         (lambda p: (p.mkdir(), (p / "config.json").write_text("{not json")), "cannot read"),
-        (lambda p: (p.mkdir(), (p / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))), "unsupported architecture"),
-        (lambda p: (p.mkdir(), (p / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))), "cannot load"),
+        (
+            lambda p: (
+                p.mkdir(),
+                (p / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]})),
+            ),
+            "unsupported architecture",
+        ),
+        (
+            lambda p: (
+                p.mkdir(),
+                (p / "config.json").write_text(
+                    json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+                ),
+            ),
+            "cannot load",
+        ),
     ],
 )
 def test_bad_model_directories_give_one_line_errors(tmp_path, setup, message):

@@ -22,7 +22,12 @@ def test_builder_is_deterministic_and_loads_with_auto_classes(tmp_path, tiny_mod
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     assert processor.size["longest_edge"] <= 256 * 28 * 28
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "hi"}]}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "hi"}],
+            }
+        ],
         tokenize=False,
         add_generation_prompt=True,
     )
@@ -33,8 +38,10 @@ def test_greedy_output_varies(tiny_model):
     import torch
 
     ids = torch.tensor([tiny_model.tokenizer("hello world please describe").input_ids])
-    out = tiny_model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
-    new = out[0, ids.shape[1]:].tolist()
+    out = tiny_model.model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False
+    )
+    new = out[0, ids.shape[1] :].tolist()
     assert len(set(new)) >= 8
 
 

@@ -20,7 +20,7 @@ class ScriptedResolver(trio.abc.HostnameResolver):
         self._script = {name: [list(answer) for answer in answers] for name, answers in script.items()}
         self.lookups: dict[str, int] = {}
 
-    async def getaddrinfo(self, host, port, family=0, type=0, proto=0, flags=0):  # noqa: A002 - socket API names
+    async def getaddrinfo(self, host, port, family=0, type=0, proto=0, flags=0):
         await trio.lowlevel.checkpoint()
         name = host.decode("ascii") if isinstance(host, bytes) else str(host)
         answers = self._script.get(name)

@@ -28,6 +28,13 @@ async def wait_until_quiescent(runtime, timeout: float = 20.0) -> None:
             engine = runtime.engine.statistics()
             encoder = runtime.preparer.statistics().encoder
             idle = all(v == (0, 0) for v in limiter_state(runtime).values())
-            if idle and engine.running == 0 and engine.waiting == 0 and engine.cache_tokens == 0 and not encoder.forward_running and encoder.queued == 0:
+            if (
+                idle
+                and engine.running == 0
+                and engine.waiting == 0
+                and engine.cache_tokens == 0
+                and not encoder.forward_running
+                and encoder.queued == 0
+            ):
                 return
             await trio.sleep(0.02)

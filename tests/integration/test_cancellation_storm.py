@@ -33,9 +33,29 @@ def request_bodies(base_url: str, model: str) -> list[dict]:
         bodies.append([{"role": "user", "content": f"tell me about the number {i} and the red car"}])
     for i in range(4):
         uri = "data:image/jpeg;base64," + base64.b64encode(jpeg(i, 64 + 24 * i)).decode()
-        bodies.append([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": f"picture {i}"}]}])
+        bodies.append(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": uri}},
+                        {"type": "text", "text": f"picture {i}"},
+                    ],
+                }
+            ]
+        )
     for i in range(4):
-        bodies.append([{"role": "user", "content": [{"type": "text", "text": f"fetched {i}"}, {"type": "image_url", "image_url": {"url": f"{base_url}/img{i}.jpg"}}]}])
+        bodies.append(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": f"fetched {i}"},
+                        {"type": "image_url", "image_url": {"url": f"{base_url}/img{i}.jpg"}},
+                    ],
+                }
+            ]
+        )
     return [{"model": model, "messages": m, "max_tokens": 12 + i % 5, "temperature": 0} for i, m in enumerate(bodies)]
 
 
@@ -62,13 +82,19 @@ async def test_random_disconnect_storm_leaves_every_limiter_full_and_engine_empt
     holds no sequences and no cache, and every request that was not abandoned returned
     exactly what the same request returns when sent alone."""
     rng = random.Random(20261124)
-    routes = {f"/img{i}.jpg": Route(body=jpeg(100 + i, 80 + 16 * i), headers=(("Content-Type", "image/jpeg"),), delay=0.03) for i in range(4)}
+    routes = {
+        f"/img{i}.jpg": Route(body=jpeg(100 + i, 80 + 16 * i), headers=(("Content-Type", "image/jpeg"),), delay=0.03)
+        for i in range(4)
+    }
     async with serve_images(routes) as image_base:
         bodies = request_bodies(image_base, runtime.model_name)
         alone = [await complete(http, body, stream=False) for body in bodies]
         await wait_until_quiescent(runtime)
 
-        plan = [(rng.randrange(len(bodies)), rng.random() < 0.5, rng.random() < 0.4, rng.uniform(0, 0.4)) for _ in range(STORM_SIZE)]
+        plan = [
+            (rng.randrange(len(bodies)), rng.random() < 0.5, rng.random() < 0.4, rng.uniform(0, 0.4))
+            for _ in range(STORM_SIZE)
+        ]
         outcomes: list[tuple[int, str] | None] = [None] * STORM_SIZE
         gate = trio.CapacityLimiter(IN_FLIGHT)
 

@@ -57,7 +57,11 @@ async def test_health_answers_while_every_gate_is_saturated(http, runtime):
             with trio.fail_after(10):
                 while True:
                     stats = preparer.statistics()
-                    if stats.image_gate.borrowed == stats.image_gate.total and stats.image_gate.waiting > 0 and stats.tokenizer_gate.waiting > 0:
+                    if (
+                        stats.image_gate.borrowed == stats.image_gate.total
+                        and stats.image_gate.waiting > 0
+                        and stats.tokenizer_gate.waiting > 0
+                    ):
                         break
                     await trio.sleep(0.01)
             assert runtime.device_gate.borrowed_tokens == 1

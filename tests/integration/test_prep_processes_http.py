@@ -30,7 +30,12 @@ def jpeg_uri(seed: int) -> str:
 
 
 def image_messages(url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is it?"}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is it?"}],
+        }
+    ]
 
 
 async def test_images_and_errors_through_prep_processes(runtime, http, vlserve_base_url):
@@ -42,7 +47,9 @@ async def test_images_and_errors_through_prep_processes(runtime, http, vlserve_b
     replies: list[str] = []
 
     async def chat(seed: int) -> None:
-        reply = await client.chat.completions.create(model=runtime.model_name, messages=image_messages(jpeg_uri(seed)), max_tokens=8)
+        reply = await client.chat.completions.create(
+            model=runtime.model_name, messages=image_messages(jpeg_uri(seed)), max_tokens=8
+        )
         replies.append(reply.choices[0].finish_reason)
 
     async with trio.open_nursery() as nursery:
@@ -51,7 +58,9 @@ async def test_images_and_errors_through_prep_processes(runtime, http, vlserve_b
     assert replies == ["length"] * 6
 
     bad = "data:image/png;base64," + base64.b64encode(b"these bytes are no image").decode()
-    response = await http.post("/v1/chat/completions", json={"model": runtime.model_name, "messages": image_messages(bad), "max_tokens": 4})
+    response = await http.post(
+        "/v1/chat/completions", json={"model": runtime.model_name, "messages": image_messages(bad), "max_tokens": 4}
+    )
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "messages[0].content[0].image_url" and error["type"] == "invalid_request_error"

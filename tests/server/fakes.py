@@ -57,10 +57,7 @@ class FakeStream:
     def _logprobs(self, piece: str, position: int) -> list[TokenLogprob] | None:
         if self._params.logprobs is None:
             return None
-        top = [
-            TopLogprob(token_id=k, token=f"alt{k}", logprob=-1.0 - k)
-            for k in range(self._params.logprobs)
-        ]
+        top = [TopLogprob(token_id=k, token=f"alt{k}", logprob=-1.0 - k) for k in range(self._params.logprobs)]
         return [TokenLogprob(token_id=position, token=piece, logprob=-0.25, top=top)]
 
     async def _deltas(self) -> AsyncIterator[StreamDelta]:
@@ -107,9 +104,7 @@ class FakeEngine:
         self.changed = trio.Event()
 
     @asynccontextmanager
-    async def open_stream(
-        self, prompt: EnginePrompt, params: SamplingParams
-    ) -> AsyncIterator[FakeStream]:
+    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[FakeStream]:
         if len(prompt.token_ids) + params.max_tokens > 1 << 20:
             raise InvalidRequest("too long for the fake", param="max_tokens")
         self.opened.append((prompt, params))

@@ -25,9 +25,7 @@ async def _wait_for(predicate, timeout=5.0):
             await trio.sleep(0.005)
 
 
-async def test_over_the_limit_is_503_before_preparation(
-    http, fake_runtime: FakeRuntime, vlserve_server
-):
+async def test_over_the_limit_is_503_before_preparation(http, fake_runtime: FakeRuntime, vlserve_server):
     preparer = fake_runtime.preparer
     preparer.gate = trio.Event()
     results = []
@@ -77,14 +75,10 @@ async def test_openai_client_sees_503_as_internal_server_error(vlserve_client, f
     async with trio.open_nursery() as nursery:
         for _ in range(LIMIT):
             nursery.start_soon(
-                lambda: vlserve_client.chat.completions.create(
-                    model="fake-model", messages=CHAT["messages"]
-                )
+                lambda: vlserve_client.chat.completions.create(model="fake-model", messages=CHAT["messages"])
             )
         await _wait_for(lambda: fake_runtime.preparer.entered == LIMIT)
         with pytest.raises(openai.InternalServerError) as raised:
-            await vlserve_client.chat.completions.create(
-                model="fake-model", messages=CHAT["messages"]
-            )
+            await vlserve_client.chat.completions.create(model="fake-model", messages=CHAT["messages"])
         assert raised.value.status_code == 503
         fake_runtime.preparer.gate.set()

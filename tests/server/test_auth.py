@@ -47,9 +47,7 @@ async def test_probes_need_no_key(http, path):
 
 
 async def test_openai_client_raises_authentication_error(vlserve_base_url):
-    async with openai.AsyncOpenAI(
-        base_url=f"{vlserve_base_url}/v1", api_key="wrong", max_retries=0
-    ) as client:
+    async with openai.AsyncOpenAI(base_url=f"{vlserve_base_url}/v1", api_key="wrong", max_retries=0) as client:
         with pytest.raises(openai.AuthenticationError):
             await client.models.list()
 

@@ -44,9 +44,7 @@ def chunks_of(chunker) -> list[dict]:
 @pytest.mark.parametrize("include_usage", [False, True])
 @pytest.mark.parametrize("logprobs", [False, True])
 def test_chat_chunks_match_the_schema_bytes(include_usage, logprobs):
-    chunks = chunks_of(
-        ChatChunker(META, include_usage=include_usage, logprobs=logprobs)
-    )
+    chunks = chunks_of(ChatChunker(META, include_usage=include_usage, logprobs=logprobs))
     assert len(chunks) == 1 + 4 + include_usage
     for chunk in chunks:
         model = ChatCompletionChunk.model_validate(chunk)
@@ -57,9 +55,7 @@ def test_chat_chunks_match_the_schema_bytes(include_usage, logprobs):
 @pytest.mark.parametrize("include_usage", [False, True])
 @pytest.mark.parametrize("logprobs", [False, True])
 def test_completion_chunks_match_the_schema_bytes(include_usage, logprobs):
-    chunks = chunks_of(
-        CompletionChunker(META, include_usage=include_usage, logprobs=logprobs)
-    )
+    chunks = chunks_of(CompletionChunker(META, include_usage=include_usage, logprobs=logprobs))
     assert len(chunks) == 3 + include_usage
     for chunk in chunks:
         model = CompletionChunk.model_validate(chunk)

@@ -27,9 +27,7 @@ CHAT = b'{"messages": [{"role": "user", "content": "hi"}], "stream": %s, "max_to
 
 
 @pytest.fixture(params=[True, False], ids=["http_path", "stock-hypercorn"])
-async def vlserve_server(
-    request, vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory
-):
+async def vlserve_server(request, vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory):
     """The plugin's server, on each HTTP path, with a short keep-alive timeout."""
     async with trio.open_nursery() as nursery:
         start = partial(
@@ -58,14 +56,10 @@ def test_app_uses_the_fixed_connection_class():
     ids=["connection-close", "http-1.0"],
 )
 @pytest.mark.parametrize("path", ["/health", "/v1/models", "/nope"])
-async def test_connection_that_should_close_gets_eof(
-    vlserve_base_url, version, headers, path
-):
+async def test_connection_that_should_close_gets_eof(vlserve_base_url, version, headers, path):
     stream = await connect(vlserve_base_url)
     async with stream:
-        await stream.send_all(
-            request_bytes("GET", path, version=version, headers=headers)
-        )
+        await stream.send_all(request_bytes("GET", path, version=version, headers=headers))
         data, closed = await read_until_eof(stream, timeout=5)
     assert closed, f"no EOF; got {data[:200]!r}"
     assert status_of(data) in (200, 404)
@@ -74,9 +68,7 @@ async def test_connection_that_should_close_gets_eof(
 async def test_streamed_response_to_http_1_0_ends_with_eof(vlserve_base_url):
     stream = await connect(vlserve_base_url)
     async with stream:
-        request = request_bytes(
-            "POST", "/v1/chat/completions", version="1.0", body=CHAT % b"true"
-        )
+        request = request_bytes("POST", "/v1/chat/completions", version="1.0", body=CHAT % b"true")
         await stream.send_all(request)
         data, closed = await read_until_eof(stream, timeout=5)
     assert closed
@@ -96,9 +88,7 @@ async def test_idle_keep_alive_connection_is_reaped(vlserve_base_url):
 
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["stream", "non-stream"])
-async def test_disconnect_aborts_the_sequence(
-    vlserve_base_url, fake_runtime: FakeRuntime, streaming
-):
+async def test_disconnect_aborts_the_sequence(vlserve_base_url, fake_runtime: FakeRuntime, streaming):
     engine = fake_runtime.engine
     engine.script = Script(pieces=["tok "] * 200, delay=0.01)
     stream = await connect(vlserve_base_url)
@@ -122,9 +112,7 @@ async def test_pipelined_requests_are_answered_in_order(vlserve_base_url, first)
     """Two requests in one write (HTTP/1.1 pipelining): two responses, in request order."""
     stream = await connect(vlserve_base_url)
     async with stream:
-        await stream.send_all(
-            request_bytes("GET", first) + request_bytes("GET", "/nope")
-        )
+        await stream.send_all(request_bytes("GET", first) + request_bytes("GET", "/nope"))
         responses = [await read_one_response(stream, timeout=5) for _ in range(2)]
     assert [status_of(r) for r in responses] == [200, 404]
 
@@ -133,21 +121,15 @@ async def test_head_of_a_probe_has_no_body_on_the_wire(vlserve_base_url):
     """HEAD keeps the connection usable: no body bytes follow the head."""
     stream = await connect(vlserve_base_url)
     async with stream:
-        await stream.send_all(
-            request_bytes("HEAD", "/health") + request_bytes("GET", "/ready")
-        )
+        await stream.send_all(request_bytes("HEAD", "/health") + request_bytes("GET", "/ready"))
         data = await read_until(stream, b'"phase"', timeout=5)
     head, _, rest = data.partition(b"\r\n\r\n")
     assert status_of(head) == 200 and b"content-length" in head.lower()
     assert rest.startswith(b"HTTP/1.1 200")
 
 
-@pytest.mark.parametrize(
-    "fast_http", [True, False], ids=["http_path", "stock-hypercorn"]
-)
-async def test_shutdown_closes_idle_keep_alive_connections_at_once(
-    fake_factory: FakeRuntimeFactory, fast_http
-):
+@pytest.mark.parametrize("fast_http", [True, False], ids=["http_path", "stock-hypercorn"])
+async def test_shutdown_closes_idle_keep_alive_connections_at_once(fake_factory: FakeRuntimeFactory, fast_http):
     """At shutdown an idle keep-alive connection is closed right away, not kept until its
     keep-alive timeout or the drain deadline (both far longer here than the wait)."""
     config = ServerConfig(host="127.0.0.1", port=0, drain_timeout=600.0)

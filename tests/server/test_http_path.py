@@ -57,26 +57,18 @@ async def served():
     config.accesslog = None
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        urls = await nursery.start(
-            partial(
-                serve, app, config, probes=responder, shutdown_trigger=shutdown.wait
-            )
-        )
+        urls = await nursery.start(partial(serve, app, config, probes=responder, shutdown_trigger=shutdown.wait))
         yield app, urls[0]
         shutdown.set()
 
 
-def _split(
-    data: bytes, has_body: list[bool]
-) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+def _split(data: bytes, has_body: list[bool]) -> list[tuple[int, dict[bytes, bytes], bytes]]:
     """Pipelined responses as (status, headers, body); ``has_body`` false for a HEAD reply."""
     out = []
     for body_expected in has_body:
         head, _, data = data.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
-        headers = {
-            k.lower(): v for k, v in (line.split(b": ", 1) for line in lines[1:])
-        }
+        headers = {k.lower(): v for k, v in (line.split(b": ", 1) for line in lines[1:])}
         length = int(headers[b"content-length"]) if body_expected else 0
         out.append((status_of(lines[0]), headers, data[:length]))
         data = data[length:]
@@ -93,9 +85,7 @@ async def test_probes_never_reach_the_app_and_carry_the_usual_headers(served):
             "/health",
             headers={"Origin": "https://app.example", "X-Request-Id": "p-1"},
         )
-        await stream.send_all(
-            health + request_bytes("HEAD", "/ready") + request_bytes("GET", "/v1/other")
-        )
+        await stream.send_all(health + request_bytes("HEAD", "/ready") + request_bytes("GET", "/v1/other"))
         data = await read_until(stream, b"\r\n\r\napp", timeout=5)
     (
         (status, headers, body),

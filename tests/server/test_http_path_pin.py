@@ -59,9 +59,7 @@ def test_installed_hypercorn_is_the_pinned_version():
 
 
 def test_pyproject_pins_that_version():
-    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
-        "dependencies"
-    ]
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"hypercorn=={PINNED_VERSION}" in dependencies
 
 
@@ -95,10 +93,6 @@ def test_overridden_methods_keep_hypercorns_signature(ours, theirs, method):
 
 
 def test_protocol_wrapper_takes_hypercorns_arguments_first():
-    base = list(
-        inspect.signature(
-            _resolve("hypercorn.protocol:ProtocolWrapper.__init__")
-        ).parameters
-    )
+    base = list(inspect.signature(_resolve("hypercorn.protocol:ProtocolWrapper.__init__")).parameters)
     ours = list(inspect.signature(FastProtocolWrapper.__init__).parameters)
     assert ours[: len(base)] == base

@@ -51,14 +51,7 @@ async def test_vlserve_serve_drains_on_signal_and_exits_0(tiny_model_dir, signum
     events, done = parse_events(data.decode())
     assert done, server.log()
     assert events[-1]["choices"][0]["finish_reason"] == "length"
-    assert (
-        sum(
-            1
-            for e in events
-            if e["choices"] and e["choices"][0]["delta"].get("content") is not None
-        )
-        > 1
-    )
+    assert sum(1 for e in events if e["choices"] and e["choices"][0]["delta"].get("content") is not None) > 1
     assert returncode == 0, server.log()
     assert "draining" in server.log()
 
@@ -184,6 +177,4 @@ async def test_vlserve_serve_writes_probe_passes_when_asked(tiny_model_dir, tmp_
     assert summary["keep_alive"]["probes"] >= 2 and summary["keep_alive"]["histogram"] == {
         "1": summary["keep_alive"]["probes"]
     }
-    assert summary["fresh"]["probes"] >= 4 and summary["fresh"]["histogram"] == {
-        "1": summary["fresh"]["probes"]
-    }
+    assert summary["fresh"]["probes"] >= 4 and summary["fresh"]["histogram"] == {"1": summary["fresh"]["probes"]}

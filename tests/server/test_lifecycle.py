@@ -78,9 +78,7 @@ async def test_failed_runtime_makes_health_503_under_plain_hypercorn(vlserve_con
     app = create_app(vlserve_config, runtime_factory=factory)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        serve_app = partial(
-            serve, app, hypercorn_config(vlserve_config), shutdown_trigger=shutdown.wait
-        )
+        serve_app = partial(serve, app, hypercorn_config(vlserve_config), shutdown_trigger=shutdown.wait)
         (url,) = await nursery.start(serve_app)
         lifecycle = app.extensions["vlserve"].lifecycle
         with pytest.raises(RuntimeFailed):
@@ -98,9 +96,7 @@ async def test_failed_runtime_stops_run_server(vlserve_config):
     factory.fail = OSError("no such model")
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                partial(run_server, vlserve_config, runtime_factory=factory)
-            )
+            server = await nursery.start(partial(run_server, vlserve_config, runtime_factory=factory))
             with pytest.raises(RuntimeFailed):
                 await server.wait_ready()
             await server.wait_stopped()
@@ -128,9 +124,7 @@ async def test_shutdown_lets_in_flight_streams_finish(vlserve_config):
     factory = FakeRuntimeFactory(runtime)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                partial(run_server, vlserve_config, runtime_factory=factory)
-            )
+            server = await nursery.start(partial(run_server, vlserve_config, runtime_factory=factory))
             await server.wait_ready()
             stream, head = await _start_stream(server.url)
             server.shutdown()

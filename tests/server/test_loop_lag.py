@@ -57,16 +57,12 @@ def test_nearest_rank():
     assert nearest_rank([], 0.99) == 0.0
 
 
-async def test_lifecycle_runs_the_monitor_for_as_long_as_it_runs(
-    autojump_clock, vlserve_config
-):
+async def test_lifecycle_runs_the_monitor_for_as_long_as_it_runs(autojump_clock, vlserve_config):
     """The lifecycle owns the monitor: samples accrue while it runs, none after it stops."""
     from server.lifecycle import RuntimeLifecycle
     from tests.server.fakes import FakeRuntime, FakeRuntimeFactory
 
-    lifecycle = RuntimeLifecycle(
-        vlserve_config, FakeRuntimeFactory(FakeRuntime(vlserve_config))
-    )
+    lifecycle = RuntimeLifecycle(vlserve_config, FakeRuntimeFactory(FakeRuntime(vlserve_config)))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lifecycle.run)
         await lifecycle.wait_ready()

@@ -17,10 +17,19 @@ from tests.server.fakes import FakeRuntimeFactory
 async def call_asgi(app, method: str, path: str, headers=()):
     """Drive ``app.asgi_app`` with one request, as hypercorn would; return the messages sent."""
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
-        "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 8000), "extensions": {},
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 8000),
+        "extensions": {},
     }
     sent = []
 

@@ -40,9 +40,7 @@ def model_name(vlserve_config) -> str:
 
 def png_bytes(size=(56, 56)) -> bytes:
     image = Image.new("RGB", size)
-    image.putdata(
-        [(x * 4 % 256, y * 4 % 256, (x + y) % 256) for y in range(size[1]) for x in range(size[0])]
-    )
+    image.putdata([(x * 4 % 256, y * 4 % 256, (x + y) % 256) for y in range(size[1]) for x in range(size[0])])
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -72,17 +70,13 @@ async def test_chat_text(vlserve_client, model_name):
     choice = completion.choices[0]
     assert choice.finish_reason in ("stop", "length")
     assert completion.usage.completion_tokens <= 8 and completion.usage.prompt_tokens > 0
-    again = await vlserve_client.chat.completions.create(
-        model=model_name, messages=USER, max_tokens=8, temperature=0
-    )
+    again = await vlserve_client.chat.completions.create(model=model_name, messages=USER, max_tokens=8, temperature=0)
     assert again.choices[0].message.content == choice.message.content  # greedy is deterministic
 
 
 async def test_chat_with_data_uri_image(vlserve_client, model_name):
     url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
-    text_only = await vlserve_client.chat.completions.create(
-        model=model_name, messages=USER, max_tokens=4
-    )
+    text_only = await vlserve_client.chat.completions.create(model=model_name, messages=USER, max_tokens=4)
     completion = await vlserve_client.chat.completions.create(
         model=model_name, messages=image_message(url), max_tokens=4, temperature=0
     )
@@ -91,9 +85,7 @@ async def test_chat_with_data_uri_image(vlserve_client, model_name):
 
 
 async def test_chat_with_http_image(vlserve_client, model_name):
-    async with serve_images(
-        {"/cat.png": Route(body=png_bytes(), headers=(("Content-Type", "image/png"),))}
-    ) as base:
+    async with serve_images({"/cat.png": Route(body=png_bytes(), headers=(("Content-Type", "image/png"),))}) as base:
         completion = await vlserve_client.chat.completions.create(
             model=model_name, messages=image_message(f"{base}/cat.png"), max_tokens=4
         )
@@ -137,14 +129,10 @@ async def test_completions(vlserve_client, model_name):
 
 
 async def test_tokenize_roundtrip(http, model_name, vlserve_server):
-    tokens = (
-        await http.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False})
-    ).json()
+    tokens = (await http.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False})).json()
     assert tokens["count"] == len(tokens["tokens"]) > 0
     assert tokens["max_model_len"] == vlserve_server.state.lifecycle.runtime.max_model_len
-    text = (
-        await http.post("/detokenize", json={"tokens": tokens["tokens"], "model": model_name})
-    ).json()
+    text = (await http.post("/detokenize", json={"tokens": tokens["tokens"], "model": model_name})).json()
     assert text["prompt"] == "hello world"
 
 
@@ -152,31 +140,25 @@ async def test_errors(vlserve_client, model_name):
     with pytest.raises(openai.NotFoundError):
         await vlserve_client.chat.completions.create(model="nope", messages=USER)
     with pytest.raises(openai.BadRequestError) as raised:
-        await vlserve_client.chat.completions.create(
-            model=model_name, messages=USER, max_tokens=5000
-        )
+        await vlserve_client.chat.completions.create(model=model_name, messages=USER, max_tokens=5000)
     assert raised.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         await vlserve_client.chat.completions.create(
             model=model_name, messages=image_message("data:image/png;base64,AAAA")
         )
-    async with openai.AsyncOpenAI(
-        base_url=vlserve_client.base_url, api_key="x", max_retries=0
-    ) as other:
+    async with openai.AsyncOpenAI(base_url=vlserve_client.base_url, api_key="x", max_retries=0) as other:
         await other.models.list()  # no keys configured: any key is fine
 
 
 async def _engine_idle(vlserve_server) -> None:
     engine = vlserve_server.state.lifecycle.runtime.engine
     with trio.fail_after(10):
-        while (engine.statistics().running, engine.statistics().waiting) != (0, 0):  # noqa: ASYNC110 (the real engine has no event to wait on)
+        while (engine.statistics().running, engine.statistics().waiting) != (0, 0):
             await trio.sleep(0.01)
 
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["stream", "non-stream"])
-async def test_disconnect_mid_generation_frees_the_engine(
-    vlserve_server, vlserve_base_url, model_name, streaming
-):
+async def test_disconnect_mid_generation_frees_the_engine(vlserve_server, vlserve_base_url, model_name, streaming):
     body = {
         "model": model_name,
         "messages": USER,
@@ -197,7 +179,7 @@ async def test_disconnect_mid_generation_frees_the_engine(
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(partial(http.post, "/v1/chat/completions", json=body))
                     with trio.fail_after(10):
-                        while engine.statistics().running == 0:  # noqa: ASYNC110 (the real engine has no event to wait on)
+                        while engine.statistics().running == 0:
                             await trio.sleep(0.005)
                     nursery.cancel_scope.cancel()
     await _engine_idle(vlserve_server)

@@ -21,9 +21,7 @@ async def test_missing_id_is_generated(http, path):
 
 
 async def test_id_on_errors_and_streams(http):
-    response = await http.post(
-        "/v1/chat/completions", json={"messages": []}, headers={"X-Request-Id": "e1"}
-    )
+    response = await http.post("/v1/chat/completions", json={"messages": []}, headers={"X-Request-Id": "e1"})
     assert response.status_code == 400 and response.headers["x-request-id"] == "e1"
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     response = await http.post("/v1/chat/completions", json=body, headers={"X-Request-Id": "s1"})

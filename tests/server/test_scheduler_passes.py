@@ -48,9 +48,7 @@ FAST = pytest.param(True, id="http_path")
 
 
 @pytest.fixture
-async def served(
-    request, vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory
-):
+async def served(request, vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory):
     async with trio.open_nursery() as nursery:
         start = partial(
             run_server,

@@ -36,13 +36,9 @@ async def test_chat_stream_role_content_finish_usage_done(http, fake_runtime: Fa
             "finish_reason": None,
         }
     ]
-    assert [e["choices"][0]["delta"] for e in middle] == [
-        {"content": c} for c in ["Hel", "lo", "!"]
-    ]
+    assert [e["choices"][0]["delta"] for e in middle] == [{"content": c} for c in ["Hel", "lo", "!"]]
     assert all(e["usage"] is None for e in [first, *middle, finish])
-    assert finish["choices"] == [
-        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
-    ]
+    assert finish["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]
     assert usage["choices"] == []
     assert usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
 

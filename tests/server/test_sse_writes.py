@@ -45,9 +45,7 @@ class StepEngine:
         self.aborted = 0
 
     @asynccontextmanager
-    async def open_stream(
-        self, prompt: EnginePrompt, params: SamplingParams
-    ) -> AsyncIterator[RequestStream]:
+    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[RequestStream]:
         stream = RequestStream(Sequence(len(self.streams), prompt, params))
         self.streams.append(stream)
         self.opened.set()
@@ -71,17 +69,11 @@ class StepEngine:
 def chat_body(engine: StepEngine, n: int, max_tokens: int) -> ProducedEventsBody:
     params = [SamplingParams(max_tokens=max_tokens, temperature=0.0)] * n
     jobs = make_jobs([EnginePrompt(token_ids=[5, 6])], [params])
-    chunker = ChatChunker(
-        ResponseMeta.new("chatcmpl", "m"), include_usage=True, logprobs=False
-    )
-    return ProducedEventsBody(
-        partial(produce_chunks, engine, jobs, chunker, True), "req"
-    )
+    chunker = ChatChunker(ResponseMeta.new("chatcmpl", "m"), include_usage=True, logprobs=False)
+    return ProducedEventsBody(partial(produce_chunks, engine, jobs, chunker, True), "req")
 
 
-async def drive(
-    engine: StepEngine, body: ProducedEventsBody, pieces: list[str]
-) -> list[bytes]:
+async def drive(engine: StepEngine, body: ProducedEventsBody, pieces: list[str]) -> list[bytes]:
     """Run ``body`` as Quart's send loop does, one engine step per piece once everything
     has settled; return the chunks it yielded (one ASGI send, one write each)."""
     writes: list[bytes] = []
@@ -108,9 +100,7 @@ async def test_one_choice_one_write_per_step_and_the_end_in_the_last():
     writes = await drive(engine, body, ["a", "b", "c"])
     events = [parse_events(chunk.decode())[0] for chunk in writes]
     assert [len(e) for e in events] == [1, 1, 1, 3]
-    assert [e[0]["choices"][0]["delta"] for e in events[1:]] == [
-        {"content": p} for p in "abc"
-    ]
+    assert [e[0]["choices"][0]["delta"] for e in events[1:]] == [{"content": p} for p in "abc"]
     assert events[3][1]["choices"][0]["finish_reason"] == "length"
     assert events[3][2]["usage"]["completion_tokens"] == 3
     assert writes[-1].endswith(DONE)
@@ -131,22 +121,12 @@ async def test_each_engine_step_is_one_write_for_all_choices():
     events = events[:4]
     events[3], tail = events[3][:6], events[3][6:] + tail
     assert [len(e) for e in events] == [3, 3, 3, 6]
-    assert all(
-        e["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-        for e in events[0]
-    )
+    assert all(e["choices"][0]["delta"] == {"role": "assistant", "content": ""} for e in events[0])
     for step, piece in enumerate(["a", "b", "c"], start=1):
         choices = [e["choices"][0] for e in events[step]]
-        contents = sorted(
-            (c["index"], c["delta"]["content"]) for c in choices if c["delta"]
-        )
+        contents = sorted((c["index"], c["delta"]["content"]) for c in choices if c["delta"])
         assert contents == [(i, piece) for i in range(3)]
-    finishes = sorted(
-        (c["index"], c["finish_reason"])
-        for e in events[3]
-        for c in e["choices"]
-        if not c["delta"]
-    )
+    finishes = sorted((c["index"], c["finish_reason"]) for e in events[3] for c in e["choices"] if not c["delta"])
     assert finishes == [(i, "length") for i in range(3)]
     assert len(tail) == 1 and tail[0]["usage"]["completion_tokens"] == 9
     assert writes[-1].endswith(DONE)
@@ -191,9 +171,7 @@ async def test_client_gone_cancels_the_producer_and_aborts_the_sequence():
     with trio.CancelScope() as scope:
         async with body:
             async for _chunk in body:
-                await (
-                    trio.testing.wait_all_tasks_blocked()
-                )  # the choices' streams are open
+                await trio.testing.wait_all_tasks_blocked()  # the choices' streams are open
                 if engine.streams and engine.streams[0].seq.output_ids:
                     scope.cancel()  # the client leaves after the first token's write
                 else:

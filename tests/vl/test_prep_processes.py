@@ -32,7 +32,7 @@ from vl.prep_tools import (
 
 async def wait_for_path(path) -> None:
     with trio.fail_after(30):
-        while not path.exists():  # noqa: ASYNC110 (written by another process: nothing to wait on)
+        while not path.exists():
             await trio.sleep(0.01)
 
 
