@@ -36,7 +36,7 @@ from server.state import ServerState, attach_state
 BODY_TIMEOUT_S = 300.0
 # How long the runtime gets to close at shutdown before it is cancelled.
 RUNTIME_CLOSE_TIMEOUT_S = 30.0
-# Body decoding in worker threads is GIL-bound: one at a time (see DESIGN.md).
+# Body decoding in worker threads is GIL-bound: one at a time (docs/architecture.md, "Processes and ownership").
 PARSE_CONCURRENCY = 1
 
 

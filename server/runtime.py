@@ -90,7 +90,7 @@ def _freeze_startup_objects() -> None:
 @contextmanager
 def _switch_interval(seconds: float):
     """Make GIL-holding worker threads (engine steps, prep) hand the GIL to the event loop
-    at least every ``seconds`` while the runtime runs (DESIGN.md: /health p99 under load)."""
+    at least every ``seconds`` while the runtime runs (bench/README.md: /health p99 under load)."""
     previous = sys.getswitchinterval()
     sys.setswitchinterval(seconds)
     try:

@@ -68,6 +68,9 @@ class Summary:
     # VLSERVE_PROBE_PASSES_FILE; filled in once the server has stopped)
     probe_passes_keep_alive: float = math.nan
     probe_passes_fresh: float = math.nan
+    # the do-nothing server's probes during the same burst (bench/floor_server.py)
+    floor_p99_ms: float = math.nan
+    floor_fresh_p99_ms: float = math.nan
     loop_lag_p50_ms: float = float("nan")
     loop_lag_p99_ms: float = float("nan")
     loop_lag_samples: int = 0
@@ -120,7 +123,10 @@ class Summary:
 
 def burst_health(run: LoadRun, *, fresh: bool = False) -> list[tuple[float, float, int]]:
     """Keep-alive (or ``fresh``-connection) probes sent during the burst."""
-    samples = run.health_fresh if fresh else run.health
+    return _during_burst(run, run.health_fresh if fresh else run.health)
+
+
+def _during_burst(run: LoadRun, samples: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
     return [s for s in samples if run.burst_started <= s[0] <= run.burst_ended]
 
 
@@ -153,6 +159,8 @@ def summarise(run: LoadRun) -> Summary:
     failed = [r for r in run.results if not r.ok]
     fresh = burst_health(run, fresh=True)
     fresh_latencies = [s[1] for s in fresh]
+    floor = [s[1] for s in _during_burst(run, run.floor_health)]
+    floor_fresh = [s[1] for s in _during_burst(run, run.floor_health_fresh)]
     return Summary(
         server=run.server,
         workload=run.workload,
@@ -188,6 +196,8 @@ def summarise(run: LoadRun) -> Summary:
         foreign_cpu_pct=100.0 * run.foreign_cpu,
         repeat=run.repeat,
         first_error=next((r.error for r in failed if r.error), None),
+        floor_p99_ms=_ms(floor, 99),
+        floor_fresh_p99_ms=_ms(floor_fresh, 99),
         fresh_health_probes=len(fresh),
         fresh_health_failures=sum(1 for s in fresh if s[2] != 200),
         fresh_health_p50_ms=_ms(fresh_latencies, 50),

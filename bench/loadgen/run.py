@@ -7,14 +7,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import trio
 
-from bench.launch.process import managed_process
+from bench.launch.process import free_port, managed_process
+from bench.launch.readiness import http_ready
 from bench.launch.servers import REPO_ROOT
 from bench.loadgen.cpu_account import CpuAccount
 from bench.loadgen.drivers import closed_loop, poisson
@@ -46,6 +48,10 @@ class LoadRun:
     warmup_failures: int = 0
     health: list[tuple[float, float, int]] = field(default_factory=list)
     health_fresh: list[tuple[float, float, int]] = field(default_factory=list)
+    # the same two probers against a do-nothing server (bench/floor_server.py) beside the
+    # server under test: the machine's probe floor during this very burst
+    floor_health: list[tuple[float, float, int]] = field(default_factory=list)
+    floor_health_fresh: list[tuple[float, float, int]] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)
     rss_before: int = 0
     loadavg_before: float = 0.0
@@ -82,8 +88,13 @@ async def run_load(
     limits = httpx.Limits(max_connections=options.concurrency + 8, max_keepalive_connections=options.concurrency + 8)
     timeout = httpx.Timeout(options.max_seconds + options.grace_seconds, connect=30.0)
     probe_out = work_dir / f"health-{server}-{workload}-c{options.concurrency}-{time.time_ns()}.json"
+    floor_out = probe_out.with_name("floor-" + probe_out.name)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
-        async with _health_probe_process(base_url, options, probe_out):
+        async with (
+            _floor_server_process(work_dir) as floor_url,
+            _health_probe_process(floor_url, options, floor_out),
+            _health_probe_process(base_url, options, probe_out),
+        ):
             await trio.sleep(options.idle_probe_seconds)
             run.warmup_started = time.monotonic()
             warm = await _send_all(client, body_for, kind_of, warmup_indices, options, warmup=True)
@@ -101,15 +112,39 @@ async def run_load(
                 run.foreign_cpu = await trio.to_thread.run_sync(account.foreign_share)
                 nursery.cancel_scope.cancel()
             await trio.sleep(options.idle_probe_seconds)
-    try:
-        probes = json.loads(probe_out.read_text())
-    except FileNotFoundError:  # the probe was killed before it could write: no figures
-        probes = {}
-    run.health = [tuple(s) for s in probes.get("samples", [])]
-    run.health_fresh = [tuple(s) for s in probes.get("fresh_samples", [])]
-    for suffix in (".json", ".log", ".started"):
-        probe_out.with_suffix(suffix).unlink(missing_ok=True)
+    run.health, run.health_fresh = _read_probes(probe_out)
+    run.floor_health, run.floor_health_fresh = _read_probes(floor_out)
     return run
+
+
+def _read_probes(out: Path) -> tuple[list[tuple[float, float, int]], list[tuple[float, float, int]]]:
+    """A probe process's keep-alive and fresh-connection samples (none if it was killed
+    before it could write); its files are removed."""
+    try:
+        probes = json.loads(out.read_text())
+    except FileNotFoundError:
+        probes = {}
+    for suffix in (".json", ".log", ".started"):
+        out.with_suffix(suffix).unlink(missing_ok=True)
+    return [tuple(s) for s in probes.get("samples", [])], [tuple(s) for s in probes.get("fresh_samples", [])]
+
+
+@asynccontextmanager
+async def _floor_server_process(work_dir: Path) -> AsyncIterator[str]:
+    """A do-nothing server (``bench.floor_server``) on a free loopback port for the block;
+    yields its base URL once it answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bench.floor_server", "--port", str(port)]
+    async with managed_process(
+        command,
+        log_path=work_dir / f"floor-server-{port}.log",
+        ready=http_ready(url, paths=("/health",)),
+        stop_signal=signal.SIGINT,
+        startup_timeout=30.0,
+        cwd=REPO_ROOT,
+    ):
+        yield url
 
 
 async def _send_all(

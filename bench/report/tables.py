@@ -1,7 +1,7 @@
 """Markdown tables: servers side by side with ratios to vlserve, and a concurrency sweep.
 
 With several runs of the same (workload, concurrency, server), each table shows the run
-with the highest req/s (vLLM's figures in DESIGN.md are also best-of-several) and lists
+with the highest req/s (vLLM's published CPU figures are also best-of-several) and lists
 every run's req/s beside it, so the spread is visible.
 """
 
@@ -92,20 +92,24 @@ def sweep_table(summaries: Sequence[Summary]) -> str:
 
 def probe_table(summaries: Sequence[Summary]) -> str:
     """/health during each burst by both probers (keep-alive and a new TCP connection per
-    probe), with the server's own scheduler passes per probe where it reports them
-    (vlserve; bench/README.md)."""
+    probe), the same probers' p99 against a do-nothing server during the same burst (the
+    floor) and each p99 as a multiple of it, with the server's own scheduler passes per
+    probe where it reports them (vlserve; bench/README.md)."""
     lines = [
         (
             "| workload | conc. | server | keep-alive p50 / p99 / max ms | fresh p50 / p99 / max ms"
+            " | floor p99 keep-alive / fresh ms | p99 × floor keep-alive / fresh"
             " | passes/probe keep-alive | passes/probe fresh |"
         ),
-        "|---|---:|---|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s, _ in best_runs(summaries):
         lines.append(
             f"| {s.workload} | {s.concurrency} | {s.server}"
             f" | {_num(s.health_p50_ms)} / {_num(s.health_p99_ms)} / {_num(s.health_max_ms)}"
             f" | {_num(s.fresh_health_p50_ms)} / {_num(s.fresh_health_p99_ms)} / {_num(s.fresh_health_max_ms)}"
+            f" | {_num(s.floor_p99_ms)} / {_num(s.floor_fresh_p99_ms)}"
+            f" | {_ratio(s.health_p99_ms, s.floor_p99_ms)} / {_ratio(s.fresh_health_p99_ms, s.floor_fresh_p99_ms)}"
             f" | {_num(s.probe_passes_keep_alive, 2)} | {_num(s.probe_passes_fresh, 2)} |"
         )
     return "\n".join(lines)

@@ -66,6 +66,8 @@ async def test_every_workload_runs_against_vlserve_and_a_baseline(tmp_path, tiny
         assert 0 < summary.health_p50_ms <= summary.health_p99_ms <= summary.health_max_ms, where
         assert summary.fresh_health_probes >= 1 and summary.fresh_health_failures == 0, where
         assert 0 < summary.fresh_health_p50_ms <= summary.fresh_health_p99_ms, where
+        # the do-nothing server beside the burst was probed the same two ways (the floor)
+        assert math.isfinite(summary.floor_p99_ms) and math.isfinite(summary.floor_fresh_p99_ms), where
         assert summary.peak_rss_mib > 50, where
         if summary.server == "vlserve":  # the server's own count (VLSERVE_PROBE_PASSES_FILE)
             assert summary.probe_passes_keep_alive == 1.0 and summary.probe_passes_fresh == 1.0, where

@@ -1,4 +1,4 @@
-"""Checks of the global invariants DESIGN.md asks every cancellation test to prove."""
+"""Checks of the global invariants every cancellation test proves (docs/architecture.md, "Invariants")."""
 
 from __future__ import annotations
 
