@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
 
 import trio
 import trio.testing
 
+from engine.core_messages import SequenceOutput
 from engine.prompt import EnginePrompt
 from engine.request_stream import RequestStream
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
 from server.chat_format import ChatChunker
 from server.generation import make_jobs
 from server.response_meta import ResponseMeta
@@ -28,42 +27,34 @@ from server.streaming import produce_chunks
 from tests.server.sse_client import parse_events
 
 
-@dataclass
-class Update:
-    token_ids: list[int]
-    text: str
-    logprobs: None
-    finish_reason: str | None
-
-
 class StepEngine:
     """``step()`` gives every open stream one token (``max_tokens`` ends it)."""
 
     def __init__(self) -> None:
-        self.streams: list[RequestStream] = []
+        self.streams: list[tuple[RequestStream, SamplingParams]] = []
+        self.produced: dict[int, int] = {}
         self.opened = trio.Event()
         self.aborted = 0
 
     @asynccontextmanager
     async def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[RequestStream]:
-        stream = RequestStream(Sequence(len(self.streams), prompt, params))
-        self.streams.append(stream)
+        stream = RequestStream(len(self.streams), len(prompt.token_ids), wants_logprobs=False)
+        self.streams.append((stream, params))
+        self.produced[stream.seq_id] = 0
         self.opened.set()
         try:
             yield stream
         finally:
-            if stream.seq.finish_reason is None:
+            if not stream.finished:
                 self.aborted += 1
 
     def step(self, piece: str) -> None:
-        for stream in self.streams:
-            seq = stream.seq
-            if seq.finish_reason is not None:
+        for stream, params in self.streams:
+            if stream.finished:
                 continue
-            seq.output_ids.append(1)
-            if len(seq.output_ids) >= seq.params.max_tokens:
-                seq.finish_reason = "length"
-            stream.push(Update([1], piece, None, seq.finish_reason))
+            self.produced[stream.seq_id] += 1
+            finish = "length" if self.produced[stream.seq_id] >= params.max_tokens else None
+            stream.push(SequenceOutput(stream.seq_id, [1], piece, None, finish))
 
 
 def chat_body(engine: StepEngine, n: int, max_tokens: int) -> ProducedEventsBody:
@@ -172,7 +163,7 @@ async def test_client_gone_cancels_the_producer_and_aborts_the_sequence():
         async with body:
             async for _chunk in body:
                 await trio.testing.wait_all_tasks_blocked()  # the choices' streams are open
-                if engine.streams and engine.streams[0].seq.output_ids:
+                if engine.streams and engine.produced[0]:
                     scope.cancel()  # the client leaves after the first token's write
                 else:
                     engine.step("a")
