@@ -5,9 +5,10 @@ owning this loop: the same lifespan, sockets, TLS listeners, shutdown trigger an
 deadline, plus (a) connections kept in a set so that idle ones are closed at shutdown
 (``FastTCPServer.close_if_idle``, in place of hypercorn's per-connection idle task),
 (b) the task that accepts a connection serves it (``_accept_then_serve``: one pass less
-on a fresh connection) and (c) the pass at which each connection was accepted, for
-``ProbePassLog``. QUIC (HTTP/3)
-is not served here: with ``quic_bind`` set, use ``hypercorn.trio.serve``.
+on a fresh connection), (c) plain TCP listeners whose ``accept`` does not yield when a
+connection is waiting (``PromptAcceptListener``: one more) and (d) the pass at which each
+connection was accepted, for ``ProbePassLog``. QUIC (HTTP/3) is not served here: with
+``quic_bind`` set, use ``hypercorn.trio.serve``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from random import randint
@@ -131,11 +133,65 @@ async def _listeners(config: Config) -> tuple[list[trio.abc.Listener[Any]], list
         await config.log.info(f"Running on {bind} (CTRL + C to quit)")
     for sock in sockets.insecure_sockets:
         sock.listen(config.backlog)
-        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        listeners.append(PromptAcceptListener(sock))
         bind = f"http://{repr_socket_addr(sock.family, sock.getsockname())}"
         binds.append(bind)
         await config.log.info(f"Running on {bind} (CTRL + C to quit)")
     return listeners, binds
+
+
+# accept() errors that concern only the connection being accepted (as trio ignores them)
+_IGNORED_ACCEPT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "EPERM",
+    )
+    if hasattr(errno, name)
+)
+
+
+class PromptAcceptListener(trio.abc.Listener[trio.SocketStream]):
+    """trio's ``SocketListener`` (which cannot be subclassed) with an ``accept`` that returns at
+    once when a connection waits.
+
+    trio's ``accept`` ends with a cancel-shielded checkpoint even when the kernel already
+    had the connection, so the new connection's first read (and a probe's reply) waits one
+    more scheduler pass; under a burst a pass lasts milliseconds and a probe on a fresh
+    connection, which Kubernetes opens every time, pays it on every probe. This ``accept``
+    takes a waiting connection without yielding and waits (a checkpoint) only when there is
+    none. Closing the listener wakes a waiting ``accept`` with ``ClosedResourceError``.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        self._listening = sock
+
+    async def accept(self) -> trio.SocketStream:
+        while True:
+            if self._listener.socket.fileno() == -1:
+                raise trio.ClosedResourceError("the listener was closed")
+            try:
+                connection, _ = self._listening.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._listening)
+                continue
+            except OSError as exc:
+                if exc.errno in _IGNORED_ACCEPT_ERRNOS:
+                    continue
+                raise
+            return trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+
+    async def aclose(self) -> None:
+        await self._listener.aclose()
 
 
 async def _accept_then_serve(
