@@ -13,6 +13,7 @@ from server.config import ServerConfig
 from server.connection_fix import ShieldedFinalSendConnection
 from server.serve import RunningServer, run_server
 from tests.server.fakes import FakeRuntime, FakeRuntimeFactory, Script
+from tests.server.in_process import serving
 from tests.server.rawhttp import (
     connect,
     read_one_response,
@@ -29,21 +30,9 @@ CHAT = b'{"messages": [{"role": "user", "content": "hi"}], "stream": %s, "max_to
 @pytest.fixture(params=[True, False], ids=["http_path", "stock-hypercorn"])
 async def vlserve_server(request, vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory):
     """The plugin's server, on each HTTP path, with a short keep-alive timeout."""
-    async with trio.open_nursery() as nursery:
-        start = partial(
-            run_server,
-            vlserve_config,
-            runtime_factory=fake_factory,
-            hypercorn_options={"keep_alive_timeout": KEEP_ALIVE_S},
-            fast_http=request.param,
-        )
-        server: RunningServer = await nursery.start(start)
-        with trio.fail_after(30):
-            await server.wait_ready()
+    options = {"keep_alive_timeout": KEEP_ALIVE_S}
+    async with serving(vlserve_config, fake_factory, fast_http=request.param, hypercorn_options=options) as server:
         yield server
-        server.shutdown()
-        with trio.fail_after(30):
-            await server.wait_stopped()
 
 
 def test_app_uses_the_fixed_connection_class():

@@ -29,6 +29,7 @@ from server.config import ServerConfig
 from server.http_path import ProbePassLog
 from server.serve import RunningServer, run_server
 from tests.server.fakes import FakeRuntimeFactory
+from tests.server.in_process import serving
 from tests.server.pass_probe import (
     fresh_connection_passes,
     keep_alive_passes,
@@ -49,20 +50,8 @@ FAST = pytest.param(True, id="http_path")
 
 @pytest.fixture
 async def served(request, vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory):
-    async with trio.open_nursery() as nursery:
-        start = partial(
-            run_server,
-            vlserve_config,
-            runtime_factory=fake_factory,
-            fast_http=request.param,
-        )
-        server: RunningServer = await nursery.start(start)
-        with trio.fail_after(30):
-            await server.wait_ready()
+    async with serving(vlserve_config, fake_factory, fast_http=request.param) as server:
         yield server
-        server.shutdown()
-        with trio.fail_after(30):
-            await server.wait_stopped()
 
 
 @pytest.mark.parametrize("served", [STOCK, FAST], indirect=True)
