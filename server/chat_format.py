@@ -9,7 +9,6 @@ the rest of the chunk's way to the socket (bench/sse_cost.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from engine.outputs import StreamDelta
 from server.generation import ChoiceResult
@@ -17,8 +16,7 @@ from server.logprobs import chat_logprobs, chat_logprobs_payload
 from server.response_meta import ResponseMeta
 from server.schemas.chat import ChatChoice, ChatCompletion, ChatMessageOut
 from server.schemas.common import Usage
-
-Chunk = dict[str, Any]
+from server.streaming import Chunk, ChunkEnvelope
 
 
 def chat_completion(
@@ -50,25 +48,13 @@ class ChatChunker:
     """
 
     def __init__(self, meta: ResponseMeta, *, include_usage: bool, logprobs: bool) -> None:
-        self._head = {
-            "id": meta.id,
-            "object": "chat.completion.chunk",
-            "created": meta.created,
-            "model": meta.model,
-        }
-        self._include_usage = include_usage
+        self._envelope = ChunkEnvelope(meta, "chat.completion.chunk", include_usage=include_usage)
         self._logprobs = logprobs
-
-    def _chunk(self, choices: list[Chunk]) -> Chunk:
-        chunk = {**self._head, "choices": choices, "system_fingerprint": None}
-        if self._include_usage:
-            chunk["usage"] = None
-        return chunk
 
     def start(self, index: int) -> list[Chunk]:
         """The role chunk that opens choice ``index``."""
         delta = {"role": "assistant", "content": ""}
-        return [self._chunk([_choice(index, delta, None, None)])]
+        return [self._envelope.chunk([_choice(index, delta, None, None)])]
 
     def for_delta(self, index: int, delta: StreamDelta) -> list[Chunk]:
         """The chunks for one engine delta: content (if any), then finish (if last)."""
@@ -76,18 +62,13 @@ class ChatChunker:
         has_logprobs = self._logprobs and bool(delta.logprobs)
         if delta.text or has_logprobs:
             logprobs = chat_logprobs_payload(delta.logprobs or []) if has_logprobs else None
-            chunks.append(self._chunk([_choice(index, {"content": delta.text}, logprobs, None)]))
+            chunks.append(self._envelope.chunk([_choice(index, {"content": delta.text}, logprobs, None)]))
         if delta.finish_reason is not None:
-            chunks.append(self._chunk([_choice(index, {}, None, delta.finish_reason)]))
+            chunks.append(self._envelope.chunk([_choice(index, {}, None, delta.finish_reason)]))
         return chunks
 
     def usage(self, usage: Usage) -> Chunk:
-        return {
-            **self._head,
-            "choices": [],
-            "system_fingerprint": None,
-            "usage": usage.model_dump(),
-        }
+        return self._envelope.usage(usage)
 
 
 def _choice(index: int, delta: Chunk, logprobs: Chunk | None, finish_reason: str | None) -> Chunk:

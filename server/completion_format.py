@@ -7,7 +7,6 @@ them (see ``server.chat_format`` for why).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from engine.outputs import StreamDelta
 from server.generation import ChoiceResult
@@ -15,8 +14,7 @@ from server.logprobs import completion_logprobs, completion_logprobs_payload
 from server.response_meta import ResponseMeta
 from server.schemas.common import Usage
 from server.schemas.completions import Completion, CompletionChoice
-
-Chunk = dict[str, Any]
+from server.streaming import Chunk, ChunkEnvelope
 
 
 def completion(meta: ResponseMeta, results: Sequence[ChoiceResult], usage: Usage, *, logprobs: bool) -> Completion:
@@ -42,21 +40,9 @@ class CompletionChunker:
     finish reason; with ``include_usage`` a last chunk with no choices carries the usage."""
 
     def __init__(self, meta: ResponseMeta, *, include_usage: bool, logprobs: bool) -> None:
-        self._head = {
-            "id": meta.id,
-            "object": "text_completion",
-            "created": meta.created,
-            "model": meta.model,
-        }
-        self._include_usage = include_usage
+        self._envelope = ChunkEnvelope(meta, "text_completion", include_usage=include_usage)
         self._logprobs = logprobs
         self._text_offsets: dict[int, int] = {}
-
-    def _chunk(self, choices: list[Chunk]) -> Chunk:
-        chunk = {**self._head, "choices": choices, "system_fingerprint": None}
-        if self._include_usage:
-            chunk["usage"] = None
-        return chunk
 
     def start(self, index: int) -> list[Chunk]:
         """Legacy completions open a choice with nothing."""
@@ -74,12 +60,7 @@ class CompletionChunker:
             "logprobs": completion_logprobs_payload(delta.logprobs or [], offset) if has_logprobs else None,
             "finish_reason": delta.finish_reason,
         }
-        return [self._chunk([choice])]
+        return [self._envelope.chunk([choice])]
 
     def usage(self, usage: Usage) -> Chunk:
-        return {
-            **self._head,
-            "choices": [],
-            "system_fingerprint": None,
-            "usage": usage.model_dump(),
-        }
+        return self._envelope.usage(usage)

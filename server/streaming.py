@@ -8,10 +8,31 @@ from typing import Any, Protocol
 from engine.interface import Engine
 from engine.outputs import StreamDelta
 from server.generation import Job, UsageTally, stream_jobs
+from server.response_meta import ResponseMeta
 from server.schemas.common import Usage
 from server.sse import SendEvent
 
 Chunk = dict[str, Any]
+
+
+class ChunkEnvelope:
+    """What every chunk of one streamed response repeats around its choices: ``id``,
+    ``object``, ``created``, ``model`` and ``system_fingerprint``, plus ``"usage": null``
+    when usage was asked for (the last chunk, with no choices, carries it). The keys come
+    in the order the schema models' ``model_dump_json`` gives them."""
+
+    def __init__(self, meta: ResponseMeta, object_name: str, *, include_usage: bool) -> None:
+        self._head = {"id": meta.id, "object": object_name, "created": meta.created, "model": meta.model}
+        self._include_usage = include_usage
+
+    def chunk(self, choices: list[Chunk]) -> Chunk:
+        chunk = {**self._head, "choices": choices, "system_fingerprint": None}
+        if self._include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage(self, usage: Usage) -> Chunk:
+        return {**self._head, "choices": [], "system_fingerprint": None, "usage": usage.model_dump()}
 
 
 class Chunker(Protocol):

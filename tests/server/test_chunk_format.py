@@ -32,11 +32,11 @@ DELTAS = [
 USAGE = Usage(prompt_tokens=3, completion_tokens=3, total_tokens=6)
 
 
-def chunks_of(chunker) -> list[dict]:
+def chunks_of(chunker, include_usage: bool) -> list[dict]:
     out = list(chunker.start(2))
     for delta in DELTAS:
         out.extend(chunker.for_delta(2, delta))
-    if chunker._include_usage:
+    if include_usage:
         out.append(chunker.usage(USAGE))
     return out
 
@@ -44,7 +44,7 @@ def chunks_of(chunker) -> list[dict]:
 @pytest.mark.parametrize("include_usage", [False, True])
 @pytest.mark.parametrize("logprobs", [False, True])
 def test_chat_chunks_match_the_schema_bytes(include_usage, logprobs):
-    chunks = chunks_of(ChatChunker(META, include_usage=include_usage, logprobs=logprobs))
+    chunks = chunks_of(ChatChunker(META, include_usage=include_usage, logprobs=logprobs), include_usage)
     assert len(chunks) == 1 + 4 + include_usage
     for chunk in chunks:
         model = ChatCompletionChunk.model_validate(chunk)
@@ -55,7 +55,7 @@ def test_chat_chunks_match_the_schema_bytes(include_usage, logprobs):
 @pytest.mark.parametrize("include_usage", [False, True])
 @pytest.mark.parametrize("logprobs", [False, True])
 def test_completion_chunks_match_the_schema_bytes(include_usage, logprobs):
-    chunks = chunks_of(CompletionChunker(META, include_usage=include_usage, logprobs=logprobs))
+    chunks = chunks_of(CompletionChunker(META, include_usage=include_usage, logprobs=logprobs), include_usage)
     assert len(chunks) == 3 + include_usage
     for chunk in chunks:
         model = CompletionChunk.model_validate(chunk)
