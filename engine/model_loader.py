@@ -107,7 +107,13 @@ def load_model(
         )
     try:
         tokenizer, image_processor = load_processors(path, images=model_type in VL_MODEL_TYPES)
-        model = auto_class.from_pretrained(path, dtype=torch_dtype)
+        if weights:
+            model = auto_class.from_pretrained(path, dtype=torch_dtype)
+        else:
+            with torch.device("meta"):
+                model = auto_class.from_config(AutoConfig.from_pretrained(path), dtype=torch_dtype)
+            if (path / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {str(path)!r}: {first_line}") from None
@@ -115,9 +121,9 @@ def load_model(
         raise ModelLoadError(f"{str(path)!r} has no chat template")
     adapter = adapter_for(model)
     eos_token_ids = _eos_ids(model, tokenizer)
-    if not language_model:
-        adapter.drop_language_model()
-    model.to(torch_device).eval()
+    if weights:
+        model.to(torch_device)
+    model.eval()
     model.requires_grad_(False)
     text_config = model.config.get_text_config()
     limit = max_model_len or getattr(text_config, "max_position_embeddings", 4096)

@@ -23,6 +23,7 @@ from server.schemas.common import Usage
 
 if TYPE_CHECKING:
     from engine.prompt import EnginePrompt
+    from engine.slot_lease import SlotLease
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Job:
     prompt_index: int
     prompt: EnginePrompt
     params: SamplingParams
+    lease: SlotLease | None = None  # the pixel slots of ``prompt``'s images
 
 
 @dataclass
@@ -93,7 +95,7 @@ async def stream_job(engine: Engine, job: Job, on_delta: OnDelta) -> None:
     Cancellation: leaves ``open_stream``, which aborts the sequence.
     """
     try:
-        async with engine.open_stream(job.prompt, job.params) as stream:
+        async with engine.open_stream(job.prompt, job.params, job.lease) as stream:
             async for delta in stream:
                 await on_delta(job, delta)
             if stream.error is not None:
@@ -128,11 +130,16 @@ async def complete_jobs(engine: Engine, jobs: Sequence[Job]) -> tuple[list[Choic
     return [results[i] for i in sorted(results)], tally.usage()
 
 
-def make_jobs(prompts: Sequence[EnginePrompt], params: Sequence[Sequence[SamplingParams]]) -> list[Job]:
-    """Jobs for ``params[p][i]`` (choice ``i`` of prompt ``p``), indexed ``p * n + i``."""
+def make_jobs(
+    prompts: Sequence[EnginePrompt],
+    params: Sequence[Sequence[SamplingParams]],
+    lease: SlotLease | None = None,
+) -> list[Job]:
+    """Jobs for ``params[p][i]`` (choice ``i`` of prompt ``p``), indexed ``p * n + i``;
+    ``lease`` holds the images' pixel slots (a chat has one prompt)."""
     jobs = []
     for prompt_index, (prompt, choice_params) in enumerate(zip(prompts, params, strict=True)):
         for choice, sampling in enumerate(choice_params):
             index = prompt_index * len(choice_params) + choice
-            jobs.append(Job(index, prompt_index, prompt, sampling))
+            jobs.append(Job(index, prompt_index, prompt, sampling, lease))
     return jobs

@@ -1,4 +1,4 @@
-"""Settings of request preparation: its gates, prep worker processes and the vision encoder.
+"""Settings of request preparation: its gates and prep worker processes.
 
 One frozen value owned by ``vl``; each field's ``help`` metadata documents it, and
 ``server.options`` turns the fields into CLI flags and ``VLSERVE_*`` variables (``option``
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class PrepConfig:
-    """How much preparation runs at once, where, and how images are batched and cached.
+    """How much preparation runs at once, and where.
 
     Gate sizes follow bench/README.md: GIL-bound work at 1, GIL-releasing work at the
     core count.
@@ -41,6 +41,3 @@ class PrepConfig:
             "help": "niceness added to each prep worker process (bench/README.md: p99 35 ms at 0, 10 ms at 10)",
         },
     )
-    vision_max_batch_size: int = field(default=16, metadata={"help": "images per vision-encoder forward"})
-    vision_max_batch_patches: int = field(default=32768, metadata={"help": "image patches per vision-encoder forward"})
-    mm_cache_mb: int = field(default=256, metadata={"help": "MiB of image features kept for repeated images"})

@@ -104,7 +104,7 @@ class FakeEngine:
         self.changed = trio.Event()
 
     @asynccontextmanager
-    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[FakeStream]:
+    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams, lease=None) -> AsyncIterator[FakeStream]:
         if len(prompt.token_ids) + params.max_tokens > 1 << 20:
             raise InvalidRequest("too long for the fake", param="max_tokens")
         self.opened.append((prompt, params))
