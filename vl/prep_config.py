@@ -41,3 +41,24 @@ class PrepConfig:
             "help": "niceness added to each prep worker process (bench/README.md: p99 35 ms at 0, 10 ms at 10)",
         },
     )
+    pixel_slots: int = field(
+        default=16,
+        metadata={
+            "help": "shared-memory slots for preprocessed image pixels; an image holds one from the start of its "
+            "preprocessing until the engine has copied its pixels (at its next step), and waits while none is "
+            "free (the pool takes pixel-slots x pixel-slot-mb of /dev/shm)"
+        },
+    )
+    pixel_slot_mb: int = field(
+        default=0,
+        metadata={
+            "help": "MiB per pixel slot; 0 sizes slots for the largest image the image processor can produce "
+            "(its max_pixels)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.pixel_slots, int) and self.pixel_slots >= 1):
+            raise ValueError(f"PrepConfig.pixel_slots must be an integer >= 1, got {self.pixel_slots!r}")
+        if not (isinstance(self.pixel_slot_mb, int) and self.pixel_slot_mb >= 0):
+            raise ValueError(f"PrepConfig.pixel_slot_mb must be an integer >= 0, got {self.pixel_slot_mb!r}")
