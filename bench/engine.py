@@ -78,7 +78,7 @@ async def vlserve_throughput(loaded, requests: list[list[dict]], concurrency: in
                             produced += len(delta.token_ids)
                 finally:
                     if prepared.lease is not None:
-                        prepared.lease.drop()
+                        prepared.lease.release_creator()
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:

@@ -5,7 +5,6 @@ frames these messages on a socket). Plain frozen values; no torch import here.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig

@@ -77,14 +77,15 @@ def load_model(
     dtype: str = "auto",
     device: str = "cpu",
     max_model_len: int | None = None,
-    language_model: bool = True,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load model, tokenizer and (for VL models) image processor; raise ``ModelLoadError``.
 
-    With ``language_model=False`` only the vision tower's weights are kept and moved to
-    ``device`` (the rest is released after loading on the CPU): what a front end needs
-    while the engine runs in its own process."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    With ``weights=False`` no weight is read: the model is built on the meta device from
+    its config, so its config, adapter settings, limits, tokenizer and image processor are
+    there but no forward can run: what a front end needs while the engine (vision encoder
+    included) runs in its own process."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     started = time.perf_counter()
     path = Path(path).expanduser()

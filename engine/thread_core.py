@@ -48,9 +48,7 @@ class ThreadCore:
         Cancellation: waits for the running step's thread, then raises ``Cancelled``.
         """
         # back-to-back decode sub-steps stop as soon as the front end has anything to send
-        loop = StepLoop.for_model(
-            self._loaded, self._config, has_news=outbox.__bool__, read_pixels=self._read_pixels
-        )
+        loop = StepLoop.for_model(self._loaded, self._config, has_news=outbox.__bool__, read_pixels=self._read_pixels)
         while True:
             if not loop.has_work():
                 await outbox.wait()

@@ -86,9 +86,10 @@ class SequenceFailed(RuntimeError):
     """The engine ended a sequence because of an internal error (a server-side failure)."""
 
 
-async def stream_job(engine: Engine, job: Job, on_delta: OnDelta) -> None:
+async def stream_job(engine: Engine, job: Job, on_delta: OnDelta, submitted: Callable[[], None] = lambda: None) -> None:
     """Run one sequence, awaiting ``on_delta`` for each delta (a slow callback makes the
-    engine coalesce deltas rather than queue them).
+    engine coalesce deltas rather than queue them). ``submitted()`` is called once the
+    engine has the sequence (and its own hold on the job's pixel slots).
 
     Raises ``InvalidRequest`` (naming the request field) if the engine refuses the job,
     ``SequenceFailed`` after the last delta if the engine failed the sequence.
@@ -96,6 +97,7 @@ async def stream_job(engine: Engine, job: Job, on_delta: OnDelta) -> None:
     """
     try:
         async with engine.open_stream(job.prompt, job.params, job.lease) as stream:
+            submitted()
             async for delta in stream:
                 await on_delta(job, delta)
             if stream.error is not None:
@@ -107,14 +109,25 @@ async def stream_job(engine: Engine, job: Job, on_delta: OnDelta) -> None:
 async def stream_jobs(engine: Engine, jobs: Sequence[Job], on_delta: OnDelta) -> None:
     """Run all ``jobs`` concurrently (see ``stream_job``); one failing cancels the others.
 
-    Deltas of one job arrive in order; deltas of different jobs interleave.
+    Deltas of one job arrive in order; deltas of different jobs interleave. Once every job
+    is submitted, the request's hold on their pixel slots ends (``SlotLease``): the engine
+    holds them until it has read them.
     """
+    remaining = len(jobs)
+
+    def submitted() -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0:
+            for lease in {id(job.lease): job.lease for job in jobs if job.lease is not None}.values():
+                lease.release_creator()
+
     if len(jobs) == 1:
-        await stream_job(engine, jobs[0], on_delta)
+        await stream_job(engine, jobs[0], on_delta, submitted)
         return
     async with trio.open_nursery() as nursery:
         for job in jobs:
-            nursery.start_soon(stream_job, engine, job, on_delta)
+            nursery.start_soon(stream_job, engine, job, on_delta, submitted)
 
 
 async def complete_jobs(engine: Engine, jobs: Sequence[Job]) -> tuple[list[ChoiceResult], Usage]:

@@ -25,7 +25,7 @@ from server.config import ServerConfig
 from vl.chat_preparer import ChatPreparer
 from vl.gates import Gate
 from vl.image_fetcher import ImageFetcher
-from vl.image_pixels import ImagePreprocessor
+from vl.image_pixels import ImagePreprocessor, slot_bytes_for
 from vl.media_policy import MediaPolicy
 from vl.prep_processes import ProcessPrep
 from vl.prep_tools import PrepTools, PrepToolsSpec
@@ -166,5 +166,3 @@ def _preprocessor(loaded: LoadedModel) -> ImagePreprocessor | None:
     if not loaded.supports_images:
         return None
     return ImagePreprocessor(loaded.image_processor, loaded.adapter.spatial_merge_size)
-
-

@@ -31,6 +31,7 @@ from vl.errors import (
 )
 from vl.gates import Gate, GateStatistics
 from vl.image_fetcher import FetcherStatistics, ImageFetcher
+from vl.image_key import image_cache_key
 from vl.image_source import load_image_bytes
 from vl.prep_tools import (
     Detokenize,
@@ -41,7 +42,6 @@ from vl.prep_tools import (
     ThreadPrep,
     Tokenize,
 )
-from vl.image_key import image_cache_key
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,10 @@ class PreparerStatistics:
 @dataclass(frozen=True)
 class PreparedPrompt:
     """A prepared prompt and the lease on its images' pixel slots (``None`` without
-    images). Whoever prepared it owns one hold and must drop it when the request ends
-    (``lease.drop()``); the engine takes its own holds for the sequences it submits."""
+    images). Whoever prepared it holds the lease as its creator and must call
+    ``lease.release_creator()`` once it has submitted the prompt's sequences, and in any
+    case when its request ends; the engine takes its own holds for the sequences it
+    submits."""
 
     prompt: EnginePrompt
     lease: SlotLease | None = None

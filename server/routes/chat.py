@@ -6,8 +6,8 @@ from functools import partial
 
 from quart import Blueprint, Response
 
-from server.chat_format import ChatChunker, chat_completion
 from server.admission import hold_until_request_ends
+from server.chat_format import ChatChunker, chat_completion
 from server.generation import complete_jobs, make_jobs
 from server.request_body import read_body
 from server.request_id import current_request_id
@@ -34,8 +34,8 @@ async def chat_completions() -> Response:
     body.check_combinations()
     check_model(body.model, runtime)
     prepared = await runtime.preparer.prepare_chat(body.chat())
-    if prepared.lease is not None:  # the image slots: held until the request ends
-        hold_until_request_ends(prepared.lease.drop)
+    if prepared.lease is not None:  # the image slots: held until submitted, at most until the request ends
+        hold_until_request_ends(prepared.lease.release_creator)
     prompt = prepared.prompt
     requested, field = body.requested_max_tokens
     budget = LengthBudget(

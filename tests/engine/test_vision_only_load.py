@@ -59,7 +59,7 @@ async def test_runtime_with_engine_process_reads_no_weights(tiny_model_dir):
             async with runtime.engine.open_stream(prepared.prompt, params, prepared.lease) as stream:
                 tokens = [t async for delta in stream for t in delta.token_ids]
         finally:
-            prepared.lease.drop()
+            prepared.lease.release_creator()
         await wait_until_idle(runtime.engine)
         assert runtime.engine.statistics().images_encoded == 1
         assert runtime.slots.statistics().free == runtime.slots.statistics().total
@@ -88,7 +88,7 @@ async def test_runtime_without_engine_process_encodes_inside_steps_under_the_dev
                 assert runtime.device_gate.statistics().tasks_waiting == 1
                 assert runtime.engine.statistics().steps == 0
                 assert runtime.engine.statistics().images_encoded == 0
-        prepared.lease.drop()
+        prepared.lease.release_creator()
         assert len(tokens) == 4
         await wait_until_idle(runtime.engine)
         assert runtime.device_gate.borrowed_tokens == 0

@@ -51,7 +51,7 @@ async def generate(rt, prepared, max_tokens: int = 16) -> list[int]:
                 ids += delta.token_ids
     finally:
         if prepared.lease is not None:
-            prepared.lease.drop()
+            prepared.lease.release_creator()
     return ids
 
 
@@ -118,7 +118,7 @@ async def test_several_images_in_one_request_resolve_concurrently(tiny_model, co
             content = (*(ImagePart(f"{base_url}/{i}.png") for i in range(3)), TextPart("compare"))
             prepared = await rt.preparer.prepare_chat(Chat((Message("user", content),)))
             assert len(prepared.lease) == 3 and rt.slots.statistics().free == rt.slots.statistics().total - 3
-            prepared.lease.drop()
+            prepared.lease.release_creator()
             assert all_slots_free(rt)
     prompt = prepared.prompt
     assert len(prompt.images) == 3
