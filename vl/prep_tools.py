@@ -149,24 +149,15 @@ class Detokenize:
 @dataclass(frozen=True)
 class ImagePixels:
     """Decode and preprocess one image into pixel slot ``slot_index`` of the pool ``slots``
-    and return its ``SlotImage``; errors name ``param``. The caller holds the slot.
-
-    Without a slot (both ``None``) the step returns the ``PixelInputs`` themselves, which
-    from a prep process travel back through its pipe: the path from before pixel slots,
-    kept while callers move to slots."""
+    and return its ``SlotImage`` (small: the pixels stay in the slot); errors name
+    ``param``. The caller holds the slot."""
 
     image: EncodedImage
     param: str
-    slot_index: int | None = None
-    slots: SlotSpec | None = None
+    slot_index: int
+    slots: SlotSpec
 
-    def __post_init__(self) -> None:
-        if (self.slot_index is None) != (self.slots is None):
-            raise ValueError("ImagePixels needs both slot_index and slots, or neither")
-
-    def run(self, tools: PrepTools) -> SlotImage | PixelInputs:
-        if self.slots is None:
-            return tools.decode_and_preprocess(self.image, self.param)
+    def run(self, tools: PrepTools) -> SlotImage:
         return tools.pixels_into_slot(self.image, self.param, self.slot_index, self.slots)
 
 

@@ -1,4 +1,5 @@
-"""Sample a process tree's resident memory (the process plus all its descendants)."""
+"""Sample a process tree's resident memory and CPU time (the process plus all its
+descendants: a vlserve server's engine worker and prep processes count)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ def tree_rss(pid: int) -> int:
             total += proc.memory_info().rss
         except psutil.Error:
             pass  # exited between listing and reading
+    return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds used so far by ``pid`` and its living descendants (and
+    the children they have reaped); 0 if it is gone. Blocking, fast."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
     return total
 
 

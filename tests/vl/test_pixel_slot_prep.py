@@ -92,18 +92,16 @@ def test_a_processor_without_size_settings_needs_the_flag():
 
 
 def test_pixel_slot_settings_are_validated():
-    assert (PrepConfig().pixel_slots, PrepConfig().pixel_slot_mb) == (8, 0)
+    assert (PrepConfig().pixel_slots, PrepConfig().pixel_slot_mb) == (16, 0)
     with pytest.raises(ValueError, match="pixel_slots"):
         PrepConfig(pixel_slots=0)
     with pytest.raises(ValueError, match="pixel_slot_mb"):
         PrepConfig(pixel_slot_mb=-1)
 
 
-def test_image_steps_with_a_slot_pickle_and_need_both_fields():
+def test_image_steps_pickle_with_their_slot():
     step = ImagePixels(encoded(1), PARAM, 3, SlotSpec("psm_x", 8, MIB))
     assert pickle.loads(pickle.dumps(step)) == step
-    with pytest.raises(ValueError, match="both"):
-        ImagePixels(encoded(1), PARAM, 3)
 
 
 # In threads ------------------------------------------------------------------------------------
