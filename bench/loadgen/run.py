@@ -58,6 +58,7 @@ class LoadRun:
     loadavg_after: float = 0.0
     foreign_cpu: float = 0.0  # other processes' share of all cores during the burst (0..1)
     server_cpu_seconds: float = 0.0  # CPU the server's process tree used during the burst
+    pss: list[tuple[float, int]] = field(default_factory=list)  # the tree's PSS during the burst
     repeat: int = 0
     # the server's own event-loop lag over warm-up + burst, from its /metrics (vlserve only)
     loop_lag_p50_ms: float = float("nan")
@@ -106,7 +107,7 @@ async def run_load(
             account = CpuAccount()
             await trio.to_thread.run_sync(account.start)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(sample_rss, server_pid, options.rss_interval, run.rss)
+                nursery.start_soon(sample_rss, server_pid, options.rss_interval, run.rss, run.pss)
                 run.burst_started = time.monotonic()
                 run.results = await _send_all(client, body_for, kind_of, indices, options, warmup=False)
                 run.burst_ended = time.monotonic()
