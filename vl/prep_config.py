@@ -27,11 +27,11 @@ class PrepConfig:
         metadata={"help": "chat templates and tokenizations run at once (the tokenizer gate's size)"},
     )
     processes: bool = field(
-        default=False,
+        default=True,
         metadata={
             "option": "prep_processes",
-            "help": "run template, tokenizer and image prep in worker processes (one per gate token) "
-            "instead of threads that share the event loop's GIL",
+            "help": "run template, tokenizer and image prep in worker processes (one per gate token), off the "
+            "event loop's GIL; --no-prep-processes runs them in threads of the server process",
         },
     )
     nice: int = field(
