@@ -9,6 +9,8 @@ a nursery it owns; leaving it shuts them down in reverse order.
 from __future__ import annotations
 
 import gc
+import logging
+import multiprocessing
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +33,8 @@ from vl.prep_processes import ProcessPrep
 from vl.prep_tools import PrepTools, PrepToolsSpec
 
 IMAGE_TOKEN = "<|image_pad|>"
+
+logger = logging.getLogger("vlserve.runtime")
 
 
 @dataclass
@@ -150,8 +154,19 @@ def _open_slots(preprocessor: ImagePreprocessor | None, config: ServerConfig):
 async def _open_prep_runner(
     loaded: LoadedModel, config: ServerConfig, policy: MediaPolicy
 ) -> AsyncIterator[ProcessPrep | None]:
-    """Prep worker processes (one per gate token) if configured, else ``None`` (threads)."""
+    """Prep worker processes (one per gate token) if configured, else ``None`` (threads).
+
+    Inside a daemonic process (plain ``hypercorn --worker-class trio``, whose workers are
+    multiprocessing daemons) no child process may be started by multiprocessing, so prep
+    runs in threads there, with a warning."""
     if not config.prep.processes:
+        yield None
+        return
+    if multiprocessing.current_process().daemon:
+        logger.warning(
+            "prep runs in threads: this server runs in a daemonic process (e.g. a hypercorn worker), "
+            "which may not start prep processes; use 'vlserve serve' to get them"
+        )
         yield None
         return
     merge_size = loaded.adapter.spatial_merge_size if loaded.supports_images else None

@@ -102,7 +102,7 @@ class ChatPreparer:
         Raises ``InvalidRequest``/``MediaError`` naming the offending field: images to a
         model without a vision tower, too many images, an image that cannot be loaded, image
         tokens written in message text, a template that rejects the chat. On success the
-        caller owns the returned lease's hold. Cancellation or error: stops at the next
+        caller holds the returned lease as its creator (``PreparedPrompt``). Cancellation or error: stops at the next
         boundary (fetch, slot or gate wait, worker return); work already running finishes
         and gives its gate token back; every slot taken is released; nothing reaches the
         engine.

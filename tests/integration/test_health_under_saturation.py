@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import threading
 
 import numpy as np
+import pytest
 import trio
 import trio.testing
 from PIL import Image
 
+from engine.config import EngineConfig
+from server.config import ServerConfig
 from tests.integration.invariants import wait_until_quiescent
+from vl.prep_config import PrepConfig
+
+
+@pytest.fixture
+def vlserve_config(vlserve_config: ServerConfig) -> ServerConfig:
+    """Prep and the engine in threads of the server process, so that this test can block
+    their work there and hold the device gate the engine's steps need."""
+    return dataclasses.replace(
+        vlserve_config, prep=PrepConfig(processes=False), engine=EngineConfig(in_worker_process=False)
+    )
 
 
 def image_uri(seed: int) -> str:
@@ -38,7 +52,7 @@ async def test_health_answers_while_every_gate_is_saturated(http, runtime):
     preparer = runtime.preparer
     release = threading.Event()
     entered: list[str] = []
-    tools = preparer.runner.tools  # the default runner: worker threads
+    tools = preparer.runner.tools  # worker threads (see ``vlserve_config``)
     tools.decode_and_preprocess = block_in_thread(release, entered, tools.decode_and_preprocess)
     tools.render_and_tokenize = block_in_thread(release, entered, tools.render_and_tokenize)
     device_holder = object()
