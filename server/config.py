@@ -49,9 +49,16 @@ class ServerConfig:
         default=0.001,
         metadata={"help": "seconds after which a GIL-holding thread must offer the GIL to the event loop"},
     )
+    drain_grace: float = field(
+        default=0.0,
+        metadata={
+            "help": "seconds after SIGINT/SIGTERM during which /ready answers 503 but new requests are still "
+            "accepted and served, so that endpoints and load balancers stop routing here first"
+        },
+    )
     drain_timeout: float = field(
         default=30.0,
-        metadata={"help": "seconds in-flight requests get to finish on SIGINT/SIGTERM"},
+        metadata={"help": "seconds in-flight requests get to finish once the listener has closed (after the grace)"},
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)

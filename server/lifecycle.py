@@ -1,8 +1,9 @@
 """The runtime's lifetime inside the app: open it in the background, hold it, close it.
 
 Readiness is this object's phase: ``LOADING`` until the runtime is open, ``READY`` while it
-serves, ``DRAINING`` once shutdown has begun (in-flight requests keep their runtime; new
-ones are refused), ``STOPPED`` after it closed, ``FAILED`` if opening it or running it
+serves, ``DRAINING`` once shutdown has begun (readiness answers 503; during the drain's grace
+period new requests are still served, after it they are refused while in-flight ones keep
+their runtime; see ``takes_new_work``), ``STOPPED`` after it closed, ``FAILED`` if opening it or running it
 raised. The runtime factory is any ``ServerConfig -> async context manager of Runtime``.
 
 The lifecycle also owns the event loop's lag monitor (``server.loop_lag``): it runs for as
@@ -60,6 +61,7 @@ class RuntimeLifecycle:
         self.load_seconds: float | None = None
         self.error: BaseException | None = None
         self._factory = factory
+        self._refusing = False
         self._settled = trio.Event()
         self._stop = trio.Event()
         self._closed = trio.Event()
@@ -114,10 +116,24 @@ class RuntimeLifecycle:
             self._settled.set()
             self._closed.set()
 
-    def begin_drain(self) -> None:
-        """Stop taking new work (readiness answers 503); in-flight work carries on."""
+    def withdraw_readiness(self) -> None:
+        """Readiness answers 503 from now on, but new requests are still served: the
+        grace period of a drain, while load balancers stop sending traffic here."""
         if self.phase in (Phase.LOADING, Phase.READY):
             self.phase = Phase.DRAINING
+
+    def begin_drain(self) -> None:
+        """Stop taking new work (readiness answers 503); in-flight work carries on."""
+        self.withdraw_readiness()
+        self._refusing = True
+
+    @property
+    def takes_new_work(self) -> bool:
+        """Whether a new request may start on the runtime: while ready, and during the
+        grace period of a drain (``withdraw_readiness`` without ``begin_drain``)."""
+        if self.runtime is None:
+            return False
+        return self.phase is Phase.READY or (self.phase is Phase.DRAINING and not self._refusing)
 
     def stop(self) -> None:
         """Drain, and let ``run()`` close the runtime. Idempotent."""
