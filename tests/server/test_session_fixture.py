@@ -8,7 +8,7 @@ import textwrap
 
 import trio
 
-from tests.server.launch import launched
+from tests.server.launch import REPO, launched
 
 RUN_TIMEOUT_S = 180
 
@@ -95,3 +95,31 @@ async def test_session_server_is_shared_by_trio_asyncio_and_plain_tests(tiny_mod
         await trio.sleep(0.1)
     assert returncode == 0, run.log()
     assert "4 passed" in run.log()
+
+
+def _readme_example(first_line: str) -> str:
+    """The README's Python code block that starts with ``first_line``."""
+    readme = (REPO / "README.md").read_text()
+    for block in readme.split("```python\n")[1:]:
+        code = block.split("```", 1)[0]
+        if code.startswith(first_line):
+            return code
+    raise AssertionError(f"no README example starting with {first_line!r}")
+
+
+async def test_readme_fixture_examples_run(tiny_model_dir, tmp_path):
+    """Both README examples, as written, pass in a user's suite (trio mode on, as the
+    function-scoped example says)."""
+    (tmp_path / "test_with_vlserve.py").write_text(_readme_example("# test_with_vlserve.py"))
+    (tmp_path / "test_shared_server.py").write_text(_readme_example("# test_shared_server.py"))
+    plugin = [] if _plugin_is_installed() else ["-p", "server.pytest_plugin"]
+    args = [
+        "-m", "pytest", *plugin, "-o", "trio_mode=true", "-p", "no:cacheprovider", "-q",
+        "--rootdir", str(tmp_path), str(tmp_path),
+    ]  # fmt: skip
+    async with launched(args, {"VLSERVE_MODEL": str(tiny_model_dir)}) as run:
+        with trio.fail_after(RUN_TIMEOUT_S):
+            returncode = await run.process.wait()
+        await trio.sleep(0.1)
+    assert returncode == 0, run.log()
+    assert "3 passed" in run.log()
