@@ -5,10 +5,15 @@
 from __future__ import annotations
 
 import signal
+from functools import partial
 
 import httpx
 import trio
 
+from server.config import ServerConfig
+from server.lifecycle import Phase
+from server.serve import run_server
+from tests.server.fakes import FakeRuntime, FakeRuntimeFactory
 from tests.server.launch import launched, wait_ready
 from tests.server.sse_client import parse_events
 
@@ -100,3 +105,25 @@ async def test_sigterm_withdraws_readiness_serves_the_grace_then_drains(tiny_mod
         assert finish[-1] == "length"
         assert events[-1]["usage"]["completion_tokens"] == STREAM_TOKENS
     assert returncode == 0, server.log()
+
+
+async def test_grace_serves_new_requests_until_a_shutdown_without_grace():
+    """In process, no clock involved: ``shutdown(grace)`` withdraws readiness while new
+    requests are still served; a later ``shutdown()`` ends the grace at once: new work is
+    refused and the listener closes; the server stops."""
+    config = ServerConfig(host="127.0.0.1", port=0, drain_timeout=5.0)
+    factory = FakeRuntimeFactory(FakeRuntime(config))
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(run_server, config, runtime_factory=factory))
+            await server.wait_ready()
+            server.shutdown(grace=3600)
+            lifecycle = server.state.lifecycle
+            assert lifecycle.phase is Phase.DRAINING and lifecycle.takes_new_work
+            assert (await _fresh(server.url, "GET", "/ready")).status_code == 503
+            assert (await _fresh(server.url, "POST", "/v1/chat/completions", json=chat)).status_code == 200
+            server.shutdown()
+            assert not lifecycle.takes_new_work
+            await server.wait_stopped()
+    assert lifecycle.phase is Phase.STOPPED
