@@ -83,6 +83,18 @@ class RunningServer:
             self._grace_s = grace
             self._shutdown.set()
 
+    async def _close_listeners_after_grace(self) -> None:
+        """Once shutdown has begun, wait out its grace (cut short by a later ``shutdown()``
+        without grace, which a runtime that closes on its own also calls), then refuse new
+        work and close the listeners."""
+        await self._shutdown.wait()
+        with trio.move_on_after(self._grace_s):
+            await self._close_listeners.wait()
+        if not self._close_listeners.is_set():
+            log.info("drain grace over: closing the listener")
+        self.state.lifecycle.begin_drain()
+        self._close_listeners.set()
+
     async def wait_ready(self) -> Runtime:
         """Wait for the model to be loaded; raises ``RuntimeFailed`` if it failed."""
         return await self.state.lifecycle.wait_ready()
@@ -122,7 +134,7 @@ async def run_server(
             urls = await nursery.start(serve_task)
             server = RunningServer(app, state_of(app), urls, close_listeners, stopped)
             nursery.start_soon(_shut_down_when_runtime_closes, server)
-            nursery.start_soon(_close_listeners_after_grace, server)
+            nursery.start_soon(server._close_listeners_after_grace)
             task_status.started(server)
     finally:
         stopped.set()
@@ -139,25 +151,6 @@ async def _serve_then_cancel(
 ) -> None:
     await serve(app, hyper, shutdown_trigger=shutdown.wait, task_status=task_status)
     cancel_scope.cancel()
-
-
-async def _close_listeners_after_grace(server: RunningServer) -> None:
-    """Once shutdown has begun, wait out its grace (cut short by the runtime closing or a
-    later ``shutdown()`` without grace), then refuse new work and close the listeners."""
-    await server._shutdown.wait()
-    with trio.move_on_after(server._grace_s):
-        async with trio.open_nursery() as nursery:
-
-            async def then_cancel(wait: Any) -> None:
-                await wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(then_cancel, server._close_listeners.wait)
-            nursery.start_soon(then_cancel, server.state.lifecycle.wait_closed)
-    if not server._close_listeners.is_set():
-        log.info("drain grace over: closing the listener")
-    server.state.lifecycle.begin_drain()
-    server._close_listeners.set()
 
 
 async def _shut_down_when_runtime_closes(server: RunningServer) -> None:
