@@ -7,7 +7,10 @@ their runtime; see ``takes_new_work``), ``STOPPED`` after it closed, ``FAILED`` 
 raised. The runtime factory is any ``ServerConfig -> async context manager of Runtime``.
 
 The lifecycle also owns the event loop's lag monitor (``server.loop_lag``): it runs for as
-long as ``run()`` does, from before the model loads until the runtime has closed.
+long as ``run()`` does, from before the model loads until the runtime has closed. While the
+model loads it logs a line when loading starts and one every ``LOAD_PROGRESS_INTERVAL_S``
+seconds after, so a log shows a long load going on (stage-by-stage progress needs the
+loader to report its stages).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
 RuntimeFactory = Callable[[ServerConfig], AbstractAsyncContextManager[Any]]
 
 log = logging.getLogger(__name__)
+
+LOAD_PROGRESS_INTERVAL_S = 15.0
 
 
 class Phase(enum.Enum):
@@ -77,10 +82,22 @@ class RuntimeLifecycle:
         """
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.loop_lag.run)
+            nursery.start_soon(self._log_loading)
             try:
                 await self._hold_runtime()
             finally:
                 nursery.cancel_scope.cancel()
+
+    async def _log_loading(self) -> None:
+        """One line as loading starts, then one every ``LOAD_PROGRESS_INTERVAL_S`` until the
+        runtime is settled. Cancellation: returns, nothing to undo."""
+        started = trio.current_time()
+        log.info("loading model %s", self.config.model or "(built-in tiny model)")
+        while True:
+            with trio.move_on_after(LOAD_PROGRESS_INTERVAL_S):
+                await self._settled.wait()
+                return
+            log.info("still loading the model: %.0f s so far", trio.current_time() - started)
 
     async def _hold_runtime(self) -> None:
         started = time.monotonic()
