@@ -71,10 +71,14 @@ async def vlserve_throughput(loaded, requests: list[list[dict]], concurrency: in
         async def one(messages):
             nonlocal produced
             async with limiter:
-                prompt = await rt.preparer.prepare_chat(parse_chat(messages))
-                async with rt.engine.open_stream(prompt, params) as stream:
-                    async for delta in stream:
-                        produced += len(delta.token_ids)
+                prepared = await rt.preparer.prepare_chat(parse_chat(messages))
+                try:
+                    async with rt.engine.open_stream(prepared.prompt, params, prepared.lease) as stream:
+                        async for delta in stream:
+                            produced += len(delta.token_ids)
+                finally:
+                    if prepared.lease is not None:
+                        prepared.lease.release_creator()
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:

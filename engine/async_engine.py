@@ -39,8 +39,10 @@ from engine.submit_checks import check_submittable
 if TYPE_CHECKING:
     from engine.config import EngineConfig
     from engine.model_loader import LoadedModel
+    from engine.pixel_slots import SlotPool
     from engine.prompt import EnginePrompt
     from engine.sampling_params import SamplingParams
+    from engine.slot_lease import SlotLease
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -76,6 +78,7 @@ class AsyncEngine:
         self._streams = StreamRegistry(stream_interval)
         self._outbox = Outbox()
         self._stats = IDLE_STATISTICS
+        self._leases: dict[int, SlotLease] = {}  # pixel slots of sequences sent, until read
         self._last_progress = time.monotonic()
         self._alive = False
         self._closing = False
@@ -106,14 +109,24 @@ class AsyncEngine:
         return self.core.max_model_len
 
     @asynccontextmanager
-    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[RequestStream]:
+    async def open_stream(
+        self,
+        prompt: EnginePrompt,
+        params: SamplingParams,
+        lease: SlotLease | None = None,
+    ) -> AsyncIterator[RequestStream]:
         """Submit a sequence; yield its stream of deltas.
+
+        ``lease`` holds the pixel slots of ``prompt``'s images: the engine takes a hold on
+        it when it submits the sequence and drops that hold exactly once: when the step
+        loop reports the pixels read, when the sequence is withdrawn unsent, or when the
+        step loop stops. The caller keeps its own hold.
 
         Raises ``RequestRejected`` for a request the engine refuses (images to a text-only
         model, an empty or too long prompt), ``RuntimeError`` if the engine is not running.
         Leaving the block before the last delta (break, exception, cancellation) aborts the
         sequence: one not yet sent is never sent; otherwise the step loop drops it from its
-        queue, or from the batch (freeing its cache) at its next step.
+        queue (its images unencoded), or from the batch (freeing its cache) at its next step.
         """
         check_submittable(prompt, params, self.core.max_model_len, self.core.supports_images)
         if not self._alive or self._closing:
@@ -122,13 +135,16 @@ class AsyncEngine:
             self._last_progress = time.monotonic()  # the stall clock starts with the work
         stream = self._streams.open(prompt, params)
         new = NewSequence(stream.seq_id, prompt, params)
+        if lease is not None:
+            lease.hold()
+            self._leases[stream.seq_id] = lease
         self._outbox.add(new)
         try:
             yield stream
         finally:
             self._streams.close(stream)
-            if not stream.finished:
-                self._outbox.abort(new)
+            if not stream.finished and self._outbox.abort(new):
+                self._drop_lease(stream.seq_id)  # never sent: never read
 
     async def _run_core(self) -> None:
         try:
@@ -138,8 +154,18 @@ class AsyncEngine:
             if not self._closing:
                 logger.error("the engine stopped unexpectedly: %s", self.core.stopped_reason)
             self._abort_all(self.core.stopped_reason)
+            # no step runs any more (``Core.run`` returns only then): nothing reads a slot
+            for seq_id in list(self._leases):
+                self._drop_lease(seq_id)
+
+    def _drop_lease(self, seq_id: int) -> None:
+        lease = self._leases.pop(seq_id, None)
+        if lease is not None:
+            lease.drop()
 
     def _deliver(self, outputs: StepOutputs) -> None:
+        for seq_id in outputs.pixels_read:
+            self._drop_lease(seq_id)
         self._stats = outputs.stats
         self._last_progress = time.monotonic()
         for update in outputs.updates:
@@ -174,16 +200,19 @@ def open_engine(
     loaded: LoadedModel,
     config: EngineConfig,
     device_gate: trio.CapacityLimiter | None = None,
+    slots: SlotPool | None = None,
 ) -> AbstractAsyncContextManager[AsyncEngine]:
     """Run an engine for ``loaded`` with ``config``: its step loop in the engine worker
     process (which loads the same model, dtype, device and context length itself) if
     ``config.in_worker_process``, else in threads under ``device_gate`` (a new gate of one
-    if not given). Raises ``ModelLoadError`` if the worker cannot load the model."""
+    if not given). Its vision encoder reads images' pixels from ``slots``. Raises
+    ``ModelLoadError`` if the worker cannot load the model."""
     if config.in_worker_process:
         from engine.worker_core import open_worker_engine
 
-        return open_worker_engine(loaded, config)
+        return open_worker_engine(loaded, config, slots)
     from engine.thread_core import ThreadCore
 
     gate = device_gate or trio.CapacityLimiter(1)
-    return AsyncEngine.open(ThreadCore(loaded, config, gate), config.stream_interval, gate)
+    read_pixels = slots.memory.read if slots is not None else None
+    return AsyncEngine.open(ThreadCore(loaded, config, gate, read_pixels), config.stream_interval, gate)

@@ -62,6 +62,16 @@ class EngineConfig:
         default=0.01,
         metadata={"help": "minimum seconds between two deltas of one request (faster tokens are sent together)"},
     )
+    vision_max_batch_size: int = field(default=16, metadata={"help": "images per vision-encoder forward"})
+    vision_max_batch_patches: int = field(default=32768, metadata={"help": "image patches per vision-encoder forward"})
+    vision_step_patches: int = field(
+        default=32768,
+        metadata={
+            "help": "image patches encoded per engine step at most (the encoder budget: images over it "
+            "wait for the next step, so running streams are not stalled by a burst of images)"
+        },
+    )
+    mm_cache_mb: int = field(default=256, metadata={"help": "MiB of image features kept for repeated images"})
     seed: int | None = field(
         default=None,
         metadata={
@@ -76,6 +86,9 @@ class EngineConfig:
             "max_num_seqs",
             "max_num_batched_tokens",
             "decode_steps_per_call",
+            "vision_max_batch_size",
+            "vision_max_batch_patches",
+            "vision_step_patches",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -5,12 +5,16 @@ frames these messages on a socket). Plain frozen values; no torch import here.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.outputs import TokenLogprob
 from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
 from engine.statistics import EngineStatistics
+
+if TYPE_CHECKING:
+    from engine.pixel_slots import SlotSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,10 +50,13 @@ class SequenceOutput:
 
 @dataclass(frozen=True)
 class StepOutputs:
-    """Sent after every step, and whenever the loop goes idle, so statistics stay current."""
+    """Sent after every step, and whenever the loop goes idle, so statistics stay current.
+    ``pixels_read``: sequences whose images' pixel slots the step loop no longer needs (it
+    copied them, or dropped the sequence first); the front end reuses those slots."""
 
     updates: list[SequenceOutput]
     stats: EngineStatistics  # the step loop's, as of this message
+    pixels_read: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class WorkerStart:
 
     model_path: str
     config: EngineConfig
+    slots: SlotSpec | None = None  # the front end's pixel slots, to attach to
 
 
 @dataclass(frozen=True)

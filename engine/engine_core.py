@@ -1,4 +1,5 @@
-"""One engine step, synchronously: forwards, sampling, detokenization and stop checks.
+"""One engine step, synchronously: image encoding, forwards, sampling, detokenization and
+stop checks.
 
 Runs in the step loop (``engine.step_loop``). It reads and writes only the sequences in
 the plan it was given, and reports what changed as immutable ``SequenceOutput``s.
@@ -16,8 +17,10 @@ from tokenizers import Tokenizer
 
 from engine.core_messages import SequenceOutput
 from engine.detokenizer import IncrementalDetokenizer, token_text
+from engine.image_encoder import ImageEncoder, ImageEncodingFailed, ReadPixels
 from engine.model_runner import ModelRunner
 from engine.outputs import TokenLogprob, TopLogprob
+from engine.prompt import EnginePrompt
 from engine.sampler import SampledToken, Sampler
 from engine.scheduler import StepPlan
 from engine.sequence import Sequence, SequenceStatus
@@ -58,8 +61,10 @@ class EngineCore:
         *,
         decode_steps_per_call: int = 1,
         has_news: Callable[[], bool] = lambda: False,
+        encoder: ImageEncoder | None = None,
     ) -> None:
         self.runner = runner
+        self.encoder = encoder
         self.decode_steps_per_call = decode_steps_per_call
         self._has_news = has_news
         self.tokenizer = tokenizer
@@ -75,9 +80,20 @@ class EngineCore:
         config: EngineConfig,
         *,
         has_news: Callable[[], bool] = lambda: False,
+        read_pixels: ReadPixels | None = None,
     ) -> EngineCore:
         """The core for a loaded model: its runner, tokenizer, stop ids and limits (the
-        context length is the loaded model's)."""
+        context length is the loaded model's), and for a vision model its image encoder,
+        which reads pixels with ``read_pixels`` (``SlotMemory.read``)."""
+        encoder = None
+        if loaded.supports_images:
+            encoder = ImageEncoder(
+                loaded.adapter.encode_images,
+                read_pixels,
+                max_batch_images=config.vision_max_batch_size,
+                max_batch_patches=config.vision_max_batch_patches,
+                cache_bytes=config.mm_cache_mb << 20,
+            )
         return cls(
             ModelRunner(loaded.adapter, loaded.device),
             loaded.tokenizer.backend_tokenizer,
@@ -86,6 +102,7 @@ class EngineCore:
             Sampler(config.seed),
             decode_steps_per_call=config.decode_steps_per_call,
             has_news=has_news,
+            encoder=encoder,
         )
 
     def execute(self, plan: StepPlan) -> StepReport:
@@ -99,13 +116,16 @@ class EngineCore:
             self.runner.reset()
             for seq in plan.leaving + everyone:
                 self._states.pop(seq.seq_id, None)
+                self.release_images(seq)
             report.updates = [self._fail(seq, exc) for seq in everyone]
             return report
 
     def _execute(self, plan: StepPlan) -> StepReport:
-        """Drop leaving rows, decode the running ones, prefill the joining ones.
+        """Drop leaving rows, decode the running ones, encode the joining ones' images and
+        prefill them.
 
-        If a forward raises, the sequences of that forward (the decoding rows, or the
+        A joining sequence whose image fails to encode finishes alone with ``"abort"``. If
+        a forward raises, the sequences of that forward (the decoding rows, or the
         joining ones) finish with reason ``"abort"`` and an error message, their rows are
         dropped, and the engine goes on with the rest.
         """
@@ -121,7 +141,7 @@ class EngineCore:
                 self._append(plan.decoding, logits, report)
             except Exception as exc:  # a failed forward fails its rows, not the engine
                 self._fail_all(plan.decoding, exc, report)
-        joining = self._admit(plan.joining, report)
+        joining = self._encode_images(self._admit(plan.joining, report), report)
         if joining:
             self._prefill(joining, report)
         for _ in range(self.decode_steps_per_call - 1):
@@ -165,6 +185,39 @@ class EngineCore:
                 self._states[seq.seq_id] = self._new_state(seq)
                 self._prefill([seq], report)
 
+    def _encode_images(self, joining: list[Sequence], report: StepReport) -> list[Sequence]:
+        """Encode the joining sequences' pending images together (``ImageEncoder``) and
+        give each its features; the encoder then holds nothing for them. A sequence with
+        an image that failed is failed alone."""
+        if self.encoder is None:
+            return joining
+        failures = self.encoder.encode([seq.seq_id for seq in joining])
+        ready = []
+        for seq in joining:
+            try:
+                if seq.seq_id in failures:
+                    raise ImageEncodingFailed(failures[seq.seq_id])
+                if self.encoder.holds(seq.seq_id):
+                    seq.prompt = EnginePrompt(seq.prompt.token_ids, self.encoder.features(seq.seq_id))
+            except Exception as exc:
+                report.updates.append(self._fail(seq, exc))
+            else:
+                ready.append(seq)
+            finally:
+                self.encoder.release(seq.seq_id)
+        return ready
+
+    def admit_images(self, seq: Sequence) -> None:
+        """Hand a new sequence's images to the encoder (pixels are copied out of their
+        slots now). Raises if they cannot be read; the encoder then holds nothing for it."""
+        if self.encoder is not None and seq.prompt.images:
+            self.encoder.admit(seq.seq_id, seq.prompt.images)
+
+    def release_images(self, seq: Sequence) -> None:
+        """The sequence left before its images were used (idempotent)."""
+        if self.encoder is not None:
+            self.encoder.release(seq.seq_id)
+
     def _admit(self, seqs: list[Sequence], report: StepReport) -> list[Sequence]:
         """Set up per-sequence state; a sequence whose setup fails is failed alone."""
         admitted = []
@@ -172,6 +225,7 @@ class EngineCore:
             try:
                 self._states[seq.seq_id] = self._new_state(seq)
             except Exception as exc:
+                self.release_images(seq)
                 report.updates.append(self._fail(seq, exc))
             else:
                 admitted.append(seq)

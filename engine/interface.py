@@ -15,6 +15,7 @@ from engine.outputs import StreamDelta
 if TYPE_CHECKING:
     from engine.prompt import EnginePrompt
     from engine.sampling_params import SamplingParams
+    from engine.slot_lease import SlotLease
 
 
 class DeltaStream(Protocol):
@@ -38,10 +39,14 @@ class Engine(Protocol):
     @property
     def max_model_len(self) -> int: ...
 
-    def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AbstractAsyncContextManager[DeltaStream]:
+    def open_stream(
+        self, prompt: EnginePrompt, params: SamplingParams, lease: SlotLease | None = None
+    ) -> AbstractAsyncContextManager[DeltaStream]:
         """Submit a sequence; the block yields its stream, and leaving the block early
-        aborts the sequence. Raises ``engine.errors.RequestRejected`` for a request the
-        engine refuses, ``RuntimeError`` if the engine is not running."""
+        aborts the sequence. ``lease`` holds the pixel slots of the prompt's images (the
+        engine holds it until the step loop has read them). Raises
+        ``engine.errors.RequestRejected`` for a request the engine refuses,
+        ``RuntimeError`` if the engine is not running."""
         ...
 
     def is_healthy(self) -> bool: ...

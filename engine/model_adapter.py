@@ -33,13 +33,6 @@ class CausalLMAdapter:
     def num_layers(self) -> int:
         return self.text_config.num_hidden_layers
 
-    def drop_language_model(self) -> None:
-        """Release every weight but the vision tower's (none, for a text-only model): for
-        a front end that only encodes images while the engine runs elsewhere. Afterwards
-        only ``encode_images`` works."""
-        for name, _ in list(self.model.named_children()):
-            setattr(self.model, name, None)
-
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(token_ids)
 
@@ -87,10 +80,6 @@ class Qwen2VLAdapter(CausalLMAdapter):
         self.config = model.config
         self.image_token_id = self.config.image_token_id
         self.spatial_merge_size = self.config.vision_config.spatial_merge_size
-
-    def drop_language_model(self) -> None:
-        self.model.model.language_model = None
-        self.model.lm_head = None
 
     def embed_prompt(self, prompt: EnginePrompt, device: torch.device) -> torch.Tensor:
         ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=device)

@@ -77,14 +77,15 @@ def load_model(
     dtype: str = "auto",
     device: str = "cpu",
     max_model_len: int | None = None,
-    language_model: bool = True,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load model, tokenizer and (for VL models) image processor; raise ``ModelLoadError``.
 
-    With ``language_model=False`` only the vision tower's weights are kept and moved to
-    ``device`` (the rest is released after loading on the CPU): what a front end needs
-    while the engine runs in its own process."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    With ``weights=False`` no weight is read: the model is built on the meta device from
+    its config, so its config, adapter settings, limits, tokenizer and image processor are
+    there but no forward can run: what a front end needs while the engine (vision encoder
+    included) runs in its own process."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     started = time.perf_counter()
     path = Path(path).expanduser()
@@ -107,7 +108,13 @@ def load_model(
         )
     try:
         tokenizer, image_processor = load_processors(path, images=model_type in VL_MODEL_TYPES)
-        model = auto_class.from_pretrained(path, dtype=torch_dtype)
+        if weights:
+            model = auto_class.from_pretrained(path, dtype=torch_dtype)
+        else:
+            with torch.device("meta"):
+                model = auto_class.from_config(AutoConfig.from_pretrained(path), dtype=torch_dtype)
+            if (path / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {str(path)!r}: {first_line}") from None
@@ -115,9 +122,9 @@ def load_model(
         raise ModelLoadError(f"{str(path)!r} has no chat template")
     adapter = adapter_for(model)
     eos_token_ids = _eos_ids(model, tokenizer)
-    if not language_model:
-        adapter.drop_language_model()
-    model.to(torch_device).eval()
+    if weights:
+        model.to(torch_device)
+    model.eval()
     model.requires_grad_(False)
     text_config = model.config.get_text_config()
     limit = max_model_len or getattr(text_config, "max_position_embeddings", 4096)

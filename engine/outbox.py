@@ -23,14 +23,15 @@ class Outbox:
         self._adds.append(new)
         self._changed.set()
 
-    def abort(self, new: NewSequence) -> None:
+    def abort(self, new: NewSequence) -> bool:
         """Abort ``new``: if it has not been taken yet it is simply withdrawn (the step
-        loop never sees it), else its id is queued as an abort."""
+        loop never sees it) and this returns True; else its id is queued as an abort."""
         if any(pending is new for pending in self._adds):
             self._adds = [pending for pending in self._adds if pending is not new]
-        else:
-            self._aborts.append(new.seq_id)
-            self._changed.set()
+            return True
+        self._aborts.append(new.seq_id)
+        self._changed.set()
+        return False
 
     def take(self) -> Submit:
         """Everything pending, now emptied."""

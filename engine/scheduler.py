@@ -1,8 +1,10 @@
 """Continuous-batching scheduler: plain synchronous code, testable without torch.
 
 Sequences wait in FIFO order and join the running batch between steps, as long as the
-batch has fewer than ``max_num_seqs`` rows and the step's prefill tokens fit in
-``max_num_batched_tokens`` (a prompt longer than the budget runs alone). Finished and
+batch has fewer than ``max_num_seqs`` rows, the step's prefill tokens fit in
+``max_num_batched_tokens`` (a prompt longer than the budget runs alone) and the image
+patches the step must encode for them fit in ``max_encoder_patches`` (the encoder budget;
+a sequence over it alone still joins, alone). Finished and
 aborted sequences leave the batch at the start of the next step. A new request never waits
 for the batch to drain.
 """
@@ -10,6 +12,7 @@ for the batch to drain.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.sequence import Sequence, SequenceStatus
@@ -31,9 +34,20 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_encoder_patches: int | None = None,
+        encoder_cost: Callable[[Sequence], int] = lambda seq: 0,
+    ) -> None:
+        """``encoder_cost(seq)`` is the image patches still to encode before ``seq`` can
+        be prefilled; ``max_encoder_patches`` (``None``: no limit) bounds their sum per step."""
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_encoder_patches = max_encoder_patches
+        self._encoder_cost = encoder_cost
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
         self._leaving: list[Sequence] = []
@@ -81,10 +95,16 @@ class Scheduler:
 
         plan.decoding = list(self._running)
         budget = self.max_num_batched_tokens - len(plan.decoding)
+        encoder_budget = self.max_encoder_patches
         while self._waiting and len(self._running) < self.max_num_seqs:
             seq = self._waiting[0]
             if seq.prompt_len > budget and plan.joining:
                 break  # an oversized prompt joins only as the first of its step
+            if encoder_budget is not None:
+                patches = self._encoder_cost(seq)
+                if patches > encoder_budget and plan.joining:
+                    break  # so do images over the step's encoder budget
+                encoder_budget -= patches
             self._waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             plan.joining.append(seq)

@@ -8,24 +8,35 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from engine.engine_core import StepReport
+    from engine.image_encoder import ImageEncoder
     from engine.model_runner import ModelRunner
     from engine.scheduler import Scheduler
 
 
 @dataclass(frozen=True)
 class EngineStatistics:
-    running: int
-    waiting: int
-    steps: int
-    prompt_tokens: int
-    generation_tokens: int
-    cache_tokens: int
-    cache_bytes: int
-    last_step_seconds: float
-    device_gate_borrowed: int
+    running: int = 0
+    waiting: int = 0
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cache_tokens: int = 0
+    cache_bytes: int = 0
+    last_step_seconds: float = 0.0
+    device_gate_borrowed: int = 0
+    # the vision encoder of the step loop (engine.image_encoder)
+    encoder_batches: int = 0
+    images_encoded: int = 0
+    images_dropped: int = 0
+    encoder_largest_batch: int = 0
+    encoder_last_batch: int = 0
+    image_cache_hits: int = 0
+    image_cache_misses: int = 0
+    image_cache_bytes: int = 0
+    images_pending: int = 0
 
 
-IDLE_STATISTICS = EngineStatistics(0, 0, 0, 0, 0, 0, 0, 0.0, 0)
+IDLE_STATISTICS = EngineStatistics()
 
 
 @dataclass
@@ -43,7 +54,8 @@ class StepTally:
         self.generation_tokens += sum(len(u.token_ids) for u in report.updates)
         self.last_step_seconds = report.seconds
 
-    def statistics(self, scheduler: Scheduler, runner: ModelRunner) -> EngineStatistics:
+    def statistics(self, scheduler: Scheduler, runner: ModelRunner, encoder: ImageEncoder | None) -> EngineStatistics:
+        enc = encoder.statistics() if encoder is not None else None
         return EngineStatistics(
             running=scheduler.num_running,
             waiting=scheduler.num_waiting,
@@ -54,4 +66,19 @@ class StepTally:
             cache_bytes=runner.cache_bytes(),
             last_step_seconds=self.last_step_seconds,
             device_gate_borrowed=0,
+            **(
+                {}
+                if enc is None
+                else {
+                    "encoder_batches": enc.batches,
+                    "images_encoded": enc.images_encoded,
+                    "images_dropped": enc.images_dropped,
+                    "encoder_largest_batch": enc.largest_batch,
+                    "encoder_last_batch": enc.last_batch,
+                    "image_cache_hits": enc.cache_hits,
+                    "image_cache_misses": enc.cache_misses,
+                    "image_cache_bytes": enc.cache_bytes,
+                    "images_pending": enc.pending_images,
+                }
+            ),
         )

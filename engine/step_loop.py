@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from engine.core_messages import NewSequence, StepOutputs, Submit
+from engine.core_messages import NewSequence, SequenceOutput, StepOutputs, Submit
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 from engine.statistics import EngineStatistics, StepTally
@@ -23,6 +23,7 @@ from engine.statistics import EngineStatistics, StepTally
 if TYPE_CHECKING:
     from engine.config import EngineConfig
     from engine.engine_core import EngineCore
+    from engine.image_encoder import ReadPixels
     from engine.model_loader import LoadedModel
     from engine.wire import BlockingMessageSocket
 
@@ -39,6 +40,8 @@ class StepLoop:
         self._scheduler = scheduler
         self._sequences: dict[int, Sequence] = {}
         self._tally = StepTally()
+        self._pixels_read: list[int] = []  # sequences whose pixel slots the front end may reuse
+        self._early_updates: list[SequenceOutput] = []  # sequences failed on arrival
 
     @classmethod
     def for_model(
@@ -47,27 +50,44 @@ class StepLoop:
         config: EngineConfig,
         *,
         has_news: Callable[[], bool] = lambda: False,
+        read_pixels: ReadPixels | None = None,
     ) -> StepLoop:
         """The loop for a loaded model. ``has_news()`` (read from the step) says whether
-        the front end has sent something since: it ends a run of back-to-back decode steps."""
+        the front end has sent something since: it ends a run of back-to-back decode steps.
+        ``read_pixels`` copies an image's pixels out of its slot (``SlotMemory.read``)."""
         from engine.engine_core import EngineCore
 
+        core = EngineCore.for_model(
+            loaded,
+            config,
+            # ``scheduler`` is bound below, before any step can call this
+            has_news=lambda: scheduler.num_waiting > 0 or has_news(),
+            read_pixels=read_pixels,
+        )
+        encoder = core.encoder
         scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            max_encoder_patches=config.vision_step_patches,
+            encoder_cost=(lambda seq: encoder.patches_to_encode(seq.seq_id)) if encoder else (lambda seq: 0),
         )
-        core = EngineCore.for_model(loaded, config, has_news=lambda: scheduler.num_waiting > 0 or has_news())
         return cls(core, scheduler)
 
     def has_work(self) -> bool:
         return self._scheduler.has_work()
 
     def apply(self, submit: Submit) -> None:
-        """Add the new sequences, then abort: a waiting sequence is forgotten at once, a
-        running one leaves the batch (freeing its cache) at the next step. Ids no longer
-        known (finished already) are ignored."""
+        """Add the new sequences, then abort: a waiting sequence is forgotten at once (its
+        images unencoded), a running one leaves the batch (freeing its cache) at the next
+        step. A sequence aborted in the same submit is never added. Ids no longer known
+        (finished already) are ignored. Every new sequence with pixels is reported in the
+        next outputs' ``pixels_read``: its slots are free to reuse."""
+        aborted_now = set(submit.aborts)
         for new in submit.adds:
-            self._add(new)
+            if new.prompt.has_pixels:
+                self._pixels_read.append(new.seq_id)
+            if new.seq_id not in aborted_now:
+                self._add(new)
         for seq_id in submit.aborts:
             seq = self._sequences.get(seq_id)
             if seq is None:
@@ -76,9 +96,17 @@ class StepLoop:
             self._scheduler.abort(seq)
             if was_waiting:
                 self._sequences.pop(seq_id, None)
+                self._core.release_images(seq)
 
     def _add(self, new: NewSequence) -> None:
         seq = Sequence(new.seq_id, new.prompt, new.params)
+        try:
+            self._core.admit_images(seq)  # copies the pixels out of their slots
+        except Exception as exc:  # fails this sequence only
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            seq.error = f"the engine could not read this request's images: {type(exc).__name__}: {exc}"
+            self._early_updates.append(SequenceOutput(seq.seq_id, [], "", None, "abort", seq.error))
+            return
         self._sequences[seq.seq_id] = seq
         self._scheduler.add(seq)
 
@@ -87,7 +115,13 @@ class StepLoop:
         statistics after it (with no updates if no step ran)."""
         if submit is not None:
             self.apply(submit)
-        return self._run_step() or StepOutputs([], self.statistics())
+        return self._run_step() or self._news()
+
+    def _news(self) -> StepOutputs:
+        """Outputs with no step: sequences failed on arrival, slots read, statistics."""
+        outputs = StepOutputs(self._early_updates, self.statistics(), self._pixels_read)
+        self._early_updates, self._pixels_read = [], []
+        return outputs
 
     def _run_step(self) -> StepOutputs | None:
         """One scheduled step and its outputs; ``None`` if there was nothing to run."""
@@ -100,7 +134,9 @@ class StepLoop:
         for seq in plan.leaving:
             self._sequences.pop(seq.seq_id, None)
         self._tally.record(report)
-        return StepOutputs(report.updates, self.statistics())
+        outputs = StepOutputs(self._early_updates + report.updates, self.statistics(), self._pixels_read)
+        self._early_updates, self._pixels_read = [], []
+        return outputs
 
     def serve(self, channel: BlockingMessageSocket) -> None:
         """Serve the front end on ``channel`` until it closes its end: block while idle,
@@ -112,11 +148,13 @@ class StepLoop:
             for message in messages:
                 if isinstance(message, Submit):
                     self.apply(message)
+            if self._pixels_read or self._early_updates:
+                channel.send(self._news())  # free the slots now, not after the step
             outputs = self._run_step()
             if outputs is not None:
                 channel.send(outputs)
             elif messages:
-                channel.send(StepOutputs([], self.statistics()))  # e.g. aborts of waiting sequences
+                channel.send(self._news())  # e.g. aborts of waiting sequences
 
     def statistics(self) -> EngineStatistics:
-        return self._tally.statistics(self._scheduler, self._core.runner)
+        return self._tally.statistics(self._scheduler, self._core.runner, self._core.encoder)

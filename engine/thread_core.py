@@ -1,7 +1,7 @@
 """The step loop in threads of the server process (``--no-engine-process``).
 
-Each step is one ``trio.to_thread.run_sync`` under the device gate, which the vision
-encoder shares: model forwards never run on the event loop and never two at once. The
+Each step (its image encoding included) is one ``trio.to_thread.run_sync`` under the
+device gate: model forwards never run on the event loop and never two at once. The
 thread is never abandoned (``abandon_on_cancel=False``), so a cancelled engine waits for
 the step it started and the gate's token is held exactly while the step runs.
 """
@@ -19,6 +19,7 @@ from engine.step_loop import StepLoop
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
+    from engine.image_encoder import ReadPixels
     from engine.model_loader import LoadedModel
 
 
@@ -32,8 +33,10 @@ class ThreadCore:
         loaded: LoadedModel,
         config: EngineConfig,
         device_gate: trio.CapacityLimiter,
+        read_pixels: ReadPixels | None = None,
     ) -> None:
         self._loaded = loaded
+        self._read_pixels = read_pixels
         self._config = config
         self._device_gate = device_gate
         self.max_model_len = loaded.max_model_len
@@ -45,7 +48,7 @@ class ThreadCore:
         Cancellation: waits for the running step's thread, then raises ``Cancelled``.
         """
         # back-to-back decode sub-steps stop as soon as the front end has anything to send
-        loop = StepLoop.for_model(self._loaded, self._config, has_news=outbox.__bool__)
+        loop = StepLoop.for_model(self._loaded, self._config, has_news=outbox.__bool__, read_pixels=self._read_pixels)
         while True:
             if not loop.has_work():
                 await outbox.wait()

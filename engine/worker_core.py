@@ -32,6 +32,7 @@ from engine.wire import MessageReceiver, encode
 
 if TYPE_CHECKING:
     from engine.model_loader import LoadedModel
+    from engine.pixel_slots import SlotPool, SlotSpec
 
 logger = logging.getLogger("vlserve.engine")
 
@@ -67,8 +68,11 @@ class WorkerCore:
 
     @classmethod
     @asynccontextmanager
-    async def start(cls, model_path: str, config: EngineConfig) -> AsyncIterator[WorkerCore]:
-        """Start the worker and wait until it has loaded the model; stop it on exit.
+    async def start(
+        cls, model_path: str, config: EngineConfig, slots: SlotSpec | None = None
+    ) -> AsyncIterator[WorkerCore]:
+        """Start the worker and wait until it has loaded the model (and attached to the
+        pixel ``slots``, if given); stop it on exit.
 
         Raises ``ModelLoadError`` if the worker cannot load the model. Cancellation while
         the worker starts kills it; the process is always reaped.
@@ -87,7 +91,7 @@ class WorkerCore:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_end))
         try:
             receiver = MessageReceiver(stream)
-            ready = await _handshake(stream, receiver, WorkerStart(model_path, config), process)
+            ready = await _handshake(stream, receiver, WorkerStart(model_path, config, slots), process)
             yield cls(process, stream, receiver, ready)
         finally:
             with trio.CancelScope(shield=True):
@@ -136,11 +140,14 @@ def worker_engine_config(loaded: LoadedModel, config: EngineConfig) -> EngineCon
 
 
 @asynccontextmanager
-async def open_worker_engine(loaded: LoadedModel, config: EngineConfig) -> AsyncIterator[AsyncEngine]:
+async def open_worker_engine(
+    loaded: LoadedModel, config: EngineConfig, slots: SlotPool | None = None
+) -> AsyncIterator[AsyncEngine]:
     """An ``AsyncEngine`` whose step loop runs in a worker process that loads ``loaded``'s
-    model directory (see ``worker_engine_config``)."""
+    model directory (see ``worker_engine_config``) and reads images from ``slots``."""
+    spec = slots.spec if slots is not None else None
     async with (
-        WorkerCore.start(str(loaded.path), worker_engine_config(loaded, config)) as core,
+        WorkerCore.start(str(loaded.path), worker_engine_config(loaded, config), spec) as core,
         AsyncEngine.open(core, config.stream_interval) as engine,
     ):
         yield engine

@@ -7,11 +7,16 @@ only records whether the request got a slot; a ``before_request`` hook (register
 auth) turns "no slot" into the 503, before any body is read or any preparation starts.
 Liveness/readiness probes, ``/metrics`` and CORS preflights never take a slot and are never
 refused.
+
+The same wrapper releases what a handler holds for the request's whole life
+(``hold_until_request_ends``): e.g. the pixel slots of a prepared prompt, which a streamed
+response still needs after its handler has returned.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +27,7 @@ from server.errors import unavailable
 from server.probes import UNGATED_PATHS
 
 ADMITTED_KEY = "vlserve.admitted"
+HELD_KEY = "vlserve.held_until_end"
 EXEMPT_PATHS = UNGATED_PATHS
 RETRY_AFTER_S = 1
 
@@ -84,11 +90,20 @@ class AdmissionMiddleware:
         token = object()
         admitted = self._admission.try_admit(token)
         scope[ADMITTED_KEY] = admitted
-        try:
-            await self._app(scope, receive, send)
-        finally:
-            if admitted:
-                self._admission.release(token)
+        with ExitStack() as held:
+            scope[HELD_KEY] = held
+            try:
+                await self._app(scope, receive, send)
+            finally:
+                if admitted:
+                    self._admission.release(token)
+
+
+def hold_until_request_ends(release: Callable[[], None]) -> None:
+    """Call ``release()`` when the current request ends, whichever way (response sent,
+    streamed or not; client gone; handler cancelled or failed): after its response's last
+    byte, in the admission wrapper's ``finally``. Only for admitted requests' handlers."""
+    request.scope[HELD_KEY].callback(release)
 
 
 async def _refuse_if_not_admitted() -> None:

@@ -23,6 +23,7 @@ from server.schemas.common import Usage
 
 if TYPE_CHECKING:
     from engine.prompt import EnginePrompt
+    from engine.slot_lease import SlotLease
     from server.request_metrics import RequestRecord
 
 
@@ -34,6 +35,7 @@ class Job:
     prompt_index: int
     prompt: EnginePrompt
     params: SamplingParams
+    lease: SlotLease | None = None  # the pixel slots of ``prompt``'s images
 
 
 @dataclass
@@ -85,16 +87,18 @@ class SequenceFailed(RuntimeError):
     """The engine ended a sequence because of an internal error (a server-side failure)."""
 
 
-async def stream_job(engine: Engine, job: Job, on_delta: OnDelta) -> None:
+async def stream_job(engine: Engine, job: Job, on_delta: OnDelta, submitted: Callable[[], None] = lambda: None) -> None:
     """Run one sequence, awaiting ``on_delta`` for each delta (a slow callback makes the
-    engine coalesce deltas rather than queue them).
+    engine coalesce deltas rather than queue them). ``submitted()`` is called once the
+    engine has the sequence (and its own hold on the job's pixel slots).
 
     Raises ``InvalidRequest`` (naming the request field) if the engine refuses the job,
     ``SequenceFailed`` after the last delta if the engine failed the sequence.
     Cancellation: leaves ``open_stream``, which aborts the sequence.
     """
     try:
-        async with engine.open_stream(job.prompt, job.params) as stream:
+        async with engine.open_stream(job.prompt, job.params, job.lease) as stream:
+            submitted()
             async for delta in stream:
                 await on_delta(job, delta)
             if stream.error is not None:
@@ -108,19 +112,30 @@ async def stream_jobs(
 ) -> None:
     """Run all ``jobs`` concurrently (see ``stream_job``); one failing cancels the others.
 
-    Deltas of one job arrive in order; deltas of different jobs interleave. ``record``
-    (if given) is told that the prompts are ready and sees every delta first
-    (``server.request_metrics``: no await, no task of its own).
+    Deltas of one job arrive in order; deltas of different jobs interleave. Once every job
+    is submitted, the request's hold on their pixel slots ends (``SlotLease``): the engine
+    holds them until it has read them. ``record`` (if given) is told that the prompts are
+    ready and sees every delta first (``server.request_metrics``: no await, no task of its
+    own).
     """
     if record is not None:
         record.prompt_ready(jobs)
         on_delta = _recorded(on_delta, record)
+    remaining = len(jobs)
+
+    def submitted() -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0:
+            for lease in {id(job.lease): job.lease for job in jobs if job.lease is not None}.values():
+                lease.release_creator()
+
     if len(jobs) == 1:
-        await stream_job(engine, jobs[0], on_delta)
+        await stream_job(engine, jobs[0], on_delta, submitted)
         return
     async with trio.open_nursery() as nursery:
         for job in jobs:
-            nursery.start_soon(stream_job, engine, job, on_delta)
+            nursery.start_soon(stream_job, engine, job, on_delta, submitted)
 
 
 def _recorded(on_delta: OnDelta, record: RequestRecord) -> OnDelta:
@@ -147,11 +162,16 @@ async def complete_jobs(
     return [results[i] for i in sorted(results)], tally.usage()
 
 
-def make_jobs(prompts: Sequence[EnginePrompt], params: Sequence[Sequence[SamplingParams]]) -> list[Job]:
-    """Jobs for ``params[p][i]`` (choice ``i`` of prompt ``p``), indexed ``p * n + i``."""
+def make_jobs(
+    prompts: Sequence[EnginePrompt],
+    params: Sequence[Sequence[SamplingParams]],
+    lease: SlotLease | None = None,
+) -> list[Job]:
+    """Jobs for ``params[p][i]`` (choice ``i`` of prompt ``p``), indexed ``p * n + i``;
+    ``lease`` holds the images' pixel slots (a chat has one prompt)."""
     jobs = []
     for prompt_index, (prompt, choice_params) in enumerate(zip(prompts, params, strict=True)):
         for choice, sampling in enumerate(choice_params):
             index = prompt_index * len(choice_params) + choice
-            jobs.append(Job(index, prompt_index, prompt, sampling))
+            jobs.append(Job(index, prompt_index, prompt, sampling, lease))
     return jobs

@@ -15,7 +15,8 @@ vLLM's families, under its names and ``model_name`` label, with the prefix
   ``<p>:e2e_request_latency_seconds`` (from the HTTP request's arrival),
   ``<p>:request_prompt_tokens``, ``<p>:request_generation_tokens`` (histograms);
 - ``<p>:request_success_total{finished_reason}`` (choices of requests answered whole);
-- ``<p>:mm_cache_queries_total``, ``<p>:mm_cache_hits_total`` (the image feature cache).
+- ``<p>:mm_cache_queries_total``, ``<p>:mm_cache_hits_total`` (the engine's image feature
+  cache).
 
 vlserve's own, the figures that explain a slow probe or a slow first token:
 
@@ -28,7 +29,8 @@ vlserve's own, the figures that explain a slow probe or a slow first token:
   (admission);
 - ``vlserve_runtime_ready`` (1 while new requests are served);
 - ``vlserve_engine_<figure>``: every number in the engine's statistics (counters for the
-  cumulative ones in ``ENGINE_COUNTERS``), once the runtime is open;
+  cumulative ones in ``ENGINE_COUNTERS``), once the runtime is open: step time, the
+  vision encoder's batches and batch sizes, the image cache;
 - ``vlserve_gate_borrowed{gate}``, ``vlserve_gate_tokens{gate}``, ``vlserve_gate_waiting{gate}``,
   ``vlserve_gate_completed_total{gate}``: the preparation gates and the device gate;
 - ``process_*``: CPU seconds, resident memory, open files of the server process.
@@ -52,7 +54,18 @@ from server.lifecycle import Phase
 from server.request_metrics import Histogram
 from server.state import ServerState
 
-ENGINE_COUNTERS = frozenset({"steps", "prompt_tokens", "generation_tokens"})
+ENGINE_COUNTERS = frozenset(
+    {
+        "steps",
+        "prompt_tokens",
+        "generation_tokens",
+        "encoder_batches",
+        "images_encoded",
+        "images_dropped",
+        "image_cache_hits",
+        "image_cache_misses",
+    }
+)
 
 
 def metrics_text(state: ServerState) -> tuple[bytes, str]:
@@ -115,11 +128,9 @@ class ServerCollector:
             yield self._vllm_counter("prompt_tokens", "Prompt tokens prefilled.", stats["prompt_tokens"])
         if "generation_tokens" in stats:
             yield self._vllm_counter("generation_tokens", "Tokens generated.", stats["generation_tokens"])
-        cache = getattr(getattr(runtime, "preparer", None), "statistics", None)
-        feature_cache = getattr(cache(), "feature_cache", None) if cache is not None else None
-        if feature_cache is not None:
-            hits = getattr(feature_cache, "hits", 0)
-            queries = hits + getattr(feature_cache, "misses", 0)
+        if "image_cache_hits" in stats and "image_cache_misses" in stats:
+            hits = stats["image_cache_hits"]
+            queries = hits + stats["image_cache_misses"]
             yield self._vllm_counter("mm_cache_queries", "Image feature cache lookups.", queries)
             yield self._vllm_counter("mm_cache_hits", "Image feature cache hits.", hits)
 

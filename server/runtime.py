@@ -1,4 +1,5 @@
-"""Compose a running vlserve: model, engine, vision encoder, image fetcher, preparer.
+"""Compose a running vlserve: model, pixel slots, engine (with its vision encoder), image
+fetcher, preparer.
 
 ``open_runtime(config)`` owns every component's lifetime: entering it loads the model (in a
 worker thread, so the event loop keeps answering ``/health``) and starts each component in
@@ -11,24 +12,23 @@ import gc
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import trio
 
 from engine.async_engine import AsyncEngine, open_engine
 from engine.model_loader import LoadedModel, load_model
+from engine.pixel_slots import SlotPool
 from engine.tiny_model import ensure_tiny_model
 from server.config import ServerConfig
 from vl.chat_preparer import ChatPreparer
-from vl.feature_cache import FeatureCache
 from vl.gates import Gate
 from vl.image_fetcher import ImageFetcher
-from vl.image_pixels import ImagePreprocessor
+from vl.image_pixels import ImagePreprocessor, slot_bytes_for
 from vl.media_policy import MediaPolicy
 from vl.prep_processes import ProcessPrep
 from vl.prep_tools import PrepTools, PrepToolsSpec
-from vl.vision_encoder import VisionEncoder
 
 IMAGE_TOKEN = "<|image_pad|>"
 
@@ -43,13 +43,15 @@ class Runtime:
     preparer: ChatPreparer
     loaded: LoadedModel
     device_gate: trio.CapacityLimiter
+    slots: SlotPool | None = None
 
 
 async def load_configured_model(config: ServerConfig) -> LoadedModel:
     """Load ``config.model`` (or build and load the built-in tiny model) in a worker thread.
 
-    With the engine in its worker process (which loads the model itself), the server
-    process keeps only the vision tower's weights, not a second copy of the language model.
+    With the engine in its worker process (which loads the model itself and runs the
+    vision encoder), the server process reads no weights at all: tokenizer, image
+    processor and config only.
     Cancellation: the load runs to completion in its thread before ``Cancelled`` is raised.
     """
 
@@ -61,7 +63,7 @@ async def load_configured_model(config: ServerConfig) -> LoadedModel:
             dtype=engine.dtype,
             device=engine.device,
             max_model_len=engine.max_model_len,
-            language_model=not engine.in_worker_process,
+            weights=not engine.in_worker_process,
         )
 
     return await trio.to_thread.run_sync(load)
@@ -103,19 +105,22 @@ def _switch_interval(seconds: float):
 async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIterator[Runtime]:
     device_gate = trio.CapacityLimiter(1)
     policy = config.media
+    preprocessor = _preprocessor(loaded)
     async with ImageFetcher(policy) as fetcher:
-        async with (
-            open_engine(loaded, config.engine, device_gate) as engine,
-            _open_prep_runner(loaded, config, policy) as runner,
-        ):
-            async with _open_encoder(loaded, config, device_gate) as encoder:
+        # the slots outlive every process that reads or writes them: made first, unlinked last
+        with _open_slots(preprocessor, config) as slots:
+            async with (
+                open_engine(loaded, config.engine, device_gate, slots) as engine,
+                _open_prep_runner(loaded, config, policy) as runner,
+            ):
                 preparer = ChatPreparer(
-                    tools=PrepTools(loaded.tokenizer, policy, _preprocessor(loaded)),
+                    tools=PrepTools(
+                        loaded.tokenizer, policy, preprocessor, slot_memories=[slots.memory] if slots else ()
+                    ),
                     fetcher=fetcher,
                     image_gate=Gate("image_prep", config.prep.image_prep_concurrency),
                     tokenizer_gate=Gate("tokenizer", config.prep.tokenizer_concurrency),
-                    feature_cache=FeatureCache(config.prep.mm_cache_mb * 1024 * 1024),
-                    encoder=encoder,
+                    slots=slots,
                     image_token=IMAGE_TOKEN if loaded.supports_images else None,
                     runner=runner,
                 )
@@ -128,7 +133,17 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
                     preparer=preparer,
                     loaded=loaded,
                     device_gate=device_gate,
+                    slots=slots,
                 )
+
+
+def _open_slots(preprocessor: ImagePreprocessor | None, config: ServerConfig):
+    """The pixel slots of a vision model (``config.prep.pixel_slots`` of them, each sized
+    for the largest image the preprocessor makes); ``None`` for a text-only model. Raises
+    ``SlotPoolError`` if /dev/shm cannot hold them."""
+    if preprocessor is None:
+        return nullcontext(None)
+    return SlotPool.create(config.prep.pixel_slots, slot_bytes_for(preprocessor, config.prep))
 
 
 @asynccontextmanager
@@ -151,17 +166,3 @@ def _preprocessor(loaded: LoadedModel) -> ImagePreprocessor | None:
     if not loaded.supports_images:
         return None
     return ImagePreprocessor(loaded.image_processor, loaded.adapter.spatial_merge_size)
-
-
-@asynccontextmanager
-async def _open_encoder(loaded: LoadedModel, config: ServerConfig, device_gate: trio.CapacityLimiter):
-    if not loaded.supports_images:
-        yield None
-        return
-    async with VisionEncoder.open(
-        loaded.adapter.encode_images,
-        device_gate,
-        max_batch_size=config.prep.vision_max_batch_size,
-        max_batch_patches=config.prep.vision_max_batch_patches,
-    ) as encoder:
-        yield encoder

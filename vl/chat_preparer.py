@@ -3,11 +3,13 @@
 For a chat request (a ``Chat``, validated once by the HTTP layer): the images are checked
 against what the model and the media policy accept; the chat template is rendered and
 tokenized under the tokenizer gate, while all images are resolved concurrently: fetched
-asynchronously (network waits hold no CPU gate), decoded and preprocessed under the
-image-prep gate, and encoded by the shared,
-batched vision encoder. Repeated images come from the feature cache and skip decode,
-preprocessing and encoding. Each image's placeholder token is then expanded to as many
-tokens as its features. The gated work is a typed step (``vl.prep_tools``) that runs in
+asynchronously (network waits hold no CPU gate), then each takes a free pixel slot (a
+shared-memory buffer from the ``SlotPool``; none free: it waits) and is decoded and
+preprocessed under the image-prep gate straight into that slot. The prompt carries each
+image as an ``ImageInput`` (content key, patch grid, slot); the engine's vision encoder
+reads the slots and encodes the images in its own step (docs/architecture.md), caching
+features by content key. Each image's placeholder token is expanded to as many tokens as
+its patch grid gives. The gated work is a typed step (``vl.prep_tools``) that runs in
 worker threads or prep worker processes, as the ``PrepRunner`` given decides.
 """
 
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 
 import trio
 
-from engine.prompt import EnginePrompt, ImageFeatures
+from engine.pixel_slots import Slot, SlotPool
+from engine.prompt import EnginePrompt, ImageInput
+from engine.slot_lease import SlotLease
 from vl.chat_messages import Chat, ImageRef
 from vl.errors import (
     InvalidRequest,
@@ -25,9 +29,9 @@ from vl.errors import (
     images_not_supported,
     too_many_images,
 )
-from vl.feature_cache import FeatureCache, FeatureCacheStatistics, image_cache_key
 from vl.gates import Gate, GateStatistics
 from vl.image_fetcher import FetcherStatistics, ImageFetcher
+from vl.image_key import image_cache_key
 from vl.image_source import load_image_bytes
 from vl.prep_tools import (
     Detokenize,
@@ -38,16 +42,25 @@ from vl.prep_tools import (
     ThreadPrep,
     Tokenize,
 )
-from vl.vision_encoder import VisionEncoder, VisionEncoderStatistics
 
 
 @dataclass(frozen=True)
 class PreparerStatistics:
     image_gate: GateStatistics
     tokenizer_gate: GateStatistics
-    encoder: VisionEncoderStatistics | None
-    feature_cache: FeatureCacheStatistics
     fetcher: FetcherStatistics
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prepared prompt and the lease on its images' pixel slots (``None`` without
+    images). Whoever prepared it holds the lease as its creator and must call
+    ``lease.release_creator()`` once it has submitted the prompt's sequences, and in any
+    case when its request ends; the engine takes its own holds for the sequences it
+    submits."""
+
+    prompt: EnginePrompt
+    lease: SlotLease | None = None
 
 
 class ChatPreparer:
@@ -58,20 +71,19 @@ class ChatPreparer:
         fetcher: ImageFetcher,
         image_gate: Gate,
         tokenizer_gate: Gate,
-        feature_cache: FeatureCache,
-        encoder: VisionEncoder | None = None,
+        slots: SlotPool | None = None,
         image_token: str | None = None,
         runner: PrepRunner | None = None,
     ) -> None:
         """``tools`` is the server process's copy (settings, token ids); ``runner`` runs
-        the gated work (default: worker threads using ``tools``)."""
+        the gated work (default: worker threads using ``tools``); ``slots`` holds images'
+        pixels on their way to the engine (``None``: this preparer takes no images)."""
         self._tools = tools
         self._policy = tools.policy
         self._fetcher = fetcher
         self.image_gate = image_gate
         self.tokenizer_gate = tokenizer_gate
-        self._cache = feature_cache
-        self._encoder = encoder
+        self._slots = slots
         self._runner = runner or ThreadPrep(tools)
         self._image_token_id = tools.tokenizer.convert_tokens_to_ids(image_token) if image_token else None
 
@@ -82,21 +94,38 @@ class ChatPreparer:
 
     @property
     def supports_images(self) -> bool:
-        return self._encoder is not None and self._tools.preprocessor is not None
+        return self._slots is not None and self._tools.preprocessor is not None
 
-    async def prepare_chat(self, chat: Chat) -> EnginePrompt:
-        """Render, tokenize and attach image features.
+    async def prepare_chat(self, chat: Chat) -> PreparedPrompt:
+        """Render, tokenize, and put each image's pixels into a slot of its own.
 
         Raises ``InvalidRequest``/``MediaError`` naming the offending field: images to a
         model without a vision tower, too many images, an image that cannot be loaded, image
-        tokens written in message text, a template that rejects the chat. Cancellation:
-        stops at the next boundary (fetch, gate wait, worker return, encoder result);
-        work already running finishes and gives its gate token back; nothing reaches
-        the engine.
+        tokens written in message text, a template that rejects the chat. On success the
+        caller owns the returned lease's hold. Cancellation or error: stops at the next
+        boundary (fetch, slot or gate wait, worker return); work already running finishes
+        and gives its gate token back; every slot taken is released; nothing reaches the
+        engine.
         """
         images = chat.images()
         self._check_images(images)
-        features: list[ImageFeatures | None] = [None] * len(images)
+        inputs: list[ImageInput | None] = [None] * len(images)
+        taken: list[Slot] = []
+        try:
+            token_ids = await self._prepare_parts(chat, images, inputs, taken)
+            prompt = EnginePrompt(self._expand_image_tokens(token_ids, inputs), list(inputs))
+        except BaseException:
+            for slot in taken:
+                slot.release()
+            raise
+        return PreparedPrompt(prompt, SlotLease(taken) if taken else None)
+
+    async def _prepare_parts(
+        self, chat: Chat, images: list[ImageRef], inputs: list[ImageInput | None], taken: list[Slot]
+    ) -> list[int]:
+        """Render the template and resolve every image concurrently; the first
+        ``InvalidRequest`` cancels the rest and is raised. Slots taken are appended to
+        ``taken`` as soon as they are acquired."""
         token_ids: list[int] = []
         errors: list[InvalidRequest] = []
 
@@ -112,7 +141,7 @@ class ChatPreparer:
 
         def resolver(i: int, ref: ImageRef):
             async def resolve() -> None:
-                features[i] = await self._image_features(ref)
+                inputs[i] = await self._image_input(ref, taken)
 
             return resolve
 
@@ -122,7 +151,7 @@ class ChatPreparer:
                 nursery.start_soon(guarded, nursery.cancel_scope, resolver(i, ref))
         if errors:
             raise errors[0]
-        return EnginePrompt(self._expand_image_tokens(token_ids, features), list(features))
+        return token_ids
 
     async def prepare_text(self, prompt: str) -> EnginePrompt:
         """Tokenize a completions prompt (no chat template)."""
@@ -152,29 +181,29 @@ class ChatPreparer:
         if len(images) > limit:
             raise too_many_images(limit, len(images), images[limit].param)
 
-    async def _image_features(self, ref: ImageRef) -> ImageFeatures:
+    async def _image_input(self, ref: ImageRef, taken: list[Slot]) -> ImageInput:
+        """Fetch, key, then decode and preprocess into a slot of its own (appended to
+        ``taken`` at once: the caller releases it on every path)."""
         encoded = await load_image_bytes(ref.image.url, param=ref.param, fetcher=self._fetcher, policy=self._policy)
         # hashing releases the GIL; it needs no gate (cheap, and bounded by admission)
         key = await trio.to_thread.run_sync(image_cache_key, encoded, self._tools.preprocessor.settings_key)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
-        pixels = await self._runner.run(self.image_gate, ImagePixels(encoded, ref.param))
-        features = await self._encoder.encode(pixels)
-        self._cache.put(key, features)
-        return features
+        slot = await self._slots.acquire()
+        taken.append(slot)
+        image = await self._runner.run(self.image_gate, ImagePixels(encoded, ref.param, slot.index, self._slots.spec))
+        return ImageInput(key, image.grid_thw, image.pixels)
 
-    def _expand_image_tokens(self, token_ids: list[int], features: list[ImageFeatures | None]) -> list[int]:
+    def _expand_image_tokens(self, token_ids: list[int], images: list[ImageInput | None]) -> list[int]:
         if self._image_token_id is None:
             return token_ids
         positions = [i for i, t in enumerate(token_ids) if t == self._image_token_id]
-        if len(positions) != len(features):
-            raise image_token_mismatch(len(positions), len(features))
+        if len(positions) != len(images):
+            raise image_token_mismatch(len(positions), len(images))
+        merge = self._tools.preprocessor.merge_size
         out: list[int] = []
         start = 0
-        for pos, feat in zip(positions, features, strict=True):
+        for pos, image in zip(positions, images, strict=True):
             out.extend(token_ids[start:pos])
-            out.extend([self._image_token_id] * feat.embeddings.shape[0])
+            out.extend([self._image_token_id] * (image.num_patches // merge**2))
             start = pos + 1
         out.extend(token_ids[start:])
         return out
@@ -183,7 +212,5 @@ class ChatPreparer:
         return PreparerStatistics(
             image_gate=self.image_gate.statistics(),
             tokenizer_gate=self.tokenizer_gate.statistics(),
-            encoder=self._encoder.statistics() if self._encoder else None,
-            feature_cache=self._cache.statistics(),
             fetcher=self._fetcher.statistics(),
         )

@@ -134,3 +134,20 @@ def invalid_image(reason: str, param: str) -> MediaError:
 
 def invalid_base64(param: str) -> MediaError:
     return MediaError("image data is not valid base64", param=param, code="invalid_base64")
+
+
+# Failures on the server's side -------------------------------------------------------------
+
+
+class PrepFailed(Exception):
+    """Preparation failed for a reason of the server's, not the request's: an HTTP 500 (the
+    server's catch-all handler logs it). Only the call that met it fails."""
+
+
+def prep_process_died(exitcode: int | None) -> PrepFailed:
+    """The prep worker process running a step died before returning (``exitcode``: its exit
+    status, negative for a signal, ``None`` if unknown); the pool replaces it."""
+    how = "without an exit status" if exitcode is None else f"with exit status {exitcode}"
+    if exitcode is not None and exitcode < 0:
+        how = f"from signal {-exitcode}"
+    return PrepFailed(f"a prep worker process died {how} while preparing this request")

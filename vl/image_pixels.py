@@ -1,5 +1,8 @@
 """An encoded image to the vision tower's pixel patches: decode within the media policy
 (``decode_image``), then preprocess with the model's image processor (``ImagePreprocessor``).
+The patches stay in the process as ``PixelInputs`` or, written into a shared-memory pixel
+slot (``engine.pixel_slots``), travel as a small ``SlotImage``; ``slot_bytes_for`` sizes the
+slots from the image processor's largest output.
 
 Synchronous CPU work, run by the ``ImagePixels`` prep step (``vl.prep_tools``) in a worker
 thread or prep process under the image-prep gate.
@@ -18,6 +21,7 @@ import binascii
 import hashlib
 import io
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +30,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from engine.pixel_slots import MIB, SlotPixels
 from vl.errors import image_too_large, image_too_many_pixels, invalid_base64, invalid_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
+from vl.prep_config import PrepConfig
 
 # Formats a client may send. Limiting them keeps rarely used, risky decoders (EPS starts
 # Ghostscript, for one) out of reach of untrusted input.
@@ -129,6 +135,17 @@ class PixelInputs:
         return t * h * w
 
 
+@dataclass(frozen=True)
+class SlotImage:
+    """One image's patches written into a pixel slot: the descriptor to read them back
+    (``SlotMemory.read(pixels)``), and their grid. Small and picklable: this, not the
+    pixels, is what a prep process returns."""
+
+    pixels: SlotPixels
+    grid_thw: tuple[int, int, int]
+    num_patches: int
+
+
 class ImagePreprocessor:
     def __init__(self, image_processor: Any, merge_size: int) -> None:
         self._processor = image_processor
@@ -139,6 +156,61 @@ class ImagePreprocessor:
         out = self._processor(images=[image], return_tensors="pt")
         grid = tuple(int(x) for x in out["image_grid_thw"][0].tolist())
         return PixelInputs(pixel_values=out["pixel_values"], grid_thw=grid)
+
+    @property
+    def max_pixel_values_bytes(self) -> int:
+        """Bytes of the largest ``pixel_values`` this preprocessor can return."""
+        return max_pixel_values_bytes(self._processor)
+
+
+# Sizing pixel slots -----------------------------------------------------------------------
+
+_CHANNELS = 3  # decode_image always gives RGB
+_PIXEL_VALUE_BYTES = 4  # the processor returns float32
+
+
+def max_pixel_values_bytes(image_processor: Any) -> int:
+    """Bytes of the largest ``pixel_values`` a Qwen2-VL-style image processor returns.
+
+    Such a processor resizes every image to at most ``max_pixels`` pixels (``size
+    ["longest_edge"]`` in recent transformers) with sides that are multiples of
+    ``patch_size``, so an image has at most ``max_pixels / patch_size**2`` patches of
+    ``3 x temporal_patch_size x patch_size**2`` float32 values each. Raises ``ValueError``
+    for a processor without these settings (then size slots with ``--pixel-slot-mb``)."""
+    max_pixels = _setting(image_processor, "max_pixels") or _setting(image_processor, "longest_edge")
+    patch_size = _setting(image_processor, "patch_size")
+    temporal = _setting(image_processor, "temporal_patch_size") or 1
+    if not (max_pixels and patch_size):
+        raise ValueError(
+            f"cannot tell the largest image {type(image_processor).__name__} produces "
+            "(no max_pixels / patch_size); set --pixel-slot-mb"
+        )
+    patches = int(max_pixels) // (int(patch_size) ** 2)
+    return patches * _CHANNELS * int(temporal) * int(patch_size) ** 2 * _PIXEL_VALUE_BYTES
+
+
+def slot_bytes_for(preprocessor: ImagePreprocessor | Any, config: PrepConfig) -> int:
+    """Bytes per pixel slot: ``config.pixel_slot_mb`` MiB when set, else the largest
+    ``pixel_values`` of ``preprocessor`` (an ``ImagePreprocessor`` or the Hugging Face image
+    processor itself) rounded up to whole MiB."""
+    if config.pixel_slot_mb:
+        return config.pixel_slot_mb * MIB
+    if isinstance(preprocessor, ImagePreprocessor):
+        largest = preprocessor.max_pixel_values_bytes
+    else:
+        largest = max_pixel_values_bytes(preprocessor)
+    return math.ceil(largest / MIB) * MIB
+
+
+def _setting(image_processor: Any, name: str) -> Any:
+    """``name`` as an attribute of the processor, else as an entry of its ``size``."""
+    value = getattr(image_processor, name, None)
+    if value is not None:
+        return value
+    size = getattr(image_processor, "size", None)
+    if isinstance(size, dict):
+        return size.get(name)
+    return getattr(size, name, None)
 
 
 def _settings_key(processor: Any) -> str:

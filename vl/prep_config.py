@@ -1,4 +1,4 @@
-"""Settings of request preparation: its gates, prep worker processes and the vision encoder.
+"""Settings of request preparation: its gates and prep worker processes.
 
 One frozen value owned by ``vl``; each field's ``help`` metadata documents it, and
 ``server.options`` turns the fields into CLI flags and ``VLSERVE_*`` variables (``option``
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class PrepConfig:
-    """How much preparation runs at once, where, and how images are batched and cached.
+    """How much preparation runs at once, and where.
 
     Gate sizes follow bench/README.md: GIL-bound work at 1, GIL-releasing work at the
     core count.
@@ -27,11 +27,11 @@ class PrepConfig:
         metadata={"help": "chat templates and tokenizations run at once (the tokenizer gate's size)"},
     )
     processes: bool = field(
-        default=False,
+        default=True,
         metadata={
             "option": "prep_processes",
-            "help": "run template, tokenizer and image prep in worker processes (one per gate token) "
-            "instead of threads that share the event loop's GIL",
+            "help": "run template, tokenizer and image prep in worker processes (one per gate token), off the "
+            "event loop's GIL; --no-prep-processes runs them in threads of the server process",
         },
     )
     nice: int = field(
@@ -41,6 +41,24 @@ class PrepConfig:
             "help": "niceness added to each prep worker process (bench/README.md: p99 35 ms at 0, 10 ms at 10)",
         },
     )
-    vision_max_batch_size: int = field(default=16, metadata={"help": "images per vision-encoder forward"})
-    vision_max_batch_patches: int = field(default=32768, metadata={"help": "image patches per vision-encoder forward"})
-    mm_cache_mb: int = field(default=256, metadata={"help": "MiB of image features kept for repeated images"})
+    pixel_slots: int = field(
+        default=16,
+        metadata={
+            "help": "shared-memory slots for preprocessed image pixels; an image holds one from the start of its "
+            "preprocessing until the engine has copied its pixels (at its next step), and waits while none is "
+            "free (the pool takes pixel-slots x pixel-slot-mb of /dev/shm)"
+        },
+    )
+    pixel_slot_mb: int = field(
+        default=0,
+        metadata={
+            "help": "MiB per pixel slot; 0 sizes slots for the largest image the image processor can produce "
+            "(its max_pixels)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.pixel_slots, int) and self.pixel_slots >= 1):
+            raise ValueError(f"PrepConfig.pixel_slots must be an integer >= 1, got {self.pixel_slots!r}")
+        if not (isinstance(self.pixel_slot_mb, int) and self.pixel_slot_mb >= 0):
+            raise ValueError(f"PrepConfig.pixel_slot_mb must be an integer >= 0, got {self.pixel_slot_mb!r}")

@@ -7,6 +7,12 @@ processes instead, each of which loads its own tokenizer and image processor onc
 start. The gates stay in the server process: ``Gate.run_in_process`` holds a token for as
 long as a worker process runs the call, and a cancelled caller waits for the call to end,
 so a gate's borrowed tokens still equal the work running under it.
+
+Image pixels come back through shared memory, not the pipe: the ``ImagePixels`` step
+writes them into a pixel slot and returns a small ``SlotImage``. Each process attaches to
+a slot pool once, on its first image, and keeps the mapping for its life (its tools cache
+it, ``PrepTools.slot_memory``); attaching registers nothing with a resource tracker, so a
+prep process's exit never unlinks the pool's segment (``engine.pixel_slots``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import TypeVar
 import trio
 import trio_parallel
 
+from vl.errors import prep_process_died
 from vl.gates import Gate
 from vl.prep_tools import PrepStep, PrepTools, PrepToolsSpec
 
@@ -58,8 +65,14 @@ class ProcessPrep:
             yield prep
 
     async def run(self, gate: Gate, step: PrepStep[T]) -> T:
-        """Run ``step`` in a prep process holding a token of ``gate`` (``PrepRunner.run``)."""
-        return await gate.run_in_process(self._context, _run_step, self._spec, step)
+        """Run ``step`` in a prep process holding a token of ``gate`` (``PrepRunner.run``).
+
+        A process that dies while running the step (killed, crashed) fails this call alone
+        with ``vl.errors.PrepFailed``; the pool starts a fresh process for the next call."""
+        try:
+            return await gate.run_in_process(self._context, _run_step, self._spec, step)
+        except trio_parallel.BrokenWorkerError as exc:
+            raise prep_process_died(_exit_status(exc)) from exc
 
     @property
     def context(self) -> trio_parallel.WorkerContext:
@@ -79,6 +92,16 @@ class ProcessPrep:
         async with trio.open_nursery() as nursery:
             for _ in range(workers):
                 nursery.start_soon(functools.partial(self._context.run_sync, _load_tools, self._spec, limiter=limiter))
+
+
+def _exit_status(error: trio_parallel.BrokenWorkerError) -> int | None:
+    """The exit status of the dead process ``error`` names (trio-parallel passes the
+    ``multiprocessing.Process`` among its arguments), if any."""
+    for arg in error.args:
+        exitcode = getattr(arg, "exitcode", None)
+        if exitcode is not None:
+            return exitcode
+    return None
 
 
 def _start_worker(spec: PrepToolsSpec, nice: int) -> None:

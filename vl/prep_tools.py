@@ -11,16 +11,25 @@ thread of the server process (``ThreadPrep``, here) or in a prep worker process
 (``vl.prep_processes.ProcessPrep``, which builds its own tools from a ``PrepToolsSpec``).
 Gates, their statistics and their cancellation guarantees are the same for both (see
 ``vl.gates``).
+
+Image pixels leave a prep process through shared memory: the caller acquires a pixel slot
+(``engine.pixel_slots.SlotPool``) and passes its index and the pool's ``SlotSpec`` in the
+``ImagePixels`` step, which writes the pixels there and returns only a small ``SlotImage``.
+The caller owns the slot: it releases it on every path, and never before the step has
+returned (a runner waits for started work to finish, also when cancelled).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from engine.pixel_slots import SlotMemory, SlotSpec
 from vl.errors import images_not_supported, no_chat_template, template_rejected
 from vl.gates import Gate
-from vl.image_pixels import ImagePreprocessor, PixelInputs, decode_image
+from vl.image_pixels import ImagePreprocessor, PixelInputs, SlotImage, decode_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 
@@ -30,12 +39,25 @@ T_co = TypeVar("T_co", covariant=True)
 
 class PrepTools:
     """Tokenizer, template and image work. Not thread-safe: each gate's capacity decides how
-    many threads may use one instance at once (HF fast tokenizers are not thread-safe)."""
+    many threads may use one instance at once (HF fast tokenizers are not thread-safe);
+    ``slot_memory`` and the slot writes of different slots are safe from several threads.
 
-    def __init__(self, tokenizer: Any, policy: MediaPolicy, preprocessor: ImagePreprocessor | None = None) -> None:
+    ``slot_memories``: views of pixel-slot segments this process already has, used instead
+    of attaching again: in the server process, the ``SlotPool``'s own ``memory``."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        policy: MediaPolicy,
+        preprocessor: ImagePreprocessor | None = None,
+        *,
+        slot_memories: Iterable[SlotMemory] = (),
+    ) -> None:
         self.tokenizer = tokenizer
         self.policy = policy
         self.preprocessor = preprocessor
+        self._slot_memories = {memory.spec: memory for memory in slot_memories}
+        self._attach_lock = threading.Lock()
 
     def render_and_tokenize(self, messages: list[dict]) -> list[int]:
         """Token ids of the chat template rendered with a generation prompt.
@@ -65,6 +87,27 @@ class PrepTools:
         if self.preprocessor is None:
             raise images_not_supported(param)
         return self.preprocessor(decode_image(image, self.policy, param=param))
+
+    def pixels_into_slot(self, image: EncodedImage, param: str, slot_index: int, slots: SlotSpec) -> SlotImage:
+        """``decode_and_preprocess``, then write the pixels into slot ``slot_index`` of the
+        pool ``slots``. Raises what ``decode_and_preprocess`` raises, and ``SlotTooSmall``
+        for pixels larger than a slot (the slot is then left as it was)."""
+        inputs = self.decode_and_preprocess(image, param)
+        pixels = self.slot_memory(slots).write(slot_index, inputs.pixel_values)
+        return SlotImage(pixels=pixels, grid_thw=inputs.grid_thw, num_patches=inputs.num_patches)
+
+    def slot_memory(self, spec: SlotSpec) -> SlotMemory:
+        """This process's view of the pool ``spec``: one given at construction, else
+        attached on first use (once, whatever the threads) and kept for the tools' life; the
+        mapping goes with the process (attaching registers nothing that would unlink the
+        segment, see ``SlotMemory.attach``)."""
+        memory = self._slot_memories.get(spec)
+        if memory is None:
+            with self._attach_lock:
+                memory = self._slot_memories.get(spec)
+                if memory is None:
+                    memory = self._slot_memories[spec] = SlotMemory.attach(spec)
+        return memory
 
 
 # The steps: what a runner can be asked to run ------------------------------------------------
@@ -105,13 +148,17 @@ class Detokenize:
 
 @dataclass(frozen=True)
 class ImagePixels:
-    """Decode and preprocess one image; errors name ``param``."""
+    """Decode and preprocess one image into pixel slot ``slot_index`` of the pool ``slots``
+    and return its ``SlotImage`` (small: the pixels stay in the slot); errors name
+    ``param``. The caller holds the slot."""
 
     image: EncodedImage
     param: str
+    slot_index: int
+    slots: SlotSpec
 
-    def run(self, tools: PrepTools) -> PixelInputs:
-        return tools.decode_and_preprocess(self.image, self.param)
+    def run(self, tools: PrepTools) -> SlotImage:
+        return tools.pixels_into_slot(self.image, self.param, self.slot_index, self.slots)
 
 
 # Where steps run ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""The servers under test and how to start each: vlserve (engine in its worker process, the
-default), vlserve-thread (engine in a thread of the server process), vlserve-prep-procs
-(prep work in worker processes) and the two
-LMDeploy-style baselines."""
+"""The servers under test and how to start each: vlserve (its defaults: engine and vision
+encoder in the engine worker process, prep work in prep processes), vlserve-thread (engine
+in a thread of the server process), vlserve-prep-threads (prep work in threads of the
+server process) and the two LMDeploy-style baselines."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from pathlib import Path
 from bench.launch.process import free_port, managed_process
 from bench.launch.readiness import http_ready
 
-SERVERS = ("vlserve", "vlserve-thread", "vlserve-prep-procs", "pr-style", "main-style")
+SERVERS = ("vlserve", "vlserve-thread", "vlserve-prep-threads", "pr-style", "main-style")
 DEFAULT_SERVERS = ("vlserve", "pr-style", "main-style")
 VLSERVE_VARIANTS = {
     "vlserve": (),
     "vlserve-thread": ("--no-engine-process",),
-    "vlserve-prep-procs": ("--prep-processes",),
+    "vlserve-prep-threads": ("--no-prep-processes",),
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -68,6 +68,11 @@ class Summary:
     # VLSERVE_PROBE_PASSES_FILE; filled in once the server has stopped)
     probe_passes_keep_alive: float = math.nan
     probe_passes_fresh: float = math.nan
+    # the server's process tree (engine worker and prep processes included): CPU
+    # milliseconds per successful request during the burst
+    server_cpu_ms_per_request: float = math.nan
+    # the process tree's peak proportional set size (shared pages split, not counted per process)
+    peak_pss_mib: float = math.nan
     # the do-nothing server's probes during the same burst (bench/floor_server.py)
     floor_p99_ms: float = math.nan
     floor_fresh_p99_ms: float = math.nan
@@ -113,6 +118,8 @@ class Summary:
             ),
             ("Peak RSS (MiB, before burst):", f"{self.peak_rss_mib:.0f} ({self.rss_before_mib:.0f})"),
             ("Other processes' CPU (% of machine):", f"{self.foreign_cpu_pct:.0f}"),
+            ("Server CPU ms per request (its process tree):", f"{self.server_cpu_ms_per_request:.1f}"),
+            ("Peak PSS of the server's process tree (MiB):", f"{self.peak_pss_mib:.0f}"),
         ]
         head = f" {self.server} · {self.workload} · {self.mode} · c={self.concurrency} · run {self.repeat + 1} "
         width = 50
@@ -194,6 +201,8 @@ def summarise(run: LoadRun) -> Summary:
         rss_before_mib=run.rss_before / MIB,
         peak_rss_mib=max((s[1] for s in run.rss), default=run.rss_before) / MIB,
         foreign_cpu_pct=100.0 * run.foreign_cpu,
+        peak_pss_mib=max((s[1] for s in run.pss), default=math.nan * MIB) / MIB,
+        server_cpu_ms_per_request=1000.0 * run.server_cpu_seconds / len(ok) if ok else math.nan,
         repeat=run.repeat,
         first_error=next((r.error for r in failed if r.error), None),
         floor_p99_ms=_ms(floor, 99),

@@ -22,7 +22,7 @@ from bench.loadgen.cpu_account import CpuAccount
 from bench.loadgen.drivers import closed_loop, poisson
 from bench.loadgen.options import LoadOptions
 from bench.loadgen.request_result import RequestResult
-from bench.loadgen.rss_sampler import sample_rss, tree_rss
+from bench.loadgen.rss_sampler import sample_rss, tree_cpu_seconds, tree_rss
 from bench.loadgen.sse_request import stream_chat
 
 CUT_OFF = "cut off by --max-seconds"
@@ -57,6 +57,8 @@ class LoadRun:
     loadavg_before: float = 0.0
     loadavg_after: float = 0.0
     foreign_cpu: float = 0.0  # other processes' share of all cores during the burst (0..1)
+    server_cpu_seconds: float = 0.0  # CPU the server's process tree used during the burst
+    pss: list[tuple[float, int]] = field(default_factory=list)  # the tree's PSS during the burst
     repeat: int = 0
     # the server's own event-loop lag over warm-up + burst, from its /metrics (vlserve only)
     loop_lag_p50_ms: float = float("nan")
@@ -100,16 +102,18 @@ async def run_load(
             warm = await _send_all(client, body_for, kind_of, warmup_indices, options, warmup=True)
             run.warmup_failures = sum(not r.ok for r in warm)
             run.rss_before = await trio.to_thread.run_sync(tree_rss, server_pid)
+            cpu_before = await trio.to_thread.run_sync(tree_cpu_seconds, server_pid)
             run.loadavg_before = os.getloadavg()[0]
             account = CpuAccount()
             await trio.to_thread.run_sync(account.start)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(sample_rss, server_pid, options.rss_interval, run.rss)
+                nursery.start_soon(sample_rss, server_pid, options.rss_interval, run.rss, run.pss)
                 run.burst_started = time.monotonic()
                 run.results = await _send_all(client, body_for, kind_of, indices, options, warmup=False)
                 run.burst_ended = time.monotonic()
                 run.loadavg_after = os.getloadavg()[0]
                 run.foreign_cpu = await trio.to_thread.run_sync(account.foreign_share)
+                run.server_cpu_seconds = await trio.to_thread.run_sync(tree_cpu_seconds, server_pid) - cpu_before
                 nursery.cancel_scope.cancel()
             await trio.sleep(options.idle_probe_seconds)
     run.health, run.health_fresh = _read_probes(probe_out)

@@ -19,7 +19,7 @@ TARGET_MAX_MS = 15.0
 COLOURS = (
     ("vlserve", "tab:blue"),
     ("vlserve-thread", "tab:purple"),
-    ("vlserve-prep-procs", "tab:cyan"),
+    ("vlserve-prep-threads", "tab:cyan"),
     ("pr-style", "tab:orange"),
     ("main-style", "tab:green"),
 )

@@ -6,6 +6,7 @@ from functools import partial
 
 from quart import Blueprint, Response
 
+from server.admission import hold_until_request_ends
 from server.chat_format import ChatChunker, chat_completion
 from server.generation import complete_jobs, make_jobs
 from server.request_body import read_body
@@ -33,7 +34,10 @@ async def chat_completions() -> Response:
     body = await read_body(ChatCompletionRequest, current_state().parse_limiter)
     body.check_combinations()
     check_model(body.model, runtime)
-    prompt = await runtime.preparer.prepare_chat(body.chat())
+    prepared = await runtime.preparer.prepare_chat(body.chat())
+    if prepared.lease is not None:  # the image slots: held until submitted, at most until the request ends
+        hold_until_request_ends(prepared.lease.release_creator)
+    prompt = prepared.prompt
     requested, field = body.requested_max_tokens
     budget = LengthBudget(
         prompt_tokens=len(prompt.token_ids),
@@ -44,7 +48,7 @@ async def chat_completions() -> Response:
         prompt_param="messages",
     )
     params = sampling_params(body, max_tokens=budget.max_tokens(), logprobs=body.sampler_logprobs)
-    jobs = make_jobs([prompt], [params])
+    jobs = make_jobs([prompt], [params], prepared.lease)
     meta = ResponseMeta.new("chatcmpl", runtime.model_name)
     if body.stream:
         chunker = ChatChunker(meta, include_usage=body.include_usage, logprobs=body.logprobs)

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 
 import httpx
 import pytest
+import trio
 import yaml
 
 from server.app import RUNTIME_CLOSE_TIMEOUT_S
 from server.cli import build_parser, config_from_args
 from server.probes import PROBES
-from tests.server.in_process import serving
+from server.serve import run_server
 from tests.server.launch import REPO
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -23,6 +25,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 KUBERNETES = REPO / "deploy" / "kubernetes"
 DASHBOARD = REPO / "deploy" / "grafana-dashboard.json"
 KUBERNETES_VERSION = "1.30.0"
+START_TIMEOUT_S = 120
 
 
 def _documents() -> list[dict]:
@@ -93,13 +96,19 @@ async def _emitted_names(tiny_model, tiny_model_dir) -> set[str]:
 
     from server.config import ServerConfig
     from server.runtime import open_runtime
+    from vl.prep_config import PrepConfig
 
-    config = ServerConfig(host="127.0.0.1", port=0, model=str(tiny_model_dir))
-    async with serving(config, lambda c: open_runtime(c, loaded=tiny_model), fast_http=True) as server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+    config = ServerConfig(host="127.0.0.1", port=0, model=str(tiny_model_dir), prep=PrepConfig(processes=False))
+    async with trio.open_nursery() as nursery:
+        start = partial(run_server, config, runtime_factory=lambda c: open_runtime(c, loaded=tiny_model))
+        server = await nursery.start(start)
+        with trio.fail_after(START_TIMEOUT_S):
+            await server.wait_ready()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
             body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
             assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
             text = (await http.get("/metrics")).text
+        server.shutdown()
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
 
 

@@ -25,6 +25,8 @@ LIGHT_MODULES = [
     "engine.step_loop",
     "engine.sampling_params",
     "engine.prompt",
+    "engine.pixel_slots",
+    "engine.slot_lease",
 ]
 HEAVY = ("torch", "transformers")
 

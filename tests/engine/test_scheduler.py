@@ -46,3 +46,21 @@ def test_abort_waiting_and_running():
     s.abort(a)  # running: leaves at the next step
     plan = s.schedule()
     assert plan.leaving == [a] and plan.decoding == [] and not s.has_work()
+
+
+def test_encoder_budget_spreads_image_heavy_joiners_over_steps():
+    """Sequences whose images would take more patches than the step's encoder budget wait
+    for the next step; one over the budget alone still joins, alone."""
+    patches = {0: 600, 1: 600, 2: 0, 3: 5000}
+    s = Scheduler(
+        max_num_seqs=8,
+        max_num_batched_tokens=1000,
+        max_encoder_patches=1000,
+        encoder_cost=lambda sq: patches[sq.seq_id],
+    )
+    a, b, c, d = (seq(i, 5) for i in range(4))
+    for x in (a, b, c, d):
+        s.add(x)
+    assert s.schedule().joining == [a]
+    assert s.schedule().joining == [b, c]  # c needs no encoding; d does not fit after b
+    assert s.schedule().joining == [d]

@@ -37,9 +37,17 @@ class FakeReport:
 class FakeCore:
     """Emits token ``len(output)`` for every running row; finishes at ``max_tokens``."""
 
+    encoder = None  # text only
+
     def __init__(self) -> None:
         self.runner = FakeRunner()
         self.plans: list[StepPlan] = []
+
+    def admit_images(self, seq: Sequence) -> None:
+        pass
+
+    def release_images(self, seq: Sequence) -> None:
+        pass
 
     def execute(self, plan: StepPlan) -> FakeReport:
         self.plans.append(plan)

@@ -20,21 +20,29 @@ def limiter_state(runtime) -> dict[str, tuple[int, int]]:
     }
 
 
+def slots_idle(runtime) -> bool:
+    """Every pixel slot is free and nobody waits for one (true for a text-only model)."""
+    if runtime.slots is None:
+        return True
+    stats = runtime.slots.statistics()
+    return stats.free == stats.total and stats.waiting == 0
+
+
 async def wait_until_quiescent(runtime, timeout: float = 20.0) -> None:
-    """Wait until no limiter is borrowed or waited on, the engine holds no sequences and no
-    cache, and the vision encoder runs nothing. Fails the test if that never happens."""
+    """Wait until no limiter is borrowed or waited on, every pixel slot is free, and the
+    engine holds no sequences, no cache and no image waiting to be encoded. Fails the test
+    if that never happens."""
     with trio.fail_after(timeout):
         while True:
             engine = runtime.engine.statistics()
-            encoder = runtime.preparer.statistics().encoder
             idle = all(v == (0, 0) for v in limiter_state(runtime).values())
             if (
                 idle
+                and slots_idle(runtime)
                 and engine.running == 0
                 and engine.waiting == 0
                 and engine.cache_tokens == 0
-                and not encoder.forward_running
-                and encoder.queued == 0
+                and engine.images_pending == 0
             ):
                 return
             await trio.sleep(0.02)

@@ -12,7 +12,7 @@ import trio
 from PIL import Image
 
 from tests.helpers.image_server import Route, serve_images
-from tests.integration.invariants import limiter_state, wait_until_quiescent
+from tests.integration.invariants import limiter_state, slots_idle, wait_until_quiescent
 
 STORM_SIZE = 220
 IN_FLIGHT = 48
@@ -78,9 +78,10 @@ async def complete(http, body: dict, stream: bool) -> str:
 async def test_random_disconnect_storm_leaves_every_limiter_full_and_engine_empty(http, runtime):
     """Invariant: after 220 concurrent text, data-URI and http-image requests, ~40% of which
     the client abandons at a random moment (during fetch, prep, encode or generation),
-    every limiter is back to full with nobody waiting, no worker thread runs, the engine
-    holds no sequences and no cache, and every request that was not abandoned returned
-    exactly what the same request returns when sent alone."""
+    every limiter is back to full with nobody waiting, no worker thread runs, every pixel
+    slot is free, the engine holds no sequences, no cache and no unencoded image, and every
+    request that was not abandoned returned exactly what the same request returns when
+    sent alone."""
     rng = random.Random(20261124)
     routes = {
         f"/img{i}.jpg": Route(body=jpeg(100 + i, 80 + 16 * i), headers=(("Content-Type", "image/jpeg"),), delay=0.03)
@@ -120,7 +121,8 @@ async def test_random_disconnect_storm_leaves_every_limiter_full_and_engine_empt
     for which, text in finished:
         assert text == alone[which]
     assert all(v == (0, 0) for v in limiter_state(runtime).values())
+    assert slots_idle(runtime)
     stats = runtime.engine.statistics()
-    assert (stats.running, stats.waiting, stats.cache_tokens) == (0, 0, 0)
+    assert (stats.running, stats.waiting, stats.cache_tokens, stats.images_pending) == (0, 0, 0, 0)
     health = await http.get("/health")
     assert health.status_code == 200

@@ -22,6 +22,7 @@ from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
 from vl.chat_messages import Chat, TextPart
+from vl.chat_preparer import PreparedPrompt
 from vl.errors import InvalidRequest, MediaError
 
 
@@ -104,7 +105,7 @@ class FakeEngine:
         self.changed = trio.Event()
 
     @asynccontextmanager
-    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[FakeStream]:
+    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams, lease=None) -> AsyncIterator[FakeStream]:
         if len(prompt.token_ids) + params.max_tokens > 1 << 20:
             raise InvalidRequest("too long for the fake", param="max_tokens")
         self.opened.append((prompt, params))
@@ -160,11 +161,12 @@ class FakePreparer:
         else:
             await trio.lowlevel.checkpoint()
 
-    async def prepare_chat(self, chat: Chat) -> EnginePrompt:
+    async def prepare_chat(self, chat: Chat) -> PreparedPrompt:
+        """As ``ChatPreparer.prepare_chat``, with no pixel slots (no lease)."""
         self.calls.append(chat)
         await self._wait_gate()
         text, images = _text_of(chat)
-        return EnginePrompt(token_ids=[ord(c) for c in text] + [0] * (4 * images))
+        return PreparedPrompt(EnginePrompt(token_ids=[ord(c) for c in text] + [0] * (4 * images)))
 
     async def prepare_text(self, prompt: str) -> EnginePrompt:
         self.calls.append(prompt)

@@ -37,7 +37,7 @@ class StepEngine:
         self.aborted = 0
 
     @asynccontextmanager
-    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[RequestStream]:
+    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams, lease=None) -> AsyncIterator[RequestStream]:
         stream = RequestStream(len(self.streams), len(prompt.token_ids), wants_logprobs=False)
         self.streams.append((stream, params))
         self.produced[stream.seq_id] = 0

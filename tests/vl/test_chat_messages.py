@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import vl
+from engine.pixel_slots import SlotSpec
 from vl.chat_messages import Chat, ImagePart, Message, TextPart
 from vl.image_source import EncodedImage
 from vl.prep_tools import ImagePixels, RenderChat
@@ -54,7 +55,7 @@ def test_prep_steps_pickle_for_prep_processes():
     """Steps are values chosen by type; they travel to a prep process as they are."""
     steps = [
         RenderChat(CHAT.template_messages()),
-        ImagePixels(EncodedImage(b"x", False, "data"), "messages[1].content[0].image_url"),
+        ImagePixels(EncodedImage(b"x", False, "data"), "messages[1].content[0].image_url", 3, SlotSpec("psm_x", 8, 1)),
     ]
     assert [pickle.loads(pickle.dumps(step)) for step in steps] == steps
 

@@ -13,6 +13,7 @@ from server.config import ServerConfig
 from server.request_body import parse_chat
 from server.runtime import open_runtime
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
+from tests.engine.streams import wait_until_idle
 from tests.helpers.image_server import RequestLog, Route, serve_images
 from vl.chat_messages import Chat, ImagePart, Message, TextPart
 from vl.errors import InvalidRequest, MediaError
@@ -40,38 +41,72 @@ def config():
     return ServerConfig(media=MediaPolicy(allow_private_media_urls=True))
 
 
+async def generate(rt, prepared, max_tokens: int = 16) -> list[int]:
+    """Greedy tokens of a prepared prompt; drops the caller's hold on its lease."""
+    ids = []
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)
+        async with rt.engine.open_stream(prepared.prompt, params, prepared.lease) as stream:
+            async for delta in stream:
+                ids += delta.token_ids
+    finally:
+        if prepared.lease is not None:
+            prepared.lease.release_creator()
+    return ids
+
+
+def all_slots_free(rt) -> bool:
+    stats = rt.slots.statistics()
+    return stats.free == stats.total and stats.waiting == 0
+
+
 @pytest.mark.parametrize("prep_processes", [False, True], ids=["prep-threads", "prep-processes"])
 async def test_prepared_image_prompt_matches_hf_and_generates_like_generate(tiny_model, prep_processes):
-    """The preparer's prompt (token ids and features) equals the one built directly from the
-    tokenizer, image processor and vision tower, and the engine's greedy output on it equals
-    transformers' ``generate``: with the prep work in threads and in prep processes."""
+    """The preparer's prompt (token ids, and the pixels it put in the image's slot) equals
+    the one built directly from the tokenizer and image processor, and the engine's greedy
+    output on it (encoded by the engine's own vision encoder) equals transformers'
+    ``generate``: with the prep work in threads and in prep processes. Every slot is free
+    once the request is done."""
     image = noise_image(3, 240, 320)
     expected_prompt, extra = chat_prompt(tiny_model, "describe the picture", image)
     config = ServerConfig(media=MediaPolicy(allow_private_media_urls=True), prep=PrepConfig(processes=prep_processes))
     async with open_runtime(config, loaded=tiny_model) as rt:
         assert isinstance(rt.preparer.runner, ProcessPrep) == prep_processes
-        prompt = await rt.preparer.prepare_chat(image_message(data_uri(image)))
+        prepared = await rt.preparer.prepare_chat(image_message(data_uri(image)))
+        prompt = prepared.prompt
         assert prompt.token_ids == expected_prompt.token_ids
-        assert torch.allclose(prompt.images[0].embeddings, expected_prompt.images[0].embeddings, atol=1e-5)
-        ids = []
-        async with rt.engine.open_stream(prompt, SamplingParams(max_tokens=16, temperature=0)) as stream:
-            async for delta in stream:
-                ids += delta.token_ids
+        [image_input] = prompt.images
+        assert image_input.grid_thw == expected_prompt.images[0].grid_thw
+        assert torch.equal(rt.slots.memory.read(image_input.pixels), extra["pixel_values"])
+        ids = await generate(rt, prepared)
+        await wait_until_idle(rt.engine)
+        assert all_slots_free(rt)
     assert ids == reference_generate(tiny_model, expected_prompt, extra, 16)
 
 
-async def test_http_image_equals_data_uri_and_repeats_hit_the_cache(tiny_model, config):
+async def test_http_image_equals_data_uri_and_the_engine_encodes_a_repeat_once(tiny_model, config):
+    """An image by URL and the same bytes as a data URI prepare to the same prompt and
+    pixels; the engine's feature cache serves the repeat of a URL without encoding it."""
     image = noise_image(5, 200, 200)
     async with serve_images({"/img.png": Route(body=png_bytes(image))}) as base_url:
         async with open_runtime(config, loaded=tiny_model) as rt:
             from_url = await rt.preparer.prepare_chat(image_message(f"{base_url}/img.png"))
             from_data = await rt.preparer.prepare_chat(image_message(data_uri(image)))
+            assert from_url.prompt.token_ids == from_data.prompt.token_ids
+            assert torch.equal(
+                rt.slots.memory.read(from_url.prompt.images[0].pixels),
+                rt.slots.memory.read(from_data.prompt.images[0].pixels),
+            )
+            outputs = [await generate(rt, from_url), await generate(rt, from_data)]
             again = await rt.preparer.prepare_chat(image_message(f"{base_url}/img.png"))
-            stats = rt.preparer.statistics()
-    assert from_url.token_ids == from_data.token_ids == again.token_ids
-    assert torch.allclose(from_url.images[0].embeddings, from_data.images[0].embeddings)
-    assert stats.feature_cache.hits == 1
-    assert stats.encoder.images_encoded == 2  # the repeat skipped decode, preprocessing and encoding
+            assert again.prompt.images[0].key == from_url.prompt.images[0].key
+            outputs.append(await generate(rt, again))
+            await wait_until_idle(rt.engine)
+            stats = rt.engine.statistics()
+            assert all_slots_free(rt)
+    assert outputs[0] == outputs[1] == outputs[2]
+    distinct = len({from_url.prompt.images[0].key, from_data.prompt.images[0].key})
+    assert stats.images_encoded == distinct and stats.image_cache_hits >= 1
 
 
 async def test_several_images_in_one_request_resolve_concurrently(tiny_model, config):
@@ -81,10 +116,15 @@ async def test_several_images_in_one_request_resolve_concurrently(tiny_model, co
     async with serve_images(routes, log=log) as base_url:
         async with open_runtime(config, loaded=tiny_model) as rt:
             content = (*(ImagePart(f"{base_url}/{i}.png") for i in range(3)), TextPart("compare"))
-            prompt = await rt.preparer.prepare_chat(Chat((Message("user", content),)))
+            prepared = await rt.preparer.prepare_chat(Chat((Message("user", content),)))
+            assert len(prepared.lease) == 3 and rt.slots.statistics().free == rt.slots.statistics().total - 3
+            prepared.lease.release_creator()
+            assert all_slots_free(rt)
+    prompt = prepared.prompt
     assert len(prompt.images) == 3
     pad = tiny_model.model.config.image_token_id
-    assert prompt.token_ids.count(pad) == sum(f.embeddings.shape[0] for f in prompt.images)
+    merge = tiny_model.adapter.spatial_merge_size
+    assert prompt.token_ids.count(pad) == sum(i.num_patches // merge**2 for i in prompt.images)
     assert log.max_active == 3  # the three slow fetches were in flight together
 
 
@@ -119,6 +159,7 @@ async def test_bad_messages_name_the_offending_field(tiny_model, config, message
         with pytest.raises(InvalidRequest) as info:
             await rt.preparer.prepare_chat(parse_chat(messages))
         stats = rt.preparer.statistics()
+        assert all_slots_free(rt)
     assert info.value.param == param
     assert stats.image_gate.borrowed == 0 and stats.tokenizer_gate.borrowed == 0
 

@@ -11,6 +11,7 @@ import trio
 import trio.lowlevel
 import trio_parallel
 
+from engine.pixel_slots import SlotPool
 from tests.engine.prompts import noise_image
 from tests.vl.process_work import announce_then_wait
 from vl.errors import MediaError
@@ -93,12 +94,18 @@ def spec(tiny_model_dir, tiny_model):
 
 
 @pytest.fixture
-def local_tools(tiny_model, spec):
+def pool():
+    with SlotPool.create(2, 8 << 20) as pool:
+        yield pool
+
+
+@pytest.fixture
+def local_tools(tiny_model, spec, pool):
     preprocessor = ImagePreprocessor(tiny_model.image_processor, spec.merge_size)
-    return PrepTools(tiny_model.tokenizer, spec.policy, preprocessor)
+    return PrepTools(tiny_model.tokenizer, spec.policy, preprocessor, slot_memories=[pool.memory])
 
 
-async def test_process_results_equal_thread_results(spec, local_tools):
+async def test_process_results_equal_thread_results(spec, local_tools, pool):
     """Every ``PrepTools`` call gives the same result in a prep process as in a thread, and
     ``open`` leaves as many loaded processes as asked for."""
     messages = [{"role": "user", "content": "hello there, how are you?"}]
@@ -107,35 +114,35 @@ async def test_process_results_equal_thread_results(spec, local_tools):
     async with ProcessPrep.open(spec, workers=2) as processes:
         assert processes.worker_count() == 2
         results = []
-        for runner in (threads, processes):
+        for slot_index, runner in enumerate((threads, processes)):
             ids = await runner.run(tokens, RenderChat(messages))
             results.append(
                 (
                     ids,
                     await runner.run(tokens, Tokenize("plain text", True)),
                     await runner.run(tokens, Detokenize(ids)),
-                    await runner.run(images, ImagePixels(image, "messages[0].content[0]")),
+                    await runner.run(images, ImagePixels(image, "messages[0].content[0]", slot_index, pool.spec)),
                 )
             )
     (ids_t, enc_t, text_t, pix_t), (ids_p, enc_p, text_p, pix_p) = results
     assert ids_t == ids_p and enc_t == enc_p and text_t == text_p
     assert "hello there" in text_p
-    assert pix_p.grid_thw == pix_t.grid_thw
-    assert torch.equal(pix_p.pixel_values, pix_t.pixel_values)
+    assert pix_p.grid_thw == pix_t.grid_thw and (pix_t.pixels.index, pix_p.pixels.index) == (0, 1)
+    assert torch.equal(pool.memory.read(pix_p.pixels), pool.memory.read(pix_t.pixels))
     assert (tokens.statistics().completed, images.statistics().completed) == (6, 2)
 
 
-async def test_errors_in_a_prep_process_keep_param_and_code(spec, local_tools):
+async def test_errors_in_a_prep_process_keep_param_and_code(spec, local_tools, pool):
     """A ``MediaError`` raised in a prep process reaches the caller as the same class with
     the same message, param and code as in a thread; the process stays usable and the gate
     ends full."""
     gate = Gate("image_prep", 1)
     bad = EncodedImage(b"not an image at all", base64_encoded=False, source="data")
     with pytest.raises(MediaError) as in_thread:
-        await ThreadPrep(local_tools).run(gate, ImagePixels(bad, "messages[0].content[1]"))
+        await ThreadPrep(local_tools).run(gate, ImagePixels(bad, "messages[0].content[1]", 0, pool.spec))
     async with ProcessPrep.open(spec, workers=1) as processes:
         with pytest.raises(MediaError) as in_process:
-            await processes.run(gate, ImagePixels(bad, "messages[0].content[1]"))
+            await processes.run(gate, ImagePixels(bad, "messages[0].content[1]", 0, pool.spec))
         assert await processes.run(gate, Tokenize("still works", False))
         assert processes.worker_count() == 1
     for attribute in ("message", "param", "code"):

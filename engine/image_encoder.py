@@ -1,0 +1,296 @@
+"""The engine's vision encoder: images of the sequences joining a step, encoded in batches
+inside that step, with their features cached by content.
+
+Where it sits (docs/architecture.md, "Where images are encoded"): the step loop owns it,
+so it runs wherever the step loop runs (the engine worker process by default) and one
+thread uses the device at a time: an encoder forward is part of a step, as in vLLM V1.
+Batches form by themselves: every joining sequence's images not yet encoded go into the
+step's forwards, at most ``max_batch_images`` images and ``max_batch_patches`` patches per
+forward (the scheduler keeps a step's patches within the encoder budget).
+
+Lifecycle of an image (``ImageInput``):
+
+- ``admit(seq_id, images)`` when the sequence arrives: a key cached already is a hit; a key
+  another live sequence brought is shared; otherwise the pixels are copied out of their
+  shared-memory slot now (the front end reuses the slot once told).
+- ``encode(seq_ids)`` in the step that prefills them: every pending image of those
+  sequences, batched. A failed forward of several images retries each alone, so a bad
+  image fails only the sequences that hold it.
+- ``features(seq_id)`` for the prefill, then ``release(seq_id)``. A sequence aborted or
+  failed before its step is released without encoding: pixels that no live sequence holds
+  are dropped, never encoded.
+
+Plain synchronous code, not thread-safe: the step loop's one thread calls it.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.prompt import ImageFeatures, ImageInput
+
+if TYPE_CHECKING:
+    from engine.pixel_slots import SlotPixels
+
+EncodeFn = Callable[[torch.Tensor, list[tuple[int, int, int]]], list[ImageFeatures]]
+ReadPixels = Callable[["SlotPixels"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EncoderStatistics:
+    batches: int = 0
+    images_encoded: int = 0
+    images_dropped: int = 0  # pixels released unencoded (their sequences left first)
+    largest_batch: int = 0
+    last_batch: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_entries: int = 0
+    cache_bytes: int = 0
+    pending_images: int = 0
+
+
+class ImageEncodingFailed(RuntimeError):
+    """An image of this sequence could not be encoded (the sequence fails, not the engine)."""
+
+
+class _Pending:
+    """An image whose pixels the engine holds and has not encoded yet."""
+
+    __slots__ = ("error", "features", "grid_thw", "holders", "key", "pixel_values")
+
+    def __init__(self, key: str, grid_thw: tuple[int, int, int], pixel_values: torch.Tensor) -> None:
+        self.key = key
+        self.grid_thw = grid_thw
+        self.pixel_values: torch.Tensor | None = pixel_values
+        self.features: ImageFeatures | None = None
+        self.error: str | None = None
+        self.holders = 0
+
+    @property
+    def num_patches(self) -> int:
+        t, h, w = self.grid_thw
+        return t * h * w
+
+    @property
+    def ready(self) -> bool:
+        """Encoded, or failed: nothing more to do for it."""
+        return self.features is not None or self.error is not None
+
+
+_Held = ImageFeatures | _Pending
+
+
+class FeatureCache:
+    """Features by image key, least recently used first out, bounded in bytes; an entry
+    larger than the whole bound is not kept."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._entries: collections.OrderedDict[str, ImageFeatures] = collections.OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def size(features: ImageFeatures) -> int:
+        return features.embeddings.numel() * features.embeddings.element_size()
+
+    def get(self, key: str) -> ImageFeatures | None:
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: str, features: ImageFeatures) -> None:
+        size = self.size(features)
+        if size > self.capacity_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= self.size(old)
+        self._entries[key] = features
+        self.bytes += size
+        while self.bytes > self.capacity_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= self.size(evicted)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ImageEncoder:
+    def __init__(
+        self,
+        encode_fn: EncodeFn,
+        read_pixels: ReadPixels | None,
+        *,
+        max_batch_images: int = 16,
+        max_batch_patches: int = 32768,
+        cache_bytes: int = 256 << 20,
+    ) -> None:
+        """``encode_fn(pixel_values, grids)`` is the vision tower (one features per image);
+        ``read_pixels`` copies a slot's pixels (``SlotMemory.read``); ``None`` when no slots
+        exist (then only ``ImageFeatures`` inputs are accepted)."""
+        if max_batch_images < 1 or max_batch_patches < 1:
+            raise ValueError("the encoder's batch limits must be at least 1")
+        self._encode_fn = encode_fn
+        self._read_pixels = read_pixels
+        self.max_batch_images = max_batch_images
+        self.max_batch_patches = max_batch_patches
+        self._cache = FeatureCache(cache_bytes)
+        self._pending: dict[str, _Pending] = {}
+        self._held: dict[int, list[_Held]] = {}
+        self._batches = 0
+        self._encoded = 0
+        self._dropped = 0
+        self._largest = 0
+        self._last = 0
+        self._hits = 0
+        self._misses = 0
+
+    def admit(self, seq_id: int, images: Iterable[ImageFeatures | ImageInput]) -> None:
+        """Take the images of a new sequence: cached or shared keys need nothing; other
+        pixels are copied out of their slot now. Raises what ``read_pixels`` raises (the
+        sequence is then failed by the caller, holding nothing)."""
+        held: list[_Held] = []
+        try:
+            for image in images:
+                held.append(self._take(image))
+        except BaseException:
+            self._drop(held)
+            raise
+        self._held[seq_id] = held
+
+    def _take(self, image: ImageFeatures | ImageInput) -> _Held:
+        if isinstance(image, ImageFeatures):
+            return image
+        cached = self._cache.get(image.key)
+        if cached is not None:
+            self._hits += 1
+            return cached
+        self._misses += 1
+        pending = self._pending.get(image.key)
+        if pending is None:
+            if self._read_pixels is None:
+                raise RuntimeError("this engine has no pixel slots to read images from")
+            pending = _Pending(image.key, image.grid_thw, self._read_pixels(image.pixels))
+            self._pending[image.key] = pending
+        pending.holders += 1
+        return pending
+
+    def patches_to_encode(self, seq_id: int) -> int:
+        """Patches of this sequence's images still to encode (0 if all are ready)."""
+        return sum(h.num_patches for h in self._held.get(seq_id, ()) if isinstance(h, _Pending) and not h.ready)
+
+    def encode(self, seq_ids: Iterable[int]) -> dict[int, str]:
+        """Encode every pending image of ``seq_ids``; returns an error message for each
+        sequence that holds an image that failed (its other images may be encoded)."""
+        todo: list[_Pending] = []
+        seen: set[int] = set()
+        ids = list(seq_ids)
+        for seq_id in ids:
+            for h in self._held.get(seq_id, ()):
+                if isinstance(h, _Pending) and not h.ready and id(h) not in seen:
+                    seen.add(id(h))
+                    todo.append(h)
+        for batch in self._batches_of(todo):
+            self._encode_batch(batch, retry_alone=True)
+        failures = {}
+        for seq_id in ids:
+            errors = [h.error for h in self._held.get(seq_id, ()) if isinstance(h, _Pending) and h.error]
+            if errors:
+                failures[seq_id] = errors[0]
+        return failures
+
+    def _batches_of(self, todo: list[_Pending]) -> Iterable[list[_Pending]]:
+        batch: list[_Pending] = []
+        patches = 0
+        for pending in todo:
+            if batch and (
+                len(batch) >= self.max_batch_images or patches + pending.num_patches > self.max_batch_patches
+            ):
+                yield batch
+                batch, patches = [], 0
+            batch.append(pending)
+            patches += pending.num_patches
+        if batch:
+            yield batch
+
+    def _encode_batch(self, batch: list[_Pending], *, retry_alone: bool) -> None:
+        try:
+            pixel_values = torch.cat([p.pixel_values for p in batch])
+            with torch.inference_mode():
+                results = self._encode_fn(pixel_values, [p.grid_thw for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"the vision tower returned {len(results)} results for {len(batch)} images")
+        except Exception as exc:
+            if retry_alone and len(batch) > 1:
+                for pending in batch:
+                    self._encode_batch([pending], retry_alone=False)
+                return
+            for pending in batch:
+                pending.error = f"vision encoding failed: {type(exc).__name__}: {exc}"
+                pending.pixel_values = None
+                self._pending.pop(pending.key, None)  # a later sequence with this image tries afresh
+            return
+        self._batches += 1
+        self._last = len(batch)
+        self._largest = max(self._largest, len(batch))
+        for pending, features in zip(batch, results, strict=True):
+            pending.features = features
+            pending.pixel_values = None
+            self._encoded += 1
+            self._cache.put(pending.key, features)
+            self._pending.pop(pending.key, None)  # later sequences find it in the cache
+
+    def features(self, seq_id: int) -> list[ImageFeatures]:
+        """The features of this sequence's images, in order. Raises
+        ``ImageEncodingFailed`` if one failed, ``RuntimeError`` if one is not encoded yet."""
+        out = []
+        for h in self._held.get(seq_id, ()):
+            if isinstance(h, ImageFeatures):
+                out.append(h)
+            elif h.error:
+                raise ImageEncodingFailed(h.error)
+            elif h.features is None:
+                raise RuntimeError("an image of this sequence has not been encoded")
+            else:
+                out.append(h.features)
+        return out
+
+    def release(self, seq_id: int) -> None:
+        """Forget this sequence's images (idempotent). Pixels no other live sequence holds
+        are dropped unencoded."""
+        self._drop(self._held.pop(seq_id, ()))
+
+    def _drop(self, held: Iterable[_Held]) -> None:
+        for h in held:
+            if not isinstance(h, _Pending):
+                continue
+            h.holders -= 1
+            if h.holders == 0 and self._pending.get(h.key) is h:
+                del self._pending[h.key]
+                if not h.ready:
+                    self._dropped += 1
+                h.pixel_values = None
+
+    def holds(self, seq_id: int) -> bool:
+        return seq_id in self._held
+
+    def statistics(self) -> EncoderStatistics:
+        return EncoderStatistics(
+            batches=self._batches,
+            images_encoded=self._encoded,
+            images_dropped=self._dropped,
+            largest_batch=self._largest,
+            last_batch=self._last,
+            cache_hits=self._hits,
+            cache_misses=self._misses,
+            cache_entries=len(self._cache),
+            cache_bytes=self._cache.bytes,
+            pending_images=len(self._pending),
+        )

@@ -1,0 +1,145 @@
+"""Images in the engine's step loop, on the real tiny model and a real pixel-slot pool:
+pixels are read from their slot when a sequence arrives, encoded in the step that
+prefills it (one batch for every joining sequence), and never encoded for a sequence
+that is aborted first."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.core_messages import NewSequence, Submit
+from engine.pixel_slots import SlotPool
+from engine.prompt import EnginePrompt, ImageInput
+from engine.sampling_params import SamplingParams
+from engine.step_loop import StepLoop
+from tests.engine.prompts import chat_prompt, noise_image, reference_generate
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0)
+
+
+@pytest.fixture
+def pool(tiny_model):
+    with SlotPool.create(4, 8 << 20) as pool:
+        yield pool
+
+
+@pytest.fixture
+def loop(tiny_model, pool):
+    return StepLoop.for_model(tiny_model, EngineConfig(), read_pixels=pool.memory.read)
+
+
+def image_sequence(tiny_model, pool, seq_id: int, seed: int, *, key: str | None = None, params=GREEDY):
+    """A new sequence whose image's pixels are in slot ``seq_id % 4``; also the same prompt
+    with features computed directly and ``generate()``'s inputs, for reference."""
+    reference, extra = chat_prompt(tiny_model, "describe", noise_image(seed, 64, 96))
+    pixels = pool.memory.write(seq_id % 4, extra["pixel_values"])
+    grid = tuple(extra["image_grid_thw"][0].tolist())
+    prompt = EnginePrompt(reference.token_ids, [ImageInput(key or f"image-{seed}", grid, pixels)])
+    return NewSequence(seq_id, prompt, params), (reference, extra)
+
+
+def run_until_idle(loop: StepLoop) -> dict[int, list[int]]:
+    tokens: dict[int, list[int]] = {}
+    for _ in range(100):
+        if not loop.has_work():
+            return tokens
+        for update in loop.step().updates:
+            tokens.setdefault(update.seq_id, []).extend(update.token_ids)
+    raise AssertionError("the loop never went idle")
+
+
+def test_joining_images_are_encoded_in_one_batch_and_generate_like_generate(tiny_model, pool, loop):
+    """Three sequences arriving together: their images go through one vision forward in
+    the step that prefills them, and each greedy output equals transformers' ``generate``."""
+    news, references = zip(*(image_sequence(tiny_model, pool, i, seed=i) for i in range(3)), strict=True)
+    first = loop.step(Submit(list(news)))
+    assert sorted(first.pixels_read) == [0, 1, 2]  # every slot may be reused after this step
+    stats = loop.statistics()
+    assert (stats.encoder_batches, stats.encoder_largest_batch, stats.images_encoded) == (1, 3, 3)
+    tokens: dict[int, list[int]] = {}
+    for update in first.updates:
+        tokens.setdefault(update.seq_id, []).extend(update.token_ids)
+    for seq_id, more in run_until_idle(loop).items():
+        tokens[seq_id] += more
+    for seq_id, (reference, extra) in enumerate(references):
+        assert tokens[seq_id] == reference_generate(tiny_model, reference, extra, GREEDY.max_tokens)
+
+
+def test_an_aborted_sequence_s_pixels_are_never_encoded(tiny_model, pool, loop):
+    """Invariant: a sequence aborted before the step that would encode its image leaves no
+    trace in the encoder: the image is dropped unencoded, its slot is reported free, and
+    the sequence produces no output."""
+    new, _ = image_sequence(tiny_model, pool, 1, seed=1)
+    loop.apply(Submit([new]))
+    loop.apply(Submit(aborts=[1]))
+    outputs = loop.step()
+    stats = loop.statistics()
+    assert outputs.pixels_read == [1] and outputs.updates == []
+    assert (stats.images_encoded, stats.images_dropped, stats.images_pending) == (0, 1, 0)
+    assert not loop.has_work()
+
+
+def test_a_sequence_aborted_in_its_own_submit_is_never_read(tiny_model, pool, loop):
+    new, _ = image_sequence(tiny_model, pool, 1, seed=1)
+    outputs = loop.step(Submit([new], aborts=[1]))
+    stats = loop.statistics()
+    assert outputs.pixels_read == [1] and outputs.updates == []
+    assert (stats.image_cache_misses, stats.images_encoded) == (0, 0)
+
+
+def test_an_abort_during_the_encoding_step_lets_the_batch_finish_and_drops_the_result(tiny_model, pool, loop):
+    """Invariant: an abort that arrives while the step encoding a sequence's image runs
+    does not interrupt it: the batch finishes (its features are cached for others) and
+    the sequence leaves at the next step without further output."""
+    new, _ = image_sequence(tiny_model, pool, 1, seed=1, params=SamplingParams(max_tokens=50, temperature=0))
+    other, _ = image_sequence(tiny_model, pool, 2, seed=2, params=SamplingParams(max_tokens=50, temperature=0))
+    first = loop.step(Submit([new, other]))  # the step that encodes both and prefills them
+    assert {u.seq_id for u in first.updates} == {1, 2}
+    loop.apply(Submit(aborts=[1]))  # arrived during that step: applied after it
+    after = run_until_idle(loop)
+    produced = sum(len(u.token_ids) for u in first.updates if u.seq_id == 2)
+    assert 1 not in after and produced + len(after[2]) == 50
+    stats = loop.statistics()
+    assert (stats.images_encoded, stats.encoder_batches, stats.images_dropped) == (2, 1, 0)
+    assert stats.running == 0 and stats.cache_tokens == 0
+
+
+def test_one_picture_in_two_sequences_is_read_and_encoded_once(tiny_model, pool, loop):
+    a, _ = image_sequence(tiny_model, pool, 1, seed=7, key="same")
+    b, _ = image_sequence(tiny_model, pool, 2, seed=7, key="same")
+    loop.step(Submit([a, b]))
+    run_until_idle(loop)
+    c, _ = image_sequence(tiny_model, pool, 3, seed=7, key="same")
+    loop.step(Submit([c]))
+    run_until_idle(loop)
+    stats = loop.statistics()
+    assert stats.images_encoded == 1
+    assert (stats.image_cache_misses, stats.image_cache_hits) == (2, 1)
+
+
+def test_a_failing_vision_forward_fails_only_its_sequence(tiny_model, pool, loop, monkeypatch):
+    """An image whose encoding raises fails its own sequence (``abort`` with the error);
+    a text sequence in the same step and later image sequences go on."""
+    encoder = loop._core.encoder
+    real = encoder._encode_fn
+    calls = []
+
+    def failing_once(pixel_values, grids):
+        calls.append(len(grids))
+        if len(calls) == 1:  # the step's one image: a batch of one is not retried
+            raise RuntimeError("the vision tower broke")
+        return real(pixel_values, grids)
+
+    monkeypatch.setattr(encoder, "_encode_fn", failing_once)
+    bad, _ = image_sequence(tiny_model, pool, 1, seed=1)
+    text = NewSequence(2, EnginePrompt(tiny_model.tokenizer("hello there").input_ids), GREEDY)
+    outputs = loop.step(Submit([bad, text]))
+    [failure] = [u for u in outputs.updates if u.seq_id == 1]
+    assert failure.finish_reason == "abort" and "the vision tower broke" in failure.error
+    produced = sum(len(u.token_ids) for u in outputs.updates if u.seq_id == 2)
+    assert produced + len(run_until_idle(loop).get(2, [])) == GREEDY.max_tokens
+    good, _ = image_sequence(tiny_model, pool, 3, seed=3)
+    outputs = loop.step(Submit([good]))
+    produced = sum(len(u.token_ids) for u in outputs.updates if u.seq_id == 3)
+    assert produced + len(run_until_idle(loop).get(3, [])) == GREEDY.max_tokens

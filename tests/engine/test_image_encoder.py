@@ -1,0 +1,174 @@
+"""The engine's vision encoder (``engine.image_encoder``): batching, sharing, caching and
+what happens to images whose sequences leave, with a fake vision tower and fake slots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from engine.image_encoder import ImageEncoder, ImageEncodingFailed
+from engine.prompt import ImageFeatures, ImageInput
+
+PATCH_VALUES = 6
+
+
+@dataclass(frozen=True)
+class FakePixels:
+    """Stands in for ``SlotPixels``: which fake slot, and the value its patches hold."""
+
+    index: int
+    value: float
+
+
+class FakeTower:
+    """Features = the mean of each image's patches, one row per image; records batches."""
+
+    def __init__(self, fail_on: set[float] = frozenset()) -> None:
+        self.batches: list[list[float]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[ImageFeatures]:
+        sizes = [t * h * w for t, h, w in grids]
+        chunks = torch.split(pixel_values, sizes)
+        values = [float(chunk[0, 0]) for chunk in chunks]
+        self.batches.append(values)
+        if self.fail_on & set(values):
+            raise ValueError("a bad image")
+        return [ImageFeatures(chunk.mean(dim=0, keepdim=True), g) for chunk, g in zip(chunks, grids, strict=True)]
+
+
+class FakeSlots:
+    def __init__(self) -> None:
+        self.reads: list[int] = []
+
+    def read(self, pixels: FakePixels) -> torch.Tensor:
+        self.reads.append(pixels.index)
+        return torch.full((4, PATCH_VALUES), pixels.value)
+
+
+def image(value: float, *, key: str | None = None, index: int = 0) -> ImageInput:
+    return ImageInput(key or f"k{value}", (1, 2, 2), FakePixels(index, value))
+
+
+def make(tower=None, **options):
+    tower = tower or FakeTower()
+    slots = FakeSlots()
+    return ImageEncoder(tower, slots.read, **options), tower, slots
+
+
+def test_images_of_joining_sequences_are_encoded_in_one_batch_and_reach_each_sequence():
+    encoder, tower, slots = make()
+    encoder.admit(1, [image(1.0, index=0), image(2.0, index=1)])
+    encoder.admit(2, [image(3.0, index=2)])
+    assert slots.reads == [0, 1, 2]  # copied out of their slots on arrival
+    assert encoder.patches_to_encode(1) == 8 and encoder.patches_to_encode(2) == 4
+    assert encoder.encode([1, 2]) == {}
+    assert tower.batches == [[1.0, 2.0, 3.0]]
+    assert [float(f.embeddings[0, 0]) for f in encoder.features(1)] == [1.0, 2.0]
+    assert [float(f.embeddings[0, 0]) for f in encoder.features(2)] == [3.0]
+    assert encoder.patches_to_encode(1) == 0
+
+
+def test_batches_respect_image_and_patch_limits():
+    encoder, tower, _ = make(max_batch_images=2, max_batch_patches=10)
+    for i in range(5):
+        encoder.admit(i, [image(float(i))])
+    encoder.encode(range(5))
+    # 4 patches each: at most 2 images (8 patches) per forward
+    assert tower.batches == [[0.0, 1.0], [2.0, 3.0], [4.0]]
+    assert encoder.statistics().images_encoded == 5
+
+
+def test_a_key_is_read_and_encoded_once_while_shared_and_then_cached():
+    encoder, tower, slots = make()
+    encoder.admit(1, [image(1.0, key="same", index=0)])
+    encoder.admit(2, [image(1.0, key="same", index=1)])  # another request, same picture
+    assert slots.reads == [0]
+    encoder.encode([1, 2])
+    assert tower.batches == [[1.0]]
+    encoder.release(1)
+    encoder.release(2)
+    encoder.admit(3, [image(1.0, key="same", index=2)])
+    assert slots.reads == [0] and encoder.patches_to_encode(3) == 0
+    assert float(encoder.features(3)[0].embeddings[0, 0]) == 1.0
+    stats = encoder.statistics()
+    assert (stats.cache_hits, stats.cache_misses, stats.cache_entries) == (1, 2, 1)
+
+
+def test_pixels_released_before_their_step_are_never_encoded():
+    """Invariant: an image whose every sequence left (aborted) before the step that would
+    encode it is dropped unencoded, and holds no pixels afterwards."""
+    encoder, tower, _ = make()
+    encoder.admit(1, [image(1.0)])
+    encoder.admit(2, [image(2.0)])
+    encoder.release(1)
+    encoder.encode([2])
+    assert tower.batches == [[2.0]]
+    stats = encoder.statistics()
+    assert (stats.images_encoded, stats.images_dropped, stats.pending_images) == (1, 1, 0)
+
+
+def test_a_shared_image_survives_one_holder_leaving():
+    encoder, tower, _ = make()
+    encoder.admit(1, [image(1.0, key="same")])
+    encoder.admit(2, [image(1.0, key="same")])
+    encoder.release(1)
+    encoder.encode([2])
+    assert tower.batches == [[1.0]] and encoder.statistics().images_dropped == 0
+
+
+def test_one_bad_image_fails_only_the_sequences_that_hold_it():
+    encoder, tower, _ = make(FakeTower(fail_on={2.0}))
+    encoder.admit(1, [image(1.0)])
+    encoder.admit(2, [image(2.0)])
+    encoder.admit(3, [image(3.0), image(2.0)])
+    failures = encoder.encode([1, 2, 3])
+    assert set(failures) == {2, 3} and "a bad image" in failures[2]
+    assert tower.batches[0] == [1.0, 2.0, 3.0]  # then each alone
+    assert sorted(map(tuple, tower.batches[1:])) == [(1.0,), (2.0,), (3.0,)]
+    assert float(encoder.features(1)[0].embeddings[0, 0]) == 1.0
+    with pytest.raises(ImageEncodingFailed):
+        encoder.features(2)
+    for seq_id in (1, 2, 3):
+        encoder.release(seq_id)
+    # a later request with the bad picture tries afresh rather than inheriting the failure
+    encoder.admit(4, [image(2.0)])
+    assert encoder.patches_to_encode(4) == 4
+
+
+def test_features_given_already_pass_through_without_encoding():
+    encoder, tower, slots = make()
+    ready = ImageFeatures(torch.ones(1, PATCH_VALUES), (1, 2, 2))
+    encoder.admit(1, [ready])
+    assert encoder.encode([1]) == {} and tower.batches == [] and slots.reads == []
+    assert encoder.features(1) == [ready]
+
+
+def test_a_failed_read_holds_nothing():
+    reads = []
+
+    def flaky(pixels: FakePixels) -> torch.Tensor:
+        reads.append(pixels.index)
+        if pixels.value == 6.0:
+            raise OSError("slot gone")
+        return torch.full((4, PATCH_VALUES), pixels.value)
+
+    encoder = ImageEncoder(FakeTower(), flaky)
+    with pytest.raises(OSError):
+        encoder.admit(2, [image(5.0, key="ok"), image(6.0)])
+    assert not encoder.holds(2) and encoder.statistics().pending_images == 0
+
+
+def test_the_cache_is_bounded_in_bytes_least_recently_used_out():
+    feature_bytes = PATCH_VALUES * 4
+    encoder, _, _ = make(cache_bytes=2 * feature_bytes)
+    for i in range(3):
+        encoder.admit(i, [image(float(i))])
+        encoder.encode([i])
+        encoder.release(i)
+    stats = encoder.statistics()
+    assert (stats.cache_entries, stats.cache_bytes) == (2, 2 * feature_bytes)
+    encoder.admit(9, [image(0.0)])  # the oldest was evicted
+    assert encoder.patches_to_encode(9) == 4
