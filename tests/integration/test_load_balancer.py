@@ -191,7 +191,7 @@ async def test_sigterm_loses_nothing_and_a_killed_replica_fails_only_its_own(tin
     SIGKILL, streams on the killed replica end with a transport error (no hang), streams
     on the survivor finish whole, and new requests all succeed on the survivor."""
     args = [
-        "-m", "server.cli", "serve", "--port", "0", "--no-engine-process",
+        "-m", "server.cli", "serve", "--port", "0", "--no-engine-process", "--no-prep-processes",
         "--drain-grace", "2", "--drain-timeout", "120", "--no-access-log",
     ]  # fmt: skip
     env = {"VLSERVE_MODEL": str(tiny_model_dir)}
