@@ -24,11 +24,11 @@ import trio
 from quart import Quart, request
 
 from server.errors import unavailable
-from server.probes import PROBE_PATHS
+from server.probes import UNGATED_PATHS
 
 ADMITTED_KEY = "vlserve.admitted"
 HELD_KEY = "vlserve.held_until_end"
-EXEMPT_PATHS = PROBE_PATHS | {"/metrics"}
+EXEMPT_PATHS = UNGATED_PATHS
 RETRY_AFTER_S = 1
 
 AsgiApp = Callable[[Any, Any, Any], Awaitable[None]]

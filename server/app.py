@@ -17,6 +17,7 @@ from typing import Any
 import trio
 from quart_trio import QuartTrio
 
+from server.access_log import AccessLog
 from server.admission import Admission, install_admission
 from server.auth import ApiKeys, install_auth
 from server.config import ServerConfig
@@ -24,10 +25,12 @@ from server.connection_fix import ShieldedFinalSendConnection
 from server.cors import CorsPolicy, install_cors
 from server.errors import install_error_handlers
 from server.lifecycle import RuntimeFactory, RuntimeLifecycle
+from server.metrics import metrics_text
 from server.options import config_from_env
 from server.probe_fast_path import ProbeFastPath
 from server.probes import ProbeResponder
 from server.request_id import install_request_id
+from server.request_observer import RequestObserver
 from server.routes import register_routes
 from server.state import ServerState, attach_state
 
@@ -90,8 +93,10 @@ def create_app(config: ServerConfig | None = None, *, runtime_factory: RuntimeFa
     install_cors(app, cors)
     install_auth(app, ApiKeys(config.api_keys))
     install_admission(app, state.admission)
+    access_log = AccessLog() if config.access_log else None
+    app.asgi_app = RequestObserver(app.asgi_app, state.request_metrics, access_log)  # type: ignore[method-assign]
     register_routes(app)
-    app.probe_responder = ProbeResponder(lifecycle, cors)
+    app.probe_responder = ProbeResponder(lifecycle, cors, metrics=lambda: metrics_text(state))
     app.asgi_app = ProbeFastPath(app.asgi_app, app.probe_responder)  # type: ignore[method-assign]
 
     async def start_runtime() -> None:

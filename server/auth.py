@@ -1,4 +1,4 @@
-"""Bearer API keys, compared in constant time. Probes and CORS preflights are exempt."""
+"""Bearer API keys, compared in constant time. Probes, ``/metrics`` and CORS preflights are exempt."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from quart import Quart, request
 
 from server.errors import unauthorized
-from server.probes import PROBE_PATHS
+from server.probes import UNGATED_PATHS
 
-EXEMPT_PATHS = PROBE_PATHS
+EXEMPT_PATHS = UNGATED_PATHS
 
 
 class ApiKeys:
@@ -43,7 +43,7 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def install_auth(app: Quart, keys: ApiKeys) -> None:
-    """Require a valid Bearer key on every route but the probes (no-op without keys)."""
+    """Require a valid Bearer key on every route but the probes and ``/metrics`` (no-op without keys)."""
     if not keys.enabled:
         return
 

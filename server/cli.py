@@ -36,6 +36,22 @@ def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
         parser.add_argument(option.flag, metavar=option.kind.__name__.upper(), help=help_text, **common)
 
 
+LOG_FORMATS = ("plain", "json")
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Root logging on stderr at ``level``: ``plain`` lines or JSON lines
+    (``server.access_log.JsonLineFormatter``)."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        from server.access_log import JsonLineFormatter
+
+        handler.setFormatter(JsonLineFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlserve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     for option in config_options():
         _add_option(serve, option)
     serve.add_argument("--log-level", default=os.environ.get("VLSERVE_LOG_LEVEL", "INFO"), help="logging level")
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("VLSERVE_LOG_FORMAT", "plain"),
+        help="plain text lines, or one JSON object per line (access-log fields as keys) [env VLSERVE_LOG_FORMAT]",
+    )
     tiny = commands.add_parser("make-tiny-model", help="build the tiny random test model")
     tiny.add_argument("directory", help="where to save it")
     return parser
@@ -83,10 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vlserve`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_format", "plain"))
     # one INFO line per fetched image is noise, and costs the event loop under bursts
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

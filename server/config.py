@@ -14,6 +14,8 @@ from engine.config import EngineConfig
 from vl.media_policy import MediaPolicy
 from vl.prep_config import PrepConfig
 
+METRICS_PREFIXES = ("vlserve", "vllm")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -49,13 +51,36 @@ class ServerConfig:
         default=0.001,
         metadata={"help": "seconds after which a GIL-holding thread must offer the GIL to the event loop"},
     )
+    drain_grace: float = field(
+        default=0.0,
+        metadata={
+            "help": "seconds after SIGINT/SIGTERM during which /ready answers 503 but new requests are still "
+            "accepted and served, so that endpoints and load balancers stop routing here first"
+        },
+    )
     drain_timeout: float = field(
         default=30.0,
-        metadata={"help": "seconds in-flight requests get to finish on SIGINT/SIGTERM"},
+        metadata={"help": "seconds in-flight requests get to finish once the listener has closed (after the grace)"},
+    )
+    metrics_prefix: str = field(
+        default="vlserve",
+        metadata={"help": "prefix of the vLLM-named metrics on /metrics: vlserve, or vllm for vLLM's own dashboards"},
+    )
+    access_log: bool = field(
+        default=True,
+        metadata={"help": "one log line per API request on the vlserve.access logger"},
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
     media: MediaPolicy = field(default_factory=MediaPolicy)
+
+    def __post_init__(self) -> None:
+        if self.metrics_prefix not in METRICS_PREFIXES:
+            raise ValueError(
+                f"metrics_prefix must be one of {', '.join(METRICS_PREFIXES)}, not {self.metrics_prefix!r}"
+            )
+        if self.drain_grace < 0 or self.drain_timeout < 0:
+            raise ValueError("drain_grace and drain_timeout must not be negative")
 
     @property
     def model_name(self) -> str:

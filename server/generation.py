@@ -24,6 +24,7 @@ from server.schemas.common import Usage
 if TYPE_CHECKING:
     from engine.prompt import EnginePrompt
     from engine.slot_lease import SlotLease
+    from server.request_metrics import RequestRecord
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,20 @@ async def stream_job(engine: Engine, job: Job, on_delta: OnDelta, submitted: Cal
         raise invalid_request_from_engine(error) from None
 
 
-async def stream_jobs(engine: Engine, jobs: Sequence[Job], on_delta: OnDelta) -> None:
+async def stream_jobs(
+    engine: Engine, jobs: Sequence[Job], on_delta: OnDelta, record: RequestRecord | None = None
+) -> None:
     """Run all ``jobs`` concurrently (see ``stream_job``); one failing cancels the others.
 
     Deltas of one job arrive in order; deltas of different jobs interleave. Once every job
     is submitted, the request's hold on their pixel slots ends (``SlotLease``): the engine
-    holds them until it has read them.
+    holds them until it has read them. ``record`` (if given) is told that the prompts are
+    ready and sees every delta first (``server.request_metrics``: no await, no task of its
+    own).
     """
+    if record is not None:
+        record.prompt_ready(jobs)
+        on_delta = _recorded(on_delta, record)
     remaining = len(jobs)
 
     def submitted() -> None:
@@ -130,8 +138,19 @@ async def stream_jobs(engine: Engine, jobs: Sequence[Job], on_delta: OnDelta) ->
             nursery.start_soon(stream_job, engine, job, on_delta, submitted)
 
 
-async def complete_jobs(engine: Engine, jobs: Sequence[Job]) -> tuple[list[ChoiceResult], Usage]:
-    """Run all ``jobs`` to the end; the results in ``index`` order, and the usage."""
+def _recorded(on_delta: OnDelta, record: RequestRecord) -> OnDelta:
+    async def recorded(job: Job, delta: StreamDelta) -> None:
+        record.delta(job, delta)
+        await on_delta(job, delta)
+
+    return recorded
+
+
+async def complete_jobs(
+    engine: Engine, jobs: Sequence[Job], record: RequestRecord | None = None
+) -> tuple[list[ChoiceResult], Usage]:
+    """Run all ``jobs`` to the end; the results in ``index`` order, and the usage.
+    ``record``: as ``stream_jobs``."""
     results = {job.index: ChoiceResult(index=job.index) for job in jobs}
     tally = UsageTally()
 
@@ -139,7 +158,7 @@ async def complete_jobs(engine: Engine, jobs: Sequence[Job]) -> tuple[list[Choic
         results[job.index].add(delta)
         tally.add(job, delta)
 
-    await stream_jobs(engine, jobs, collect)
+    await stream_jobs(engine, jobs, collect, record)
     return [results[i] for i in sorted(results)], tally.usage()
 
 

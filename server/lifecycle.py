@@ -1,12 +1,16 @@
 """The runtime's lifetime inside the app: open it in the background, hold it, close it.
 
 Readiness is this object's phase: ``LOADING`` until the runtime is open, ``READY`` while it
-serves, ``DRAINING`` once shutdown has begun (in-flight requests keep their runtime; new
-ones are refused), ``STOPPED`` after it closed, ``FAILED`` if opening it or running it
+serves, ``DRAINING`` once shutdown has begun (readiness answers 503; during the drain's grace
+period new requests are still served, after it they are refused while in-flight ones keep
+their runtime; see ``takes_new_work``), ``STOPPED`` after it closed, ``FAILED`` if opening it or running it
 raised. The runtime factory is any ``ServerConfig -> async context manager of Runtime``.
 
 The lifecycle also owns the event loop's lag monitor (``server.loop_lag``): it runs for as
-long as ``run()`` does, from before the model loads until the runtime has closed.
+long as ``run()`` does, from before the model loads until the runtime has closed. While the
+model loads it logs a line when loading starts and one every ``LOAD_PROGRESS_INTERVAL_S``
+seconds after, so a log shows a long load going on (stage-by-stage progress needs the
+loader to report its stages).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
 RuntimeFactory = Callable[[ServerConfig], AbstractAsyncContextManager[Any]]
 
 log = logging.getLogger(__name__)
+
+LOAD_PROGRESS_INTERVAL_S = 15.0
 
 
 class Phase(enum.Enum):
@@ -60,6 +66,7 @@ class RuntimeLifecycle:
         self.load_seconds: float | None = None
         self.error: BaseException | None = None
         self._factory = factory
+        self._refusing = False
         self._settled = trio.Event()
         self._stop = trio.Event()
         self._closed = trio.Event()
@@ -75,10 +82,22 @@ class RuntimeLifecycle:
         """
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.loop_lag.run)
+            nursery.start_soon(self._log_loading)
             try:
                 await self._hold_runtime()
             finally:
                 nursery.cancel_scope.cancel()
+
+    async def _log_loading(self) -> None:
+        """One line as loading starts, then one every ``LOAD_PROGRESS_INTERVAL_S`` until the
+        runtime is settled. Cancellation: returns, nothing to undo."""
+        started = trio.current_time()
+        log.info("loading model %s", self.config.model or "(built-in tiny model)")
+        while True:
+            with trio.move_on_after(LOAD_PROGRESS_INTERVAL_S):
+                await self._settled.wait()
+                return
+            log.info("still loading the model: %.0f s so far", trio.current_time() - started)
 
     async def _hold_runtime(self) -> None:
         started = time.monotonic()
@@ -114,10 +133,24 @@ class RuntimeLifecycle:
             self._settled.set()
             self._closed.set()
 
-    def begin_drain(self) -> None:
-        """Stop taking new work (readiness answers 503); in-flight work carries on."""
+    def withdraw_readiness(self) -> None:
+        """Readiness answers 503 from now on, but new requests are still served: the
+        grace period of a drain, while load balancers stop sending traffic here."""
         if self.phase in (Phase.LOADING, Phase.READY):
             self.phase = Phase.DRAINING
+
+    def begin_drain(self) -> None:
+        """Stop taking new work (readiness answers 503); in-flight work carries on."""
+        self.withdraw_readiness()
+        self._refusing = True
+
+    @property
+    def takes_new_work(self) -> bool:
+        """Whether a new request may start on the runtime: while ready, and during the
+        grace period of a drain (``withdraw_readiness`` without ``begin_drain``)."""
+        if self.runtime is None:
+            return False
+        return self.phase is Phase.READY or (self.phase is Phase.DRAINING and not self._refusing)
 
     def stop(self) -> None:
         """Drain, and let ``run()`` close the runtime. Idempotent."""

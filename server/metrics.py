@@ -1,18 +1,38 @@
-"""The figures ``GET /metrics`` exposes, read when scraped (Prometheus text format).
+"""The figures ``GET /metrics`` exposes (Prometheus text format).
 
-Nothing on the request path updates a metric: a scrape reads the ``statistics()`` the
-components already keep (loop lag, admission, engine, preparation gates), so metrics cost
-the serving path nothing. Families:
+Two sources, neither of which polls: the ``statistics()`` the components already keep
+(loop lag, admission, engine, preparation gates, feature cache), read when scraped, and
+the request-level figures that each request's own events feed (``server.request_metrics``).
+
+vLLM's families, under its names and ``model_name`` label, with the prefix
+``vlserve:`` (``--metrics-prefix vllm`` gives ``vllm:``, so vLLM dashboards work unchanged):
+
+- ``<p>:num_requests_running``, ``<p>:num_requests_waiting`` (the engine's scheduler);
+- ``<p>:kv_cache_usage_perc``: cached tokens over the KV cache's worst case
+  (``max_num_seqs`` x ``max_model_len``; the cache grows on demand, there are no blocks);
+- ``<p>:prompt_tokens_total``, ``<p>:generation_tokens_total`` (the engine's counts);
+- ``<p>:time_to_first_token_seconds``, ``<p>:inter_token_latency_seconds``,
+  ``<p>:e2e_request_latency_seconds`` (from the HTTP request's arrival),
+  ``<p>:request_prompt_tokens``, ``<p>:request_generation_tokens`` (histograms);
+- ``<p>:request_success_total{finished_reason}`` (choices of requests answered whole);
+- ``<p>:mm_cache_queries_total``, ``<p>:mm_cache_hits_total`` (the engine's image feature
+  cache).
+
+vlserve's own, the figures that explain a slow probe or a slow first token:
 
 - ``vlserve_event_loop_lag_seconds``: histogram of the loop-lag monitor's wake-up lateness
   since start; ``vlserve_event_loop_lag_recent_seconds{quantile}``: p50 / p99 / max (1)
   over its recent window (``server.loop_lag``);
-- ``vlserve_requests_in_flight``, ``vlserve_requests_limit``, ``vlserve_requests_refused_total``;
+- ``vlserve_request_prepare_seconds``: arrival to prompt ready (body, images, template,
+  tokens); ``vlserve_responses_total{code_class}``; ``vlserve_images_total``;
+- ``vlserve_requests_in_flight``, ``vlserve_requests_limit``, ``vlserve_requests_refused_total``
+  (admission);
 - ``vlserve_runtime_ready`` (1 while new requests are served);
 - ``vlserve_engine_<figure>``: every number in the engine's statistics (counters for the
-  cumulative ones in ``ENGINE_COUNTERS``), once the runtime is open;
-- ``vlserve_gate_borrowed{gate}``, ``vlserve_gate_tokens{gate}``, ``vlserve_gate_waiting{gate}``:
-  the preparation gates and the device gate;
+  cumulative ones in ``ENGINE_COUNTERS``), once the runtime is open: step time, the
+  vision encoder's batches and batch sizes, the image cache;
+- ``vlserve_gate_borrowed{gate}``, ``vlserve_gate_tokens{gate}``, ``vlserve_gate_waiting{gate}``,
+  ``vlserve_gate_completed_total{gate}``: the preparation gates and the device gate;
 - ``process_*``: CPU seconds, resident memory, open files of the server process.
 """
 
@@ -22,7 +42,7 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import ProcessCollector
+from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -31,9 +51,26 @@ from prometheus_client.core import (
 )
 
 from server.lifecycle import Phase
+from server.request_metrics import Histogram
 from server.state import ServerState
 
-ENGINE_COUNTERS = frozenset({"steps", "prompt_tokens", "generation_tokens"})
+ENGINE_COUNTERS = frozenset(
+    {
+        "steps",
+        "prompt_tokens",
+        "generation_tokens",
+        "encoder_batches",
+        "images_encoded",
+        "images_dropped",
+        "image_cache_hits",
+        "image_cache_misses",
+    }
+)
+
+
+def metrics_text(state: ServerState) -> tuple[bytes, str]:
+    """The exposition text of every figure, read now, and its content type."""
+    return generate_latest(ServerCollector(state)), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
 
 
 class ServerCollector:
@@ -42,13 +79,96 @@ class ServerCollector:
     def __init__(self, state: ServerState) -> None:
         self._state = state
         self._process = ProcessCollector(registry=None)
+        self._prefix = state.config.metrics_prefix
+        self._model = state.config.model_name
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._vllm_engine()
+        yield from self._vllm_requests()
         yield from self._loop_lag()
         yield from self._requests()
         yield from self._engine()
         yield from self._gates()
         yield from self._process.collect()
+
+    def _vllm_name(self, name: str) -> str:
+        return f"{self._prefix}:{name}"
+
+    def _vllm_gauge(self, name: str, documentation: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(self._vllm_name(name), documentation, labels=["model_name"])
+        family.add_metric([self._model], value)
+        return family
+
+    def _vllm_counter(self, name: str, documentation: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(self._vllm_name(name), documentation, labels=["model_name"])
+        family.add_metric([self._model], value)
+        return family
+
+    def _vllm_histogram(self, name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
+        return _histogram(self._vllm_name(name), documentation, histogram, {"model_name": self._model})
+
+    def _vllm_engine(self) -> Iterator[Metric]:
+        runtime = self._state.lifecycle.runtime
+        statistics = getattr(getattr(runtime, "engine", None), "statistics", None)
+        if statistics is None:
+            return
+        stats = dict(_numbers(statistics()))  # read defensively: any engine's statistics
+        if "running" in stats:
+            yield self._vllm_gauge("num_requests_running", "Requests in the engine's running batch.", stats["running"])
+        if "waiting" in stats:
+            yield self._vllm_gauge("num_requests_waiting", "Requests waiting for the engine.", stats["waiting"])
+        if "cache_tokens" in stats:
+            capacity = self._state.config.engine.max_num_seqs * max(1, getattr(runtime, "max_model_len", 1))
+            yield self._vllm_gauge(
+                "kv_cache_usage_perc",
+                "Cached tokens over the KV cache's worst case (max_num_seqs x max_model_len), 0 to 1.",
+                min(1.0, stats["cache_tokens"] / capacity),
+            )
+        if "prompt_tokens" in stats:
+            yield self._vllm_counter("prompt_tokens", "Prompt tokens prefilled.", stats["prompt_tokens"])
+        if "generation_tokens" in stats:
+            yield self._vllm_counter("generation_tokens", "Tokens generated.", stats["generation_tokens"])
+        if "image_cache_hits" in stats and "image_cache_misses" in stats:
+            hits = stats["image_cache_hits"]
+            queries = hits + stats["image_cache_misses"]
+            yield self._vllm_counter("mm_cache_queries", "Image feature cache lookups.", queries)
+            yield self._vllm_counter("mm_cache_hits", "Image feature cache hits.", hits)
+
+    def _vllm_requests(self) -> Iterator[Metric]:
+        metrics = self._state.request_metrics
+        yield self._vllm_histogram(
+            "time_to_first_token_seconds",
+            "Time from the request's arrival to its first generated token.",
+            metrics.time_to_first_token,
+        )
+        yield self._vllm_histogram(
+            "inter_token_latency_seconds", "Time between generated tokens of a request.", metrics.inter_token_latency
+        )
+        yield self._vllm_histogram(
+            "e2e_request_latency_seconds", "Time from arrival to the response's end.", metrics.e2e_latency
+        )
+        yield self._vllm_histogram("request_prompt_tokens", "Prompt tokens per request.", metrics.prompt_tokens)
+        yield self._vllm_histogram(
+            "request_generation_tokens", "Generated tokens per request.", metrics.generation_tokens
+        )
+        success = CounterMetricFamily(
+            self._vllm_name("request_success"),
+            "Choices of requests answered whole, by finish reason.",
+            labels=["model_name", "finished_reason"],
+        )
+        for reason, count in sorted(metrics.success.items()):
+            success.add_metric([self._model, reason], count)
+        yield success
+        yield _histogram(
+            "vlserve_request_prepare_seconds",
+            "Time from arrival to prompt ready (body, images, template, tokens).",
+            metrics.prepare_time,
+        )
+        responses = CounterMetricFamily("vlserve_responses", "API responses by status class.", labels=["code_class"])
+        for code_class, count in sorted(metrics.responses.items()):
+            responses.add_metric([code_class], count)
+        yield responses
+        yield CounterMetricFamily("vlserve_images", "Images in prepared prompts.", metrics.images)
 
     def _loop_lag(self) -> Iterator[Metric]:
         stats = self._state.lifecycle.loop_lag.statistics()
@@ -108,7 +228,7 @@ class ServerCollector:
         statistics = getattr(getattr(runtime, "preparer", None), "statistics", None)
         if statistics is not None:
             gates = [
-                (gate.name, gate.borrowed, gate.total, gate.waiting)
+                (gate.name, gate.borrowed, gate.total, gate.waiting, getattr(gate, "completed", None))
                 for gate in _fields(statistics())
                 if all(hasattr(gate, a) for a in ("name", "borrowed", "total", "waiting"))
             ]
@@ -121,17 +241,30 @@ class ServerCollector:
                     stats.borrowed_tokens,
                     int(stats.total_tokens),
                     stats.tasks_waiting,
+                    None,
                 )
             )
         families = [
             GaugeMetricFamily("vlserve_gate_borrowed", "Gate tokens in use.", labels=["gate"]),
             GaugeMetricFamily("vlserve_gate_tokens", "Gate tokens in all.", labels=["gate"]),
             GaugeMetricFamily("vlserve_gate_waiting", "Tasks waiting at a gate.", labels=["gate"]),
+            CounterMetricFamily("vlserve_gate_completed", "Work items a gate completed.", labels=["gate"]),
         ]
         for name, *values in gates:
             for family, value in zip(families, values, strict=True):
-                family.add_metric([name], value)
+                if value is not None:
+                    family.add_metric([name], value)
         yield from families
+
+
+def _histogram(
+    name: str, documentation: str, histogram: Histogram, labels: dict[str, str] | None = None
+) -> HistogramMetricFamily:
+    labels = labels or {}
+    family = HistogramMetricFamily(name, documentation, labels=list(labels))
+    buckets = [(_bound(bound), count) for bound, count in histogram.buckets()]
+    family.add_metric(list(labels.values()), buckets, histogram.total)
+    return family
 
 
 def _bound(bound: float) -> str:

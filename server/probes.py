@@ -6,7 +6,9 @@ await on preparation or the engine. Three layers send them, all through this mod
 ``server.http_path`` answers them inside the HTTP/1.1 protocol under ``vlserve serve``
 (no app task at all), ``server.probe_fast_path`` at the ASGI layer in front of Quart
 (plain ``hypercorn``), and ``server.routes.health`` where a request reaches Quart itself
-(the test client). Auth and admission exempt exactly ``PROBE_PATHS``.
+(the test client). Auth and admission exempt exactly ``UNGATED_PATHS``: the probes and
+``GET /metrics``, which the same layers answer from ``ProbeResponder`` when it is given the
+metrics' text (``server.metrics``); vLLM leaves ``/metrics`` open too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class ProbeAnswer:
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
 
 
 def _answer(status: int, phase: Phase, **headers: str) -> ProbeAnswer:
@@ -60,6 +63,9 @@ PROBES: dict[str, Callable[[RuntimeLifecycle], ProbeAnswer]] = {
     "/ready": ready_answer,
 }
 PROBE_PATHS = frozenset(PROBES)
+METRICS_PATH = "/metrics"
+# answered without API keys, admission, or (under ``vlserve serve``) the app
+UNGATED_PATHS = PROBE_PATHS | {METRICS_PATH}
 
 
 @dataclass(frozen=True)
@@ -72,29 +78,43 @@ class ProbeReply:
     body: bytes
 
 
+MetricsText = Callable[[], tuple[bytes, str]]
+
+
 class ProbeResponder:
     """Builds probe replies with the same ``X-Request-Id`` and CORS headers as every other
-    response. Synchronous: callers send the reply without any task of their own."""
+    response. Synchronous: callers send the reply without any task of their own.
 
-    def __init__(self, lifecycle: RuntimeLifecycle, cors: CorsPolicy) -> None:
+    With ``metrics`` (a function returning the exposition text and its content type),
+    ``GET``/``HEAD`` ``/metrics`` is answered the same way."""
+
+    def __init__(self, lifecycle: RuntimeLifecycle, cors: CorsPolicy, metrics: MetricsText | None = None) -> None:
         self._lifecycle = lifecycle
         self._cors = cors
+        self._metrics = metrics
 
-    @staticmethod
-    def is_probe(method: str, path: str) -> bool:
-        return path in PROBES and method in PROBE_METHODS
+    def is_probe(self, method: str, path: str) -> bool:
+        if method not in PROBE_METHODS:
+            return False
+        return path in PROBES or (path == METRICS_PATH and self._metrics is not None)
+
+    def _answer(self, path: str) -> ProbeAnswer:
+        if path == METRICS_PATH and self._metrics is not None:
+            body, content_type = self._metrics()
+            return ProbeAnswer(200, body, content_type=content_type)
+        return PROBES[path](self._lifecycle)
 
     def reply(self, method: str, path: str, headers: Iterable[tuple[bytes, bytes]]) -> ProbeReply:
         """The reply to ``method path`` (which must satisfy ``is_probe``); ``headers`` are the
         request's, names in any case."""
-        answer = PROBES[path](self._lifecycle)
+        answer = self._answer(path)
         request_headers = {name.lower(): value for name, value in headers}
         presented = request_headers.get(_REQUEST_ID_KEY)
         request_id = choose_request_id(presented.decode("latin-1") if presented is not None else None)
         origin = request_headers.get(b"origin")
         cors = self._cors.response_headers(origin.decode("latin-1") if origin is not None else None)
         reply_headers = [
-            (b"content-type", b"application/json"),
+            (b"content-type", answer.content_type.encode()),
             (b"content-length", str(len(answer.body)).encode()),
             *((name.lower().encode(), value.encode()) for name, value in answer.headers.items()),
             (_REQUEST_ID_KEY, request_id.encode()),

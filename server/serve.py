@@ -2,12 +2,15 @@
 
 ``run_server`` is the building block (used by the CLI and the pytest plugin): it binds,
 reports a ``RunningServer`` through ``task_status``, and serves until ``shutdown()`` is
-called or the runtime fails. Shutdown is graceful: readiness turns 503, hypercorn stops
-accepting and closes idle connections, in-flight requests get ``drain_timeout`` seconds to
-finish (then they are cancelled, which aborts their sequences), then the runtime closes.
+called or the runtime fails. Shutdown is graceful, the Kubernetes way: readiness turns 503
+at once while the listener keeps accepting and new requests are served for ``grace``
+seconds (endpoints and load balancers take that long to stop routing here); then hypercorn
+stops accepting and closes idle connections, in-flight requests get ``drain_timeout``
+seconds to finish (then they are cancelled, which aborts their sequences), then the
+runtime closes.
 
 ``serve_until_signalled`` adds SIGINT/SIGTERM handling for ``vlserve serve``: the first
-signal drains as above, a second one stops at once.
+signal drains as above with ``drain_grace`` seconds of grace, a second one stops at once.
 
 Both serve on ``server.http_path`` (hypercorn's trio path with fewer scheduler passes per
 request, probes answered inside the HTTP/1.1 protocol); ``fast_http=False`` serves on
@@ -54,8 +57,10 @@ class RunningServer:
     app: QuartTrio
     state: ServerState
     urls: list[str]
-    _shutdown: trio.Event = field(default_factory=trio.Event)
+    _close_listeners: trio.Event = field(default_factory=trio.Event)
     _stopped: trio.Event = field(default_factory=trio.Event)
+    _shutdown: trio.Event = field(default_factory=trio.Event)
+    _grace_s: float = 0.0
 
     @property
     def url(self) -> str:
@@ -65,10 +70,30 @@ class RunningServer:
     def shutting_down(self) -> bool:
         return self._shutdown.is_set()
 
-    def shutdown(self) -> None:
-        """Begin a graceful shutdown (see module doc). Idempotent; returns at once."""
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Begin a graceful shutdown (see module doc): readiness turns 503 now, the listener
+        closes after ``grace`` seconds (at once if 0). Idempotent (a later call cannot
+        lengthen the grace, only end it by passing 0); returns at once."""
+        if grace <= 0:
+            self.state.lifecycle.begin_drain()
+            self._close_listeners.set()
+        else:
+            self.state.lifecycle.withdraw_readiness()
+        if not self._shutdown.is_set():
+            self._grace_s = grace
+            self._shutdown.set()
+
+    async def _close_listeners_after_grace(self) -> None:
+        """Once shutdown has begun, wait out its grace (cut short by a later ``shutdown()``
+        without grace, which a runtime that closes on its own also calls), then refuse new
+        work and close the listeners."""
+        await self._shutdown.wait()
+        with trio.move_on_after(self._grace_s):
+            await self._close_listeners.wait()
+        if not self._close_listeners.is_set():
+            log.info("drain grace over: closing the listener")
         self.state.lifecycle.begin_drain()
-        self._shutdown.set()
+        self._close_listeners.set()
 
     async def wait_ready(self) -> Runtime:
         """Wait for the model to be loaded; raises ``RuntimeFailed`` if it failed."""
@@ -97,7 +122,7 @@ async def run_server(
     """
     app = create_app(config, runtime_factory=runtime_factory)
     hyper = hypercorn_config(config, hypercorn_options)
-    shutdown = trio.Event()
+    close_listeners = trio.Event()
     stopped = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
@@ -105,10 +130,11 @@ async def run_server(
                 serve = partial(fast_serve, probes=app.probe_responder, pass_log=pass_log)
             else:
                 serve = stock_serve
-            serve_task = partial(_serve_then_cancel, serve, app, hyper, shutdown, nursery.cancel_scope)
+            serve_task = partial(_serve_then_cancel, serve, app, hyper, close_listeners, nursery.cancel_scope)
             urls = await nursery.start(serve_task)
-            server = RunningServer(app, state_of(app), urls, shutdown, stopped)
+            server = RunningServer(app, state_of(app), urls, close_listeners, stopped)
             nursery.start_soon(_shut_down_when_runtime_closes, server)
+            nursery.start_soon(server._close_listeners_after_grace)
             task_status.started(server)
     finally:
         stopped.set()
@@ -193,11 +219,12 @@ async def _serve_until_signalled(
                         nursery.cancel_scope.cancel()
                         return
                     log.info(
-                        "%s: draining (up to %.0f s for in-flight requests)",
+                        "%s: draining (/ready answers 503; new requests served for %g s, then up to %g s for in-flight ones)",
                         signal.Signals(signum).name,
+                        config.drain_grace,
                         config.drain_timeout,
                     )
-                    server.shutdown()
+                    server.shutdown(grace=config.drain_grace)
 
             nursery.start_soon(watch_signals)
             await server.wait_stopped()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from quart import Quart, current_app
@@ -10,6 +10,7 @@ from quart import Quart, current_app
 from server.admission import Admission
 from server.config import ServerConfig
 from server.lifecycle import RuntimeLifecycle
+from server.request_metrics import RequestMetrics
 
 EXTENSION_KEY = "vlserve"
 
@@ -20,12 +21,14 @@ class ServerState:
 
     ``parse_limiter`` gates JSON decoding and validation of large bodies, which run in a
     worker thread so that a 64 MiB base64 body does not stall the event loop.
+    ``request_metrics`` is what requests report as they run (``server.request_observer``).
     """
 
     config: ServerConfig
     lifecycle: RuntimeLifecycle
     admission: Admission
     parse_limiter: trio.CapacityLimiter
+    request_metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
 
 def attach_state(app: Quart, state: ServerState) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.interface import Engine
 from engine.outputs import StreamDelta
@@ -11,6 +11,9 @@ from server.generation import Job, UsageTally, stream_jobs
 from server.response_meta import ResponseMeta
 from server.schemas.common import Usage
 from server.sse import SendEvent
+
+if TYPE_CHECKING:
+    from server.request_metrics import RequestRecord
 
 Chunk = dict[str, Any]
 
@@ -51,12 +54,14 @@ async def produce_chunks(
     chunker: Chunker,
     include_usage: bool,
     send: SendEvent,
+    *,
+    record: RequestRecord | None = None,
 ) -> None:
     """Send each choice's start chunks, then chunks as deltas arrive, then the usage chunk
     if asked for. ``send`` is expected not to yield while its receiver keeps up (see
     ``server.sse``), so the chunks of one delta, and the deltas of every choice that one
-    engine step made, leave in one write. Cancellation: every sequence still running is
-    aborted."""
+    engine step made, leave in one write. ``record``: as ``stream_jobs``. Cancellation:
+    every sequence still running is aborted."""
     tally = UsageTally()
     for job in jobs:
         for chunk in chunker.start(job.index):
@@ -67,6 +72,6 @@ async def produce_chunks(
         for chunk in chunker.for_delta(job.index, delta):
             await send(chunk)
 
-    await stream_jobs(engine, jobs, on_delta)
+    await stream_jobs(engine, jobs, on_delta, record)
     if include_usage:
         await send(chunker.usage(tally.usage()))

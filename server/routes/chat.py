@@ -11,6 +11,7 @@ from server.chat_format import ChatChunker, chat_completion
 from server.generation import complete_jobs, make_jobs
 from server.request_body import read_body
 from server.request_id import current_request_id
+from server.request_observer import current_record
 from server.response_meta import ResponseMeta
 from server.routes.common import check_model, json_response, serving_runtime
 from server.sampling import LengthBudget, sampling_params
@@ -51,7 +52,7 @@ async def chat_completions() -> Response:
     meta = ResponseMeta.new("chatcmpl", runtime.model_name)
     if body.stream:
         chunker = ChatChunker(meta, include_usage=body.include_usage, logprobs=body.logprobs)
-        producer = partial(produce_chunks, runtime.engine, jobs, chunker, body.include_usage)
+        producer = partial(produce_chunks, runtime.engine, jobs, chunker, body.include_usage, record=current_record())
         return sse_response(producer, current_request_id())
-    results, usage = await complete_jobs(runtime.engine, jobs)
+    results, usage = await complete_jobs(runtime.engine, jobs, current_record())
     return json_response(chat_completion(meta, results, usage, logprobs=body.logprobs))

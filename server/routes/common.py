@@ -29,7 +29,7 @@ def serving_runtime() -> Runtime:
     """The runtime, if it may take new work; else a 503 ``ApiError`` saying why."""
     lifecycle = current_state().lifecycle
     runtime = lifecycle.runtime
-    if lifecycle.phase is Phase.READY and runtime is not None:
+    if runtime is not None and lifecycle.takes_new_work:
         return runtime
     message, code, retry_after = _UNAVAILABLE.get(lifecycle.phase, _UNAVAILABLE[Phase.STOPPED])
     raise unavailable(message, code, retry_after)

@@ -1,15 +1,16 @@
 """``GET /metrics``: Prometheus text exposition of ``server.metrics``.
 
-Exempt from admission (``server.admission.EXEMPT_PATHS``): a saturated server is exactly
-when its figures are wanted.
+Served requests normally never get here: ``server.http_path`` (inside the HTTP/1.1
+protocol) or ``server.probe_fast_path`` (in front of Quart) answer it as they answer the
+probes. This route gives the same answer to anything that calls the Quart app directly.
+Exempt from API keys and admission (``server.probes.UNGATED_PATHS``).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Blueprint, Response
 
-from server.metrics import ServerCollector
+from server.metrics import metrics_text
 from server.state import current_state
 
 blueprint = Blueprint("metrics", __name__)
@@ -18,5 +19,5 @@ blueprint = Blueprint("metrics", __name__)
 @blueprint.get("/metrics")
 async def metrics() -> Response:
     """Every figure, read now; never waits on anything."""
-    body = generate_latest(ServerCollector(current_state()))  # type: ignore[arg-type]
-    return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
+    body, content_type = metrics_text(current_state())
+    return Response(body, status=200, content_type=content_type)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from functools import partial
 
 import httpx
@@ -13,7 +14,7 @@ from hypercorn.trio import serve
 from server.app import create_app
 from server.config import ServerConfig
 from server.hypercorn_config import hypercorn_config
-from server.lifecycle import Phase, RuntimeFailed
+from server.lifecycle import LOAD_PROGRESS_INTERVAL_S, Phase, RuntimeFailed, RuntimeLifecycle
 from server.serve import run_server
 from tests.server.fakes import FakeRuntime, FakeRuntimeFactory, Script
 from tests.server.rawhttp import connect, read_until, request_bytes
@@ -190,3 +191,24 @@ async def test_unloadable_model_is_one_log_line_without_traceback(caplog):
     [record] = [r for r in caplog.records if r.name == "server.lifecycle"]
     assert record.getMessage() == "cannot serve the model: model path '/nonexistent/model' is not a directory"
     assert record.exc_info is None
+
+
+async def test_a_long_load_logs_its_progress(vlserve_config, caplog, autojump_clock):
+    """While loading: a line at the start and one every LOAD_PROGRESS_INTERVAL_S; none
+    after the runtime is ready. Driven by trio's autojump clock, no real waiting."""
+    caplog.set_level(logging.INFO, logger="server.lifecycle")
+    factory = FakeRuntimeFactory(FakeRuntime(vlserve_config))
+    factory.load_gate = trio.Event()
+    lifecycle = RuntimeLifecycle(vlserve_config, factory)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lifecycle.run)
+        await trio.sleep(3.5 * LOAD_PROGRESS_INTERVAL_S)
+        factory.load_gate.set()
+        await lifecycle.wait_ready()
+        await trio.sleep(5 * LOAD_PROGRESS_INTERVAL_S)
+        lines = [r.getMessage() for r in caplog.records if r.name == "server.lifecycle"]
+        lifecycle.stop()
+    assert lines[0].startswith("loading model")
+    assert [line for line in lines if line.startswith("still loading")] == [
+        f"still loading the model: {n * LOAD_PROGRESS_INTERVAL_S:.0f} s so far" for n in (1, 2, 3)
+    ]

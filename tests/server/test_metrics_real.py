@@ -37,3 +37,39 @@ async def test_real_runtime_metrics(http, vlserve_server):
     for gate in ("image_prep", "tokenizer", "device"):
         assert ("vlserve_gate_tokens", gate) in samples
         assert samples[("vlserve_gate_borrowed", gate)] == 0
+
+
+def _png_uri() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 90)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def test_real_runtime_vllm_families(http, vlserve_server):
+    """The same image twice: two images prepared, one feature-cache hit of two lookups;
+    the engine's figures under vLLM's names."""
+    await vlserve_server.wait_ready()
+    content = [{"type": "image_url", "image_url": {"url": _png_uri()}}, {"type": "text", "text": "what?"}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 3, "ignore_eos": True}
+    for _ in range(2):
+        response = await http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+    response = await http.get("/metrics")
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+        if s.labels.get("model_name") in (None, vlserve_server.state.config.model_name)
+    }
+    assert samples["vlserve:mm_cache_queries_total"] == 2
+    assert samples["vlserve:mm_cache_hits_total"] == 1
+    assert samples["vlserve_images_total"] == 2
+    assert samples["vlserve:generation_tokens_total"] >= 6
+    assert samples["vlserve:num_requests_running"] >= 0 and samples["vlserve:num_requests_waiting"] >= 0
+    assert 0 <= samples["vlserve:kv_cache_usage_perc"] <= 1
+    assert samples["vlserve:time_to_first_token_seconds_count"] == 2

@@ -1,0 +1,182 @@
+"""Request-level figures, fed by events of the requests themselves (no polling).
+
+``RequestRecord`` follows one HTTP request: ``server.request_observer`` creates it when the
+request arrives and finishes it after the last byte of the response, and the generation
+code (``server.generation.stream_jobs``) reports to it when the prompt is ready and as
+each delta arrives. Each event costs a clock read and a few additions in the request's own
+task: no lock, no task switch. ``RequestMetrics`` accumulates what the records report,
+and ``server.metrics`` reads it when ``/metrics`` is scraped. Every figure lives in the
+event loop's thread, so no lock is needed.
+
+The histograms are vLLM's where one exists (``docs/architecture.md``, "Metrics"): time to
+first token, inter-token latency, end-to-end latency, prompt and generation tokens per
+request, and requests by finish reason; times are measured from the HTTP request's arrival.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.outputs import StreamDelta
+    from server.generation import Job
+
+# vLLM's bucket bounds for the same figures (seconds, then tokens).
+TTFT_BUCKETS_S = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS_S = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+)  # fmt: skip
+E2E_BUCKETS_S = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+# Arrival to prompt ready (body read, validation, images, template, tokenization).
+PREPARE_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0,
+)  # fmt: skip
+TOKEN_BUCKETS = tuple(float(n) for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000))
+
+
+class Histogram:
+    """A cumulative histogram over fixed upper bounds (the last one ``inf``)."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = (*bounds, math.inf)
+        self._counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """Count ``value`` ``count`` times."""
+        self._counts[bisect.bisect_left(self.bounds, value)] += count
+        self.total += value * count
+
+    def buckets(self) -> list[tuple[float, int]]:
+        """(upper bound, observations at or below it), cumulative."""
+        out, running = [], 0
+        for bound, count in zip(self.bounds, self._counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+    @property
+    def count(self) -> int:
+        return sum(self._counts)
+
+
+@dataclass
+class RequestMetrics:
+    """What finished (and running) requests reported, since start."""
+
+    time_to_first_token: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS_S))
+    inter_token_latency: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS_S))
+    e2e_latency: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS_S))
+    prepare_time: Histogram = field(default_factory=lambda: Histogram(PREPARE_BUCKETS_S))
+    prompt_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
+    generation_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
+    # choices that ended by finish reason ("stop", "length", "abort"), of answered requests
+    success: Counter[str] = field(default_factory=Counter)
+    # responses by status class ("2xx", "4xx", "5xx"; "cut" for a response never started)
+    responses: Counter[str] = field(default_factory=Counter)
+    images: int = 0
+
+
+@dataclass
+class RequestRecord:
+    """One HTTP request's figures; times are ``time.perf_counter()`` readings."""
+
+    method: str
+    path: str
+    metrics: RequestMetrics
+    arrived: float = field(default_factory=time.perf_counter)
+    request_id: str = "-"
+    status: int | None = None
+    complete: bool = False
+    images: int = 0
+    prepared: float | None = None
+    first_token: float | None = None
+    ended: float | None = None
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    _last_token: float = 0.0
+    _prompt_tokens: dict[int, int] = field(default_factory=dict)
+    _completion_tokens: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self._prompt_tokens.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self._completion_tokens.values())
+
+    def prompt_ready(self, jobs: Iterable[Job]) -> None:
+        """The prompts are prepared and generation starts (called once per request)."""
+        self.prepared = time.perf_counter()
+        prompts = {job.prompt_index: job.prompt for job in jobs}
+        self.images = sum(len(prompt.images) for prompt in prompts.values())
+        self.metrics.prepare_time.observe(self.prepared - self.arrived)
+        self.metrics.images += self.images
+
+    def delta(self, job: Job, delta: StreamDelta) -> None:
+        """A delta of choice ``job`` arrived from the engine."""
+        self._prompt_tokens[job.prompt_index] = delta.prompt_tokens
+        self._completion_tokens[job.index] = delta.completion_tokens
+        if delta.finish_reason is not None:
+            self.finish_reasons[job.index] = delta.finish_reason
+        tokens = len(delta.token_ids)
+        if not tokens:
+            return
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+            self.metrics.time_to_first_token.observe(now - self.arrived)
+        else:
+            # a delta may carry several tokens (the engine coalesces for a slow reader):
+            # each counts as one gap of the average length
+            self.metrics.inter_token_latency.observe((now - self._last_token) / tokens, tokens)
+        self._last_token = now
+
+    def finish(self) -> None:
+        """The response is over (sent whole, cut, or never started)."""
+        self.ended = time.perf_counter()
+        metrics = self.metrics
+        metrics.e2e_latency.observe(self.ended - self.arrived)
+        metrics.responses["cut" if self.status is None else f"{self.status // 100}xx"] += 1
+        if self.prepared is None:
+            return
+        metrics.prompt_tokens.observe(self.prompt_tokens)
+        metrics.generation_tokens.observe(self.completion_tokens)
+        if self.status is not None and self.status < 400 and self.complete:
+            metrics.success.update(self.finish_reasons.values())
+
+    def summary(self) -> dict[str, Any]:
+        """The access-log fields (``server.access_log``); times in milliseconds."""
+        ended = self.ended if self.ended is not None else time.perf_counter()
+        return {
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "complete": self.complete,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "images": self.images,
+            "prepare_ms": _ms(self.prepared, self.arrived),
+            "ttft_ms": _ms(self.first_token, self.arrived),
+            "total_ms": _ms(ended, self.arrived),
+            "finish_reason": ",".join(sorted(set(self.finish_reasons.values()))) or None,
+        }
+
+
+def _ms(at: float | None, since: float) -> float | None:
+    return None if at is None else round((at - since) * 1000, 2)
