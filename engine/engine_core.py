@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from engine.core_messages import SequenceOutput
 from engine.detokenizer import IncrementalDetokenizer, token_text
+from engine.grammar import GrammarMatcher, Grammars, allowed_tokens
 from engine.model_runner import ModelRunner
 from engine.outputs import TokenLogprob, TopLogprob
 from engine.sampler import SampledToken, Sampler
@@ -37,6 +38,7 @@ class _SeqState:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     stop_ids: frozenset[int]
+    grammar: GrammarMatcher | None = None
 
 
 @dataclass
@@ -67,6 +69,7 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.sampler = sampler or Sampler()
         self._states: dict[int, _SeqState] = {}
+        self._grammars = Grammars(tokenizer, eos_token_ids)
 
     @classmethod
     def for_model(
@@ -186,6 +189,7 @@ class EngineCore:
             ),
             generator=self.sampler.new_generator(p),
             stop_ids=stop_ids,
+            grammar=None if p.grammar is None else self._grammars.matcher(p.grammar),
         )
 
     def _append(self, seqs: list[Sequence], logits: torch.Tensor, report: StepReport) -> None:
@@ -195,6 +199,9 @@ class EngineCore:
             [s.params for s in seqs],
             [(s.prompt.token_ids, s.output_ids) for s in seqs],
             [st.generator for st in states],
+            allowed_tokens([st.grammar for st in states], logits.shape[-1], self._grammars.vocab_size)
+            if any(st.grammar is not None for st in states)
+            else None,
         )
         for seq, state, tok in zip(seqs, states, sampled, strict=True):
             report.updates.append(self._advance(seq, state, tok))
@@ -202,7 +209,11 @@ class EngineCore:
     def _advance(self, seq: Sequence, state: _SeqState, tok: SampledToken) -> SequenceOutput:
         seq.output_ids.append(tok.token_id)
         finish = None
+        if state.grammar is not None:
+            state.grammar.accept(tok.token_id)
         if tok.token_id in state.stop_ids or state.detokenizer.add(tok.token_id):
+            finish = "stop"
+        elif state.grammar is not None and state.grammar.done:
             finish = "stop"
         elif finish is None and (len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len):
             finish = "length"

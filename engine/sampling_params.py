@@ -16,7 +16,9 @@ class SamplingParams:
 
     ``temperature`` below 1e-5 means greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0``
     disable those filters. ``logprobs`` is ``None`` for no logprobs, else the number of top
-    alternatives (0..20) returned beside each sampled token's own logprob.
+    alternatives (0..20) returned beside each sampled token's own logprob. ``grammar``, when
+    set, is llguidance grammar text the output must match (``engine.grammar``): plain text,
+    so the parameters pickle to the engine worker, which compiles it.
     """
 
     max_tokens: int = 16
@@ -33,6 +35,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         self._check(self.max_tokens >= 1, "max_tokens", "must be at least 1")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from quart import Quart, current_app
@@ -10,6 +10,7 @@ from quart import Quart, current_app
 from server.admission import Admission
 from server.config import ServerConfig
 from server.lifecycle import RuntimeLifecycle
+from server.structured_output import GrammarValidator
 
 EXTENSION_KEY = "vlserve"
 
@@ -19,13 +20,15 @@ class ServerState:
     """Per-app state.
 
     ``parse_limiter`` gates JSON decoding and validation of large bodies, which run in a
-    worker thread so that a 64 MiB base64 body does not stall the event loop.
+    worker thread so that a 64 MiB base64 body does not stall the event loop. ``grammars``
+    builds and caches the grammars of structured output (``server.structured_output``).
     """
 
     config: ServerConfig
     lifecycle: RuntimeLifecycle
     admission: Admission
     parse_limiter: trio.CapacityLimiter
+    grammars: GrammarValidator = field(default_factory=GrammarValidator)
 
 
 def attach_state(app: Quart, state: ServerState) -> None:
