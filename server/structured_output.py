@@ -5,15 +5,18 @@ grammar for the engine's constrained decoding, and how to read the output back.
 |---|---|---|
 | ``response_format: json_object`` | any JSON object | content |
 | ``response_format: json_schema`` | ``json_schema.schema`` (``strict`` or not) | content |
-| ``tool_choice: required`` | ``[{"name": <one of the tools>, "parameters": <its schema>}, ...]`` (one item if ``parallel_tool_calls`` is false) | tool calls |
+| ``tool_choice: required`` | ``[{"name": <one of the tools>, "parameters": <its schema>}, ...]``: 1 to ``MAX_PARALLEL_CALLS`` items (1 if ``parallel_tool_calls`` is false) | tool calls |
 | ``tool_choice: {"type": "function", ...}`` | the named function's ``parameters`` | one call of it |
 | ``tool_choice: auto`` (default with tools) | none | Hermes ``<tool_call>`` blocks |
 | ``tool_choice: none`` | none | content |
 
 Grammars are llguidance grammar text (``LLMatcher.grammar_from_json_schema``) with
 ``whitespace_flexible`` off: no free whitespace between JSON tokens, so even a weak model
-closes a small object well within its budget instead of filling it with spaces. The
-engine compiles the text again against its tokenizer (``engine.grammar``).
+closes a small object well within its budget instead of filling it with spaces. For the
+same reason a ``number`` without ``multipleOf`` gets ``multipleOf: 1e-6`` (at most six
+fractional digits): otherwise a weak model can write digits until the length limit.
+Every output still matches the schema as sent. The engine compiles the text again
+against its tokenizer (``engine.grammar``).
 
 ``GrammarValidator`` builds and validates them off the event loop, in a worker thread
 holding its gate (one token), and keeps the valid ones by schema text (at most
@@ -35,15 +38,34 @@ from server.tool_calls import ToolMode
 from vl.errors import InvalidRequest
 
 CACHE_SIZE = 256
+MAX_PARALLEL_CALLS = 8  # so a weak model cannot fill its budget with calls
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 COMPACT = {"whitespace_flexible": False}
+NUMBER_STEP = 1e-6
+LITERAL_KEYWORDS = frozenset({"enum", "const", "default", "examples"})  # values, not schemas
+
+
+def bounded_numbers(schema: Any) -> Any:
+    """``schema`` with ``multipleOf: NUMBER_STEP`` on every ``number`` schema that has no
+    ``multipleOf`` (a copy; literal values under ``enum``/``const``/... are left alone)."""
+    if isinstance(schema, list):
+        return [bounded_numbers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in LITERAL_KEYWORDS else bounded_numbers(v) for k, v in schema.items()}
+    kind = out.get("type")
+    if (kind == "number" or (isinstance(kind, list) and "number" in kind)) and "multipleOf" not in out:
+        out["multipleOf"] = NUMBER_STEP
+    return out
 
 
 def build_grammar(schema_text: str, param: str) -> str:
-    """The llguidance grammar of a JSON schema; ``InvalidRequest`` naming ``param`` if
-    llguidance rejects the schema. Blocking (a worker thread's work)."""
+    """The llguidance grammar of a JSON schema (numbers bounded, ``bounded_numbers``);
+    ``InvalidRequest`` naming ``param`` if llguidance rejects the schema. Blocking (a
+    worker thread's work)."""
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_text, defaults=COMPACT)
+        schema = bounded_numbers(json.loads(schema_text))
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=COMPACT)
         error = llguidance.LLMatcher.validate_grammar(grammar)
     except (ValueError, RuntimeError) as exc:
         error = str(exc)
@@ -93,9 +115,8 @@ def output_schema(body: ChatCompletionRequest) -> tuple[dict[str, Any], str] | N
             }
             for tool in tools
         ]
-        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
-        if body.parallel_tool_calls is False:
-            schema["maxItems"] = 1
+        most = 1 if body.parallel_tool_calls is False else MAX_PARALLEL_CALLS
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "maxItems": most, "items": {"anyOf": items}}
         return schema, "tools"
     named = body.named_tool
     if named is not None:
