@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from enum import Enum
+from enum import StrEnum
 
 import openai
 import pytest
@@ -39,7 +39,7 @@ def model_name(vlserve_config) -> str:
     return vlserve_config.model_name
 
 
-class Colour(str, Enum):
+class Colour(StrEnum):
     red = "red"
     green = "green"
     blue = "blue"
