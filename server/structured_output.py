@@ -83,8 +83,8 @@ class GrammarValidator:
 
     async def grammar(self, schema: dict[str, Any], param: str) -> str:
         """The grammar of ``schema`` (see ``build_grammar``). Cancellation: a build that
-        started finishes in its thread, which keeps the gate's token until it returns;
-        its result is dropped, nothing else is left behind."""
+        started finishes in its thread, which keeps the gate's token until it returns; a
+        finished grammar may still enter the bounded cache, nothing else is left behind."""
         key = json.dumps(schema, sort_keys=True, ensure_ascii=False)
         cached = self._cache.get(key)
         if cached is not None:
