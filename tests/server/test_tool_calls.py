@@ -156,3 +156,36 @@ def test_whole_response_carries_tool_calls_and_omits_them_when_none():
     assert message["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
     plain = chat_completion(META, [ChoiceResult(0, ["hi"], [], None, "stop")], usage, logprobs=False)
     assert "tool_calls" not in json.loads(plain.model_dump_json())["choices"][0]["message"]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+async def test_auto_tool_calls_through_the_official_client(vlserve_client, fake_runtime):
+    """With ``tools`` (``tool_choice`` auto by default) the model's Hermes blocks reach the
+    client as ``tool_calls``, whole and streamed, and no grammar is sent to the engine."""
+    text = "Checking. " + CALL
+    fake_runtime.engine.script.pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
+    completion = await vlserve_client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER]
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris", "days": 2}
+    assert fake_runtime.engine.opened[-1][1].grammar is None
+    async with vlserve_client.beta.chat.completions.stream(
+        model="fake-model", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER]
+    ) as stream:
+        final = await stream.get_final_completion()
+    [streamed] = final.choices[0].message.tool_calls
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+
+
+async def test_tool_choice_none_leaves_calls_as_text(vlserve_client, fake_runtime):
+    fake_runtime.engine.script.pieces = [CALL]
+    completion = await vlserve_client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="none"
+    )
+    assert completion.choices[0].message.content == CALL and completion.choices[0].message.tool_calls is None
