@@ -194,14 +194,16 @@ class EngineCore:
 
     def _append(self, seqs: list[Sequence], logits: torch.Tensor, report: StepReport) -> None:
         states = [self._states[s.seq_id] for s in seqs]
+        constraints = [
+            (st.grammar, st.stop_ids if len(s.output_ids) < s.params.min_tokens else ())
+            for s, st in zip(seqs, states, strict=True)
+        ]
         sampled = self.sampler.sample(
             logits,
             [s.params for s in seqs],
             [(s.prompt.token_ids, s.output_ids) for s in seqs],
             [st.generator for st in states],
-            allowed_tokens([st.grammar for st in states], logits.shape[-1], self._grammars.vocab_size)
-            if any(st.grammar is not None for st in states)
-            else None,
+            allowed_tokens(constraints, logits.shape[-1], self._grammars),
         )
         for seq, state, tok in zip(seqs, states, sampled, strict=True):
             report.updates.append(self._advance(seq, state, tok))

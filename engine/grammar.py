@@ -7,6 +7,8 @@ it, see ``server.structured_output``) gets a ``GrammarMatcher`` when it joins. E
 everything), the sampler sets every disallowed logit to ``-inf`` before sampling, and
 the engine feeds the sampled token back with ``GrammarMatcher.accept``. A matcher whose
 grammar is complete allows only the end-of-sequence tokens, so the sequence stops there.
+The same mask carries ``min_tokens``: a sequence short of it may not sample its stop
+tokens (unless its grammar allows nothing else).
 
 ``Grammars`` (one per engine core, used by the step thread only) holds llguidance's view
 of the tokenizer and compiled grammars by text (at most ``CACHE_SIZE``, least recently
@@ -91,18 +93,36 @@ class Grammars:
         return self._tokenizer
 
 
-def allowed_tokens(matchers: Sequence[GrammarMatcher | None], vocab: int, grammar_vocab: int) -> torch.Tensor | None:
-    """One row per sequence of ``vocab`` booleans, ``True`` where the token may be sampled;
-    ``None`` when no row has a grammar (the sampler then skips masking)."""
-    rows = [i for i, m in enumerate(matchers) if m is not None]
-    if not rows:
+def allowed_tokens(
+    rows: Sequence[tuple[GrammarMatcher | None, Iterable[int]]], vocab: int, grammars: Grammars
+) -> torch.Tensor | None:
+    """For each sequence's (grammar matcher or ``None``, banned token ids), one row of
+    ``vocab`` booleans, ``True`` where the token may be sampled: what the grammar allows,
+    less the banned ids (the stop tokens of a sequence short of its ``min_tokens``; a
+    complete grammar that allows nothing else wins). ``None`` when no row is constrained:
+    the sampler then skips masking, and a step without constraints costs nothing here."""
+    constrained = [i for i, (m, _) in enumerate(rows) if m is not None]
+    bans = [(i, [t for t in banned if t < vocab]) for i, (_, banned) in enumerate(rows)]
+    bans = [(i, ids) for i, ids in bans if ids]
+    if not constrained and not bans:
         return None
+    allowed = torch.ones(len(rows), vocab, dtype=torch.bool)
+    if constrained:
+        matchers = [rows[i][0] for i in constrained]
+        allowed[constrained] = _grammar_rows(matchers, vocab, grammars.vocab_size)  # type: ignore[arg-type]
+    for i, ids in bans:
+        allowed[i, ids] = False
+        if not bool(allowed[i].any()):
+            allowed[i, ids] = True
+    return allowed
+
+
+def _grammar_rows(matchers: Sequence[GrammarMatcher], vocab: int, grammar_vocab: int) -> torch.Tensor:
+    rows = range(len(matchers))
     bitmask = lltorch.allocate_token_bitmask(len(rows), grammar_vocab)
-    for k, i in enumerate(rows):
-        matchers[i].fill(bitmask, k)  # type: ignore[union-attr]
+    for k in rows:
+        matchers[k].fill(bitmask, k)
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, : min(vocab, grammar_vocab)]
-    allowed = torch.ones(len(matchers), vocab, dtype=torch.bool)
     constrained = torch.zeros(len(rows), vocab, dtype=torch.bool)
     constrained[:, : bits.shape[1]] = torch.from_numpy(bits.astype(bool))
-    allowed[rows] = constrained
-    return allowed
+    return constrained

@@ -5,8 +5,9 @@ output), then temperature, min-p, top-k, top-p, then sampling. Greedy rows take 
 argmax of the penalised logits. A seeded row draws from its own ``torch.Generator``, and
 draws the same amount of randomness per step whatever its batch mates, so a seed
 reproduces its output in any batch. Logprobs come from the model's raw distribution.
-A grammar mask (``engine.grammar.allowed_tokens``) is applied first: a disallowed token
-is never chosen, whatever the other filters do.
+A token mask (``engine.grammar.allowed_tokens``: grammars, ``min_tokens``) is applied
+first, so a disallowed token is never chosen whatever the other filters do; then
+``logit_bias``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
+        if any(p.logit_bias for p in params):
+            logits = logits.clone() if allowed is None else logits
+            for row, p in enumerate(params):
+                for token, bias in p.logit_bias:
+                    if token < logits.shape[1]:
+                        logits[row, token] += bias
 
         if any(p.needs_penalties for p in params):
             logits = logits.clone()

@@ -83,12 +83,12 @@ def test_mask_allows_only_grammar_tokens_and_leaves_free_rows(tiny_model):
     grammars = Grammars(tiny_model.tokenizer.backend_tokenizer, tiny_model.eos_token_ids)
     matcher = grammars.matcher(grammar_of({"type": "boolean"}))
     vocab = grammars.vocab_size + 16  # the model's logits are wider than the tokenizer
-    mask = allowed_tokens([None, matcher], vocab, grammars.vocab_size)
+    mask = allowed_tokens([(None, ()), (matcher, ())], vocab, grammars)
     assert mask.shape == (2, vocab) and bool(mask[0].all())
     allowed = [tiny_model.tokenizer.decode([i]) for i in torch.nonzero(mask[1]).flatten().tolist()]
     assert allowed and all("true".startswith(t) or "false".startswith(t) for t in allowed)
     assert not bool(mask[1, grammars.vocab_size :].any())
-    assert allowed_tokens([None, None], vocab, grammars.vocab_size) is None
+    assert allowed_tokens([(None, ()), (None, ())], vocab, grammars) is None
 
 
 def test_a_grammar_compiles_once_and_each_sequence_gets_its_own_state(tiny_model):
@@ -105,5 +105,5 @@ def test_a_broken_matcher_allows_only_end_of_sequence(tiny_model):
     grammars = Grammars(tiny_model.tokenizer.backend_tokenizer, tiny_model.eos_token_ids)
     matcher = grammars.matcher(grammar_of({"type": "boolean"}))
     matcher.accept(tiny_model.tokenizer("{", add_special_tokens=False)["input_ids"][0])  # not allowed
-    mask = allowed_tokens([matcher], grammars.vocab_size, grammars.vocab_size)
+    mask = allowed_tokens([(matcher, ())], grammars.vocab_size, grammars)
     assert set(torch.nonzero(mask[0]).flatten().tolist()) == set(tiny_model.eos_token_ids) and matcher.done

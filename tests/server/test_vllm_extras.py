@@ -1,0 +1,74 @@
+"""vLLM's extra sampling fields on the real tiny model, through the official client's
+``extra_body``: ``logit_bias`` (OpenAI's), ``stop_token_ids``, ``min_tokens``,
+``skip_special_tokens``. Each test forces the model with a bias, so the outcome does not
+depend on the random weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from server.runtime import open_runtime
+
+USER = [{"role": "user", "content": "Say something."}]
+TOKEN = 300  # an ordinary BPE token of the tiny tokenizer
+
+
+@pytest.fixture
+def vlserve_config(vlserve_config, tiny_model_dir):
+    return dataclasses.replace(vlserve_config, model=str(tiny_model_dir))
+
+
+@pytest.fixture
+def vlserve_runtime_factory(tiny_model):
+    return lambda config: open_runtime(config, loaded=tiny_model)
+
+
+@pytest.fixture
+def model_name(vlserve_config) -> str:
+    return vlserve_config.model_name
+
+
+async def test_logit_bias_forces_a_token(vlserve_client, model_name, tiny_model):
+    completion = await vlserve_client.chat.completions.create(
+        model=model_name,
+        messages=USER,
+        max_tokens=5,
+        temperature=1.0,
+        logit_bias={str(TOKEN): 100},
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
+    tokens = [entry.token for entry in completion.choices[0].logprobs.content]
+    assert len(tokens) == 5 and len(set(tokens)) == 1
+    assert completion.choices[0].message.content == tiny_model.tokenizer.decode([TOKEN] * 5)
+
+
+async def test_stop_token_ids_and_min_tokens(vlserve_client, model_name):
+    """The forced token stops at once as a stop token; with ``min_tokens=3`` it (and the
+    end-of-sequence tokens) are barred for three tokens, then it comes and stops."""
+    forced = {"logit_bias": {str(TOKEN): 100}}
+    first = await vlserve_client.completions.create(
+        model=model_name, prompt="a", max_tokens=8, extra_body={"stop_token_ids": [TOKEN]}, **forced
+    )
+    assert first.choices[0].finish_reason == "stop" and first.usage.completion_tokens == 1
+    later = await vlserve_client.chat.completions.create(
+        model=model_name, messages=USER, max_tokens=8, extra_body={"stop_token_ids": [TOKEN], "min_tokens": 3}, **forced
+    )
+    assert later.choices[0].finish_reason == "stop" and later.usage.completion_tokens == 4
+
+
+async def test_skip_special_tokens(vlserve_client, model_name, tiny_model):
+    special = tiny_model.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    texts = []
+    for skip in (True, False):
+        completion = await vlserve_client.completions.create(
+            model=model_name,
+            prompt="a",
+            max_tokens=2,
+            logit_bias={str(special): 100},
+            extra_body={"skip_special_tokens": skip, "ignore_eos": True},
+        )
+        texts.append(completion.choices[0].text)
+    assert texts == ["", "<|vision_start|><|vision_start|>"]
