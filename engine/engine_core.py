@@ -185,7 +185,11 @@ class EngineCore:
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
         return _SeqState(
             detokenizer=IncrementalDetokenizer(
-                self.tokenizer, p.stop, p.skip_special_tokens, seq.prompt.token_ids[-PROMPT_TAIL_TOKENS:]
+                self.tokenizer,
+                p.stop,
+                p.skip_special_tokens,
+                seq.prompt.token_ids[-PROMPT_TAIL_TOKENS:],
+                include_stop=p.include_stop_str_in_output,
             ),
             generator=self.sampler.new_generator(p),
             stop_ids=stop_ids,

@@ -40,6 +40,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     grammar: str | None = None
     min_tokens: int = 0
+    include_stop_str_in_output: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:

@@ -72,6 +72,7 @@ class SamplingRequest(RequestModel):
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         default=None, max_length=MAX_LOGIT_BIAS
     )

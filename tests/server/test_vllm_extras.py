@@ -72,3 +72,20 @@ async def test_skip_special_tokens(vlserve_client, model_name, tiny_model):
         )
         texts.append(completion.choices[0].text)
     assert texts == ["", "<|vision_start|><|vision_start|>"]
+
+
+async def test_include_stop_str_in_output(vlserve_client, model_name, tiny_model):
+    piece = tiny_model.tokenizer.decode([TOKEN])
+    texts = []
+    for include in (False, True):
+        completion = await vlserve_client.completions.create(
+            model=model_name,
+            prompt="a",
+            max_tokens=4,
+            stop=[piece],
+            logit_bias={str(TOKEN): 100},
+            extra_body={"include_stop_str_in_output": include},
+        )
+        assert completion.choices[0].finish_reason == "stop"
+        texts.append(completion.choices[0].text)
+    assert texts == ["", piece]
