@@ -27,7 +27,8 @@ blueprint = Blueprint("completions", __name__)
 @blueprint.post("/v1/completions")
 async def completions() -> Response:
     """Generate ``n`` choices for each prompt; choice ``i`` of prompt ``p`` has index
-    ``p * n + i``. Cancellation: every engine sequence is aborted."""
+    ``p * n + i``; with ``echo`` each choice's text starts with its prompt. Cancellation:
+    every engine sequence is aborted."""
     runtime = serving_runtime()
     body = await read_body(CompletionRequest, current_state().parse_limiter)
     body.check_combinations()
@@ -51,9 +52,10 @@ async def completions() -> Response:
     jobs = make_jobs(prompts, params)
     meta = ResponseMeta.new("cmpl", runtime.model_name)
     with_logprobs = body.logprobs is not None
+    echo = {job.index: texts[job.prompt_index] for job in jobs} if body.echo else {}
     if body.stream:
-        chunker = CompletionChunker(meta, include_usage=body.include_usage, logprobs=with_logprobs)
+        chunker = CompletionChunker(meta, include_usage=body.include_usage, logprobs=with_logprobs, echo=echo)
         producer = partial(produce_chunks, runtime.engine, jobs, chunker, body.include_usage)
         return sse_response(producer, current_request_id())
     results, usage = await complete_jobs(runtime.engine, jobs)
-    return json_response(completion(meta, results, usage, logprobs=with_logprobs))
+    return json_response(completion(meta, results, usage, logprobs=with_logprobs, echo=echo))

@@ -15,13 +15,13 @@ from server.schemas.common import (
     UsageOnlyIfSet,
     reject_unsupported,
 )
+from vl.errors import InvalidRequest
 
 MAX_PROMPTS = 64
 DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for legacy completions
 
 UNSUPPORTED_COMPLETIONS: Mapping[str, tuple[Any, ...]] = MappingProxyType(
     {
-        "echo": (False,),
         "best_of": (1,),
         "suffix": ("",),
     }
@@ -31,7 +31,7 @@ UNSUPPORTED_COMPLETIONS: Mapping[str, tuple[Any, ...]] = MappingProxyType(
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] = Field()
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: Any = None
+    echo: bool = False
     best_of: Any = None
     suffix: Any = None
 
@@ -47,6 +47,11 @@ class CompletionRequest(SamplingRequest):
         if isinstance(value, list) and not 1 <= len(value) <= MAX_PROMPTS:
             raise PydanticCustomError("prompt_count", "must hold 1 to {limit} prompts", {"limit": MAX_PROMPTS})
         return value
+
+    def check_combinations(self) -> None:
+        super().check_combinations()
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequest("'echo' together with 'logprobs' is not supported by this server.", param="echo")
 
     @property
     def prompts(self) -> list[str]:

@@ -138,7 +138,12 @@ async def test_fields_asking_for_nothing_are_accepted(http, harmless):
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix")],
+    [
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"echo": "yes please"}, "echo"),
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "x"}, "suffix"),
+    ],
 )
 async def test_unsupported_completions_field_is_400(http, extra, param):
     error = error_of(await http.post("/v1/completions", json={"prompt": "x", **extra}), 400)
