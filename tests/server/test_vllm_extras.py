@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import openai
 import pytest
 
 from server.runtime import open_runtime
@@ -89,3 +90,38 @@ async def test_include_stop_str_in_output(vlserve_client, model_name, tiny_model
         assert completion.choices[0].finish_reason == "stop"
         texts.append(completion.choices[0].text)
     assert texts == ["", piece]
+
+
+async def test_prompt_as_token_ids(vlserve_client, model_name, tiny_model):
+    """Token ids (one list, or a list of lists) generate what the same text does; ``echo``
+    gives them back as text; an id the tokenizer lacks is a 400 naming the prompt."""
+    ids = tiny_model.tokenizer("hello world", add_special_tokens=True)["input_ids"]
+    by_text = await vlserve_client.completions.create(
+        model=model_name, prompt="hello world", max_tokens=6, temperature=0
+    )
+    by_ids = await vlserve_client.completions.create(model=model_name, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+    both = await vlserve_client.completions.create(
+        model=model_name, prompt=[ids, ids[:1]], max_tokens=6, temperature=0, echo=True
+    )
+    assert both.choices[0].text == "hello world" + by_text.choices[0].text
+    assert both.choices[1].text.startswith(tiny_model.tokenizer.decode(ids[:1]))
+    with pytest.raises(openai.BadRequestError) as raised:
+        await vlserve_client.completions.create(
+            model=model_name, prompt=[ids, [len(tiny_model.tokenizer)]], max_tokens=2
+        )
+    assert raised.value.body["param"] == "prompt[1]" and raised.value.body["code"] == "token_out_of_vocabulary"
+
+
+async def test_image_placeholder_ids_fare_as_in_a_text_prompt(vlserve_client, model_name, tiny_model):
+    """An image placeholder id without an image is treated as the same token written in a
+    text prompt: no server error, and the server keeps serving."""
+    pad = tiny_model.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    by_ids = await vlserve_client.completions.create(model=model_name, prompt=[1, pad, 2], max_tokens=2, temperature=0)
+    by_text = await vlserve_client.completions.create(
+        model=model_name, prompt=tiny_model.tokenizer.decode([1, pad, 2]), max_tokens=2, temperature=0
+    )
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    again = await vlserve_client.completions.create(model=model_name, prompt="still fine", max_tokens=2)
+    assert again.choices[0].finish_reason in ("stop", "length")
