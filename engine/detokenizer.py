@@ -2,7 +2,7 @@
 
 Text is decoded token by token (``tokenizers``' ``DecodeStream``, O(1) per token, byte
 fallback and split UTF-8 handled). Before text is released, any stop string is cut off
-with everything after it, and a tail that could still grow into a stop string is held
+with everything after it (or only what follows it, with ``include_stop``), and a tail that could still grow into a stop string is held
 back until the next token decides it.
 """
 
@@ -19,12 +19,14 @@ class IncrementalDetokenizer:
         stop: tuple[str, ...],
         skip_special_tokens: bool = True,
         prompt_tail: list[int] | None = None,
+        include_stop: bool = False,
     ) -> None:
         self._tokenizer = tokenizer
         # Primed with the prompt's last tokens, so tokenizers that mark word starts
         # (Metaspace: Llama, Mistral) decode the first generated token's leading space.
         self._stream = DecodeStream(ids=list(prompt_tail or []) or None, skip_special_tokens=skip_special_tokens)
         self._stop = stop
+        self._include_stop = include_stop
         self._max_stop = max((len(s) for s in stop), default=0)
         self._text = ""
         self._released = 0
@@ -37,7 +39,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> bool:
         """Decode one more token. Returns True when a stop string has appeared (the text is
-        then truncated just before it). Ids the tokenizer does not know decode to nothing."""
+        then truncated just before it, or just after it with ``include_stop``: vLLM's
+        ``include_stop_str_in_output``). Ids the tokenizer does not know decode to nothing."""
         try:
             piece = self._stream.step(self._tokenizer, token_id)
         except Exception:  # an id outside the tokenizer's vocabulary, or a broken byte run
@@ -50,15 +53,15 @@ class IncrementalDetokenizer:
         if not self._stop:
             return False
         start = max(0, self._searched - self._max_stop + 1)
-        best = -1
+        best, found = -1, ""
         for s in self._stop:
             i = self._text.find(s, start)
             if i != -1 and (best == -1 or i < best):
-                best = i
+                best, found = i, s
         self._searched = len(self._text)
         if best == -1:
             return False
-        self._text = self._text[:best]
+        self._text = self._text[: best + len(found)] if self._include_stop else self._text[:best]
         return True
 
     def release(self, final: bool) -> str:

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from engine.core_messages import SequenceOutput
 from engine.detokenizer import IncrementalDetokenizer, token_text
+from engine.grammar import GrammarMatcher, Grammars, allowed_tokens
 from engine.image_encoder import ImageEncoder, ImageEncodingFailed, ReadPixels
 from engine.model_runner import ModelRunner
 from engine.outputs import TokenLogprob, TopLogprob
@@ -40,6 +41,7 @@ class _SeqState:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     stop_ids: frozenset[int]
+    grammar: GrammarMatcher | None = None
 
 
 @dataclass
@@ -72,6 +74,7 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.sampler = sampler or Sampler()
         self._states: dict[int, _SeqState] = {}
+        self._grammars = Grammars(tokenizer, eos_token_ids)
 
     @classmethod
     def for_model(
@@ -236,19 +239,29 @@ class EngineCore:
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
         return _SeqState(
             detokenizer=IncrementalDetokenizer(
-                self.tokenizer, p.stop, p.skip_special_tokens, seq.prompt.token_ids[-PROMPT_TAIL_TOKENS:]
+                self.tokenizer,
+                p.stop,
+                p.skip_special_tokens,
+                seq.prompt.token_ids[-PROMPT_TAIL_TOKENS:],
+                include_stop=p.include_stop_str_in_output,
             ),
             generator=self.sampler.new_generator(p),
             stop_ids=stop_ids,
+            grammar=None if p.grammar is None else self._grammars.matcher(p.grammar),
         )
 
     def _append(self, seqs: list[Sequence], logits: torch.Tensor, report: StepReport) -> None:
         states = [self._states[s.seq_id] for s in seqs]
+        constraints = [
+            (st.grammar, st.stop_ids if len(s.output_ids) < s.params.min_tokens else ())
+            for s, st in zip(seqs, states, strict=True)
+        ]
         sampled = self.sampler.sample(
             logits,
             [s.params for s in seqs],
             [(s.prompt.token_ids, s.output_ids) for s in seqs],
             [st.generator for st in states],
+            allowed_tokens(constraints, logits.shape[-1], self._grammars),
         )
         for seq, state, tok in zip(seqs, states, sampled, strict=True):
             report.updates.append(self._advance(seq, state, tok))
@@ -256,7 +269,11 @@ class EngineCore:
     def _advance(self, seq: Sequence, state: _SeqState, tok: SampledToken) -> SequenceOutput:
         seq.output_ids.append(tok.token_id)
         finish = None
+        if state.grammar is not None:
+            state.grammar.accept(tok.token_id)
         if tok.token_id in state.stop_ids or state.detokenizer.add(tok.token_id):
+            finish = "stop"
+        elif state.grammar is not None and state.grammar.done:
             finish = "stop"
         elif finish is None and (len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len):
             finish = "length"

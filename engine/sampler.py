@@ -5,6 +5,9 @@ output), then temperature, min-p, top-k, top-p, then sampling. Greedy rows take 
 argmax of the penalised logits. A seeded row draws from its own ``torch.Generator``, and
 draws the same amount of randomness per step whatever its batch mates, so a seed
 reproduces its output in any batch. Logprobs come from the model's raw distribution.
+A token mask (``engine.grammar.allowed_tokens``: grammars, ``min_tokens``) is applied
+first, so a disallowed token is never chosen whatever the other filters do; then
+``logit_bias``.
 """
 
 from __future__ import annotations
@@ -43,11 +46,21 @@ class Sampler:
         params: list[SamplingParams],
         histories: list[tuple[list[int], list[int]]],
         generators: list[torch.Generator | None],
+        allowed: torch.Tensor | None = None,
     ) -> list[SampledToken]:
-        """Sample one token per row. ``histories[i]`` is (prompt ids, output ids) of row i."""
+        """Sample one token per row. ``histories[i]`` is (prompt ids, output ids) of row i;
+        ``allowed`` (rows × vocab booleans, or ``None``) says which tokens each row may take."""
         logits = logits.float()
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        if any(p.logit_bias for p in params):
+            logits = logits.clone() if allowed is None else logits
+            for row, p in enumerate(params):
+                for token, bias in p.logit_bias:
+                    if token < logits.shape[1]:
+                        logits[row, token] += bias
 
         if any(p.needs_penalties for p in params):
             logits = logits.clone()

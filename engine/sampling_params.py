@@ -16,7 +16,12 @@ class SamplingParams:
 
     ``temperature`` below 1e-5 means greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0``
     disable those filters. ``logprobs`` is ``None`` for no logprobs, else the number of top
-    alternatives (0..20) returned beside each sampled token's own logprob.
+    alternatives (0..20) returned beside each sampled token's own logprob. ``grammar``, when
+    set, is llguidance grammar text the output must match (``engine.grammar``): plain text,
+    so the parameters pickle to the engine worker, which compiles it. ``min_tokens``: no
+    end-of-sequence or ``stop_token_ids`` token before that many output tokens (vLLM's
+    rule). ``logit_bias``: (token id, bias) pairs added to the logits before any filter
+    (OpenAI's rule; ids beyond the model's vocabulary are ignored).
     """
 
     max_tokens: int = 16
@@ -33,6 +38,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    grammar: str | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         self._check(self.max_tokens >= 1, "max_tokens", "must be at least 1")
@@ -48,6 +57,13 @@ class SamplingParams:
             f"must be between 0 and {MAX_TOP_LOGPROBS}",
         )
         self._check(all(s for s in self.stop), "stop", "stop strings must be non-empty")
+        self._check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be between 0 and max_tokens")
+        self._check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative")
+        self._check(
+            all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias),
+            "logit_bias",
+            "keys must be token ids and values between -100 and 100",
+        )
         self._check(
             self.seed is None or -(2**63) <= self.seed < 2**64,
             "seed",

@@ -86,6 +86,15 @@ def empty_prompt(param: str) -> InvalidRequest:
     return InvalidRequest("The prompt is empty.", param=param, code="empty_prompt")
 
 
+def token_out_of_vocabulary(token_id: int, vocabulary: int, param: str) -> InvalidRequest:
+    """400 for a token-id prompt with an id the tokenizer does not have."""
+    return InvalidRequest(
+        f"Token id {token_id} is out of vocabulary (this model's tokenizer has {vocabulary} tokens).",
+        param=param,
+        code="token_out_of_vocabulary",
+    )
+
+
 def prompt_too_long(max_model_len: int, prompt_tokens: int, param: str) -> InvalidRequest:
     """400 ``context_length_exceeded``: the prompt alone leaves no room to generate."""
     return InvalidRequest(

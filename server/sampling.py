@@ -56,5 +56,10 @@ def sampling_params(request: SamplingRequest, *, max_tokens: int, logprobs: int 
         "stop": request.stop_strings,
         "ignore_eos": request.ignore_eos,
         "logprobs": logprobs,
+        "min_tokens": min(request.min_tokens, max_tokens),
+        "stop_token_ids": tuple(request.stop_token_ids or ()),
+        "skip_special_tokens": request.skip_special_tokens,
+        "include_stop_str_in_output": request.include_stop_str_in_output,
+        "logit_bias": request.token_biases,
     }
     return [SamplingParams(**base, seed=None if request.seed is None else request.seed + i) for i in range(request.n)]

@@ -11,6 +11,7 @@ from server.admission import Admission
 from server.config import ServerConfig
 from server.lifecycle import RuntimeLifecycle
 from server.request_metrics import RequestMetrics
+from server.structured_output import GrammarValidator
 
 EXTENSION_KEY = "vlserve"
 
@@ -22,6 +23,7 @@ class ServerState:
     ``parse_limiter`` gates JSON decoding and validation of large bodies, which run in a
     worker thread so that a 64 MiB base64 body does not stall the event loop.
     ``request_metrics`` is what requests report as they run (``server.request_observer``).
+    ``grammars`` builds and caches the grammars of structured output (``server.structured_output``).
     """
 
     config: ServerConfig
@@ -29,6 +31,7 @@ class ServerState:
     admission: Admission
     parse_limiter: trio.CapacityLimiter
     request_metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    grammars: GrammarValidator = field(default_factory=GrammarValidator)
 
 
 def attach_state(app: Quart, state: ServerState) -> None:

@@ -32,6 +32,7 @@ from vl.gates import Gate
 from vl.image_pixels import ImagePreprocessor, PixelInputs, SlotImage, decode_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
+from vl.tool_prompt import hermes_messages, template_renders_tools
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -59,15 +60,23 @@ class PrepTools:
         self._slot_memories = {memory.spec: memory for memory in slot_memories}
         self._attach_lock = threading.Lock()
 
-    def render_and_tokenize(self, messages: list[dict]) -> list[int]:
+    def render_and_tokenize(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of the chat template rendered with a generation prompt.
 
-        Raises ``InvalidRequest`` (param ``messages``) when the model has no chat template
-        or the template rejects the messages."""
-        if not getattr(self.tokenizer, "chat_template", None):
+        ``tools`` go to the template's ``tools`` variable; a template that does not use
+        that variable gets the chat rewritten with the default tool prompt instead
+        (``vl.tool_prompt``). Raises ``InvalidRequest`` (param ``messages``) when the model
+        has no chat template or the template rejects the messages."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise no_chat_template()
+        extra = {}
+        if isinstance(template, str) and not template_renders_tools(template):
+            messages = hermes_messages(messages, tools)
+        elif tools:
+            extra["tools"] = tools
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         except Exception as exc:  # jinja errors: the template rejected these messages
             raise template_rejected(exc) from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -121,12 +130,13 @@ class PrepStep(Protocol[T_co]):
 
 @dataclass(frozen=True)
 class RenderChat:
-    """Render ``messages`` (``Chat.template_messages()``) with the chat template and tokenize."""
+    """Render ``messages`` (``Chat.template_messages()``) with the chat template and tokenize;
+    the tools are those the messages carry (``TemplateMessages.tools``), if any."""
 
     messages: list[dict]
 
     def run(self, tools: PrepTools) -> list[int]:
-        return tools.render_and_tokenize(self.messages)
+        return tools.render_and_tokenize(self.messages, getattr(self.messages, "tools", None))
 
 
 @dataclass(frozen=True)

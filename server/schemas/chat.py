@@ -1,7 +1,9 @@
 """``POST /v1/chat/completions``: request, response and streaming chunk shapes.
 
 The request's ``messages`` are validated here and nowhere else: ``ChatCompletionRequest.chat()``
-turns them into the typed ``vl.chat_messages.Chat`` the preparer consumes.
+turns them into the typed ``vl.chat_messages.Chat`` the preparer consumes. ``tools``,
+``tool_choice``, ``parallel_tool_calls`` and ``response_format`` are validated here too;
+``server.structured_output`` turns them into a grammar, ``server.tool_calls`` parses calls.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Literal
 from pydantic import (
     BaseModel,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
     model_serializer,
@@ -27,18 +30,14 @@ from server.schemas.common import (
     UsageOnlyIfSet,
     reject_unsupported,
 )
-from vl.chat_messages import Chat, ImagePart, Message, TextPart
+from vl.chat_messages import Chat, ImagePart, Message, TextPart, ToolCall
 from vl.errors import InvalidRequest
 
 # OpenAI chat fields we do not implement, with the values that ask for nothing.
 UNSUPPORTED_CHAT: Mapping[str, tuple[Any, ...]] = MappingProxyType(
     {
-        "tools": ([],),
-        "tool_choice": ("none",),
-        "parallel_tool_calls": (True, False),
         "functions": ([],),
         "function_call": ("none",),
-        "response_format": ({"type": "text"},),
         "audio": (),
         "modalities": (["text"],),
         "prediction": (),
@@ -53,10 +52,76 @@ UNSUPPORTED_CHAT: Mapping[str, tuple[Any, ...]] = MappingProxyType(
 # Message fields OpenAI defines for an assistant message that we do not implement, with the
 # values that ask for nothing. ``refusal`` is accepted (unused), as ``name`` is: clients send
 # back the assistant messages they were given, and ours carry ``"refusal": null``.
-UNSUPPORTED_MESSAGE: Mapping[str, tuple[Any, ...]] = MappingProxyType(
-    {"tool_calls": ([],), "function_call": (), "audio": ()}
-)
-ASSISTANT_ONLY = ("refusal", *UNSUPPORTED_MESSAGE)
+UNSUPPORTED_MESSAGE: Mapping[str, tuple[Any, ...]] = MappingProxyType({"function_call": (), "audio": ()})
+ASSISTANT_ONLY = ("refusal", "tool_calls", *UNSUPPORTED_MESSAGE)
+
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionCallIn(RequestModel):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    arguments: str
+
+
+class ToolCallIn(RequestModel):
+    """A tool call an assistant message made, as the client sends it back."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def to_call(self) -> ToolCall:
+        return ToolCall(self.id, self.function.name, self.function.arguments)
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @property
+    def parameters_schema(self) -> dict[str, Any]:
+        """The arguments' JSON schema (OpenAI: no ``parameters`` means no arguments)."""
+        if self.parameters is None:
+            return {"type": "object", "properties": {}, "additionalProperties": False}
+        return self.parameters
+
+
+class ToolDefinition(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(RequestModel):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (output matches it)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError(
+                "response_format", "'json_schema' is required with type 'json_schema' and allowed only with it"
+            )
+        return self
 
 
 class ImageURL(RequestModel):
@@ -86,20 +151,21 @@ class ContentPart(RequestModel):
 
 
 class ChatMessage(RequestModel):
-    """A message with role system/developer/user/assistant; ``name`` is accepted, unused.
+    """A message with role system/developer/user/assistant/tool; ``name`` is accepted, unused.
 
     ``content`` is required, except on an assistant message, where it may be ``null`` or
-    absent (OpenAI allows that; the message then has empty content). ``tool_calls``,
-    ``function_call`` and ``audio`` are accepted on an assistant message only with values
-    that ask for nothing (absent, ``null``; ``[]`` for ``tool_calls``), since this server
-    has no tools.
+    absent (OpenAI allows that; the message then has empty content). An assistant message
+    may carry ``tool_calls``; a ``tool`` message must name the call it answers in
+    ``tool_call_id``. ``function_call`` and ``audio`` (deprecated and audio features) are
+    accepted on an assistant message only with values that ask for nothing.
     """
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = Field(default=None, validate_default=True)
     name: str | None = None
     refusal: str | None = None
-    tool_calls: Any = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = Field(default=None, validate_default=True)
     function_call: Any = None
     audio: Any = None
 
@@ -109,6 +175,16 @@ class ChatMessage(RequestModel):
         role = info.data.get("role")
         if value is None and role is not None and role != "assistant":
             raise PydanticCustomError("missing", "Field required")
+        return value
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_call_id_on_tool_messages(cls, value: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if role == "tool" and not value:
+            raise PydanticCustomError("missing", "Field required")
+        if role is not None and role != "tool" and value is not None:
+            raise PydanticCustomError("extra_forbidden", "Extra inputs are not permitted")
         return value
 
     @field_validator(*ASSISTANT_ONLY, mode="before")
@@ -124,14 +200,16 @@ class ChatMessage(RequestModel):
     def to_message(self) -> Message:
         """The typed message (``developer`` becomes ``system``; no content becomes ``""``)."""
         role = "system" if self.role == "developer" else self.role
+        calls = tuple(call.to_call() for call in self.tool_calls or ())
         if self.content is None or isinstance(self.content, str):
-            return Message(role, self.content or "")
-        return Message(role, tuple(part.to_part() for part in self.content))
+            return Message(role, self.content or "", calls, self.tool_call_id)
+        return Message(role, tuple(part.to_part() for part in self.content), calls, self.tool_call_id)
 
 
-def chat_of(messages: list[ChatMessage]) -> Chat:
-    """The typed chat of validated messages, in request order."""
-    return Chat(tuple(message.to_message() for message in messages))
+def chat_of(messages: list[ChatMessage], tools: list[ToolDefinition] | None = None) -> Chat:
+    """The typed chat of validated messages, in request order, with the tools."""
+    tool_forms = tuple(tool.model_dump(exclude_none=True) for tool in tools or ())
+    return Chat(tuple(message.to_message() for message in messages), tool_forms)
 
 
 class ChatMessages(RequestModel):
@@ -147,12 +225,12 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -170,6 +248,39 @@ class ChatCompletionRequest(SamplingRequest):
         super().check_combinations()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        if forced and not self.tools:
+            raise InvalidRequest("'tool_choice' requires 'tools' to name at least one function.", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.named_tool is None:
+            raise InvalidRequest(
+                f"'tool_choice.function.name' names '{self.tool_choice.function.name}', which is not a function in 'tools'.",
+                param="tool_choice.function.name",
+            )
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequest(
+                "'response_format' cannot be combined with a 'tool_choice' that forces a tool call.",
+                param="response_format",
+            )
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("'tools' names the same function twice.", param="tools")
+
+    @property
+    def named_tool(self) -> ToolDefinition | None:
+        """The tool ``tool_choice`` names, if it names one that ``tools`` defines."""
+        if not isinstance(self.tool_choice, NamedToolChoice):
+            return None
+        return next((t for t in self.tools or () if t.function.name == self.tool_choice.function.name), None)
+
+    @property
+    def effective_tool_choice(self) -> str:
+        """``none``, ``auto``, ``required`` or ``named``: OpenAI's default is ``auto`` with
+        tools and ``none`` without."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice
 
     @property
     def requested_max_tokens(self) -> tuple[int | None, str]:
@@ -186,8 +297,8 @@ class ChatCompletionRequest(SamplingRequest):
         return self.top_logprobs or 0
 
     def chat(self) -> Chat:
-        """The typed chat of ``messages``."""
-        return chat_of(self.messages)
+        """The typed chat of ``messages`` and ``tools``."""
+        return chat_of(self.messages, self.tools)
 
 
 class ChatTopLogprob(BaseModel):
@@ -205,10 +316,31 @@ class ChatLogprobs(BaseModel):
     refusal: list[ChatLogprobToken] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
+    """The assistant's message; ``tool_calls`` is sent only when there are some."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_only_if_any(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if not self.tool_calls:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -233,10 +365,12 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer
     def _omit_none(self) -> dict[str, Any]:
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        fields = (("role", self.role), ("content", self.content), ("tool_calls", self.tool_calls))
+        return {k: v for k, v in fields if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

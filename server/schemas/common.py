@@ -4,15 +4,13 @@ Error bodies are built by ``server.errors``, not modelled here."""
 
 from __future__ import annotations
 
-from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
-    ValidationInfo,
     field_validator,
     model_serializer,
 )
@@ -22,6 +20,8 @@ from vl.errors import InvalidRequest
 
 MAX_N = 128
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 
 
 class RequestModel(BaseModel):
@@ -36,11 +36,6 @@ class StreamOptions(RequestModel):
 
 def _acceptable(value: Any, *harmless: Any) -> bool:
     return value is None or value in harmless
-
-
-# Fields OpenAI defines that we do not implement: accepted only with a value that asks for
-# nothing (absent, null, or the listed harmless values), otherwise a 400 naming them.
-UNSUPPORTED_SHARED = MappingProxyType({"logit_bias": ({},)})
 
 
 def reject_unsupported(value: Any, field: str, harmless: tuple[Any, ...]) -> Any:
@@ -74,16 +69,23 @@ class SamplingRequest(RequestModel):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS
+    )
     # accepted and ignored: they ask nothing of generation
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
-    # OpenAI fields we do not implement
-    logit_bias: Any = None
 
-    @field_validator("logit_bias", mode="before")
+    @field_validator("logit_bias")
     @classmethod
-    def _unsupported_shared(cls, value: Any, info: ValidationInfo) -> Any:
-        return reject_unsupported(value, info.field_name, UNSUPPORTED_SHARED[info.field_name])
+    def _bias_keys_are_token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and not all(key.isdecimal() for key in value):
+            raise PydanticCustomError("logit_bias", "keys must be token ids (decimal strings)")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -98,6 +100,11 @@ class SamplingRequest(RequestModel):
         """Raise ``InvalidRequest`` for fields that are valid alone but not together."""
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+
+    @property
+    def token_biases(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs."""
+        return tuple((int(key), bias) for key, bias in (self.logit_bias or {}).items())
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

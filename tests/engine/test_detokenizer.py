@@ -35,3 +35,12 @@ def test_unknown_ids_decode_to_nothing(tiny_model):
     d = IncrementalDetokenizer(tok, ())
     assert d.add(tok.get_vocab_size() + 5) is False
     assert d.release(final=True) == ""
+
+
+def test_include_stop_keeps_the_stop_string_and_drops_what_follows(tiny_model):
+    tok = tiny_model.tokenizer.backend_tokenizer
+    d = IncrementalDetokenizer(tok, ("ld ple",), include_stop=True)
+    for i in tok.encode("hello world please answer").ids:
+        if d.add(i):
+            break
+    assert d.release(final=True) == "hello world ple"

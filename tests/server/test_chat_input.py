@@ -11,7 +11,7 @@ import pytest
 
 from server.request_body import parse_chat
 from tests.server.fakes import FakeRuntime
-from vl.chat_messages import Chat, ImagePart, Message, TextPart
+from vl.chat_messages import Chat, ImagePart, Message, TextPart, ToolCall
 from vl.errors import InvalidRequest
 
 USER = {"role": "user", "content": "hi"}
@@ -48,7 +48,6 @@ async def test_assistant_message_without_content_is_accepted(http, fake_runtime:
 @pytest.mark.parametrize(
     ("message", "param", "words"),
     [
-        ({"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}, "messages[1].tool_calls", "not supported"),
         (
             {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
             "messages[1].function_call",
@@ -59,7 +58,14 @@ async def test_assistant_message_without_content_is_accepted(http, fake_runtime:
         ({"role": "user", "content": "x", "refusal": "no"}, "messages[1].refusal", "Unrecognized"),
         ({"role": "user", "content": None}, "messages[1].content", "Missing"),
         ({"role": "system"}, "messages[1].content", "Missing"),
-        ({"role": "tool", "content": "42", "tool_call_id": "call_1"}, "messages[1].role", "role"),
+        ({"role": "tool", "content": "42"}, "messages[1].tool_call_id", "Missing"),
+        ({"role": "user", "content": "x", "tool_call_id": "call_1"}, "messages[1].tool_call_id", "Unrecognized"),
+        ({"role": "function", "content": "42"}, "messages[1].role", "role"),
+        (
+            {"role": "assistant", "content": None, "tool_calls": [{**TOOL_CALL, "function": {"name": "f"}}]},
+            "messages[1].tool_calls[0].function.arguments",
+            "Missing",
+        ),
         (
             {"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png;base64,AAAA"}]},
             "messages[1].content[0].image_url",
@@ -77,14 +83,16 @@ async def test_assistant_message_without_content_is_accepted(http, fake_runtime:
         ),
     ],
     ids=[
-        "assistant-tool-calls",
         "assistant-function-call",
         "assistant-audio",
         "user-tool-calls",
         "user-refusal",
         "user-content-null",
         "system-content-absent",
-        "tool-role",
+        "tool-without-call-id",
+        "user-with-call-id",
+        "function-role",
+        "tool-call-without-arguments",
         "image-url-string",
         "bad-detail",
         "extra-part-field",
@@ -101,9 +109,23 @@ async def test_rejected_messages_never_reach_the_preparer(http, fake_runtime: Fa
 
 
 async def test_unsupported_message_field_is_named_by_its_path(http):
-    message = {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}
+    message = {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}
     error = error_of(await http.post("/v1/chat/completions", json={"messages": [USER, message]}))
-    assert error["message"] == "'messages[1].tool_calls' is not supported by this server."
+    assert error["message"] == "'messages[1].function_call' is not supported by this server."
+
+
+async def test_tool_conversation_reaches_the_preparer_typed(http, fake_runtime: FakeRuntime):
+    """An assistant message with ``tool_calls`` and ``content: null``, then the ``tool``
+    message answering it, arrive as typed messages; the tools travel with the chat."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    messages = [USER, {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}]
+    messages.append({"role": "tool", "content": "42", "tool_call_id": "call_1"})
+    response = await http.post("/v1/chat/completions", json={"messages": messages, "tools": [tool]})
+    assert response.status_code == 200, response.text
+    chat = fake_runtime.preparer.calls[-1]
+    assert chat.messages[1] == Message("assistant", "", (ToolCall("call_1", "f", "{}"),))
+    assert chat.messages[2] == Message("tool", "42", (), "call_1")
+    assert chat.tools == (tool,)
 
 
 async def test_a_returned_assistant_message_can_be_sent_back(vlserve_client, fake_runtime: FakeRuntime):
@@ -118,14 +140,14 @@ async def test_a_returned_assistant_message_can_be_sent_back(vlserve_client, fak
 
 async def test_tokenize_takes_the_same_typed_chat(http, fake_runtime: FakeRuntime):
     """``/tokenize`` with messages validates them with the chat schema: the same null
-    assistant content is accepted, the same tool call refused."""
+    assistant content is accepted, the same bad tool call refused."""
     ok = await http.post("/tokenize", json={"messages": [USER, {"role": "assistant", "content": None}]})
     assert ok.status_code == 200, ok.text
     assert ok.json()["count"] == 2  # "hi" + "" in the fake's one-token-per-character count
     bad = await http.post(
-        "/tokenize", json={"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}]}
+        "/tokenize", json={"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}]}
     )
-    assert error_of(bad)["param"] == "messages[1].tool_calls"
+    assert error_of(bad)["param"] == "messages[1].tool_calls[0].function"
 
 
 def test_parse_chat_builds_the_typed_chat():

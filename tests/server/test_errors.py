@@ -68,13 +68,43 @@ async def test_malformed_body_is_400(http, raw):
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice.function.name",
+        ),
+        ({"parallel_tool_calls": [True]}, "parallel_tool_calls"),
         ({"functions": [{"name": "f"}]}, "functions"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "integer", "minimum": 3, "maximum": 1}},
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"modalities": ["text", "audio"]}, "modalities"),
-        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"logit_bias": {"cat": -100}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"stop_token_ids": [-3]}, "stop_token_ids[0]"),
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
         ({"reasoning_effort": "low"}, "reasoning_effort"),
         ({"store": True}, "store"),
@@ -92,6 +122,8 @@ async def test_unsupported_chat_field_is_400_naming_it(http, extra, param):
     [
         {"tools": []},
         {"tool_choice": "none"},
+        {"tool_choice": "auto"},
+        {"parallel_tool_calls": False},
         {"response_format": {"type": "text"}},
         {"modalities": ["text"]},
         {"logit_bias": {}},
@@ -106,7 +138,12 @@ async def test_fields_asking_for_nothing_are_accepted(http, harmless):
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix")],
+    [
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"echo": "yes please"}, "echo"),
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "x"}, "suffix"),
+    ],
 )
 async def test_unsupported_completions_field_is_400(http, extra, param):
     error = error_of(await http.post("/v1/completions", json={"prompt": "x", **extra}), 400)
@@ -118,7 +155,8 @@ async def test_unsupported_completions_field_is_400(http, extra, param):
     [
         ({}, "messages"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         (
             {"messages": [{"role": "user", "content": [{"type": "input_audio", "x": 1}]}]},

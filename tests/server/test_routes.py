@@ -148,9 +148,11 @@ async def test_errors_surface_as_openai_exceptions(vlserve_client):
         await vlserve_client.chat.completions.create(model="nope", messages=USER)
     with pytest.raises(openai.BadRequestError) as raised:
         await vlserve_client.chat.completions.create(
-            model="fake-model", messages=USER, response_format={"type": "json_object"}
+            model="fake-model",
+            messages=USER,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": []}}},
         )
-    assert raised.value.body["param"] == "response_format"
+    assert raised.value.body["param"] == "response_format.json_schema.schema"
 
 
 async def test_tokenize_and_detokenize(http, fake_runtime):

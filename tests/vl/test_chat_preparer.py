@@ -132,7 +132,8 @@ async def test_several_images_in_one_request_resolve_concurrently(tiny_model, co
     "messages, param",
     [
         ([], "messages"),
-        ([{"role": "tool", "content": "x"}], "messages[0].role"),
+        ([{"role": "tool", "content": "x"}], "messages[0].tool_call_id"),
+        ([{"role": "function", "content": "x"}], "messages[0].role"),
         ([{"role": "user", "content": [{"type": "input_audio"}]}], "messages[0].content[0].type"),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}],
