@@ -60,6 +60,7 @@ def image_limits_named(limits: str | ImageLimits) -> ImageLimits:
             return known
     raise ValueError(f"unknown image limits {limits!r}; choose from {', '.join(k.name for k in IMAGE_LIMITS)}")
 
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
@@ -253,9 +254,7 @@ def default_tiny_model_dir(image_limits: str | ImageLimits = TINY_IMAGE_LIMITS) 
     return Path(base) / "vlserve" / name
 
 
-def ensure_tiny_model(
-    directory: str | Path | None = None, image_limits: str | ImageLimits = TINY_IMAGE_LIMITS
-) -> Path:
+def ensure_tiny_model(directory: str | Path | None = None, image_limits: str | ImageLimits = TINY_IMAGE_LIMITS) -> Path:
     """Build the tiny model (with ``image_limits``) once into ``directory`` (default: the
     user cache, ``default_tiny_model_dir(image_limits)``) and return it.
 

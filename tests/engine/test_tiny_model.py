@@ -1,7 +1,6 @@
 import hashlib
 
 import pytest
-
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 from engine.tiny_model import build_tiny_model
