@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from bench.launch.servers import VLSERVE_VARIANTS, running_image_server, running_server
+from bench.launch.servers import VLSERVE_VARIANTS, running_image_server, running_server, vlserve_pixel_slot_args
 from bench.loadgen.cpu_account import foreign_load_now
 from bench.loadgen.loop_lag import scrape_lag_histogram
 from bench.loadgen.metrics import Summary, summarise, with_probe_passes
@@ -29,11 +29,16 @@ from bench.loadgen.run import LoadRun, run_load
 from bench.loadgen.sse_request import chat_body, first_model_id
 from bench.workloads.catalog import Workload, uses_image_server, uses_images
 from bench.workloads.image_store import ImageStore
+from bench.workloads.image_tokens import ImageTokenSetting
 from server.http_path.probe_passes import PROBE_PASSES_FILE_ENV
 
 
 @dataclass(frozen=True)
 class BenchmarkPlan:
+    """``image_tokens``: ``"256"`` or ``"real"`` (``bench.workloads.image_tokens``); with
+    ``"real"`` and no ``model``, every server serves the real-size tiny model from the user
+    cache (built there on first use); a ``model`` given must be that variant."""
+
     servers: tuple[str, ...]
     workloads: tuple[str, ...]
     concurrency_levels: tuple[int, ...]
@@ -48,6 +53,11 @@ class BenchmarkPlan:
     vlserve_args: tuple[str, ...] = ()
     quiet_threshold: float = 0.15
     quiet_wait: float = 0.0
+    image_tokens: str = "256"
+
+    @property
+    def image_setting(self) -> ImageTokenSetting:
+        return ImageTokenSetting(self.image_tokens)
 
     @property
     def stride(self) -> int:
@@ -80,6 +90,12 @@ async def run_benchmark(plan: BenchmarkPlan, progress: Progress | None = None) -
     before ``Cancelled`` propagates.
     """
     store = ImageStore(plan.image_dir, plan.image_size)
+    setting = plan.image_setting
+    model = plan.model
+    if model is None and setting.name != "256":
+        model = str(await trio.to_thread.run_sync(setting.ensure_model))
+    # the user's --vlserve-args come last, so they win over the setting's slot size
+    vlserve_extra = vlserve_pixel_slot_args(setting.pixel_slot_mb(plan.image_size)) + tuple(plan.vlserve_args)
     if any(uses_images(w) for w in plan.workloads):
         await trio.to_thread.run_sync(store.ensure, plan.all_image_indices())
     out: list[tuple[LoadRun, Summary]] = []
@@ -91,11 +107,11 @@ async def run_benchmark(plan: BenchmarkPlan, progress: Progress | None = None) -
             )
         for repeat in range(plan.repeats):
             for name in _rotated(plan.servers, repeat):
-                extra = plan.vlserve_args if name in VLSERVE_VARIANTS else ()
+                extra = vlserve_extra if name in VLSERVE_VARIANTS else ()
                 passes_file = plan.log_dir / f"probe-passes-{name}-{repeat}.json"
                 env = {PROBE_PASSES_FILE_ENV: str(passes_file)} if name in VLSERVE_VARIANTS else None
                 first = len(out)
-                async with running_server(name, plan.log_dir, model=plan.model, extra_args=extra, env=env) as server:
+                async with running_server(name, plan.log_dir, model=model, extra_args=extra, env=env) as server:
                     async with httpx.AsyncClient(base_url=server.base_url, timeout=30.0) as client:
                         model_id = await first_model_id(client)
                     for workload_name in plan.workloads:

@@ -29,9 +29,11 @@ from bench.orchestrate import BenchmarkPlan, run_benchmark, timestamp
 from bench.report.health_plot import plot_health
 from bench.report.provenance import provenance
 from bench.report.results_files import write_results
-from bench.report.tables import best_runs, comparison_table, probe_table, sweep_table
-from bench.workloads.catalog import WORKLOADS
+from bench.report.tables import best_runs, comparison_table, probe_table, prompt_tokens_line, sweep_table
+from bench.workloads.catalog import WORKLOADS, uses_images
 from bench.workloads.image_store import default_image_dir
+from bench.workloads.image_tokens import IMAGE_TOKEN_SETTINGS, ImageTokenSetting
+from engine.config import EngineConfig
 
 
 def _csv(kind, choices=None):
@@ -63,6 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=180.0, help="stop issuing requests after this long")
     parser.add_argument("--image-latency", type=float, default=0.05, help="seconds the image server waits per image")
     parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument(
+        "--image-tokens",
+        choices=IMAGE_TOKEN_SETTINGS,
+        default="256",
+        help="256: the tiny model's image processor caps an image at 256 tokens; real: every server serves "
+        "the tiny model with Qwen2-VL's default max_pixels (a 1024² image: 1,369 tokens, 5,476 patches) "
+        "and vlserve gets pixel slots sized for --image-size",
+    )
     parser.add_argument("--image-dir", type=Path, default=None, help="image cache (default: ~/.cache/vlserve-bench)")
     parser.add_argument(
         "--vlserve-args",
@@ -93,7 +103,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temporary directory)")
     parser.add_argument("--quiet", action="store_true", help="no per-run vLLM-style reports")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.image_tokens != "256" and args.model is not None:
+        parser.error("--image-tokens real serves its own tiny model variant; leave out --model")
+    if args.image_tokens != "256" and any(uses_images(w) for w in args.workload):
+        tokens = ImageTokenSetting(args.image_tokens).image_tokens(args.image_size)
+        room = EngineConfig().max_model_len - args.max_tokens - 128  # 128: the chat template and question
+        if tokens > room:
+            parser.error(
+                f"a {args.image_size}² image is {tokens:,} image tokens at --image-tokens {args.image_tokens}: "
+                f"more than the servers' max_model_len ({EngineConfig().max_model_len}) leaves room for"
+            )
+    return args
 
 
 def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
@@ -122,6 +143,7 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
         vlserve_args=tuple(args.vlserve_args),
         quiet_threshold=args.quiet_threshold,
         quiet_wait=args.quiet_wait,
+        image_tokens=args.image_tokens,
     )
 
 
@@ -136,15 +158,22 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = trio.run(run_benchmark, plan, progress)
     summaries = [s for _, s in runs]
-    markdown = comparison_table(summaries)
+    setting = plan.image_setting
+    markdown = ""
+    if any(uses_images(w) for w in plan.workloads):
+        markdown = f"{setting.describe(plan.image_size)}; {prompt_tokens_line(summaries)}\n\n"
+    markdown += comparison_table(summaries)
     markdown += "\n\n/health probes and scheduler passes per probe:\n\n" + probe_table(summaries)
     if len(plan.concurrency_levels) > 1:
         markdown += "\n\nConcurrency sweep:\n\n" + sweep_table(summaries)
     stem = args.results_dir / f"{timestamp()}-{'+'.join(plan.workloads)}-c{'_'.join(map(str, plan.concurrency_levels))}"
+    if setting.name != "256":
+        stem = stem.with_name(f"{stem.name}-{setting.name}-size")
     meta = {
         "servers": plan.servers,
         "workloads": plan.workloads,
         "levels": plan.concurrency_levels,
+        "image_tokens": setting.as_dict(plan.image_size),
         **provenance(REPO_ROOT),
     }
     paths = write_results(stem, command=command, meta=meta, runs=runs, markdown=markdown)

@@ -3,8 +3,11 @@
 The directory holds a ``Qwen2VLForConditionalGeneration`` (a real vision tower, M-RoPE,
 variable image-token counts), a byte-level BPE tokenizer trained offline on a fixed
 corpus, a Qwen-style chat template that accepts OpenAI content parts, and an
-image-processor config whose ``max_pixels`` suits a CPU. Building it twice gives the same
-bytes: every random choice is seeded and nothing depends on time or the host.
+image-processor config whose ``max_pixels`` suits a CPU (``TINY_IMAGE_LIMITS``: at most 256
+image tokens per image). ``QWEN2_VL_DEFAULT_IMAGE_LIMITS`` builds the same model with the
+image limits real Qwen2-VL checkpoints ship (a 1024² photo becomes 1,369 image tokens), for
+benchmarks at real image sizes. Building it twice gives the same bytes: every random choice
+is seeded and nothing depends on time or the host.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +33,33 @@ BPE_VOCAB_SIZE = 2048
 SEED = 1234
 IMAGE_MAX_PIXELS = 256 * 28 * 28  # at most 256 image tokens per image
 IMAGE_MIN_PIXELS = 4 * 28 * 28
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The image processor's pixel bounds: every image is resized to between ``min_pixels``
+    and ``max_pixels`` pixels (sides multiples of 28), so one image token per 28x28 pixels."""
+
+    name: str
+    min_pixels: int
+    max_pixels: int
+
+
+TINY_IMAGE_LIMITS = ImageLimits("tiny", IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS)
+# the preprocessor_config.json of the Qwen2-VL checkpoints (Qwen2-VL-2B/7B-Instruct)
+QWEN2_VL_DEFAULT_IMAGE_LIMITS = ImageLimits("qwen2-vl-default", 56 * 56, 28 * 28 * 16384)
+IMAGE_LIMITS = (TINY_IMAGE_LIMITS, QWEN2_VL_DEFAULT_IMAGE_LIMITS)
+
+
+def image_limits_named(limits: str | ImageLimits) -> ImageLimits:
+    """``limits`` itself, or the ``IMAGE_LIMITS`` entry of that name (``ValueError`` if none)."""
+    if isinstance(limits, ImageLimits):
+        return limits
+    for known in IMAGE_LIMITS:
+        if known.name == limits:
+            return known
+    raise ValueError(f"unknown image limits {limits!r}; choose from {', '.join(k.name for k in IMAGE_LIMITS)}")
+
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -162,7 +193,7 @@ def _fan_in_init(model: torch.nn.Module, generator: torch.Generator) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
 
 
-def _image_processor_config() -> dict:
+def _image_processor_config(limits: ImageLimits) -> dict:
     return {
         "image_processor_type": "Qwen2VLImageProcessor",
         "do_resize": True,
@@ -172,21 +203,26 @@ def _image_processor_config() -> dict:
         "do_convert_rgb": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "min_pixels": IMAGE_MIN_PIXELS,
-        "max_pixels": IMAGE_MAX_PIXELS,
-        "size": {"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS},
+        "min_pixels": limits.min_pixels,
+        "max_pixels": limits.max_pixels,
+        "size": {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels},
         "patch_size": 14,
         "temporal_patch_size": 2,
         "merge_size": 2,
     }
 
 
-def build_tiny_model(directory: str | Path) -> Path:
+def build_tiny_model(directory: str | Path, image_limits: str | ImageLimits = TINY_IMAGE_LIMITS) -> Path:
     """Write the tiny model to ``directory`` (created if needed) and return its path.
 
     Guarantees: the result loads with transformers' ``AutoModelForImageTextToText``,
     ``AutoTokenizer`` and ``AutoImageProcessor``; the same bytes are written every time.
+    ``image_limits`` (an ``ImageLimits`` or its name) sets only the image processor's
+    bounds: the weights, tokenizer and config are the same for every choice, and its
+    ``max_position_embeddings`` (4096) holds a 1024² image at Qwen2-VL's default limits
+    (1,369 image tokens) with its text and output.
     """
+    limits = image_limits_named(image_limits)
     from transformers import Qwen2VLForConditionalGeneration
 
     path = Path(directory)
@@ -202,21 +238,25 @@ def build_tiny_model(directory: str | Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     (path / "preprocessor_config.json").write_text(
-        json.dumps(_image_processor_config(), indent=2, sort_keys=True) + "\n"
+        json.dumps(_image_processor_config(limits), indent=2, sort_keys=True) + "\n"
     )
     return path
 
 
-def default_tiny_model_dir() -> Path:
-    """Where ``vlserve serve`` without ``--model`` keeps the built-in model (user cache dir)."""
+def default_tiny_model_dir(image_limits: str | ImageLimits = TINY_IMAGE_LIMITS) -> Path:
+    """Where ``vlserve serve`` without ``--model`` keeps the built-in model (user cache dir);
+    a variant with other ``image_limits`` lives beside it, under a name that says which."""
     import os
 
+    limits = image_limits_named(image_limits)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vlserve" / "tiny-qwen2-vl-v1"
+    name = "tiny-qwen2-vl-v1" if limits == TINY_IMAGE_LIMITS else f"tiny-qwen2-vl-v1-{limits.name}"
+    return Path(base) / "vlserve" / name
 
 
-def ensure_tiny_model(directory: str | Path | None = None) -> Path:
-    """Build the tiny model once into ``directory`` (default: the user cache) and return it.
+def ensure_tiny_model(directory: str | Path | None = None, image_limits: str | ImageLimits = TINY_IMAGE_LIMITS) -> Path:
+    """Build the tiny model (with ``image_limits``) once into ``directory`` (default: the
+    user cache, ``default_tiny_model_dir(image_limits)``) and return it.
 
     The build goes to a temporary sibling first and is renamed into place, so a concurrent
     or interrupted build never leaves a half-written model behind.
@@ -225,13 +265,13 @@ def ensure_tiny_model(directory: str | Path | None = None) -> Path:
     import shutil
     import tempfile
 
-    target = Path(directory) if directory is not None else default_tiny_model_dir()
+    target = Path(directory) if directory is not None else default_tiny_model_dir(image_limits)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     try:
-        build_tiny_model(staging)
+        build_tiny_model(staging, image_limits)
         try:
             os.rename(staging, target)
         except OSError:

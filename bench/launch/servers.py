@@ -43,6 +43,14 @@ def vlserve_executable() -> str:
     return found
 
 
+def vlserve_pixel_slot_args(pixel_slot_mb: int | None) -> tuple[str, ...]:
+    """vlserve's flags for pixel slots of ``pixel_slot_mb`` MiB, for the real-size image
+    setting (``bench.workloads.image_tokens``); none for ``None``, where vlserve sizes its
+    slots for its image processor's max_pixels (at Qwen2-VL's default max_pixels that is
+    ≈308 MiB a slot, x 16 slots of /dev/shm, for images the benchmark never sends)."""
+    return ("--pixel-slot-mb", str(pixel_slot_mb)) if pixel_slot_mb else ()
+
+
 def server_command(name: str, port: int, model: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """The command line that serves ``name`` on 127.0.0.1:``port``, ``extra`` appended."""
     model_args = ["--model", model, *extra] if model else list(extra)

@@ -79,6 +79,8 @@ class Summary:
     loop_lag_p50_ms: float = float("nan")
     loop_lag_p99_ms: float = float("nan")
     loop_lag_samples: int = 0
+    # prompt tokens of the successful requests, from the servers' usage (image tokens included)
+    total_input_tokens: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +91,7 @@ class Summary:
             ("Successful requests:", f"{self.successful}"),
             ("Failed requests:", f"{self.failed}"),
             ("Benchmark duration (s):", f"{self.duration_s:.2f}"),
+            ("Total input tokens:", f"{self.total_input_tokens}"),
             ("Total generated tokens:", f"{self.total_output_tokens}"),
             ("Request throughput (req/s):", f"{self.request_throughput:.2f}"),
             ("Output token throughput (tok/s):", f"{self.output_throughput:.2f}"),
@@ -180,6 +183,7 @@ def summarise(run: LoadRun) -> Summary:
         request_throughput=len(ok) / duration,
         output_throughput=tokens / duration,
         total_output_tokens=tokens,
+        total_input_tokens=sum(r.prompt_tokens for r in ok),
         mean_ttft_ms=_ms(ttfts),
         median_ttft_ms=_ms(ttfts, 50),
         p99_ttft_ms=_ms(ttfts, 99),

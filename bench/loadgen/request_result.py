@@ -12,7 +12,8 @@ class RequestResult:
 
     ``chunk_times`` holds the arrival time of every SSE chunk that carried output text; the
     first is the time to first token. ``output_tokens`` is the server's ``usage`` count when
-    it sent one, else the number of such chunks.
+    it sent one, else the number of such chunks; ``prompt_tokens`` is the server's ``usage``
+    count (image tokens included), 0 when it sent none.
     """
 
     index: int
@@ -24,6 +25,7 @@ class RequestResult:
     status: int | None = None
     chunk_times: list[float] = field(default_factory=list)
     output_tokens: int = 0
+    prompt_tokens: int = 0
 
     @property
     def ttft(self) -> float | None:

@@ -72,6 +72,7 @@ def _take_chunk(chunk: dict, result: RequestResult, now: float) -> None:
     usage = chunk.get("usage")
     if usage:
         result.output_tokens = int(usage.get("completion_tokens") or 0)
+        result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
     for choice in chunk.get("choices") or ():
         if (choice.get("delta") or {}).get("content"):
             result.chunk_times.append(now)

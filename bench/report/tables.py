@@ -113,3 +113,14 @@ def probe_table(summaries: Sequence[Summary]) -> str:
             f" | {_num(s.probe_passes_keep_alive, 2)} | {_num(s.probe_passes_fresh, 2)} |"
         )
     return "\n".join(lines)
+
+
+def prompt_tokens_line(summaries: Sequence[Summary]) -> str:
+    """Mean prompt tokens per successful request (the servers' usage, image tokens
+    included) for each (workload, server) of the best runs: shows which image-token
+    setting the servers really ran with."""
+    parts = []
+    for s, _ in best_runs(summaries):
+        mean = s.total_input_tokens / s.successful if s.successful and s.total_input_tokens else math.nan
+        parts.append(f"{s.workload} c={s.concurrency} {s.server} {_num(mean, 0)}")
+    return "mean prompt tokens per request: " + "; ".join(parts)

@@ -89,3 +89,39 @@ async def test_every_workload_runs_against_vlserve_and_a_baseline(tmp_path, tiny
     assert len(record["runs"]) == len(runs) and record["runs"][0]["health"]
     png = plot_health([run for run, _ in runs if run.workload == "image-url"], tmp_path / "out" / "health.png", "smoke")
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+async def test_real_image_sizes_run_against_vlserve(tmp_path, real_size_tiny_model_dir):
+    """``image_tokens="real"``: vlserve serves the tiny model at Qwen2-VL's default image
+    limits with pixel slots sized for the benchmark's images (32 MiB, not max_pixels' 308),
+    and every 1024² image reaches the model as 1,369 image tokens (the server's usage).
+    vlserve only, to keep it short: the baselines get the same ``--model`` and no slots."""
+    options = LoadOptions(
+        concurrency=2,
+        num_requests=2,
+        warmup=1,
+        max_tokens=4,
+        max_seconds=60.0,
+        grace_seconds=60.0,
+        idle_probe_seconds=0.2,
+    )
+    plan = BenchmarkPlan(
+        servers=("vlserve",),
+        workloads=("image-base64",),
+        concurrency_levels=(2,),
+        options=options,
+        image_dir=tmp_path / "images",
+        log_dir=tmp_path / "logs",
+        image_size=1024,
+        model=str(real_size_tiny_model_dir),
+        image_tokens="real",
+    )
+    runs = await run_benchmark(plan)
+
+    [(run, summary)] = runs
+    assert summary.successful == 2 and summary.failed == 0, summary.first_error
+    assert run.warmup_failures == 0
+    per_request = summary.total_input_tokens / summary.successful
+    assert 1369 < per_request < 1369 + 100  # the image, the chat template, a question
+    vlserve_log = next((tmp_path / "logs").glob("vlserve-*.log")).read_text()
+    assert "Traceback" not in vlserve_log
