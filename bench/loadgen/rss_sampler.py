@@ -4,63 +4,52 @@ descendants: a vlserve server's engine worker and prep processes count)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import psutil
 import trio
+
+
+def _tree_sum(pid: int, measure: Callable[[psutil.Process], float]) -> float:
+    """``measure(p)`` summed over ``pid`` and its descendants now; 0 if it is gone. A
+    process that exits between listing and reading (or cannot be measured) counts 0."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += measure(proc)
+        except (psutil.Error, AttributeError):
+            pass
+    return total
 
 
 def tree_rss(pid: int) -> int:
     """Bytes resident in ``pid`` and its descendants now; 0 if it is gone. Blocking, fast.
     Pages shared between the processes (torch's libraries, mapped by each) count once per
     process: see ``tree_pss``."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            pass  # exited between listing and reading
-    return total
+    return int(_tree_sum(pid, lambda p: p.memory_info().rss))
 
 
 def tree_pss(pid: int) -> int:
     """The proportional set size of ``pid`` and its descendants now (each shared page split
     among the processes mapping it): what the tree costs the machine. 0 if it is gone.
     Blocking; reads each process's smaps (about a millisecond each)."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_full_info().pss
-        except (psutil.Error, AttributeError):
-            pass  # exited meanwhile, or no PSS on this platform
-    return total
+    return int(_tree_sum(pid, lambda p: p.memory_full_info().pss))
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def tree_cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds used so far by ``pid`` and its living descendants (and
     the children they have reaped); 0 if it is gone. Blocking, fast."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    total = 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
+    return float(_tree_sum(pid, _cpu_seconds))
 
 
 async def sample_rss(
