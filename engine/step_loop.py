@@ -117,9 +117,10 @@ class StepLoop:
             self.apply(submit)
         return self._run_step() or self._news()
 
-    def _news(self) -> StepOutputs:
-        """Outputs with no step: sequences failed on arrival, slots read, statistics."""
-        outputs = StepOutputs(self._early_updates, self.statistics(), self._pixels_read)
+    def _news(self, step_updates: list[SequenceOutput] = ()) -> StepOutputs:
+        """Outputs to send now: sequences failed on arrival, then ``step_updates`` (a
+        step's, if one ran), the slots read since the last outputs, and statistics."""
+        outputs = StepOutputs(self._early_updates + list(step_updates), self.statistics(), self._pixels_read)
         self._early_updates, self._pixels_read = [], []
         return outputs
 
@@ -134,9 +135,7 @@ class StepLoop:
         for seq in plan.leaving:
             self._sequences.pop(seq.seq_id, None)
         self._tally.record(report)
-        outputs = StepOutputs(self._early_updates + report.updates, self.statistics(), self._pixels_read)
-        self._early_updates, self._pixels_read = [], []
-        return outputs
+        return self._news(report.updates)
 
     def serve(self, channel: BlockingMessageSocket) -> None:
         """Serve the front end on ``channel`` until it closes its end: block while idle,

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.runtime import open_runtime
-
-
-@pytest.fixture
-def vlserve_config(vlserve_config, tiny_model_dir):
-    return dataclasses.replace(vlserve_config, model=str(tiny_model_dir))
-
-
-@pytest.fixture
-def vlserve_runtime_factory(tiny_model):
-    return lambda config: open_runtime(config, loaded=tiny_model)
+from tests.server.real_runtime import vlserve_config, vlserve_runtime_factory  # noqa: F401
 
 
 async def test_real_runtime_metrics(http, vlserve_server):

@@ -8,7 +8,6 @@ are covered with fixed text in ``tests/server/test_tool_calls.py``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from enum import StrEnum
@@ -17,26 +16,11 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from server.runtime import open_runtime
+from tests.server.real_runtime import model_name, vlserve_config, vlserve_runtime_factory  # noqa: F401
 
 USER = [{"role": "user", "content": "Fill in the form."}]
 STRING = re.compile(r'"(?:\\.|[^"\\])*"')
 BUDGET = 256  # far more than a compact answer to any schema below needs
-
-
-@pytest.fixture
-def vlserve_config(vlserve_config, tiny_model_dir):
-    return dataclasses.replace(vlserve_config, model=str(tiny_model_dir))
-
-
-@pytest.fixture
-def vlserve_runtime_factory(tiny_model):
-    return lambda config: open_runtime(config, loaded=tiny_model)
-
-
-@pytest.fixture
-def model_name(vlserve_config) -> str:
-    return vlserve_config.model_name
 
 
 class Colour(StrEnum):

@@ -5,30 +5,13 @@ depend on the random weights."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import openai
 import pytest
 
-from server.runtime import open_runtime
+from tests.server.real_runtime import model_name, vlserve_config, vlserve_runtime_factory  # noqa: F401
 
 USER = [{"role": "user", "content": "Say something."}]
 TOKEN = 300  # an ordinary BPE token of the tiny tokenizer
-
-
-@pytest.fixture
-def vlserve_config(vlserve_config, tiny_model_dir):
-    return dataclasses.replace(vlserve_config, model=str(tiny_model_dir))
-
-
-@pytest.fixture
-def vlserve_runtime_factory(tiny_model):
-    return lambda config: open_runtime(config, loaded=tiny_model)
-
-
-@pytest.fixture
-def model_name(vlserve_config) -> str:
-    return vlserve_config.model_name
 
 
 async def test_logit_bias_forces_a_token(vlserve_client, model_name, tiny_model):
