@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from engine.config import STREAM_FANOUT
 from engine.core_messages import NewSequence, StepOutputs
 from engine.outbox import Outbox
+from engine.output_fanout import OutputFanout
 from engine.request_stream import RequestStream
 from engine.statistics import IDLE_STATISTICS, EngineStatistics
 from engine.stream_registry import StreamRegistry
@@ -72,10 +74,12 @@ class AsyncEngine:
         core: Core,
         stream_interval: float,
         device_gate: trio.CapacityLimiter | None = None,
+        fanout_per_pass: int = STREAM_FANOUT,
     ) -> None:
         self.core = core
         self._device_gate = device_gate
         self._streams = StreamRegistry(stream_interval)
+        self._fanout = OutputFanout(self._streams, fanout_per_pass)
         self._outbox = Outbox()
         self._stats = IDLE_STATISTICS
         self._leases: dict[int, SlotLease] = {}  # pixel slots of sequences sent, until read
@@ -90,18 +94,22 @@ class AsyncEngine:
         core: Core,
         stream_interval: float = 0.0,
         device_gate: trio.CapacityLimiter | None = None,
+        fanout_per_pass: int = STREAM_FANOUT,
     ) -> AsyncIterator[AsyncEngine]:
         """Run the engine on ``core`` for the duration of the block (see the module
-        docstring for the lifetime and cancellation rules)."""
-        engine = cls(core, stream_interval, device_gate)
+        docstring for the lifetime and cancellation rules). Each step's outputs reach at
+        most ``fanout_per_pass`` streams per scheduler pass (``OutputFanout``)."""
+        engine = cls(core, stream_interval, device_gate, fanout_per_pass)
         async with trio.open_nursery() as nursery:
             engine._alive = True
             nursery.start_soon(engine._run_core)
+            nursery.start_soon(engine._fanout.run)
             try:
                 yield engine
             finally:
                 engine._closing = True
                 nursery.cancel_scope.cancel()
+                engine._fanout.flush()
                 engine._abort_all("the engine stopped before this request finished")
 
     @property
@@ -153,6 +161,7 @@ class AsyncEngine:
             self._alive = False
             if not self._closing:
                 logger.error("the engine stopped unexpectedly: %s", self.core.stopped_reason)
+            self._fanout.flush()  # what the step loop finished before it stopped ends as it did
             self._abort_all(self.core.stopped_reason)
             # no step runs any more (``Core.run`` returns only then): nothing reads a slot
             for seq_id in list(self._leases):
@@ -168,10 +177,7 @@ class AsyncEngine:
             self._drop_lease(seq_id)
         self._stats = outputs.stats
         self._last_progress = time.monotonic()
-        for update in outputs.updates:
-            stream = self._streams.get(update.seq_id)
-            if stream is not None:  # else its consumer has left; the abort is on its way
-                stream.push(update)
+        self._fanout.deliver(outputs.updates)
 
     def _abort_all(self, reason: str) -> None:
         """End every open stream with ``abort`` and an error (the request did not finish)."""
@@ -215,4 +221,5 @@ def open_engine(
 
     gate = device_gate or trio.CapacityLimiter(1)
     read_pixels = slots.memory.read if slots is not None else None
-    return AsyncEngine.open(ThreadCore(loaded, config, gate, read_pixels), config.stream_interval, gate)
+    core = ThreadCore(loaded, config, gate, read_pixels)
+    return AsyncEngine.open(core, config.stream_interval, gate, config.stream_fanout)

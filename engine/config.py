@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# streams handed their new output per event-loop pass (engine.output_fanout)
+STREAM_FANOUT = 16
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -62,6 +65,13 @@ class EngineConfig:
         default=0.01,
         metadata={"help": "minimum seconds between two deltas of one request (faster tokens are sent together)"},
     )
+    stream_fanout: int = field(
+        default=STREAM_FANOUT,
+        metadata={
+            "help": "streams handed their new output per event-loop pass when a step's outputs arrive "
+            "(the rest in the next passes), so /health waits behind at most this many streams' work"
+        },
+    )
     vision_max_batch_size: int = field(default=16, metadata={"help": "images per vision-encoder forward"})
     vision_max_batch_patches: int = field(default=32768, metadata={"help": "image patches per vision-encoder forward"})
     vision_step_patches: int = field(
@@ -86,6 +96,7 @@ class EngineConfig:
             "max_num_seqs",
             "max_num_batched_tokens",
             "decode_steps_per_call",
+            "stream_fanout",
             "vision_max_batch_size",
             "vision_max_batch_patches",
             "vision_step_patches",

@@ -98,16 +98,19 @@ class RequestStream:
         while True:
             if self._delivered_final:
                 raise StopAsyncIteration
+            if not (self._token_ids or self._text or self._finish_reason is not None):
+                # nothing to give: sleep until something arrives (no timer: a consumer
+                # whose interval ends before the next step's output does not wake for nothing)
+                await self._changed.wait()
+                self._changed = trio.Event()
+                continue
             if self._finish_reason is None and trio.current_time() < self._next_take:
                 with trio.move_on_at(self._next_take):
                     await self._finished.wait()
-            if self._token_ids or self._text or self._finish_reason is not None:
-                if self._min_interval:
-                    stretch = 1.0 + self._spread * self._rng.random()
-                    self._next_take = trio.current_time() + self._min_interval * stretch
-                return self._take()
-            await self._changed.wait()
-            self._changed = trio.Event()
+            if self._min_interval:
+                stretch = 1.0 + self._spread * self._rng.random()
+                self._next_take = trio.current_time() + self._min_interval * stretch
+            return self._take()
 
     def _take(self) -> StreamDelta:
         delta = StreamDelta(
@@ -119,5 +122,7 @@ class RequestStream:
             completion_tokens=self._completion_tokens,
         )
         self._token_ids, self._text, self._logprobs = [], [], []
+        if self._changed.is_set():  # what it announced is taken: the next wait is for new output
+            self._changed = trio.Event()
         self._delivered_final = self._finish_reason is not None
         return delta

@@ -148,7 +148,7 @@ async def open_worker_engine(
     spec = slots.spec if slots is not None else None
     async with (
         WorkerCore.start(str(loaded.path), worker_engine_config(loaded, config), spec) as core,
-        AsyncEngine.open(core, config.stream_interval) as engine,
+        AsyncEngine.open(core, config.stream_interval, fanout_per_pass=config.stream_fanout) as engine,
     ):
         yield engine
 

@@ -53,3 +53,42 @@ async def test_two_streams_fed_together_drift_apart(autojump_clock):
     first = [t for t, _ in await paced_take_times(0.5, seed=1)]
     second = [t for t, _ in await paced_take_times(0.5, seed=2)]
     assert set(first[3:-1]) != set(second[3:-1])
+
+
+class TaskSteps(trio.abc.Instrument):
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_a_consumer_wakes_once_per_output_when_steps_are_slower_than_the_interval(autojump_clock):
+    """A consumer whose interval has ended before the next output arrives sleeps until that
+    output, instead of waking at the interval's end to find nothing: one wake-up per step's
+    output (the stream's cost on the event loop is per delta, not per timer)."""
+    stream = RequestStream(0, 3, min_interval=0.01, spread=0.0)
+    steps = 5
+    deltas = []
+    counted: list[TaskSteps] = []
+
+    async def consume():
+        counter = TaskSteps(trio.lowlevel.current_task())
+        counted.append(counter)
+        trio.lowlevel.add_instrument(counter)
+        try:
+            async for delta in stream:
+                deltas.append(delta)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consume)
+        for i in range(steps):
+            await trio.sleep(0.05)  # a step five intervals long
+            stream.push(SequenceOutput(0, [i], "x", None, "length" if i == steps - 1 else None))
+    assert [d.token_ids for d in deltas] == [[i] for i in range(steps)]
+    # one step to start and park, one per delta (the last one also returns the end)
+    assert counted[0].steps <= steps + 2
