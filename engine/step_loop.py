@@ -4,8 +4,9 @@
 scheduler and engine core while there is work, and reports each step's outputs with fresh
 statistics. The same loop runs in either placement (docs/architecture.md):
 
-- in the engine worker process, ``serve(channel)`` blocks on its socket while idle and
-  never waits for the front end's event loop (nor shares its GIL);
+- in the engine worker process, ``engine.worker_loop`` calls ``accept(submits)`` and
+  ``run_step()`` in a worker thread under the worker's device gate while its event loop
+  reads the socket (it never waits for the front end's event loop, nor shares its GIL);
 - in a thread of the server process (``engine.thread_core``), the front end calls
   ``step(submit)`` once per step under the device gate.
 """
@@ -25,14 +26,12 @@ if TYPE_CHECKING:
     from engine.engine_core import EngineCore
     from engine.image_encoder import ReadPixels
     from engine.model_loader import LoadedModel
-    from engine.wire import BlockingMessageSocket
 
 
 class StepLoop:
     """Sequences by id, the scheduler, the engine core and the step counters.
 
-    Not thread-safe: one caller at a time (the worker's main thread, or one step thread
-    after another).
+    Not thread-safe: one caller at a time (one step thread after another).
     """
 
     def __init__(self, core: EngineCore, scheduler: Scheduler) -> None:
@@ -115,7 +114,18 @@ class StepLoop:
         statistics after it (with no updates if no step ran)."""
         if submit is not None:
             self.apply(submit)
-        return self._run_step() or self._news()
+        return self.run_step() or self._news()
+
+    def accept(self, submits: list[Submit]) -> StepOutputs | None:
+        """Apply ``submits`` in order; the outputs to send before the next step if any
+        (pixel slots read, sequences failed on arrival), else ``None``."""
+        for submit in submits:
+            self.apply(submit)
+        return self._news() if self._pixels_read or self._early_updates else None
+
+    def news(self) -> StepOutputs:
+        """Outputs with no step's updates: what ``accept`` left unsent, and statistics."""
+        return self._news()
 
     def _news(self, step_updates: list[SequenceOutput] = ()) -> StepOutputs:
         """Outputs to send now: sequences failed on arrival, then ``step_updates`` (a
@@ -124,7 +134,7 @@ class StepLoop:
         self._early_updates, self._pixels_read = [], []
         return outputs
 
-    def _run_step(self) -> StepOutputs | None:
+    def run_step(self) -> StepOutputs | None:
         """One scheduled step and its outputs; ``None`` if there was nothing to run."""
         if not self._scheduler.has_work():
             return None
@@ -136,24 +146,6 @@ class StepLoop:
             self._sequences.pop(seq.seq_id, None)
         self._tally.record(report)
         return self._news(report.updates)
-
-    def serve(self, channel: BlockingMessageSocket) -> None:
-        """Serve the front end on ``channel`` until it closes its end: block while idle,
-        else read what has arrived, step, and send the outputs."""
-        while True:
-            messages = channel.receive_all(block=not self._scheduler.has_work())
-            if channel.closed:
-                return
-            for message in messages:
-                if isinstance(message, Submit):
-                    self.apply(message)
-            if self._pixels_read or self._early_updates:
-                channel.send(self._news())  # free the slots now, not after the step
-            outputs = self._run_step()
-            if outputs is not None:
-                channel.send(outputs)
-            elif messages:
-                channel.send(self._news())  # e.g. aborts of waiting sequences
 
     def statistics(self) -> EngineStatistics:
         return self._tally.statistics(self._scheduler, self._core.runner, self._core.encoder)

@@ -5,7 +5,8 @@ Each message is one pickled object behind an 8-byte big-endian length. The two e
 our own processes (the worker is started by the front end with a socket pair), so pickle
 carries prompts, sampling parameters and image-feature tensors as they are. There is no
 stop message: the worker stops when the front end closes its end.
-``MessageReceiver`` is the trio end, ``BlockingMessageSocket`` the worker's. No torch
+``MessageReceiver`` reads them in trio (both ends, once the worker runs its steps),
+``BlockingMessageSocket`` is the worker's end while it starts. No torch
 import here (unpickling a tensor imports it).
 """
 
@@ -84,6 +85,13 @@ class BlockingMessageSocket:
 
     def send(self, message: object) -> None:
         self._sock.sendall(encode(message))
+
+    def detach(self) -> socket.socket:
+        """The socket, for a reader that takes over from here (``engine.worker_loop``).
+        Raises ``RuntimeError`` if part of a message has been read: it would be lost."""
+        if self._frames.partial:
+            raise RuntimeError("a message is half read; it would be lost")
+        return self._sock
 
     def readable(self) -> bool:
         """True if a message (or end of stream) is waiting to be read."""

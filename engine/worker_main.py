@@ -3,8 +3,8 @@
 ``FD`` is the worker's end of a socket pair made by the front end (``WorkerCore``).
 The first message on it is a ``WorkerStart`` (model path and ``EngineConfig``); the worker
 loads the model, answers ``WorkerReady`` (or ``WorkerFailed`` and exits 1), then serves its
-``StepLoop`` until the front end's end closes, which also happens when the front end dies:
-the worker never outlives its parent.
+``StepLoop`` from a trio event loop (``engine.worker_loop``) until the front end's end
+closes, which also happens when the front end dies: the worker never outlives its parent.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
+import trio
+
 from engine.core_messages import WorkerFailed, WorkerReady, WorkerStart
 from engine.wire import BlockingMessageSocket
+from engine.worker_loop import Inbox, serve_steps
 
 if TYPE_CHECKING:
     from engine.step_loop import StepLoop
@@ -31,19 +34,17 @@ def serve(channel: BlockingMessageSocket) -> int:
     (start,) = channel.receive_all(block=True)[:1] or (None,)
     if not isinstance(start, WorkerStart):
         return 2  # the front end went away before configuring us
+    inbox = Inbox()
     try:
-        loop = _build(start, channel)
+        loop = _build(start, channel, inbox)
     except Exception as exc:  # reported to the front end, which raises ModelLoadError
         channel.send(WorkerFailed(f"{type(exc).__name__}: {exc}"))
         return 1
-    try:
-        loop.serve(channel)
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the front end closed while we were sending: it is stopping us
+    trio.run(serve_steps, loop, channel.detach(), inbox)
     return 0
 
 
-def _build(start: WorkerStart, channel: BlockingMessageSocket) -> StepLoop:
+def _build(start: WorkerStart, channel: BlockingMessageSocket, inbox: Inbox) -> StepLoop:
     import torch
 
     from engine.model_loader import load_model
@@ -66,7 +67,7 @@ def _build(start: WorkerStart, channel: BlockingMessageSocket) -> StepLoop:
 
         read_pixels = SlotMemory.attach(start.slots).read  # kept for the life of the process
     # stop back-to-back decode steps as soon as the front end has sent anything
-    loop = StepLoop.for_model(loaded, config, has_news=channel.readable, read_pixels=read_pixels)
+    loop = StepLoop.for_model(loaded, config, has_news=inbox.__bool__, read_pixels=read_pixels)
     gc.collect()
     gc.freeze()  # as in the front end: full collections skip the model's objects
     channel.send(

@@ -1,10 +1,8 @@
 """The one step loop (``engine.step_loop.StepLoop``), with a fake engine core: adds, aborts
-of waiting and running sequences, and serving a socket until the front end closes it."""
+of waiting and running sequences (its worker-process event loop: tests/engine/test_worker_loop.py)."""
 
 from __future__ import annotations
 
-import socket
-import threading
 from dataclasses import dataclass, field
 
 from engine.core_messages import NewSequence, SequenceOutput, StepOutputs, Submit
@@ -13,7 +11,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, StepPlan
 from engine.sequence import Sequence, SequenceStatus
 from engine.step_loop import StepLoop
-from engine.wire import BlockingMessageSocket, Frames, encode
 
 
 class FakeRunner:
@@ -136,64 +133,4 @@ def test_an_idle_step_reports_statistics_only():
     loop, core = make_loop()
     outputs = loop.step(Submit())
     assert outputs == StepOutputs([], loop.statistics())
-    assert core.plans == []
-
-
-def receive_until(sock: socket.socket, frames: Frames, done) -> list[object]:
-    messages: list[object] = []
-    while not done(messages):
-        data = sock.recv(1 << 16)
-        assert data, "the worker closed its end"
-        frames.feed(data)
-        messages.extend(frames.pop_all())
-    return messages
-
-
-def test_serve_steps_what_arrives_and_returns_when_the_front_end_closes():
-    """The worker's loop: outputs for every step until each sequence finishes, a
-    statistics message after an abort that needed no step, and a clean return (no
-    exception, thread ends) when the front end closes its end."""
-    loop, _ = make_loop(max_num_seqs=1)
-    front, worker_end = socket.socketpair()
-    errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            loop.serve(BlockingMessageSocket(worker_end))
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        frames = Frames()
-        front.sendall(encode(Submit([new(1, 3), new(2, 100)])))
-
-        def finished_one(messages):
-            return any(u.seq_id == 1 and u.finish_reason for m in messages for u in m.updates)
-
-        messages = receive_until(front, frames, finished_one)
-        assert all(isinstance(m, StepOutputs) for m in messages)
-        assert [t for m in messages for u in m.updates if u.seq_id == 1 for t in u.token_ids] == [0, 1, 2]
-        front.sendall(encode(Submit(aborts=[2])))
-        idle = receive_until(
-            front,
-            frames,
-            lambda ms: bool(ms) and ms[-1].stats.running == ms[-1].stats.waiting == 0,
-        )
-        assert idle[-1].stats.cache_tokens == 0
-    finally:
-        front.close()
-        thread.join(timeout=10)
-        worker_end.close()
-    assert not thread.is_alive()
-    assert errors == []
-
-
-def test_serve_returns_at_once_if_the_channel_is_already_closed():
-    loop, core = make_loop()
-    front, worker_end = socket.socketpair()
-    front.close()
-    with worker_end:
-        loop.serve(BlockingMessageSocket(worker_end))
     assert core.plans == []
