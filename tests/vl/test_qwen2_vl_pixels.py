@@ -1,0 +1,71 @@
+"""The fast Qwen2-VL preprocessing (``vl.qwen2_vl_pixels``) gives the Hugging Face
+processor's output bit for bit: same grid, same float32 values, for images of many
+shapes, under the tiny model's settings and Qwen2-VL's default ``max_pixels``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor
+
+from vl.image_pixels import ImagePreprocessor
+from vl.qwen2_vl_pixels import fast_pixels_for
+
+SIZES = [(1024, 1024), (640, 480), (300, 700), (57, 33), (1000, 280), (29, 29), (2000, 1500)]
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A noisy gradient: every byte value occurs, smooth and sharp regions alike."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256], axis=-1)
+    noisy = np.clip(base + rng.integers(-40, 41, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(noisy, "RGB")
+
+
+@pytest.fixture(scope="module")
+def processors(tiny_model_dir, real_size_tiny_model_dir):
+    return [AutoImageProcessor.from_pretrained(d) for d in (tiny_model_dir, real_size_tiny_model_dir)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_equal_to_the_processor_bit_for_bit(processors, size):
+    for processor in processors:
+        fast = fast_pixels_for(processor)
+        assert fast is not None, type(processor).__name__
+        image = photo(*size)
+        expected = processor(images=[image], return_tensors="pt")
+        pixel_values, grid = fast(image)
+        assert grid == tuple(int(v) for v in expected["image_grid_thw"][0])
+        assert pixel_values.dtype == expected["pixel_values"].dtype == torch.float32
+        assert torch.equal(pixel_values, expected["pixel_values"])
+
+
+def test_pixel_bounds_given_per_call_match_the_processors_size_argument(processors):
+    processor = processors[1]
+    fast = fast_pixels_for(processor)
+    image = photo(1600, 900, seed=3)
+    bounds = {"shortest_edge": 56 * 56, "longest_edge": 64 * 28 * 28}
+    expected = processor(images=[image], size=bounds, return_tensors="pt")
+    pixel_values, grid = fast(image, min_pixels=bounds["shortest_edge"], max_pixels=bounds["longest_edge"])
+    assert grid == tuple(int(v) for v in expected["image_grid_thw"][0])
+    assert torch.equal(pixel_values, expected["pixel_values"])
+
+
+def test_the_preprocessor_takes_the_fast_path_and_keeps_its_output(processors):
+    processor = processors[0]
+    preprocessor = ImagePreprocessor(processor, merge_size=2)
+    assert preprocessor._fast is not None
+    image = photo(800, 600, seed=5)
+    inputs = preprocessor(image)
+    expected = processor(images=[image], return_tensors="pt")
+    assert torch.equal(inputs.pixel_values, expected["pixel_values"])
+
+
+def test_other_processors_are_left_to_run_as_they_are():
+    class SomeOtherProcessor:
+        do_resize = do_rescale = do_normalize = True
+
+    assert fast_pixels_for(SomeOtherProcessor()) is None
