@@ -4,9 +4,9 @@ and how long one scheduler pass gets while a step's outputs fan out.
 A stand-in step loop (a ``Core``) gives every running sequence one token per step and
 hands the ``StepOutputs`` to the real ``AsyncEngine`` (its ``StreamRegistry``,
 ``RequestStream``s and ``OutputFanout``), the real ``produce_chunks`` + ``ChatChunker``
-format the chunks, the real ``sse_response`` body carries them, and a stand-in for Quart's
-send loop (``async with body: async for data in body: await send(data)``, one checkpoint
-per send as a socket write has) consumes them. Steps are ``--step-ms`` apart in trio's
+format the chunks, the real ``sse_response`` body carries them, sent by the server's own
+``send_body`` (inline for one choice) into a write that checkpoints once, as a socket
+write does. Steps are ``--step-ms`` apart in trio's
 mock time (autojump), so the task interleaving is that of a real server whose engine steps
 take that long, and the figures are deterministic apart from CPU time:
 
@@ -44,7 +44,7 @@ from engine.statistics import IDLE_STATISTICS
 from server.chat_format import ChatChunker
 from server.generation import make_jobs
 from server.response_meta import ResponseMeta
-from server.sse import sse_response
+from server.sse import send_body, sse_response
 from server.streaming import produce_chunks
 
 PIECE = " token"
@@ -118,12 +118,13 @@ class Sink:
     events: int = 0
 
     async def drain(self, response: Any) -> None:
-        async with response.response as body:
-            async for data in body:
-                self.writes += 1
-                self.bytes += len(data)
-                self.events += data.count(b"\n\n")
-                await trio.lowlevel.checkpoint()  # a socket write's checkpoint
+        async def write(data: bytes) -> None:
+            self.writes += 1
+            self.bytes += len(data)
+            self.events += data.count(b"\n\n")
+            await trio.lowlevel.checkpoint()  # a socket write's checkpoint
+
+        await send_body(response.response, write)
 
 
 async def stream_all(streams: int, tokens: int, n: int, step_s: float, fanout: int) -> dict[str, Any]:
@@ -139,7 +140,7 @@ async def stream_all(streams: int, tokens: int, n: int, step_s: float, fanout: i
                 async def producer(send, jobs=jobs, chunker=chunker) -> None:
                     await produce_chunks(engine, jobs, chunker, True, send)
 
-                requests.start_soon(sink.drain, sse_response(producer, f"req-{i}"))
+                requests.start_soon(sink.drain, sse_response(producer, f"req-{i}", inline=n == 1))
     return {
         "steps": core.steps,
         "writes": sum(s.writes for s in sinks),

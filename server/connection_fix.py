@@ -1,4 +1,5 @@
-"""Make quart-trio close connections that should close under hypercorn's trio worker.
+"""Make quart-trio close connections that should close under hypercorn's trio worker, and
+send event streams without a producer task.
 
 Hypercorn delivers ``http.disconnect`` from *inside* the app's final ``send()`` (the one
 that ends the response body): finishing the response makes hypercorn close the stream,
@@ -16,7 +17,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+from quart.utils import encode_headers
 from quart_trio.asgi import TrioASGIHTTPConnection
+from werkzeug.wrappers import Response as WerkzeugResponse
+
+from server.sse import send_body
 
 Send = Callable[[Any], Awaitable[None]]
 
@@ -50,4 +55,19 @@ class ShieldedFinalSendConnection(TrioASGIHTTPConnection):
     """
 
     async def _send_response(self, send: Send, response: Any) -> None:  # type: ignore[override]
-        await super()._send_response(shield_final_body(send), response)
+        """Quart's, with the final body send shielded; the body is sent by
+        ``server.sse.send_body``, which runs a one-choice event stream's producer in this
+        task (no producer task, no hand-over per chunk)."""
+        send = shield_final_body(send)
+        if isinstance(response, WerkzeugResponse):
+            await super()._send_response(send, response)
+            return
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": encode_headers(response.headers)}
+        )
+
+        async def write(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        await send_body(response.response, write)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

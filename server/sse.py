@@ -1,18 +1,27 @@
 """Server-sent events as OpenAI streams them, and the streaming response that carries them.
 
-A stream is ``data: <json>\\n\\n`` events, then ``data: [DONE]\\n\\n``. The events are made
-by a *producer* task that runs in a nursery owned by the response body while Quart sends
-the body. The producer puts encoded events into an ``EventOutbox`` without yielding;
-Quart's send loop takes everything pending as one body chunk, so the events that one
-engine step makes for a request (every choice's delta, a finish chunk, the usage chunk
-and ``[DONE]``) reach the socket in one write, and a chunk costs no task switch of its own
-(a zero-buffer channel cost one pass per chunk). A client that reads slowly lets the
-outbox fill up to ``OUTBOX_HIGH_WATER`` bytes; then the producer waits, and the engine
-coalesces deltas meanwhile instead of the outbox growing without bound.
+A stream is ``data: <json>\\n\\n`` events, then ``data: [DONE]\\n\\n``. A *producer*
+coroutine makes the events through an ``EventWriter``: ``send(payload)`` queues one event,
+``flush()`` marks the end of what belongs together (the start chunks; everything one
+engine delta makes for a choice), so the events of one engine step leave in one socket
+write. The response body (``ProducedEventsBody``) runs the producer one of two ways:
 
-The body is entered and left by Quart in the handler's task; when the client goes away
-the send loop is cancelled, the body's nursery is cancelled with it, and the producer's
-``engine.open_stream`` blocks abort their sequences.
+- *inline* (one choice, the default for a chat or completion with ``n`` = 1): in the
+  task that sends the response (``send_body``, which ``server.connection_fix`` uses for
+  every response), each ``flush`` being one ASGI send. A token then costs one task wake-up
+  (the stream's consumer) and its write, nothing else;
+- *with a producer task* (several choices, which deliver deltas from tasks of their own,
+  or a server that iterates the body as Quart does): the producer runs in a nursery owned
+  by the body and puts encoded events into an ``EventOutbox`` without yielding; the send
+  loop takes everything pending as one body chunk, so the deltas of every choice that one
+  engine step made still leave in one write. A client that reads slowly lets the outbox
+  fill up to ``OUTBOX_HIGH_WATER`` bytes; then the producer waits, and the engine
+  coalesces deltas meanwhile instead of the outbox growing without bound.
+
+Either way the body is entered and left by the handler's task; when the client goes away
+that task is cancelled, and with it the producer, whose ``engine.open_stream`` blocks
+abort their sequences. A slow client makes the inline producer wait in its write, which
+coalesces deltas the same way.
 
 A producer that raises an ``Exception`` ends the stream with an error event and
 ``[DONE]`` rather than a truncated body; the error is logged and its text is not sent
@@ -26,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import orjson
 import trio
@@ -43,8 +52,23 @@ DONE = b"data: [DONE]\n\n"
 # far more than one engine step's chunks for a request, far less than a long response.
 OUTBOX_HIGH_WATER = 64 * 1024
 
-SendEvent = Callable[[BaseModel | dict[str, Any]], Awaitable[None]]
-Producer = Callable[[SendEvent], Awaitable[None]]
+Payload = BaseModel | dict[str, Any]
+Write = Callable[[bytes], Awaitable[None]]
+
+
+class EventWriter(Protocol):
+    """Where a producer sends its events."""
+
+    async def send(self, payload: Payload) -> None:
+        """Queue one event. Waits only while the client is far behind."""
+        ...
+
+    async def flush(self) -> None:
+        """Let the events queued so far leave now, together (one write)."""
+        ...
+
+
+Producer = Callable[[EventWriter], Awaitable[None]]
 
 
 def encode_event(payload: BaseModel | dict[str, Any]) -> bytes:
@@ -176,17 +200,61 @@ class EventOutbox:
         )
 
 
-class ProducedEventsBody(ResponseBody):
-    """A response body whose bytes come from ``producer`` running in the body's nursery.
+class _OutboxWriter:
+    """An ``EventWriter`` into an ``EventOutbox`` (the producer-task way)."""
 
-    Quart does ``async with body as it: async for chunk in it: send(chunk)`` in one task;
-    entering starts the producer, each iteration takes every event it has put since the
-    last one, leaving cancels whatever of it is still running.
+    def __init__(self, outbox: EventOutbox) -> None:
+        self._outbox = outbox
+
+    async def send(self, payload: Payload) -> None:
+        await self._outbox.wait_for_room()
+        self._outbox.put(encode_event(payload))
+
+    async def flush(self) -> None:
+        pass  # the send loop takes whatever is pending whenever it runs
+
+    def put_encoded(self, event: bytes) -> None:
+        self._outbox.put(event)
+
+
+class _InlineWriter:
+    """An ``EventWriter`` that writes each flushed group itself (the inline way)."""
+
+    def __init__(self, write: Write) -> None:
+        self._write = write
+        self._pending: list[bytes] = []
+        self.writes = 0
+
+    async def send(self, payload: Payload) -> None:
+        self._pending.append(encode_event(payload))
+
+    async def flush(self) -> None:
+        if self._pending:
+            chunk = b"".join(self._pending)
+            self._pending = []
+            self.writes += 1
+            await self._write(chunk)
+
+    def put_encoded(self, event: bytes) -> None:
+        self._pending.append(event)
+
+
+class ProducedEventsBody(ResponseBody):
+    """A response body whose bytes come from ``producer``.
+
+    ``send_body`` runs an ``inline`` body's producer in the calling task. Otherwise (or
+    when iterated as Quart does, ``async with body as it: async for chunk in it:
+    send(chunk)``) entering starts the producer in the body's nursery, each iteration
+    takes every event it has put since the last one, and leaving cancels whatever of it
+    is still running.
     """
 
-    def __init__(self, producer: Producer, request_id: str, outbox: EventOutbox | None = None) -> None:
+    def __init__(
+        self, producer: Producer, request_id: str, outbox: EventOutbox | None = None, *, inline: bool = False
+    ) -> None:
         self._producer = producer
         self._request_id = request_id
+        self.inline = inline
         self.outbox = outbox or EventOutbox()
         self._stack = AsyncExitStack()
         self._cancel_scope: trio.CancelScope | None = None
@@ -220,32 +288,56 @@ class ProducedEventsBody(ResponseBody):
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
+    async def write_inline(self, write: Write) -> int:
+        """Run the producer in this task, writing each flushed group of events with
+        ``write``, then ``[DONE]`` (after an error event if the producer failed). Returns
+        the number of writes.
+
+        Cancellation: cancels the producer where it waits (its streams abort); nothing is
+        written after that.
+        """
+        writer = _InlineWriter(write)
+        await self._run_producer(writer)
+        await writer.flush()
+        return writer.writes
+
     async def _produce(self) -> None:
-        outbox = self.outbox
-
-        async def send_event(payload: BaseModel | dict[str, Any]) -> None:
-            await outbox.wait_for_room()
-            outbox.put(encode_event(payload))
-
         try:
-            try:
-                await self._producer(send_event)
-            except Exception as error:
-                if client_error(error) is None:
-                    log.error("stream %s failed", self._request_id, exc_info=error)
-                outbox.put(error_event(error))
-            outbox.put(DONE)
+            await self._run_producer(_OutboxWriter(self.outbox))
         finally:
-            outbox.close()
+            self.outbox.close()
+
+    async def _run_producer(self, writer: _OutboxWriter | _InlineWriter) -> None:
+        try:
+            await self._producer(writer)
+        except Exception as error:
+            if client_error(error) is None:
+                log.error("stream %s failed", self._request_id, exc_info=error)
+            writer.put_encoded(error_event(error))
+        writer.put_encoded(DONE)
 
 
-def sse_response(producer: Producer, request_id: str) -> Response:
-    """A ``text/event-stream`` response streaming what ``producer`` sends, then ``[DONE]``.
+async def send_body(body: Any, write: Write) -> None:
+    """Send every chunk of the response body ``body`` with ``write``: an inline
+    ``ProducedEventsBody`` runs its producer in this task; any other body is entered and
+    iterated as Quart does. Cancellation: as the body's."""
+    if isinstance(body, ProducedEventsBody) and body.inline:
+        await body.write_inline(write)
+        return
+    async with body as chunks:
+        async for data in chunks:
+            await write(data.encode() if isinstance(data, str) else data)
+
+
+def sse_response(producer: Producer, request_id: str, *, inline: bool = False) -> Response:
+    """A ``text/event-stream`` response streaming what ``producer`` sends, then ``[DONE]``;
+    ``inline``: the producer sends from one task only, so it may run in the task that
+    sends the response (see the module docstring).
 
     No response timeout applies to it (streams may run for many minutes).
     """
     response = Response(
-        ProducedEventsBody(producer, request_id),
+        ProducedEventsBody(producer, request_id, inline=inline),
         status=200,
         content_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

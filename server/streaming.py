@@ -10,7 +10,7 @@ from engine.outputs import StreamDelta
 from server.generation import Job, UsageTally, stream_jobs
 from server.response_meta import ResponseMeta
 from server.schemas.common import Usage
-from server.sse import SendEvent
+from server.sse import EventWriter
 
 if TYPE_CHECKING:
     from server.request_metrics import RequestRecord
@@ -53,25 +53,28 @@ async def produce_chunks(
     jobs: Sequence[Job],
     chunker: Chunker,
     include_usage: bool,
-    send: SendEvent,
+    out: EventWriter,
     *,
     record: RequestRecord | None = None,
 ) -> None:
     """Send each choice's start chunks, then chunks as deltas arrive, then the usage chunk
-    if asked for. ``send`` is expected not to yield while its receiver keeps up (see
-    ``server.sse``), so the chunks of one delta, and the deltas of every choice that one
-    engine step made, leave in one write. ``record``: as ``stream_jobs``. Cancellation:
-    every sequence still running is aborted."""
+    if asked for, through ``out`` (``server.sse``): the start chunks are flushed together,
+    then each delta's chunks; a choice's last delta waits for the usage chunk and
+    ``[DONE]``, so they all leave in one write. ``record``: as ``stream_jobs``.
+    Cancellation: every sequence still running is aborted."""
     tally = UsageTally()
     for job in jobs:
         for chunk in chunker.start(job.index):
-            await send(chunk)
+            await out.send(chunk)
+    await out.flush()
 
     async def on_delta(job: Job, delta: StreamDelta) -> None:
         tally.add(job, delta)
         for chunk in chunker.for_delta(job.index, delta):
-            await send(chunk)
+            await out.send(chunk)
+        if delta.finish_reason is None:
+            await out.flush()
 
     await stream_jobs(engine, jobs, on_delta, record)
     if include_usage:
-        await send(chunker.usage(tally.usage()))
+        await out.send(chunker.usage(tally.usage()))

@@ -61,6 +61,6 @@ async def chat_completions() -> Response:
     if body.stream:
         chunker = ChatChunker(meta, include_usage=body.include_usage, logprobs=body.logprobs, tools=tools)
         producer = partial(produce_chunks, runtime.engine, jobs, chunker, body.include_usage, record=current_record())
-        return sse_response(producer, current_request_id())
+        return sse_response(producer, current_request_id(), inline=len(jobs) == 1)
     results, usage = await complete_jobs(runtime.engine, jobs, current_record())
     return json_response(chat_completion(meta, results, usage, logprobs=body.logprobs, tools=tools))

@@ -78,6 +78,6 @@ async def completions() -> Response:
     if body.stream:
         chunker = CompletionChunker(meta, include_usage=body.include_usage, logprobs=with_logprobs, echo=echo)
         producer = partial(produce_chunks, runtime.engine, jobs, chunker, body.include_usage, record=current_record())
-        return sse_response(producer, current_request_id())
+        return sse_response(producer, current_request_id(), inline=len(jobs) == 1)
     results, usage = await complete_jobs(runtime.engine, jobs, current_record())
     return json_response(completion(meta, results, usage, logprobs=with_logprobs, echo=echo))
