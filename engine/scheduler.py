@@ -138,7 +138,8 @@ class Scheduler:
                 budget -= n
 
         encoder_budget = self.max_encoder_patches
-        while self._waiting and len(self._running) < self.max_num_seqs and budget > 0:
+        # after a preemption nobody joins this step (the pool is short: let it drain)
+        while self._waiting and not plan.preempted and len(self._running) < self.max_num_seqs and budget > 0:
             seq = self._waiting[0]
             if encoder_budget is not None:
                 patches = self._encoder_cost(seq)
