@@ -103,32 +103,24 @@ class ModelRunner:
         device, bs = self.device, self.blocks.block_size
         longest = max(n for _, n in rows)
         batch = len(rows)
-        prow = self.adapter.position_rows
-        embeds, positions = [], torch.zeros((prow, batch, longest), dtype=torch.long, device=device)
-        starts, lengths = [], []
-        for i, (seq, n) in enumerate(rows):
-            start = seq.num_computed_tokens
+        starts = [seq.num_computed_tokens for seq, _ in rows]
+        lengths = [n for _, n in rows]
+        for (seq, n), start in zip(rows, starts, strict=True):
             if len(seq.block_table) * bs < start + n:
                 raise RuntimeError(f"sequence {seq.seq_id} has no blocks for tokens {start}..{start + n}")
-            e, p = self._inputs(seq, start, start + n)
-            embeds.append(e)
-            positions[:, i, longest - n :] = p
-            starts.append(start)
-            lengths.append(n)
             self._rows.setdefault(seq.seq_id, seq)
-        hidden = embeds[0].shape[-1]
-        batch_embeds = embeds[0].new_zeros((batch, longest, hidden))
-        for i, e in enumerate(embeds):
-            batch_embeds[i, longest - e.shape[0] :] = e
+        if longest == 1 and all(start >= seq.prompt_len for (seq, _), start in zip(rows, starts, strict=True)):
+            batch_embeds, positions = self._decode_inputs(rows, starts)
+        else:
+            batch_embeds, positions = self._chunk_inputs(rows, starts, longest)
 
         start_t = torch.tensor(starts, dtype=torch.long, device=device)
         n_t = torch.tensor(lengths, dtype=torch.long, device=device)
         context = start_t + n_t  # tokens each row sees after this forward
         max_blocks = max(len(seq.block_table) for seq, _ in rows)
-        tables = torch.full((batch, max_blocks), self.cache.pad_block, dtype=torch.long)
-        for i, (seq, _) in enumerate(rows):
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
-        tables = tables.to(device)
+        pad = [self.cache.pad_block]
+        padded = [seq.block_table + pad * (max_blocks - len(seq.block_table)) for seq, _ in rows]
+        tables = torch.tensor(padded, dtype=torch.long, device=device)
 
         # absolute token position of each query; padded queries (-1) write to the pad slot
         j = torch.arange(longest, device=device).view(1, -1)
@@ -151,6 +143,29 @@ class ModelRunner:
         for seq, n in rows:
             self.blocks.computed(seq, n)
         return logits
+
+    def _decode_inputs(self, rows: list[tuple[Sequence, int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, 1, H] and positions [1, B, 1] of one output token per row."""
+        ids = [seq.output_ids[start - seq.prompt_len] for (seq, _), start in zip(rows, starts, strict=True)]
+        embeds = self.adapter.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device)).unsqueeze(1)
+        pos = [start + seq.rope_delta for (seq, _), start in zip(rows, starts, strict=True)]
+        return embeds, torch.tensor(pos, dtype=torch.long, device=self.device).view(1, -1, 1)
+
+    def _chunk_inputs(
+        self, rows: list[tuple[Sequence, int]], starts: list[int], longest: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, q, H] and positions [P, B, q] of each row's chunk, left-padded."""
+        batch = len(rows)
+        positions = torch.zeros((self.adapter.position_rows, batch, longest), dtype=torch.long, device=self.device)
+        embeds = []
+        for i, ((seq, n), start) in enumerate(zip(rows, starts, strict=True)):
+            e, p = self._inputs(seq, start, start + n)
+            embeds.append(e)
+            positions[:, i, longest - n :] = p
+        batch_embeds = embeds[0].new_zeros((batch, longest, embeds[0].shape[-1]))
+        for i, e in enumerate(embeds):
+            batch_embeds[i, longest - e.shape[0] :] = e
+        return batch_embeds, positions
 
     def _inputs(self, seq: Sequence, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [n, H] and positions [P, n] of tokens ``start..end`` of ``seq``."""
