@@ -97,14 +97,16 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
-def test_chunked_prefill_and_preemption_keep_greedy_outputs_equal_to_generate(tiny_model):
+@pytest.mark.parametrize("decode_steps_per_call", [1, 4])
+def test_chunked_prefill_and_preemption_keep_greedy_outputs_equal_to_generate(tiny_model, decode_steps_per_call):
     """Invariant: with a pool of 24 blocks of 4 tokens (96 slots for five sequences that
-    need up to ~55 each) and 16 tokens a step, prompts are prefilled in chunks, sequences
-    are preempted and recomputed, and each greedy output equals ``generate()`` alone."""
+    need up to ~69 each) and 16 tokens a step, prompts are prefilled in chunks, sequences
+    are preempted and recomputed, and each greedy output equals ``generate()`` alone (also
+    when one call runs several decode steps, each taking blocks as it goes)."""
     prompts = [chat_prompt(tiny_model, text) for text in TEXTS]
     max_tokens = [20 + 4 * i for i in range(len(prompts))]
     expected = [reference_generate(tiny_model, p, extra, n) for (p, extra), n in zip(prompts, max_tokens, strict=True)]
-    engine = Recorded(tiny_model, blocks=24, max_num_batched_tokens=16)
+    engine = Recorded(tiny_model, blocks=24, max_num_batched_tokens=16, decode_steps_per_call=decode_steps_per_call)
     news = [NewSequence(i, p, greedy(n)) for i, ((p, _), n) in enumerate(zip(prompts, max_tokens, strict=True))]
     got = engine.run(news)
     assert [got[i] for i in range(len(news))] == expected
