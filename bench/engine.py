@@ -6,6 +6,9 @@ decode, preprocessing, vision encoding), beside ``model.generate`` serving the s
 requests one at a time in the same process.
 
     python -m bench.engine [--model DIR] [--max-tokens 64] [--requests 32]
+
+The paged KV cache's scenarios (shared prefix, long prompt during decodes, capacity) are
+in ``bench.paged_engine``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Modules, from the caller's side down:
   under the device gate, or the engine worker process); ``core_messages`` and ``wire``:
   what they exchange and its framing.
 - ``step_loop``: the one synchronous step loop; ``scheduler``, ``sequence``,
-  ``engine_core`` (one step), ``model_runner``, ``kv_cache``, ``model_adapter``,
+  ``engine_core`` (one step), ``model_runner``, ``block_manager``, ``paged_kv_cache``, ``model_adapter``,
   ``sampler``, ``detokenizer``, ``statistics``.
 - ``model_loader``, ``tiny_model``: loading a model directory; the built-in test model.
 """

@@ -32,7 +32,26 @@ class EngineConfig:
     max_num_seqs: int = field(default=64, metadata={"help": "sequences decoded together in one batch"})
     max_num_batched_tokens: int = field(
         default=8192,
-        metadata={"help": "prompt tokens prefilled in one step (a longer prompt runs alone)"},
+        metadata={
+            "help": "tokens one step runs, decodes and prefill chunks together (a longer prompt "
+            "is prefilled in chunks over several steps; whole and alone under --no-chunked-prefill)"
+        },
+    )
+    chunked_prefill: bool = field(
+        default=True,
+        metadata={"help": "prefill long prompts in chunks within the step token budget, between decodes"},
+    )
+    kv_cache_memory: float = field(
+        default=0.0,
+        metadata={
+            "help": "MiB of KV cache blocks (0: enough for max-num-seqs sequences of max-model-len "
+            "tokens, at most half the free device memory); reported at start"
+        },
+    )
+    kv_block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
+    prefix_caching: bool = field(
+        default=True,
+        metadata={"help": "reuse the KV cache blocks of earlier prompts with the same prefix (and images)"},
     )
     in_worker_process: bool = field(
         default=True,
@@ -95,6 +114,7 @@ class EngineConfig:
             "max_model_len",
             "max_num_seqs",
             "max_num_batched_tokens",
+            "kv_block_size",
             "decode_steps_per_call",
             "stream_fanout",
             "vision_max_batch_size",
@@ -106,5 +126,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
         if self.stream_interval < 0:
             raise ValueError(f"EngineConfig.stream_interval must be >= 0, got {self.stream_interval!r}")
+        if self.kv_cache_memory < 0:
+            raise ValueError(f"EngineConfig.kv_cache_memory must be >= 0, got {self.kv_cache_memory!r}")
         if self.torch_threads < 0:
             raise ValueError(f"EngineConfig.torch_threads must be >= 0, got {self.torch_threads!r}")

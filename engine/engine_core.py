@@ -7,6 +7,8 @@ the plan it was given, and reports what changed as immutable ``SequenceOutput``s
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 from tokenizers import Tokenizer
 
+from engine.block_manager import BlockManager
 from engine.core_messages import SequenceOutput
 from engine.detokenizer import IncrementalDetokenizer, token_text
 from engine.grammar import GrammarMatcher, Grammars, allowed_tokens
 from engine.image_encoder import ImageEncoder, ImageEncodingFailed, ReadPixels
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, bytes_per_token
 from engine.outputs import TokenLogprob, TopLogprob
 from engine.prompt import EnginePrompt
 from engine.sampler import SampledToken, Sampler
@@ -32,6 +35,41 @@ if TYPE_CHECKING:
 
 
 PROMPT_TAIL_TOKENS = 4
+AUTO_KV_FRACTION = 0.5  # of free device memory, at most, for an automatically sized KV cache
+logger = logging.getLogger("vlserve.engine")
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now (on a CPU: the host's available memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_blocks_for(loaded: LoadedModel, config: EngineConfig) -> BlockManager:
+    """The block accounting of the KV cache for ``loaded``: ``config.kv_cache_memory`` MiB
+    of blocks (0: ``max_num_seqs`` x ``max_model_len`` tokens, at most ``AUTO_KV_FRACTION``
+    of free device memory). Raises ``ValueError`` if one sequence of the model's full
+    context length would not fit."""
+    per_token = bytes_per_token(loaded.adapter)
+    block_bytes = per_token * config.kv_block_size
+    if config.kv_cache_memory > 0:
+        budget = int(config.kv_cache_memory * 2**20)
+    else:
+        wanted = config.max_num_seqs * loaded.max_model_len * per_token
+        budget = min(wanted, int(AUTO_KV_FRACTION * free_device_memory(loaded.device)))
+    num_blocks = budget // block_bytes
+    needed = -(-loaded.max_model_len // config.kv_block_size)
+    if num_blocks < needed:
+        raise ValueError(
+            f"the KV cache ({budget / 2**20:.2f} MiB: {num_blocks} blocks of {config.kv_block_size} tokens, "
+            f"{per_token} bytes a token) cannot hold one sequence of max_model_len={loaded.max_model_len} tokens "
+            f"({needed} blocks, {needed * block_bytes / 2**20:.2f} MiB): raise --kv-cache-memory or lower --max-model-len"
+        )
+    image_token_id = getattr(loaded.adapter, "image_token_id", None)
+    return BlockManager(
+        num_blocks, config.kv_block_size, prefix_caching=config.prefix_caching, image_token_id=image_token_id
+    )
 
 
 @dataclass
@@ -97,8 +135,17 @@ class EngineCore:
                 max_batch_patches=config.vision_max_batch_patches,
                 cache_bytes=config.mm_cache_mb << 20,
             )
+        blocks = kv_blocks_for(loaded, config)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), prefix caching %s",
+            blocks.num_blocks,
+            blocks.block_size,
+            blocks.num_blocks * blocks.block_size,
+            blocks.num_blocks * blocks.block_size * bytes_per_token(loaded.adapter) / 2**20,
+            "on" if blocks.prefix_caching else "off",
+        )
         return cls(
-            ModelRunner(loaded.adapter, loaded.device),
+            ModelRunner(loaded.adapter, loaded.device, blocks),
             loaded.tokenizer.backend_tokenizer,
             loaded.eos_token_ids,
             loaded.max_model_len,
@@ -115,7 +162,7 @@ class EngineCore:
             return self._execute(plan)
         except Exception as exc:
             report = StepReport()
-            everyone = plan.decoding + plan.joining
+            everyone = plan.decoding + plan.continuing + plan.joining
             self.runner.reset()
             for seq in plan.leaving + everyone:
                 self._states.pop(seq.seq_id, None)
@@ -124,19 +171,19 @@ class EngineCore:
             return report
 
     def _execute(self, plan: StepPlan) -> StepReport:
-        """Drop leaving rows, decode the running ones, encode the joining ones' images and
-        prefill them.
+        """Forget leaving and preempted rows, decode the running ones, encode the joining
+        ones' images and run the step's prefill chunks.
 
         A joining sequence whose image fails to encode finishes alone with ``"abort"``. If
         a forward raises, the sequences of that forward (the decoding rows, or the
-        joining ones) finish with reason ``"abort"`` and an error message, their rows are
+        prefilling ones) finish with reason ``"abort"`` and an error message, their rows are
         dropped, and the engine goes on with the rest.
         """
         started = time.perf_counter()
         report = StepReport()
         for seq in plan.leaving:
             self._states.pop(seq.seq_id, None)
-        self.runner.drop(plan.leaving)
+        self.runner.drop(plan.leaving + plan.preempted)
         if plan.decoding:
             try:
                 logits = self.runner.decode(plan.decoding)
@@ -144,9 +191,10 @@ class EngineCore:
                 self._append(plan.decoding, logits, report)
             except Exception as exc:  # a failed forward fails its rows, not the engine
                 self._fail_all(plan.decoding, exc, report)
-        joining = self._encode_images(self._admit(plan.joining, report), report)
-        if joining:
-            self._prefill(joining, report)
+        joining = set(map(id, self._encode_images(self._admit(plan.joining, report), report)))
+        chunks = [(seq, n) for seq, n in plan.prefill if seq in plan.continuing or id(seq) in joining]
+        if chunks:
+            self._prefill(chunks, report)
         for _ in range(self.decode_steps_per_call - 1):
             if not self._decode_again(report):
                 break
@@ -155,11 +203,14 @@ class EngineCore:
 
     def _decode_again(self, report: StepReport) -> bool:
         """One more decode step in the same call, only while nothing needs the scheduler:
-        no row finished or asked to abort, and nobody waits to join. Saves a round trip
-        through a busy event loop per token; an abort still frees its rows after at most
-        the sub-step that was running when it arrived."""
+        no row finished, asked to abort or is part-way through its prompt, nobody waits to
+        join, and the rows' next tokens fit in their blocks. Saves a round trip through a
+        busy event loop per token; an abort still frees its rows after at most the sub-step
+        that was running when it arrived."""
         rows = self.runner.rows
-        if not rows or self._has_news() or any(s.finished or s.abort_requested for s in rows):
+        if not rows or self._has_news() or any(s.finished or s.abort_requested or not s.prefilled for s in rows):
+            return False
+        if not self.runner.blocks.allocate_all([(s, s.num_tokens) for s in rows]):
             return False
         try:
             logits = self.runner.decode(rows)
@@ -170,23 +221,28 @@ class EngineCore:
             return False
         return True
 
-    def _prefill(self, joining: list[Sequence], report: StepReport) -> None:
-        """Prefill the joining sequences together; if that fails, retry each alone so one
+    def _prefill(self, chunks: list[tuple[Sequence, int]], report: StepReport) -> None:
+        """Run the step's prefill chunks together, then sample for each sequence whose
+        chunk reached its last token. If the forward fails, retry each chunk alone so one
         bad prompt fails only itself."""
         try:
-            logits = self.runner.prefill(joining)
-            report.prefill_tokens += sum(s.prompt_len for s in joining)
-            self._append(joining, logits, report)
+            logits = self.runner.prefill(chunks)
         except Exception as exc:
-            self._fail_all(joining, exc, report)
-            if len(joining) == 1:
+            if len(chunks) == 1:
+                self._fail_all([chunks[0][0]], exc, report)
                 return
-            for seq in joining:
-                report.updates = [u for u in report.updates if u.seq_id != seq.seq_id]
-                seq.status, seq.finish_reason, seq.error = SequenceStatus.RUNNING, None, None
-                seq.output_ids.clear()
-                self._states[seq.seq_id] = self._new_state(seq)
-                self._prefill([seq], report)
+            for chunk in chunks:
+                self._prefill([chunk], report)
+            return
+        report.prefill_tokens += sum(n for _, n in chunks)
+        done = [i for i, (seq, _) in enumerate(chunks) if seq.num_computed_tokens >= seq.num_tokens]
+        if not done:
+            return
+        seqs = [chunks[i][0] for i in done]
+        try:
+            self._append(seqs, logits[done], report)
+        except Exception as exc:
+            self._fail_all(seqs, exc, report)
 
     def _encode_images(self, joining: list[Sequence], report: StepReport) -> list[Sequence]:
         """Encode the joining sequences' pending images together (``ImageEncoder``) and
@@ -217,14 +273,20 @@ class EngineCore:
             self.encoder.admit(seq.seq_id, seq.prompt.images)
 
     def release_images(self, seq: Sequence) -> None:
-        """The sequence left before its images were used (idempotent)."""
+        """The sequence left while waiting (before its images were used, or preempted):
+        forget its images and its state (idempotent)."""
+        self._states.pop(seq.seq_id, None)
         if self.encoder is not None:
             self.encoder.release(seq.seq_id)
 
     def _admit(self, seqs: list[Sequence], report: StepReport) -> list[Sequence]:
-        """Set up per-sequence state; a sequence whose setup fails is failed alone."""
+        """Set up per-sequence state (kept by a preempted sequence that joins again); a
+        sequence whose setup fails is failed alone."""
         admitted = []
         for seq in seqs:
+            if seq.seq_id in self._states:
+                admitted.append(seq)
+                continue
             try:
                 self._states[seq.seq_id] = self._new_state(seq)
             except Exception as exc:

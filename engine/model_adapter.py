@@ -43,6 +43,13 @@ class CausalLMAdapter:
         ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=device)
         return self.embed_tokens(ids)
 
+    def embed_prompt_range(self, prompt: EnginePrompt, start: int, end: int, device: torch.device) -> torch.Tensor:
+        """Embeddings [end - start, H] of prompt tokens ``start..end`` (a prefill chunk):
+        the rows ``embed_prompt`` would give there."""
+        if prompt.images:
+            raise RequestRejected("This model does not accept images.", kind="images_not_supported", subject="images")
+        return self.embed_tokens(torch.tensor(prompt.token_ids[start:end], dtype=torch.long, device=device))
+
     def prompt_positions(self, prompt: EnginePrompt, device: torch.device) -> tuple[torch.Tensor, int]:
         """Positions [P, L] of the prompt tokens and the delta to add to later positions."""
         n = len(prompt.token_ids)
@@ -96,6 +103,27 @@ class Qwen2VLAdapter(CausalLMAdapter):
             )
         embeds = embeds.clone()
         embeds[mask] = features
+        return embeds
+
+    def embed_prompt_range(self, prompt: EnginePrompt, start: int, end: int, device: torch.device) -> torch.Tensor:
+        ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=device)
+        embeds = self.embed_tokens(ids[start:end])
+        if not prompt.images:
+            return embeds
+        mask = ids == self.image_token_id
+        features = torch.cat([img.embeddings for img in prompt.images])
+        if int(mask.sum()) != features.shape[0]:
+            raise RequestRejected(
+                f"Prompt has {int(mask.sum())} image tokens but the images need {features.shape[0]}.",
+                kind="image_token_mismatch",
+                subject="images",
+            )
+        chunk_mask = mask[start:end]
+        count = int(chunk_mask.sum())
+        if count:
+            first = int(mask[:start].sum())  # image tokens before the chunk
+            embeds = embeds.clone()
+            embeds[chunk_mask] = features[first : first + count].to(device, embeds.dtype)
         return embeds
 
     def prompt_positions(self, prompt: EnginePrompt, device: torch.device) -> tuple[torch.Tensor, int]:

@@ -34,6 +34,19 @@ class Sequence:
     abort_requested: bool = False
     rope_delta: int = 0
     error: str | None = None
+    # paged KV cache (engine.block_manager): blocks held, tokens whose keys and values
+    # are in them, and the prefix-cache hashes of the sequence's full blocks
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_hashes: list[int] | None = None
+    num_registered: int = 0
+    hash_limit: int = 0
+    image_keys: tuple[int, tuple[str, ...]] | None = None
+
+    @property
+    def prefilled(self) -> bool:
+        """True once every token but the last sampled one is in the cache (it decodes)."""
+        return bool(self.output_ids) and self.num_computed_tokens >= self.num_tokens - 1
 
     @property
     def prompt_len(self) -> int:

@@ -34,6 +34,13 @@ class EngineStatistics:
     image_cache_misses: int = 0
     image_cache_bytes: int = 0
     images_pending: int = 0
+    # the paged KV cache (engine.block_manager)
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0  # free or cached (allocatable)
+    kv_blocks_cached: int = 0  # kept for prefix caching, evictable
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # of those, found cached
+    preemptions: int = 0
 
 
 IDLE_STATISTICS = EngineStatistics()
@@ -56,6 +63,7 @@ class StepTally:
 
     def statistics(self, scheduler: Scheduler, runner: ModelRunner, encoder: ImageEncoder | None) -> EngineStatistics:
         enc = encoder.statistics() if encoder is not None else None
+        blocks = scheduler.blocks.statistics() if scheduler.blocks is not None else None
         return EngineStatistics(
             running=scheduler.num_running,
             waiting=scheduler.num_waiting,
@@ -66,6 +74,18 @@ class StepTally:
             cache_bytes=runner.cache_bytes(),
             last_step_seconds=self.last_step_seconds,
             device_gate_borrowed=0,
+            preemptions=scheduler.preemptions,
+            **(
+                {}
+                if blocks is None
+                else {
+                    "kv_blocks_total": blocks.total,
+                    "kv_blocks_free": blocks.free,
+                    "kv_blocks_cached": blocks.cached,
+                    "prefix_cache_queries": blocks.prefix_queries,
+                    "prefix_cache_hits": blocks.prefix_hits,
+                }
+            ),
             **(
                 {}
                 if enc is None

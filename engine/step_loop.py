@@ -69,6 +69,8 @@ class StepLoop:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_encoder_patches=config.vision_step_patches,
             encoder_cost=(lambda seq: encoder.patches_to_encode(seq.seq_id)) if encoder else (lambda seq: 0),
+            blocks=core.runner.blocks,
+            chunked_prefill=config.chunked_prefill,
         )
         return cls(core, scheduler)
 

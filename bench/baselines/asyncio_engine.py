@@ -40,14 +40,18 @@ class AsyncioEngine:
     @classmethod
     def for_model(cls, loaded: LoadedModel, *, max_num_seqs: int, max_num_batched_tokens: int) -> AsyncioEngine:
         """The same composition as ``engine.step_loop.StepLoop.for_model``."""
+        runner = ModelRunner(loaded.adapter, loaded.device)
         core = EngineCore(
-            ModelRunner(loaded.adapter, loaded.device),
+            runner,
             loaded.tokenizer.backend_tokenizer,
             loaded.eos_token_ids,
             loaded.max_model_len,
             Sampler(),
         )
-        return cls(core, Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens))
+        scheduler = Scheduler(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, blocks=runner.blocks
+        )
+        return cls(core, scheduler)
 
     @property
     def max_model_len(self) -> int:

@@ -239,17 +239,17 @@ async def test_one_failing_prompt_does_not_fail_its_prefill_mates(tiny_model, mo
     good, _ = chat_prompt(tiny_model, "hello world")
     bad, _ = chat_prompt(tiny_model, "the poisoned prompt")
     adapter = tiny_model.adapter
-    real_embed = adapter.embed_prompt
+    real_embed = adapter.embed_prompt_range
 
-    def embed(prompt, device):
+    def embed(prompt, start, end, device):
         if prompt.token_ids == bad.token_ids:
             raise RuntimeError("cannot embed this one")
-        return real_embed(prompt, device)
+        return real_embed(prompt, start, end, device)
 
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     async with open_engine(tiny_model, in_thread()) as engine:
         expected = await run_stream(engine, good, params)
-        monkeypatch.setattr(adapter, "embed_prompt", embed)
+        monkeypatch.setattr(adapter, "embed_prompt_range", embed)
         results = {}
         async with trio.open_nursery() as nursery:
 

@@ -13,6 +13,7 @@ import pytest
 LIGHT_MODULES = [
     "engine.wire",
     "engine.scheduler",
+    "engine.block_manager",
     "engine.request_stream",
     "engine.config",
     "engine.errors",

@@ -1,5 +1,6 @@
 """The scheduler alone (no torch): FIFO admission, batch bounds, token budget, aborts."""
 
+from engine.block_manager import BlockManager
 from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -7,7 +8,8 @@ from engine.sequence import Sequence, SequenceStatus
 
 
 def seq(i, n):
-    return Sequence(i, EnginePrompt(list(range(n))), SamplingParams())
+    """Sequence ``i`` with ``n`` prompt tokens no other sequence shares."""
+    return Sequence(i, EnginePrompt([1000 * i + t for t in range(n)]), SamplingParams())
 
 
 def test_fifo_and_max_num_seqs():
@@ -64,3 +66,84 @@ def test_encoder_budget_spreads_image_heavy_joiners_over_steps():
     assert s.schedule().joining == [a]
     assert s.schedule().joining == [b, c]  # c needs no encoding; d does not fit after b
     assert s.schedule().joining == [d]
+
+
+def simulate(s: Scheduler, plan) -> None:
+    """What the engine core does with a plan: every chunk and decode is computed; a
+    sequence whose tokens are all computed samples token 7."""
+    for x in plan.decoding:
+        s.blocks.computed(x, 1)
+    for x, n in plan.prefill:
+        s.blocks.computed(x, n)
+    for x in plan.decoding + [x for x, _ in plan.prefill]:
+        if x.num_computed_tokens == x.num_tokens:
+            x.output_ids.append(7)
+
+
+def test_chunked_prefill_shares_the_token_budget_with_decodes():
+    """A prompt over the step budget is prefilled in chunks while the running sequence
+    keeps decoding one token a step."""
+    blocks = BlockManager(64, 4)
+    s = Scheduler(max_num_seqs=8, max_num_batched_tokens=10, blocks=blocks)
+    short, long = seq(0, 5), seq(1, 25)
+    s.add(short)
+    simulate(s, s.schedule())
+    s.add(long)
+    chunks = []
+    for _ in range(3):
+        plan = s.schedule()
+        assert plan.decoding == [short]
+        chunks += [n for x, n in plan.prefill]
+        simulate(s, plan)
+    assert chunks == [9, 9, 7]  # 10 a step, one token of it for short's decode
+    assert long.output_ids == [7] and len(short.output_ids) == 4
+    assert s.schedule().decoding == [short, long]
+
+
+def test_no_chunked_prefill_runs_an_oversized_prompt_whole():
+    s = Scheduler(max_num_seqs=8, max_num_batched_tokens=10, blocks=BlockManager(64, 4), chunked_prefill=False)
+    a, b = seq(0, 4), seq(1, 25)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule()
+    assert plan.prefill == [(a, 4)]
+    simulate(s, plan)
+    assert s.schedule().prefill == [(b, 25)]
+
+
+def test_a_sequence_waits_until_its_blocks_fit():
+    blocks = BlockManager(4, 4)
+    s = Scheduler(max_num_seqs=8, max_num_batched_tokens=100, blocks=blocks)
+    a, b = seq(0, 12), seq(1, 8)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule()
+    assert plan.joining == [a] and s.num_waiting == 1  # b's two blocks are not there
+    simulate(s, plan)
+    a.status = SequenceStatus.FINISHED
+    plan = s.schedule()
+    assert plan.leaving == [a] and plan.joining == [b]
+
+
+def test_the_newest_sequence_is_preempted_when_decode_needs_a_block():
+    """Out of blocks in decode: the newest running sequence gives its blocks back, waits at
+    the head of the queue and is recomputed (prompt and outputs) when it joins again."""
+    blocks = BlockManager(4, 4)
+    s = Scheduler(max_num_seqs=8, max_num_batched_tokens=100, blocks=blocks)
+    old, new = seq(0, 8), seq(1, 7)
+    s.add(old)
+    s.add(new)
+    simulate(s, s.schedule())  # old: 2 blocks, new: 2 blocks, pool full
+    plan = s.schedule()  # old's 9th token needs a third block
+    assert plan.preempted == [new] and plan.decoding == [old]
+    assert new.status is SequenceStatus.WAITING and new.block_table == [] and s.preemptions == 1
+    simulate(s, plan)
+    old.status = SequenceStatus.FINISHED
+    plan = s.schedule()
+    # 7 prompt tokens + its output; its first block, cached when it was freed, is reused
+    assert plan.joining == [new] and plan.prefill == [(new, 4)] and new.num_computed_tokens == 4
+    simulate(s, plan)
+    assert new.output_ids == [7, 7]
+    new.status = SequenceStatus.FINISHED
+    s.schedule()
+    assert blocks.all_free() and not s.has_work()

@@ -1,0 +1,81 @@
+"""The paged KV cache's memory: per layer, one pool of key slots and one of value slots,
+``block_size`` slots per block (docs/architecture.md, "KV cache").
+
+Which block belongs to which sequence is ``engine.block_manager``'s business; this module
+only moves tensors. Before each forward the model runner ``bind``s the step's slot
+indices: where each new token's key and value go (``write``), and which slots form each
+row's context (``read``, padded with the padding block). Each attention layer then calls
+``update``, which writes the new keys and values into their slots and returns the rows'
+contexts gathered into one contiguous ``[B, heads, K, head_dim]`` view for the model's own
+attention function (with the mask the runner built). Nothing is copied when the batch
+changes: a row is just a block table.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take over all layers."""
+    return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class PagedKVCache(Cache):
+    """``num_blocks`` blocks of ``block_size`` slots per layer, plus one padding block
+    (index ``num_blocks``: zeros, read by padded context positions, written by padded
+    queries, never handed out)."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__(layers=[])
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.pad_block = num_blocks
+        self.pad_slot = num_blocks * block_size
+        slots = (num_blocks + 1) * block_size
+        shape = (slots, kv_heads, head_dim)
+        # empty, not zeros: a slot is read only after it was written (or is padding)
+        self.key_pools = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.value_pools = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for pool in self.key_pools + self.value_pools:
+            pool[self.pad_slot :].zero_()
+        self._write: torch.Tensor | None = None
+        self._read: torch.Tensor | None = None
+        self._context = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.key_pools + self.value_pools)
+
+    def bind(self, write: torch.Tensor, read: torch.Tensor) -> None:
+        """The next forward's slots: ``write`` [B, q] for its new tokens, ``read`` [B, K]
+        for each row's context (new tokens included)."""
+        self._write = write.reshape(-1)
+        self._context = read.shape[1]
+        self._read = read.reshape(-1)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        batch, heads, q, dim = key_states.shape
+        keys, values = self.key_pools[layer_idx], self.value_pools[layer_idx]
+        keys.index_copy_(0, self._write, key_states.transpose(1, 2).reshape(batch * q, heads, dim))
+        values.index_copy_(0, self._write, value_states.transpose(1, 2).reshape(batch * q, heads, dim))
+        k = keys.index_select(0, self._read).view(batch, self._context, heads, dim).transpose(1, 2)
+        v = values.index_select(0, self._read).view(batch, self._context, heads, dim).transpose(1, 2)
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always explicit; the model never needs this
+
+    def get_mask_sizes(self, *args, **kwargs):
+        raise RuntimeError("the paged KV cache takes a prepared attention mask")
