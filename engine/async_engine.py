@@ -33,6 +33,7 @@ from engine.core_messages import NewSequence, StepOutputs
 from engine.outbox import Outbox
 from engine.request_stream import RequestStream
 from engine.statistics import IDLE_STATISTICS, EngineStatistics
+from engine.step_timings import EngineHistograms
 from engine.stream_registry import StreamRegistry
 from engine.submit_checks import check_submittable
 
@@ -78,6 +79,7 @@ class AsyncEngine:
         self._streams = StreamRegistry(stream_interval)
         self._outbox = Outbox()
         self._stats = IDLE_STATISTICS
+        self.histograms = EngineHistograms()  # every step's timings (engine.step_timings)
         self._leases: dict[int, SlotLease] = {}  # pixel slots of sequences sent, until read
         self._last_progress = time.monotonic()
         self._alive = False
@@ -167,6 +169,8 @@ class AsyncEngine:
         for seq_id in outputs.pixels_read:
             self._drop_lease(seq_id)
         self._stats = outputs.stats
+        if outputs.timings is not None:
+            self.histograms.record(outputs.timings)
         self._last_progress = time.monotonic()
         for update in outputs.updates:
             stream = self._streams.get(update.seq_id)

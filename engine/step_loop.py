@@ -12,6 +12,7 @@ statistics. The same loop runs in either placement (docs/architecture.md):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from engine.core_messages import NewSequence, SequenceOutput, StepOutputs, Submi
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 from engine.statistics import EngineStatistics, StepTally
+from engine.step_timings import StepTimings
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
@@ -42,6 +44,7 @@ class StepLoop:
         self._tally = StepTally()
         self._pixels_read: list[int] = []  # sequences whose pixel slots the front end may reuse
         self._early_updates: list[SequenceOutput] = []  # sequences failed on arrival
+        self._arrived: dict[int, float] = {}  # waiting sequences: when they arrived (queue time)
 
     @classmethod
     def for_model(
@@ -96,6 +99,7 @@ class StepLoop:
             self._scheduler.abort(seq)
             if was_waiting:
                 self._sequences.pop(seq_id, None)
+                self._arrived.pop(seq_id, None)
                 self._core.release_images(seq)
 
     def _add(self, new: NewSequence) -> None:
@@ -108,6 +112,7 @@ class StepLoop:
             self._early_updates.append(SequenceOutput(seq.seq_id, [], "", None, "abort", seq.error))
             return
         self._sequences[seq.seq_id] = seq
+        self._arrived[seq.seq_id] = time.perf_counter()
         self._scheduler.add(seq)
 
     def step(self, submit: Submit | None = None) -> StepOutputs:
@@ -117,10 +122,11 @@ class StepLoop:
             self.apply(submit)
         return self._run_step() or self._news()
 
-    def _news(self, step_updates: list[SequenceOutput] = ()) -> StepOutputs:
+    def _news(self, step_updates: list[SequenceOutput] = (), timings: StepTimings | None = None) -> StepOutputs:
         """Outputs to send now: sequences failed on arrival, then ``step_updates`` (a
-        step's, if one ran), the slots read since the last outputs, and statistics."""
-        outputs = StepOutputs(self._early_updates + list(step_updates), self.statistics(), self._pixels_read)
+        step's, if one ran), the slots read since the last outputs, statistics, and the
+        step's ``timings``."""
+        outputs = StepOutputs(self._early_updates + list(step_updates), self.statistics(), self._pixels_read, timings)
         self._early_updates, self._pixels_read = [], []
         return outputs
 
@@ -131,11 +137,15 @@ class StepLoop:
         plan = self._scheduler.schedule()
         if plan.empty:
             return None
+        scheduled = time.perf_counter()
+        queued = tuple(scheduled - self._arrived.pop(seq.seq_id, scheduled) for seq in plan.joining)
         report = self._core.execute(plan)
         for seq in plan.leaving:
             self._sequences.pop(seq.seq_id, None)
         self._tally.record(report)
-        return self._news(report.updates)
+        encoder = self._core.encoder
+        batches = encoder.take_batch_times() if encoder is not None else ()
+        return self._news(report.updates, StepTimings(report.seconds, queued, batches))
 
     def serve(self, channel: BlockingMessageSocket) -> None:
         """Serve the front end on ``channel`` until it closes its end: block while idle,
