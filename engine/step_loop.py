@@ -37,8 +37,10 @@ class StepLoop:
     after another).
     """
 
-    def __init__(self, core: EngineCore, scheduler: Scheduler) -> None:
+    def __init__(self, core: EngineCore, scheduler: Scheduler, clock: Callable[[], float] = time.perf_counter) -> None:
+        """``clock`` times the queue (seconds, any origin)."""
         self._core = core
+        self._clock = clock
         self._scheduler = scheduler
         self._sequences: dict[int, Sequence] = {}
         self._tally = StepTally()
@@ -112,7 +114,7 @@ class StepLoop:
             self._early_updates.append(SequenceOutput(seq.seq_id, [], "", None, "abort", seq.error))
             return
         self._sequences[seq.seq_id] = seq
-        self._arrived[seq.seq_id] = time.perf_counter()
+        self._arrived[seq.seq_id] = self._clock()
         self._scheduler.add(seq)
 
     def step(self, submit: Submit | None = None) -> StepOutputs:
@@ -137,7 +139,7 @@ class StepLoop:
         plan = self._scheduler.schedule()
         if plan.empty:
             return None
-        scheduled = time.perf_counter()
+        scheduled = self._clock()
         queued = tuple(scheduled - self._arrived.pop(seq.seq_id, scheduled) for seq in plan.joining)
         report = self._core.execute(plan)
         for seq in plan.leaving:
