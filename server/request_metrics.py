@@ -83,7 +83,11 @@ class RequestMetrics:
         for name, seconds in timings.stages:
             _histogram_for(self.prep_stages, name, STAGE_BUCKETS_S).observe(seconds)
         for gate, seconds in timings.gate_waits:
-            _histogram_for(self.gate_waits, gate, GATE_WAIT_BUCKETS_S).observe(seconds)
+            self.observe_gate_wait(gate, seconds)
+
+    def observe_gate_wait(self, gate: str, seconds: float) -> None:
+        """Count one wait at ``gate`` (also fed directly: the ``parse`` limiter, ``server.app``)."""
+        _histogram_for(self.gate_waits, gate, GATE_WAIT_BUCKETS_S).observe(seconds)
 
 
 def _histogram_for(histograms: dict[str, Histogram], name: str, bounds: tuple[float, ...]) -> Histogram:

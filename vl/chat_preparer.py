@@ -196,9 +196,12 @@ class ChatPreparer:
         """Fetch, key, then decode and preprocess into a slot of its own (appended to
         ``taken`` at once: the caller releases it on every path). Each stage's time and
         each wait goes into ``timings``."""
-        started = trio.current_time()
-        encoded = await load_image_bytes(ref.image.url, param=ref.param, fetcher=self._fetcher, policy=self._policy)
+        started, fetch_times = trio.current_time(), BorrowTimes()
+        encoded = await load_image_bytes(
+            ref.image.url, param=ref.param, fetcher=self._fetcher, policy=self._policy, times=fetch_times
+        )
         timings.stage("fetch", trio.current_time() - started)
+        timings.gate_wait("fetch", fetch_times.waited)  # None (not counted) unless fetched over HTTP
         # hashing releases the GIL; it needs no gate (cheap, and bounded by admission)
         key = await trio.to_thread.run_sync(image_cache_key, encoded, self._tools.preprocessor.settings_key)
         asked = trio.current_time()

@@ -58,23 +58,39 @@ class BorrowTimes:
         return None if self.released is None or self.acquired is None else self.released - self.acquired
 
 
-class _TimedBorrow:
-    """A ``CapacityLimiter`` seen through one call: borrows from ``limiter`` and notes the
-    times in ``times``. It offers what ``trio.to_thread.run_sync`` (``acquire_on_behalf_of``,
-    ``release_on_behalf_of``) and trio-parallel (``async with``) use of a limiter."""
+class TimedBorrow:
+    """A ``CapacityLimiter`` seen through a timer: borrows from ``limiter``, notes one
+    call's times in ``times`` (if given: a ``TimedBorrow`` per call) and reports every
+    acquisition's wait to ``on_wait(seconds)`` (if given: one may serve many calls). It
+    offers what ``trio.to_thread.run_sync`` (``acquire_on_behalf_of``,
+    ``release_on_behalf_of``) and trio-parallel and ``async with`` use of a limiter; the
+    tokens, their count and their order stay ``limiter``'s."""
 
-    def __init__(self, limiter: trio.CapacityLimiter, times: BorrowTimes) -> None:
+    def __init__(
+        self,
+        limiter: trio.CapacityLimiter,
+        times: BorrowTimes | None = None,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
         self._limiter = limiter
         self._times = times
+        self._on_wait = on_wait
 
     async def acquire_on_behalf_of(self, borrower: Any) -> None:
-        self._times.asked = trio.current_time()
+        asked = trio.current_time()
+        if self._times is not None:
+            self._times.asked = asked
         await self._limiter.acquire_on_behalf_of(borrower)
-        self._times.acquired = trio.current_time()
+        acquired = trio.current_time()
+        if self._times is not None:
+            self._times.acquired = acquired
+        if self._on_wait is not None:
+            self._on_wait(acquired - asked)
 
     def release_on_behalf_of(self, borrower: Any) -> None:
         self._limiter.release_on_behalf_of(borrower)
-        self._times.released = trio.current_time()
+        if self._times is not None:
+            self._times.released = trio.current_time()
 
     async def __aenter__(self) -> None:
         await self.acquire_on_behalf_of(trio.lowlevel.current_task())
@@ -94,7 +110,7 @@ class Gate:
         self._completed = 0
 
     def _limiter_for(self, times: BorrowTimes | None) -> Any:
-        return self.limiter if times is None else _TimedBorrow(self.limiter, times)
+        return self.limiter if times is None else TimedBorrow(self.limiter, times)
 
     async def run(self, fn: Callable[..., T], *args, times: BorrowTimes | None = None) -> T:
         """Run ``fn(*args)`` in a worker thread holding one token of this gate; ``times``

@@ -19,7 +19,9 @@ The engine's vision encoder (the ``encode`` stage) runs inside the engine's step
 the prompt is ready; the engine reports it (``engine.step_timings``).
 
 Gate waits (``GATES``): seconds a request waited for a token of the tokenizer gate or the
-image-prep gate (``vl.gates``), or for a free pixel slot (``engine.pixel_slots``).
+image-prep gate (``vl.gates``), for a free pixel slot (``engine.pixel_slots``), or for a
+slot of the image fetcher's limiter (``fetch``, HTTP images only). The server adds the
+``parse`` gate (large request bodies decoded in a thread) to the same histogram.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 STAGES = ("fetch", "decode", "preprocess", "tokenize")
-GATES = ("tokenizer", "image_prep", "pixel_slots")
+GATES = ("tokenizer", "image_prep", "pixel_slots", "fetch")
 # the keys of ``PrepTimings.summary_ms``
 PREP_SUMMARY_FIELDS = (*(f"{name}_ms" for name in STAGES), "gate_wait_ms")
 

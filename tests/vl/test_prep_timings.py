@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from engine.pixel_slots import SlotPixels, SlotPool
 from vl.chat_messages import Chat, ImagePart, Message, TextPart
 from vl.chat_preparer import ChatPreparer
-from vl.gates import BorrowTimes, Gate
+from vl.gates import BorrowTimes, Gate, TimedBorrow
 from vl.image_pixels import SlotImage
 from vl.media_policy import MediaPolicy
 from vl.prep_timings import PrepTimings
@@ -36,10 +37,21 @@ class FakeTools:
 
 
 class FakeFetcher:
-    """An HTTP fetch that takes 2 s."""
+    """An HTTP fetch that takes 2 s, the first 0.75 s waiting for its limiter's slot."""
 
-    async def fetch(self, url: str, *, param: str) -> bytes:
-        await trio.sleep(2)
+    def __init__(self) -> None:
+        self.limiter = trio.CapacityLimiter(1)
+
+    async def fetch(self, url: str, *, param: str, times: BorrowTimes | None = None) -> bytes:
+        async def hold_briefly() -> None:
+            async with self.limiter:
+                await trio.sleep(0.75)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold_briefly)
+            await trio.testing.wait_all_tasks_blocked()
+            async with TimedBorrow(self.limiter, times):
+                await trio.sleep(1.25)
         return b"not decoded here"
 
 
@@ -72,7 +84,7 @@ def pool():
 
 
 async def test_a_chat_reports_each_stage_and_each_gate_wait(autojump_clock, pool):
-    """Fetch 2 s, a pixel slot held elsewhere for 3 s after the image asks for one, the
+    """Fetch 2 s (0.75 s of it waiting for the fetch limiter), a pixel slot held elsewhere for 3 s after the image asks for one, the
     runner's gate waits and holds, the worker's decode and preprocess times: each lands in
     the prompt's ``PrepTimings`` under its name, and the summary adds them up in ms."""
     preparer = ChatPreparer(
@@ -102,11 +114,11 @@ async def test_a_chat_reports_each_stage_and_each_gate_wait(autojump_clock, pool
     assert isinstance(timings, PrepTimings)
     assert sorted(timings.stages) == sorted([("fetch", 2.0), ("tokenize", 0.5), ("decode", 0.5), ("preprocess", 0.25)])
     waits = dict(timings.gate_waits)
-    assert waits.keys() == {"tokenizer", "pixel_slots", "image_prep"}
-    assert waits["tokenizer"] == 1.0 and waits["image_prep"] == 0.25
+    assert waits.keys() == {"tokenizer", "pixel_slots", "image_prep", "fetch"}
+    assert waits["tokenizer"] == 1.0 and waits["image_prep"] == 0.25 and waits["fetch"] == 0.75
     assert 3.0 <= waits["pixel_slots"] <= 3.0 + POLL_S + 1e-9  # the test saw the ask within one poll
     summary = timings.summary_ms()
-    assert summary.pop("gate_wait_ms") == pytest.approx(1000 * (1.25 + waits["pixel_slots"]))
+    assert summary.pop("gate_wait_ms") == pytest.approx(1000 * (2.0 + waits["pixel_slots"]))
     assert summary == {"fetch_ms": 2000.0, "decode_ms": 500.0, "preprocess_ms": 250.0, "tokenize_ms": 500.0}
     result.lease.release_creator()
     assert pool.statistics().free == 1
