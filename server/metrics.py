@@ -1,8 +1,11 @@
 """The figures ``GET /metrics`` exposes (Prometheus text format).
 
-Two sources, neither of which polls: the ``statistics()`` the components already keep
-(loop lag, admission, engine, preparation gates, feature cache), read when scraped, and
-the request-level figures that each request's own events feed (``server.request_metrics``).
+Three sources, none of which polls: the ``statistics()`` the components already keep
+(loop lag, admission, engine, preparation gates, pixel slots, feature cache), read when
+scraped; the request-level figures that each request's own events feed
+(``server.request_metrics``, with each chat's ``vl.prep_timings.PrepTimings``); and the
+engine's per-step timings, which the step loop sends with its outputs
+(``engine.step_timings``).
 
 vLLM's families, under its names and ``model_name`` label, with the prefix
 ``vlserve:`` (``--metrics-prefix vllm`` gives ``vllm:``, so vLLM dashboards work unchanged):
@@ -16,7 +19,9 @@ vLLM's families, under its names and ``model_name`` label, with the prefix
   ``<p>:request_prompt_tokens``, ``<p>:request_generation_tokens`` (histograms);
 - ``<p>:request_success_total{finished_reason}`` (choices of requests answered whole);
 - ``<p>:mm_cache_queries_total``, ``<p>:mm_cache_hits_total`` (the engine's image feature
-  cache).
+  cache);
+- ``<p>:request_queue_time_seconds``: a sequence's arrival in the step loop to the step
+  that first schedules it.
 
 vlserve's own, the figures that explain a slow probe or a slow first token:
 
@@ -31,8 +36,13 @@ vlserve's own, the figures that explain a slow probe or a slow first token:
 - ``vlserve_engine_<figure>``: every number in the engine's statistics (counters for the
   cumulative ones in ``ENGINE_COUNTERS``), once the runtime is open: step time, the
   vision encoder's batches and batch sizes, the image cache;
+- ``vlserve_prep_stage_seconds{stage}``: fetch, decode, preprocess (per image), tokenize
+  (per request), encode (per vision-encoder forward); ``vlserve_gate_wait_seconds{gate}``:
+  waits for tokenizer, image_prep, fetch, parse and pixel_slots;
+- ``vlserve_engine_step_seconds``, ``vlserve_encoder_batch_size`` (histograms);
 - ``vlserve_gate_borrowed{gate}``, ``vlserve_gate_tokens{gate}``, ``vlserve_gate_waiting{gate}``,
-  ``vlserve_gate_completed_total{gate}``: the preparation gates and the device gate;
+  ``vlserve_gate_completed_total{gate}``: the preparation gates, the fetch limiter, the
+  pixel slots and the device gate;
 - ``process_*``: CPU seconds, resident memory, open files of the server process.
 """
 
