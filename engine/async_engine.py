@@ -35,6 +35,7 @@ from engine.outbox import Outbox
 from engine.output_fanout import OutputFanout
 from engine.request_stream import RequestStream
 from engine.statistics import IDLE_STATISTICS, EngineStatistics
+from engine.step_timings import EngineHistograms
 from engine.stream_registry import StreamRegistry
 from engine.submit_checks import check_submittable
 
@@ -82,6 +83,7 @@ class AsyncEngine:
         self._fanout = OutputFanout(self._streams, fanout_per_pass)
         self._outbox = Outbox()
         self._stats = IDLE_STATISTICS
+        self.histograms = EngineHistograms()  # every step's timings (engine.step_timings)
         self._leases: dict[int, SlotLease] = {}  # pixel slots of sequences sent, until read
         self._last_progress = time.monotonic()
         self._alive = False
@@ -176,6 +178,8 @@ class AsyncEngine:
         for seq_id in outputs.pixels_read:
             self._drop_lease(seq_id)
         self._stats = outputs.stats
+        if outputs.timings is not None:
+            self.histograms.record(outputs.timings)
         self._last_progress = time.monotonic()
         self._fanout.deliver(outputs.updates)
 

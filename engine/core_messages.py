@@ -12,6 +12,7 @@ from engine.outputs import TokenLogprob
 from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
 from engine.statistics import EngineStatistics
+from engine.step_timings import StepTimings
 
 if TYPE_CHECKING:
     from engine.pixel_slots import SlotSpec
@@ -52,11 +53,13 @@ class SequenceOutput:
 class StepOutputs:
     """Sent after every step, and whenever the loop goes idle, so statistics stay current.
     ``pixels_read``: sequences whose images' pixel slots the step loop no longer needs (it
-    copied them, or dropped the sequence first); the front end reuses those slots."""
+    copied them, or dropped the sequence first); the front end reuses those slots.
+    ``timings``: what the step measured (``None`` when no step ran)."""
 
     updates: list[SequenceOutput]
     stats: EngineStatistics  # the step loop's, as of this message
     pixels_read: list[int] = field(default_factory=list)
+    timings: StepTimings | None = None
 
 
 @dataclass(frozen=True)

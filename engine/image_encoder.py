@@ -26,6 +26,7 @@ Plain synchronous code, not thread-safe: the step loop's one thread calls it.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,6 +54,11 @@ class EncoderStatistics:
     cache_entries: int = 0
     cache_bytes: int = 0
     pending_images: int = 0
+
+
+# forwards whose (images, seconds) wait for ``take_batch_times``: the step loop takes them
+# every step; the bound only matters to a caller that never does
+BATCH_TIMES_KEPT = 1024
 
 
 class ImageEncodingFailed(RuntimeError):
@@ -151,6 +157,8 @@ class ImageEncoder:
         self._last = 0
         self._hits = 0
         self._misses = 0
+        # (images, seconds) of each forward since the step loop last took them
+        self._batch_times: collections.deque[tuple[int, float]] = collections.deque(maxlen=BATCH_TIMES_KEPT)
 
     def admit(self, seq_id: int, images: Iterable[ImageFeatures | ImageInput]) -> None:
         """Take the images of a new sequence: cached or shared keys need nothing; other
@@ -222,9 +230,11 @@ class ImageEncoder:
 
     def _encode_batch(self, batch: list[_Pending], *, retry_alone: bool) -> None:
         try:
+            started = time.perf_counter()
             pixel_values = torch.cat([p.pixel_values for p in batch])
             with torch.inference_mode():
                 results = self._encode_fn(pixel_values, [p.grid_thw for p in batch])
+            seconds = time.perf_counter() - started
             if len(results) != len(batch):
                 raise RuntimeError(f"the vision tower returned {len(results)} results for {len(batch)} images")
         except Exception as exc:
@@ -238,6 +248,7 @@ class ImageEncoder:
                 self._pending.pop(pending.key, None)  # a later sequence with this image tries afresh
             return
         self._batches += 1
+        self._batch_times.append((len(batch), seconds))
         self._last = len(batch)
         self._largest = max(self._largest, len(batch))
         for pending, features in zip(batch, results, strict=True):
@@ -277,6 +288,12 @@ class ImageEncoder:
                 if not h.ready:
                     self._dropped += 1
                 h.pixel_values = None
+
+    def take_batch_times(self) -> tuple[tuple[int, float], ...]:
+        """(images, seconds) of each successful forward since the last call, oldest first."""
+        taken = tuple(self._batch_times)
+        self._batch_times.clear()
+        return taken
 
     def holds(self, seq_id: int) -> bool:
         return seq_id in self._held

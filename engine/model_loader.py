@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,11 @@ def load_model(
     device: str = "cpu",
     max_model_len: int | None = None,
     weights: bool = True,
+    progress: Callable[[str], None] = lambda stage: None,
 ) -> LoadedModel:
     """Load model, tokenizer and (for VL models) image processor; raise ``ModelLoadError``.
+    ``progress(stage)`` is called as each stage starts: ``"tokenizer"``, ``"processor"``
+    (VL models), ``"weights"`` (unless ``weights=False``).
 
     With ``weights=False`` no weight is read: the model is built on the meta device from
     its config, so its config, adapter settings, limits, tokenizer and image processor are
@@ -107,8 +111,9 @@ def load_model(
             f"unsupported architecture {architectures or model_type!r}: vlserve serves Qwen2-VL/Qwen2.5-VL and causal LMs"
         )
     try:
-        tokenizer, image_processor = load_processors(path, images=model_type in VL_MODEL_TYPES)
+        tokenizer, image_processor = load_processors(path, images=model_type in VL_MODEL_TYPES, progress=progress)
         if weights:
+            progress("weights")
             model = auto_class.from_pretrained(path, dtype=torch_dtype)
         else:
             with torch.device("meta"):
@@ -143,14 +148,21 @@ def load_model(
     )
 
 
-def load_processors(path: str | Path, *, images: bool) -> tuple[Any, Any | None]:
+def load_processors(
+    path: str | Path, *, images: bool, progress: Callable[[str], None] = lambda stage: None
+) -> tuple[Any, Any | None]:
     """The model directory's tokenizer and, with ``images``, its image processor (loaded
     with ``AutoImageProcessor``, so no torchvision is needed). Everything that tokenizes
-    or preprocesses for a model loads them here, so all copies are configured alike."""
+    or preprocesses for a model loads them here, so all copies are configured alike.
+    ``progress``: as ``load_model``'s."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
+    progress("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path) if images else None
+    image_processor = None
+    if images:
+        progress("processor")
+        image_processor = AutoImageProcessor.from_pretrained(path)
     return tokenizer, image_processor
 
 

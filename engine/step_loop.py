@@ -13,6 +13,7 @@ statistics. The same loop runs in either placement (docs/architecture.md):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from engine.core_messages import NewSequence, SequenceOutput, StepOutputs, Submi
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 from engine.statistics import EngineStatistics, StepTally
+from engine.step_timings import StepTimings
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
@@ -34,13 +36,16 @@ class StepLoop:
     Not thread-safe: one caller at a time (one step thread after another).
     """
 
-    def __init__(self, core: EngineCore, scheduler: Scheduler) -> None:
+    def __init__(self, core: EngineCore, scheduler: Scheduler, clock: Callable[[], float] = time.perf_counter) -> None:
+        """``clock`` times the queue (seconds, any origin)."""
         self._core = core
+        self._clock = clock
         self._scheduler = scheduler
         self._sequences: dict[int, Sequence] = {}
         self._tally = StepTally()
         self._pixels_read: list[int] = []  # sequences whose pixel slots the front end may reuse
         self._early_updates: list[SequenceOutput] = []  # sequences failed on arrival
+        self._arrived: dict[int, float] = {}  # waiting sequences: when they arrived (queue time)
 
     @classmethod
     def for_model(
@@ -97,6 +102,7 @@ class StepLoop:
             self._scheduler.abort(seq)
             if was_waiting:
                 self._sequences.pop(seq_id, None)
+                self._arrived.pop(seq_id, None)
                 self._core.release_images(seq)
 
     def _add(self, new: NewSequence) -> None:
@@ -109,6 +115,7 @@ class StepLoop:
             self._early_updates.append(SequenceOutput(seq.seq_id, [], "", None, "abort", seq.error))
             return
         self._sequences[seq.seq_id] = seq
+        self._arrived[seq.seq_id] = self._clock()
         self._scheduler.add(seq)
 
     def step(self, submit: Submit | None = None) -> StepOutputs:
@@ -129,10 +136,11 @@ class StepLoop:
         """Outputs with no step's updates: what ``accept`` left unsent, and statistics."""
         return self._news()
 
-    def _news(self, step_updates: list[SequenceOutput] = ()) -> StepOutputs:
+    def _news(self, step_updates: list[SequenceOutput] = (), timings: StepTimings | None = None) -> StepOutputs:
         """Outputs to send now: sequences failed on arrival, then ``step_updates`` (a
-        step's, if one ran), the slots read since the last outputs, and statistics."""
-        outputs = StepOutputs(self._early_updates + list(step_updates), self.statistics(), self._pixels_read)
+        step's, if one ran), the slots read since the last outputs, statistics, and the
+        step's ``timings``."""
+        outputs = StepOutputs(self._early_updates + list(step_updates), self.statistics(), self._pixels_read, timings)
         self._early_updates, self._pixels_read = [], []
         return outputs
 
@@ -143,11 +151,15 @@ class StepLoop:
         plan = self._scheduler.schedule()
         if plan.empty:
             return None
+        scheduled = self._clock()
+        queued = tuple(scheduled - self._arrived.pop(seq.seq_id, scheduled) for seq in plan.joining)
         report = self._core.execute(plan)
         for seq in plan.leaving:
             self._sequences.pop(seq.seq_id, None)
         self._tally.record(report)
-        return self._news(report.updates)
+        encoder = self._core.encoder
+        batches = encoder.take_batch_times() if encoder is not None else ()
+        return self._news(report.updates, StepTimings(report.seconds, queued, batches))
 
     def statistics(self) -> EngineStatistics:
         return self._tally.statistics(self._scheduler, self._core.runner, self._core.encoder)

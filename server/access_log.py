@@ -5,7 +5,9 @@ byte of the response has been handed to the connection (or the request was cut):
 formatted ``logging`` call, no task of its own and nothing awaited. The fields are
 ``RequestRecord.summary()``: request id, method, path, status, whether the response was
 sent whole, prompt and completion tokens, images, time to prompt ready, time to first
-token and total time (milliseconds from arrival), finish reasons.
+token and total time (milliseconds from arrival), finish reasons, and for a chat the
+preparation breakdown (``fetch_ms``, ``decode_ms``, ``preprocess_ms``, ``tokenize_ms``,
+``gate_wait_ms``: ``vl.prep_timings``; ``-`` for other requests).
 
 ``--log-format json`` (``server.cli``) makes every log line, this one included, a JSON
 object (``JsonLineFormatter``); the access fields are then top-level keys.

@@ -12,6 +12,7 @@ import importlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import trio
@@ -30,9 +31,11 @@ from server.options import config_from_env
 from server.probe_fast_path import ProbeFastPath
 from server.probes import ProbeResponder
 from server.request_id import install_request_id
+from server.request_metrics import RequestMetrics
 from server.request_observer import RequestObserver
 from server.routes import register_routes
 from server.state import ServerState, attach_state
+from vl.gates import TimedBorrow
 
 # A slow client may take this long to send one body (64 MiB at ~250 KB/s); Quart's
 # default of 60 s would cut large image uploads. Responses get no timeout at all.
@@ -80,11 +83,16 @@ def create_app(config: ServerConfig | None = None, *, runtime_factory: RuntimeFa
         PROPAGATE_EXCEPTIONS=False,
     )
     lifecycle = RuntimeLifecycle(config, runtime_factory or open_default_runtime)
+    request_metrics = RequestMetrics()
     state = ServerState(
         config=config,
         lifecycle=lifecycle,
         admission=Admission(config.max_concurrent_requests),
-        parse_limiter=trio.CapacityLimiter(PARSE_CONCURRENCY),
+        # each wait for a parse thread counts in vlserve_gate_wait_seconds{gate="parse"}
+        parse_limiter=TimedBorrow(
+            trio.CapacityLimiter(PARSE_CONCURRENCY), on_wait=partial(request_metrics.observe_gate_wait, "parse")
+        ),
+        request_metrics=request_metrics,
     )
     attach_state(app, state)
     install_request_id(app)

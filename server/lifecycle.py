@@ -9,8 +9,10 @@ raised. The runtime factory is any ``ServerConfig -> async context manager of Ru
 The lifecycle also owns the event loop's lag monitor (``server.loop_lag``): it runs for as
 long as ``run()`` does, from before the model loads until the runtime has closed. While the
 model loads it logs a line when loading starts and one every ``LOAD_PROGRESS_INTERVAL_S``
-seconds after, so a log shows a long load going on (stage-by-stage progress needs the
-loader to report its stages).
+seconds after, so a log shows a long stage going on; the stages themselves (tokenizer,
+processor, weights, warm-up) are reported by ``server.load_progress``. The phase turns
+``READY`` only once the factory has yielded the runtime, which ``server.runtime`` does
+after the engine's warm-up sequence.
 """
 
 from __future__ import annotations

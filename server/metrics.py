@@ -1,8 +1,11 @@
 """The figures ``GET /metrics`` exposes (Prometheus text format).
 
-Two sources, neither of which polls: the ``statistics()`` the components already keep
-(loop lag, admission, engine, preparation gates, feature cache), read when scraped, and
-the request-level figures that each request's own events feed (``server.request_metrics``).
+Three sources, none of which polls: the ``statistics()`` the components already keep
+(loop lag, admission, engine, preparation gates, pixel slots, feature cache), read when
+scraped; the request-level figures that each request's own events feed
+(``server.request_metrics``, with each chat's ``vl.prep_timings.PrepTimings``); and the
+engine's per-step timings, which the step loop sends with its outputs
+(``engine.step_timings``).
 
 vLLM's families, under its names and ``model_name`` label, with the prefix
 ``vlserve:`` (``--metrics-prefix vllm`` gives ``vllm:``, so vLLM dashboards work unchanged):
@@ -16,7 +19,9 @@ vLLM's families, under its names and ``model_name`` label, with the prefix
   ``<p>:request_prompt_tokens``, ``<p>:request_generation_tokens`` (histograms);
 - ``<p>:request_success_total{finished_reason}`` (choices of requests answered whole);
 - ``<p>:mm_cache_queries_total``, ``<p>:mm_cache_hits_total`` (the engine's image feature
-  cache).
+  cache);
+- ``<p>:request_queue_time_seconds``: a sequence's arrival in the step loop to the step
+  that first schedules it.
 
 vlserve's own, the figures that explain a slow probe or a slow first token:
 
@@ -31,8 +36,13 @@ vlserve's own, the figures that explain a slow probe or a slow first token:
 - ``vlserve_engine_<figure>``: every number in the engine's statistics (counters for the
   cumulative ones in ``ENGINE_COUNTERS``), once the runtime is open: step time, the
   vision encoder's batches and batch sizes, the image cache;
+- ``vlserve_prep_stage_seconds{stage}``: fetch, decode, preprocess (per image), tokenize
+  (per request), encode (per vision-encoder forward); ``vlserve_gate_wait_seconds{gate}``:
+  waits for tokenizer, image_prep, fetch, parse and pixel_slots;
+- ``vlserve_engine_step_seconds``, ``vlserve_encoder_batch_size`` (histograms);
 - ``vlserve_gate_borrowed{gate}``, ``vlserve_gate_tokens{gate}``, ``vlserve_gate_waiting{gate}``,
-  ``vlserve_gate_completed_total{gate}``: the preparation gates and the device gate;
+  ``vlserve_gate_completed_total{gate}``: the preparation gates, the fetch limiter, the
+  pixel slots and the device gate;
 - ``process_*``: CPU seconds, resident memory, open files of the server process.
 """
 
@@ -50,9 +60,12 @@ from prometheus_client.core import (
     Metric,
 )
 
+from engine.histogram import Histogram
+from engine.step_timings import ENCODE_BUCKETS_S
 from server.lifecycle import Phase
-from server.request_metrics import Histogram
+from server.request_metrics import GATE_WAIT_BUCKETS_S, STAGE_BUCKETS_S
 from server.state import ServerState
+from vl.prep_timings import GATES, STAGES
 
 ENGINE_COUNTERS = frozenset(
     {
@@ -88,6 +101,8 @@ class ServerCollector:
         yield from self._loop_lag()
         yield from self._requests()
         yield from self._engine()
+        yield from self._engine_timings()
+        yield from self._prep()
         yield from self._gates()
         yield from self._process.collect()
 
@@ -220,6 +235,45 @@ class ServerCollector:
             family = CounterMetricFamily if name in ENGINE_COUNTERS else GaugeMetricFamily
             yield family(f"vlserve_engine_{name}", f"Engine statistics: {name}.", value)
 
+    def _engine_timings(self) -> Iterator[Metric]:
+        """The step loop's per-step figures (``engine.step_timings``), once the runtime is open."""
+        histograms = getattr(getattr(self._state.lifecycle.runtime, "engine", None), "histograms", None)
+        if histograms is None:
+            return
+        yield self._vllm_histogram(
+            "request_queue_time_seconds",
+            "Time from a sequence's arrival in the engine to the step that first schedules it.",
+            histograms.queue_time,
+        )
+        yield _histogram("vlserve_engine_step_seconds", "Seconds of one engine step.", histograms.step_time)
+        yield _histogram(
+            "vlserve_encoder_batch_size", "Images per vision-encoder forward.", histograms.encoder_batch_size
+        )
+
+    def _prep(self) -> Iterator[Metric]:
+        """Per-stage and per-gate-wait histograms (``vl.prep_timings``); ``encode`` comes from
+        the engine (one observation per encoder forward)."""
+        metrics = self._state.request_metrics
+        stages = {name: metrics.prep_stages.get(name) or Histogram(STAGE_BUCKETS_S) for name in STAGES}
+        stages.update(metrics.prep_stages)
+        histograms = getattr(getattr(self._state.lifecycle.runtime, "engine", None), "histograms", None)
+        stages["encode"] = histograms.encode_time if histograms is not None else Histogram(ENCODE_BUCKETS_S)
+        yield _labeled_histograms(
+            "vlserve_prep_stage_seconds",
+            "Seconds of one preparation stage: fetch, decode, preprocess (per image), tokenize (template and "
+            "tokens, per request), encode (per vision-encoder forward, in the engine's step).",
+            "stage",
+            stages,
+        )
+        waits = {name: metrics.gate_waits.get(name) or Histogram(GATE_WAIT_BUCKETS_S) for name in GATES}
+        waits.update(metrics.gate_waits)
+        yield _labeled_histograms(
+            "vlserve_gate_wait_seconds",
+            "Seconds a request waited for a gate's token (tokenizer, image_prep) or a free pixel slot.",
+            "gate",
+            waits,
+        )
+
     def _gates(self) -> Iterator[Metric]:
         runtime = self._state.lifecycle.runtime
         if runtime is None:
@@ -227,11 +281,21 @@ class ServerCollector:
         gates = []
         statistics = getattr(getattr(runtime, "preparer", None), "statistics", None)
         if statistics is not None:
+            preparer_stats = statistics()
             gates = [
                 (gate.name, gate.borrowed, gate.total, gate.waiting, getattr(gate, "completed", None))
-                for gate in _fields(statistics())
+                for gate in _fields(preparer_stats)
                 if all(hasattr(gate, a) for a in ("name", "borrowed", "total", "waiting"))
             ]
+            fetcher = getattr(preparer_stats, "fetcher", None)
+            if fetcher is not None:
+                gates.append(
+                    ("fetch", fetcher.limiter_borrowed, int(fetcher.limiter_total), fetcher.waiting, fetcher.fetched)
+                )
+        slots = getattr(runtime, "slots", None)
+        if slots is not None:
+            stats = slots.statistics()
+            gates.append(("pixel_slots", stats.total - stats.free, stats.total, stats.waiting, stats.acquired))
         device_gate = getattr(runtime, "device_gate", None)
         if device_gate is not None:
             stats = device_gate.statistics()
@@ -248,7 +312,9 @@ class ServerCollector:
             GaugeMetricFamily("vlserve_gate_borrowed", "Gate tokens in use.", labels=["gate"]),
             GaugeMetricFamily("vlserve_gate_tokens", "Gate tokens in all.", labels=["gate"]),
             GaugeMetricFamily("vlserve_gate_waiting", "Tasks waiting at a gate.", labels=["gate"]),
-            CounterMetricFamily("vlserve_gate_completed", "Work items a gate completed.", labels=["gate"]),
+            CounterMetricFamily(
+                "vlserve_gate_completed", "Work items a gate completed (pixel_slots: slots taken).", labels=["gate"]
+            ),
         ]
         for name, *values in gates:
             for family, value in zip(families, values, strict=True):
@@ -264,6 +330,16 @@ def _histogram(
     family = HistogramMetricFamily(name, documentation, labels=list(labels))
     buckets = [(_bound(bound), count) for bound, count in histogram.buckets()]
     family.add_metric(list(labels.values()), buckets, histogram.total)
+    return family
+
+
+def _labeled_histograms(
+    name: str, documentation: str, label: str, histograms: dict[str, Histogram]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=[label])
+    for value, histogram in histograms.items():
+        buckets = [(_bound(bound), count) for bound, count in histogram.buckets()]
+        family.add_metric([value], buckets, histogram.total)
     return family
 
 

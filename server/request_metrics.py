@@ -15,17 +15,19 @@ request, and requests by finish reason; times are measured from the HTTP request
 
 from __future__ import annotations
 
-import bisect
-import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from engine.histogram import Histogram
+from vl.prep_timings import PREP_SUMMARY_FIELDS
 
 if TYPE_CHECKING:
     from engine.outputs import StreamDelta
     from server.generation import Job
+    from vl.prep_timings import PrepTimings
 
 # vLLM's bucket bounds for the same figures (seconds, then tokens).
 TTFT_BUCKETS_S = (
@@ -45,33 +47,16 @@ PREPARE_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
     30.0, 60.0,
 )  # fmt: skip
+# One preparation stage of one image (or the template and tokens), and one wait at a gate.
+STAGE_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+    10.0, 30.0,
+)  # fmt: skip
+GATE_WAIT_BUCKETS_S = (
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+)  # fmt: skip
 TOKEN_BUCKETS = tuple(float(n) for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000))
-
-
-class Histogram:
-    """A cumulative histogram over fixed upper bounds (the last one ``inf``)."""
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = (*bounds, math.inf)
-        self._counts = [0] * len(self.bounds)
-        self.total = 0.0
-
-    def observe(self, value: float, count: int = 1) -> None:
-        """Count ``value`` ``count`` times."""
-        self._counts[bisect.bisect_left(self.bounds, value)] += count
-        self.total += value * count
-
-    def buckets(self) -> list[tuple[float, int]]:
-        """(upper bound, observations at or below it), cumulative."""
-        out, running = [], 0
-        for bound, count in zip(self.bounds, self._counts, strict=True):
-            running += count
-            out.append((bound, running))
-        return out
-
-    @property
-    def count(self) -> int:
-        return sum(self._counts)
 
 
 @dataclass
@@ -89,6 +74,27 @@ class RequestMetrics:
     # responses by status class ("2xx", "4xx", "5xx"; "cut" for a response never started)
     responses: Counter[str] = field(default_factory=Counter)
     images: int = 0
+    # preparation stages ("fetch", "decode", ...) and gate waits ("tokenizer", ...), by name
+    prep_stages: dict[str, Histogram] = field(default_factory=dict)
+    gate_waits: dict[str, Histogram] = field(default_factory=dict)
+
+    def record_prep(self, timings: PrepTimings) -> None:
+        """Count one request's preparation figures (``vl.prep_timings``)."""
+        for name, seconds in timings.stages:
+            _histogram_for(self.prep_stages, name, STAGE_BUCKETS_S).observe(seconds)
+        for gate, seconds in timings.gate_waits:
+            self.observe_gate_wait(gate, seconds)
+
+    def observe_gate_wait(self, gate: str, seconds: float) -> None:
+        """Count one wait at ``gate`` (also fed directly: the ``parse`` limiter, ``server.app``)."""
+        _histogram_for(self.gate_waits, gate, GATE_WAIT_BUCKETS_S).observe(seconds)
+
+
+def _histogram_for(histograms: dict[str, Histogram], name: str, bounds: tuple[float, ...]) -> Histogram:
+    histogram = histograms.get(name)
+    if histogram is None:
+        histogram = histograms[name] = Histogram(bounds)
+    return histogram
 
 
 @dataclass
@@ -107,6 +113,7 @@ class RequestRecord:
     first_token: float | None = None
     ended: float | None = None
     finish_reasons: dict[int, str] = field(default_factory=dict)
+    prep: PrepTimings | None = None
     _last_token: float = 0.0
     _prompt_tokens: dict[int, int] = field(default_factory=dict)
     _completion_tokens: dict[int, int] = field(default_factory=dict)
@@ -126,6 +133,14 @@ class RequestRecord:
         self.images = sum(len(prompt.images) for prompt in prompts.values())
         self.metrics.prepare_time.observe(self.prepared - self.arrived)
         self.metrics.images += self.images
+
+    def prep_measured(self, timings: PrepTimings | None) -> None:
+        """Where the prompt's preparation time went (``PreparedPrompt.timings``): counted
+        in the histograms now, and in this request's access-log line."""
+        if timings is None:
+            return
+        self.prep = timings
+        self.metrics.record_prep(timings)
 
     def delta(self, job: Job, delta: StreamDelta) -> None:
         """A delta of choice ``job`` arrived from the engine."""
@@ -175,6 +190,7 @@ class RequestRecord:
             "ttft_ms": _ms(self.first_token, self.arrived),
             "total_ms": _ms(ended, self.arrived),
             "finish_reason": ",".join(sorted(set(self.finish_reasons.values()))) or None,
+            **(self.prep.summary_ms() if self.prep is not None else dict.fromkeys(PREP_SUMMARY_FIELDS)),
         }
 
 

@@ -2,8 +2,9 @@
 fetcher, preparer.
 
 ``open_runtime(config)`` owns every component's lifetime: entering it loads the model (in a
-worker thread, so the event loop keeps answering ``/health``) and starts each component in
-a nursery it owns; leaving it shuts them down in reverse order.
+worker thread, so the event loop keeps answering ``/health``), starts each component in
+a nursery it owns and warms the engine up with one short sequence (``warm_up``), reporting
+each stage (``server.load_progress``); leaving it shuts them down in reverse order.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from dataclasses import dataclass
 import trio
 
 from engine.async_engine import AsyncEngine, open_engine
+from engine.errors import ModelLoadError
 from engine.model_loader import LoadedModel, load_model
 from engine.pixel_slots import SlotPool
+from engine.prompt import EnginePrompt
+from engine.sampling_params import SamplingParams
 from engine.tiny_model import ensure_tiny_model
 from server.config import ServerConfig
+from server.load_progress import LoadProgress
 from vl.chat_preparer import ChatPreparer
 from vl.gates import Gate
 from vl.image_fetcher import ImageFetcher
@@ -50,7 +55,7 @@ class Runtime:
     slots: SlotPool | None = None
 
 
-async def load_configured_model(config: ServerConfig) -> LoadedModel:
+async def load_configured_model(config: ServerConfig, progress: LoadProgress | None = None) -> LoadedModel:
     """Load ``config.model`` (or build and load the built-in tiny model) in a worker thread.
 
     With the engine in its worker process (which loads the model itself and runs the
@@ -68,20 +73,42 @@ async def load_configured_model(config: ServerConfig) -> LoadedModel:
             device=engine.device,
             max_model_len=engine.max_model_len,
             weights=not engine.in_worker_process,
+            progress=progress.stage if progress is not None else lambda stage: None,
         )
 
     return await trio.to_thread.run_sync(load)
 
 
 @asynccontextmanager
-async def open_runtime(config: ServerConfig, loaded: LoadedModel | None = None) -> AsyncIterator[Runtime]:
-    """Load (unless ``loaded`` is given) and run every component until the block exits."""
+async def open_runtime(
+    config: ServerConfig, loaded: LoadedModel | None = None, progress: LoadProgress | None = None
+) -> AsyncIterator[Runtime]:
+    """Load (unless ``loaded`` is given), run every component, warm the engine up (one
+    short greedy sequence), and yield the runtime until the block exits. ``progress``
+    (default: a new ``LoadProgress``) hears each loading stage as it starts."""
+    progress = progress or LoadProgress()
     if loaded is None:
-        loaded = await load_configured_model(config)
+        loaded = await load_configured_model(config, progress)
         _freeze_startup_objects()
     with _switch_interval(config.switch_interval):
-        async with _open_components(config, loaded) as runtime:
+        async with _open_components(config, loaded, progress) as runtime:
+            progress.stage("warm-up")
+            await warm_up(runtime.engine, loaded)
+            progress.done()
             yield runtime
+
+
+async def warm_up(engine: AsyncEngine, loaded: LoadedModel) -> None:
+    """Run one greedy token of a short text prompt through ``engine``: the first step's
+    one-off costs (allocations, lazy initialization) are paid before readiness says 200.
+    Raises ``ModelLoadError`` if the engine fails it. Cancellation: the sequence is
+    aborted (``open_stream``)."""
+    token_ids = list(loaded.tokenizer("Hello", add_special_tokens=False)["input_ids"]) or [0]
+    async with engine.open_stream(EnginePrompt(token_ids), SamplingParams(max_tokens=1, temperature=0)) as stream:
+        async for _ in stream:
+            pass
+    if stream.error is not None:
+        raise ModelLoadError(f"the engine failed its warm-up sequence: {stream.error}")
 
 
 def _freeze_startup_objects() -> None:
@@ -106,13 +133,15 @@ def _switch_interval(seconds: float):
 
 
 @asynccontextmanager
-async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIterator[Runtime]:
+async def _open_components(config: ServerConfig, loaded: LoadedModel, progress: LoadProgress) -> AsyncIterator[Runtime]:
     device_gate = trio.CapacityLimiter(1)
     policy = config.media
     preprocessor = _preprocessor(loaded)
     async with ImageFetcher(policy) as fetcher:
         # the slots outlive every process that reads or writes them: made first, unlinked last
         with _open_slots(preprocessor, config) as slots:
+            if config.engine.in_worker_process:
+                progress.stage("weights", "engine worker process")
             async with (
                 open_engine(loaded, config.engine, device_gate, slots) as engine,
                 _open_prep_runner(loaded, config, policy) as runner,

@@ -12,6 +12,7 @@ from server.config import ServerConfig
 from server.lifecycle import RuntimeLifecycle
 from server.request_metrics import RequestMetrics
 from server.structured_output import GrammarValidator
+from vl.gates import TimedBorrow
 
 EXTENSION_KEY = "vlserve"
 
@@ -29,7 +30,7 @@ class ServerState:
     config: ServerConfig
     lifecycle: RuntimeLifecycle
     admission: Admission
-    parse_limiter: trio.CapacityLimiter
+    parse_limiter: trio.CapacityLimiter | TimedBorrow
     request_metrics: RequestMetrics = field(default_factory=RequestMetrics)
     grammars: GrammarValidator = field(default_factory=GrammarValidator)
 

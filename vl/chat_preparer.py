@@ -29,10 +29,11 @@ from vl.errors import (
     images_not_supported,
     too_many_images,
 )
-from vl.gates import Gate, GateStatistics
+from vl.gates import BorrowTimes, Gate, GateStatistics
 from vl.image_fetcher import FetcherStatistics, ImageFetcher
 from vl.image_key import image_cache_key
 from vl.image_source import load_image_bytes
+from vl.prep_timings import PrepTimings
 from vl.prep_tools import (
     Detokenize,
     ImagePixels,
@@ -61,6 +62,7 @@ class PreparedPrompt:
 
     prompt: EnginePrompt
     lease: SlotLease | None = None
+    timings: PrepTimings | None = None  # where the preparation time went (vl.prep_timings)
 
 
 class ChatPreparer:
@@ -111,17 +113,23 @@ class ChatPreparer:
         self._check_images(images)
         inputs: list[ImageInput | None] = [None] * len(images)
         taken: list[Slot] = []
+        timings = PrepTimings()
         try:
-            token_ids = await self._prepare_parts(chat, images, inputs, taken)
+            token_ids = await self._prepare_parts(chat, images, inputs, taken, timings)
             prompt = EnginePrompt(self._expand_image_tokens(token_ids, inputs), list(inputs))
         except BaseException:
             for slot in taken:
                 slot.release()
             raise
-        return PreparedPrompt(prompt, SlotLease(taken) if taken else None)
+        return PreparedPrompt(prompt, SlotLease(taken) if taken else None, timings)
 
     async def _prepare_parts(
-        self, chat: Chat, images: list[ImageRef], inputs: list[ImageInput | None], taken: list[Slot]
+        self,
+        chat: Chat,
+        images: list[ImageRef],
+        inputs: list[ImageInput | None],
+        taken: list[Slot],
+        timings: PrepTimings,
     ) -> list[int]:
         """Render the template and resolve every image concurrently; the first
         ``InvalidRequest`` cancels the rest and is raised. Slots taken are appended to
@@ -137,11 +145,14 @@ class ChatPreparer:
                 cancel_scope.cancel()
 
         async def render() -> None:
-            token_ids.extend(await self._runner.run(self.tokenizer_gate, RenderChat(chat.template_messages())))
+            times = BorrowTimes()
+            token_ids.extend(await self._runner.run(self.tokenizer_gate, RenderChat(chat.template_messages()), times))
+            timings.gate_wait(self.tokenizer_gate.name, times.waited)
+            timings.stage("tokenize", times.held)
 
         def resolver(i: int, ref: ImageRef):
             async def resolve() -> None:
-                inputs[i] = await self._image_input(ref, taken)
+                inputs[i] = await self._image_input(ref, taken, timings)
 
             return resolve
 
@@ -181,15 +192,28 @@ class ChatPreparer:
         if len(images) > limit:
             raise too_many_images(limit, len(images), images[limit].param)
 
-    async def _image_input(self, ref: ImageRef, taken: list[Slot]) -> ImageInput:
+    async def _image_input(self, ref: ImageRef, taken: list[Slot], timings: PrepTimings) -> ImageInput:
         """Fetch, key, then decode and preprocess into a slot of its own (appended to
-        ``taken`` at once: the caller releases it on every path)."""
-        encoded = await load_image_bytes(ref.image.url, param=ref.param, fetcher=self._fetcher, policy=self._policy)
+        ``taken`` at once: the caller releases it on every path). Each stage's time and
+        each wait goes into ``timings``."""
+        started, fetch_times = trio.current_time(), BorrowTimes()
+        encoded = await load_image_bytes(
+            ref.image.url, param=ref.param, fetcher=self._fetcher, policy=self._policy, times=fetch_times
+        )
+        timings.stage("fetch", trio.current_time() - started)
+        timings.gate_wait("fetch", fetch_times.waited)  # None (not counted) unless fetched over HTTP
         # hashing releases the GIL; it needs no gate (cheap, and bounded by admission)
         key = await trio.to_thread.run_sync(image_cache_key, encoded, self._tools.preprocessor.settings_key)
+        asked = trio.current_time()
         slot = await self._slots.acquire()
         taken.append(slot)
-        image = await self._runner.run(self.image_gate, ImagePixels(encoded, ref.param, slot.index, self._slots.spec))
+        timings.gate_wait("pixel_slots", trio.current_time() - asked)
+        times = BorrowTimes()
+        step = ImagePixels(encoded, ref.param, slot.index, self._slots.spec)
+        image = await self._runner.run(self.image_gate, step, times)
+        timings.gate_wait(self.image_gate.name, times.waited)
+        timings.stage("decode", image.decode_seconds)
+        timings.stage("preprocess", image.preprocess_seconds)
         return ImageInput(key, image.grid_thw, image.pixels)
 
     def _expand_image_tokens(self, token_ids: list[int], images: list[ImageInput | None]) -> list[int]:

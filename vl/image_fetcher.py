@@ -37,6 +37,7 @@ from vl.errors import (
     media_url_forbidden,
     unsupported_image_url_scheme,
 )
+from vl.gates import BorrowTimes, TimedBorrow
 from vl.media_policy import MediaPolicy
 
 _CLOSE_GRACE_SECONDS = 2.0  # how long closing the pool may take once the fetcher is exited
@@ -135,13 +136,16 @@ class ImageFetcher:
             failures=self._failures,
         )
 
-    async def fetch(self, url: str, *, param: str) -> bytes:
+    async def fetch(self, url: str, *, param: str, times: BorrowTimes | None = None) -> bytes:
         """The body of ``url`` (``http`` or ``https``), following redirects within the policy.
 
         Raises ``MediaTimeout`` when the whole fetch (slot wait, every hop, the body) takes
         longer than ``policy.fetch_timeout``, and ``MediaError`` naming ``param`` for a
         forbidden or unsupported URL, too many redirects, a non-2xx status, a body over
         ``policy.max_image_bytes`` or a transport failure.
+
+        ``times`` (if given) gets when the fetch asked for a slot of the limiter, got it and
+        gave it back (``vl.gates.BorrowTimes``).
 
         Cancellation: safe at any point. The response being read is closed (its connection is
         dropped, not returned to the pool half-read), the limiter slot is released, and the
@@ -152,7 +156,7 @@ class ImageFetcher:
             raise RuntimeError("ImageFetcher is not open: use `async with ImageFetcher(policy) as fetcher`")
         self._in_flight += 1
         try:
-            body = await self._fetch_within_deadline(client, url, param)
+            body = await self._fetch_within_deadline(client, url, param, times)
         except MediaError:
             self._failures += 1
             raise
@@ -162,11 +166,13 @@ class ImageFetcher:
         self._bytes_fetched += len(body)
         return body
 
-    async def _fetch_within_deadline(self, client: httpx.AsyncClient, url: str, param: str) -> bytes:
+    async def _fetch_within_deadline(
+        self, client: httpx.AsyncClient, url: str, param: str, times: BorrowTimes | None
+    ) -> bytes:
         timeout = self._policy.fetch_timeout
         got_slot = False
         with trio.move_on_after(timeout):
-            async with self._limiter:
+            async with self._limiter if times is None else TimedBorrow(self._limiter, times):
                 got_slot = True
                 return await self._follow_redirects(client, url, param)
         if not got_slot:

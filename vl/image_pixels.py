@@ -140,11 +140,14 @@ class PixelInputs:
 class SlotImage:
     """One image's patches written into a pixel slot: the descriptor to read them back
     (``SlotMemory.read(pixels)``), and their grid. Small and picklable: this, not the
-    pixels, is what a prep process returns."""
+    pixels, is what a prep process returns. ``decode_seconds`` and ``preprocess_seconds``
+    (slot write included) were measured where the work ran (``vl.prep_timings``)."""
 
     pixels: SlotPixels
     grid_thw: tuple[int, int, int]
     num_patches: int
+    decode_seconds: float = 0.0
+    preprocess_seconds: float = 0.0
 
 
 class ImagePreprocessor:

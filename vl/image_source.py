@@ -24,6 +24,7 @@ from vl.errors import (
     media_url_forbidden,
     unsupported_image_url_scheme,
 )
+from vl.gates import BorrowTimes
 from vl.image_fetcher import ImageFetcher
 from vl.media_policy import MediaPolicy
 
@@ -48,8 +49,11 @@ class EncodedImage:
     media_type: str | None = None
 
 
-async def load_image_bytes(url: str, *, param: str, fetcher: ImageFetcher, policy: MediaPolicy) -> EncodedImage:
-    """The encoded image that ``url`` names, within ``policy``.
+async def load_image_bytes(
+    url: str, *, param: str, fetcher: ImageFetcher, policy: MediaPolicy, times: BorrowTimes | None = None
+) -> EncodedImage:
+    """The encoded image that ``url`` names, within ``policy``; ``times`` (if given) gets
+    the fetch limiter's times of an ``http(s)`` fetch (``ImageFetcher.fetch``).
 
     ``data:`` URIs must be base64 (``data:image/png;base64,...``, ``data:;base64,...``, and
     the non-standard ``data:base64,...``); their length is checked against
@@ -70,7 +74,9 @@ async def load_image_bytes(url: str, *, param: str, fetcher: ImageFetcher, polic
     if scheme == "data":
         return parse_data_uri(url, policy, param=param)
     if scheme in ("http", "https"):
-        return EncodedImage(payload=await fetcher.fetch(url, param=param), base64_encoded=False, source="http")
+        return EncodedImage(
+            payload=await fetcher.fetch(url, param=param, times=times), base64_encoded=False, source="http"
+        )
     if scheme == "file":
         return await _load_local_file(url, policy, param=param)
     raise unsupported_image_url_scheme(scheme, param)

@@ -28,7 +28,7 @@ import trio
 import trio_parallel
 
 from vl.errors import prep_process_died
-from vl.gates import Gate
+from vl.gates import BorrowTimes, Gate
 from vl.prep_tools import PrepStep, PrepTools, PrepToolsSpec
 
 T = TypeVar("T")
@@ -64,13 +64,13 @@ class ProcessPrep:
             await prep._start_workers(workers)
             yield prep
 
-    async def run(self, gate: Gate, step: PrepStep[T]) -> T:
+    async def run(self, gate: Gate, step: PrepStep[T], times: BorrowTimes | None = None) -> T:
         """Run ``step`` in a prep process holding a token of ``gate`` (``PrepRunner.run``).
 
         A process that dies while running the step (killed, crashed) fails this call alone
         with ``vl.errors.PrepFailed``; the pool starts a fresh process for the next call."""
         try:
-            return await gate.run_in_process(self._context, _run_step, self._spec, step)
+            return await gate.run_in_process(self._context, _run_step, self._spec, step, times=times)
         except trio_parallel.BrokenWorkerError as exc:
             raise prep_process_died(_exit_status(exc)) from exc
 

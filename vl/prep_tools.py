@@ -22,13 +22,14 @@ returned (a runner waits for started work to finish, also when cancelled).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from engine.pixel_slots import SlotMemory, SlotSpec
 from vl.errors import images_not_supported, no_chat_template, template_rejected
-from vl.gates import Gate
+from vl.gates import BorrowTimes, Gate
 from vl.image_pixels import ImagePreprocessor, PixelInputs, SlotImage, decode_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
@@ -99,11 +100,23 @@ class PrepTools:
 
     def pixels_into_slot(self, image: EncodedImage, param: str, slot_index: int, slots: SlotSpec) -> SlotImage:
         """``decode_and_preprocess``, then write the pixels into slot ``slot_index`` of the
-        pool ``slots``. Raises what ``decode_and_preprocess`` raises, and ``SlotTooSmall``
+        pool ``slots``; the ``SlotImage`` says how long decoding and preprocessing (with the
+        write) took. Raises what ``decode_and_preprocess`` raises, and ``SlotTooSmall``
         for pixels larger than a slot (the slot is then left as it was)."""
-        inputs = self.decode_and_preprocess(image, param)
+        if self.preprocessor is None:
+            raise images_not_supported(param)
+        started = time.perf_counter()
+        decoded = decode_image(image, self.policy, param=param)
+        decoded_at = time.perf_counter()
+        inputs = self.preprocessor(decoded)
         pixels = self.slot_memory(slots).write(slot_index, inputs.pixel_values)
-        return SlotImage(pixels=pixels, grid_thw=inputs.grid_thw, num_patches=inputs.num_patches)
+        return SlotImage(
+            pixels=pixels,
+            grid_thw=inputs.grid_thw,
+            num_patches=inputs.num_patches,
+            decode_seconds=decoded_at - started,
+            preprocess_seconds=time.perf_counter() - decoded_at,
+        )
 
     def slot_memory(self, spec: SlotSpec) -> SlotMemory:
         """This process's view of the pool ``spec``: one given at construction, else
@@ -175,8 +188,9 @@ class ImagePixels:
 
 
 class PrepRunner(Protocol):
-    async def run(self, gate: Gate, step: PrepStep[T]) -> T:
-        """Run ``step`` holding a token of ``gate``; return or raise its outcome.
+    async def run(self, gate: Gate, step: PrepStep[T], times: BorrowTimes | None = None) -> T:
+        """Run ``step`` holding a token of ``gate``; return or raise its outcome. ``times``
+        (if given) gets when the token was asked for, taken and given back (``Gate.run``).
         Cancellation: as ``Gate.run`` (work that started is finished)."""
         ...
 
@@ -187,8 +201,8 @@ class ThreadPrep:
     def __init__(self, tools: PrepTools) -> None:
         self.tools = tools
 
-    async def run(self, gate: Gate, step: PrepStep[T]) -> T:
-        return await gate.run(step.run, self.tools)
+    async def run(self, gate: Gate, step: PrepStep[T], times: BorrowTimes | None = None) -> T:
+        return await gate.run(step.run, self.tools, times=times)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,9 @@ async def chat_completions() -> Response:
     check_model(body.model, runtime)
     grammar = await output_grammar(body, current_state().grammars)
     prepared = await runtime.preparer.prepare_chat(body.chat())
+    record = current_record()
+    if record is not None:
+        record.prep_measured(prepared.timings)
     if prepared.lease is not None:  # the image slots: held until submitted, at most until the request ends
         hold_until_request_ends(prepared.lease.release_creator)
     prompt = prepared.prompt

@@ -172,3 +172,20 @@ def test_the_cache_is_bounded_in_bytes_least_recently_used_out():
     assert (stats.cache_entries, stats.cache_bytes) == (2, 2 * feature_bytes)
     encoder.admit(9, [image(0.0)])  # the oldest was evicted
     assert encoder.patches_to_encode(9) == 4
+
+
+def test_each_successful_forward_reports_its_images_and_seconds_once():
+    """``take_batch_times``: (images, seconds) per forward since the last call, then empty;
+    a failed forward (retried alone) reports only the forwards that succeeded."""
+    encoder, _, _ = make(max_batch_images=2)
+    for i in range(5):
+        encoder.admit(i, [image(float(i))])
+    encoder.encode(range(5))
+    taken = encoder.take_batch_times()
+    assert [images for images, _ in taken] == [2, 2, 1]
+    assert all(seconds >= 0 for _, seconds in taken)
+    assert encoder.take_batch_times() == ()
+    failing, _, _ = make(FakeTower(fail_on={7.0}))
+    failing.admit(1, [image(7.0), image(8.0)])
+    failing.encode([1])
+    assert [images for images, _ in failing.take_batch_times()] == [1]  # 8.0 alone, after the pair failed

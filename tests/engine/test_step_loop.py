@@ -134,3 +134,49 @@ def test_an_idle_step_reports_statistics_only():
     outputs = loop.step(Submit())
     assert outputs == StepOutputs([], loop.statistics())
     assert core.plans == []
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_each_step_reports_its_seconds_and_the_queue_time_of_the_sequences_it_first_schedules():
+    """A step's ``timings``: the core's step seconds, and one queue time per sequence it
+    schedules for the first time (arrival in the loop to that step); a sequence waiting
+    behind a full batch counts its whole wait; idle outputs carry no timings."""
+    clock = FakeClock()
+    core = FakeCore()
+    loop = StepLoop(core, Scheduler(max_num_seqs=1, max_num_batched_tokens=100), clock)
+    first = loop.step(Submit([new(1, 2), new(2, 1)]))  # 2 waits: the batch holds one
+    assert first.timings.queue_seconds == (0.0,)
+    assert first.timings.step_seconds == 0.0 and first.timings.encoder_batches == ()
+    clock.now += 1.5
+    second = loop.step()  # 1 finishes (max_tokens 2)
+    assert second.timings.queue_seconds == ()
+    clock.now += 2.0
+    third = loop.step()  # 1 leaves, 2 joins after 3.5 s in the queue
+    assert [seq.seq_id for seq in core.plans[-1].joining] == [2]
+    assert third.timings.queue_seconds == (3.5,)
+    run_until_idle(loop)
+    assert loop._arrived == {}
+    assert loop.step().timings is None
+
+
+def test_an_aborted_waiting_sequence_leaves_no_queue_time():
+    loop, _ = make_loop(max_num_seqs=1)
+    loop.step(Submit([new(1, 3), new(2, 3)]))
+    loop.step(Submit(aborts=[2]))
+    assert 2 not in loop._arrived
+    queued = [len(outputs.timings.queue_seconds) for outputs in iter_steps(loop) if outputs.timings]
+    assert sum(queued) == 0
+
+
+def iter_steps(loop: StepLoop):
+    for _ in range(100):
+        if not loop.has_work():
+            return
+        yield loop.step()

@@ -39,7 +39,11 @@ def _png_uri() -> str:
 
 async def test_real_runtime_vllm_families(http, vlserve_server):
     """The same image twice: two images prepared, one feature-cache hit of two lookups;
-    the engine's figures under vLLM's names."""
+    the engine's figures under vLLM's names. Each preparation stage counted once per image
+    (tokenize once per request), encode once (one forward; the repeat is a cache hit),
+    each gate's wait once per request, queue time once per sequence (the runtime's
+    warm-up sequence too), the encoder's one
+    batch of one image."""
     await vlserve_server.wait_ready()
     content = [{"type": "image_url", "image_url": {"url": _png_uri()}}, {"type": "text", "text": "what?"}]
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": 3, "ignore_eos": True}
@@ -60,3 +64,19 @@ async def test_real_runtime_vllm_families(http, vlserve_server):
     assert samples["vlserve:num_requests_running"] >= 0 and samples["vlserve:num_requests_waiting"] >= 0
     assert 0 <= samples["vlserve:kv_cache_usage_perc"] <= 1
     assert samples["vlserve:time_to_first_token_seconds_count"] == 2
+    assert samples["vlserve:request_queue_time_seconds_count"] == 3  # the two requests and the warm-up
+    assert samples["vlserve_engine_step_seconds_count"] >= 2
+    assert samples["vlserve_encoder_batch_size_count"] == 1 and samples["vlserve_encoder_batch_size_sum"] == 1
+    by_label = {
+        (s.name, s.labels.get("stage") or s.labels.get("gate")): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    for stage in ("fetch", "decode", "preprocess", "tokenize"):
+        assert by_label[("vlserve_prep_stage_seconds_count", stage)] == 2, stage
+    assert by_label[("vlserve_prep_stage_seconds_count", "encode")] == 1
+    for gate in ("tokenizer", "image_prep", "pixel_slots"):
+        assert by_label[("vlserve_gate_wait_seconds_count", gate)] == 2, gate
+    for gate in ("fetch", "pixel_slots"):
+        assert by_label[("vlserve_gate_borrowed", gate)] == 0 and by_label[("vlserve_gate_tokens", gate)] >= 1
+    assert by_label[("vlserve_gate_completed_total", "pixel_slots")] == 2

@@ -22,6 +22,7 @@ from server.serve import RunningServer
 from tests.server.in_process import serving
 from tests.server.pass_probe import keep_alive_passes
 from tests.server.test_metrics import samples_of
+from vl.prep_timings import PREP_SUMMARY_FIELDS, PrepTimings
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
@@ -67,6 +68,29 @@ def test_record_counts_one_first_token_and_every_later_token_once():
     summary = record.summary()
     assert (summary["prompt_tokens"], summary["completion_tokens"], summary["images"]) == (7, 6, 0)
     assert summary["finish_reason"] == "length" and summary["ttft_ms"] is not None
+
+
+def test_prep_timings_feed_the_stage_and_gate_wait_histograms_and_the_access_fields():
+    """A chat's ``PrepTimings``: one observation per stage run and per wait, by name; the
+    access-log fields carry the per-request sums in ms (``None`` for a request without)."""
+    metrics = RequestMetrics()
+    record = RequestRecord("POST", "/v1/chat/completions", metrics)
+    timings = PrepTimings()
+    for name, seconds in (("fetch", 0.2), ("fetch", 0.1), ("decode", 0.05), ("tokenize", 0.01)):
+        timings.stage(name, seconds)
+    timings.gate_wait("pixel_slots", 0.5)
+    timings.gate_wait("tokenizer", None)  # not measured: ignored
+    record.prep_measured(timings)
+    assert metrics.prep_stages["fetch"].count == 2
+    assert metrics.prep_stages["fetch"].total == pytest.approx(0.3)
+    assert metrics.prep_stages["decode"].count == metrics.prep_stages["tokenize"].count == 1
+    assert "preprocess" not in metrics.prep_stages
+    assert metrics.gate_waits["pixel_slots"].count == 1 and "tokenizer" not in metrics.gate_waits
+    summary = record.summary()
+    assert summary["fetch_ms"] == 300.0 and summary["decode_ms"] == 50.0 and summary["preprocess_ms"] == 0.0
+    assert summary["tokenize_ms"] == 10.0 and summary["gate_wait_ms"] == 500.0
+    bare = RequestRecord("POST", "/v1/completions", metrics).summary()
+    assert all(bare[field] is None for field in PREP_SUMMARY_FIELDS)
 
 
 def test_cut_response_counts_no_success():

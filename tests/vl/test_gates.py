@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import trio
 import trio.lowlevel
 import trio.testing
 
-from vl.gates import Gate
+from vl.gates import BorrowTimes, Gate
 
 
 async def wait_for_thread_event(event: threading.Event) -> None:
@@ -103,3 +104,23 @@ async def test_gate_bounds_concurrency():
             nursery.start_soon(gate.run, work)
     assert peak[0] == 2
     assert gate.statistics().completed == 10
+
+
+async def test_borrow_times_record_the_wait_for_the_token_and_how_long_it_was_held(autojump_clock):
+    """A call that waits 5 s (mock clock) for a token held elsewhere, then whose thread
+    runs while 2 s pass, reports waited 5 and held 2; the gate's count is unchanged."""
+    gate = Gate("prep", 1)
+    holder = object()
+    await gate.limiter.acquire_on_behalf_of(holder)
+    times = BorrowTimes()
+    release = threading.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(gate.run, release.wait, 10, times=times))
+        await trio.sleep(5)
+        assert times.asked is not None and times.acquired is None and times.waited is None
+        gate.limiter.release_on_behalf_of(holder)
+        await trio.sleep(2)  # the call's thread runs, holding the token
+        release.set()
+    assert times.waited == 5.0
+    assert times.held == 2.0
+    assert gate.statistics().completed == 1 and gate.statistics().borrowed == 0
