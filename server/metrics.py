@@ -11,8 +11,10 @@ vLLM's families, under its names and ``model_name`` label, with the prefix
 ``vlserve:`` (``--metrics-prefix vllm`` gives ``vllm:``, so vLLM dashboards work unchanged):
 
 - ``<p>:num_requests_running``, ``<p>:num_requests_waiting`` (the engine's scheduler);
-- ``<p>:kv_cache_usage_perc``: cached tokens over the KV cache's worst case
-  (``max_num_seqs`` x ``max_model_len``; the cache grows on demand, there are no blocks);
+- ``<p>:kv_cache_usage_perc``: KV-cache blocks held by running sequences over all blocks
+  (free and prefix-cached blocks count as unused, as vLLM counts them);
+- ``<p>:prefix_cache_queries_total``, ``<p>:prefix_cache_hits_total`` (prompt tokens, as vLLM),
+  ``<p>:num_preemptions_total``;
 - ``<p>:prompt_tokens_total``, ``<p>:generation_tokens_total`` (the engine's counts);
 - ``<p>:time_to_first_token_seconds``, ``<p>:inter_token_latency_seconds``,
   ``<p>:e2e_request_latency_seconds`` (from the HTTP request's arrival),
@@ -132,12 +134,23 @@ class ServerCollector:
             yield self._vllm_gauge("num_requests_running", "Requests in the engine's running batch.", stats["running"])
         if "waiting" in stats:
             yield self._vllm_gauge("num_requests_waiting", "Requests waiting for the engine.", stats["waiting"])
-        if "cache_tokens" in stats:
-            capacity = self._state.config.engine.max_num_seqs * max(1, getattr(runtime, "max_model_len", 1))
+        if stats.get("kv_blocks_total"):
+            used = stats["kv_blocks_total"] - stats.get("kv_blocks_free", 0)
             yield self._vllm_gauge(
                 "kv_cache_usage_perc",
-                "Cached tokens over the KV cache's worst case (max_num_seqs x max_model_len), 0 to 1.",
-                min(1.0, stats["cache_tokens"] / capacity),
+                "KV-cache blocks held by running sequences over all blocks, 0 to 1.",
+                used / stats["kv_blocks_total"],
+            )
+        if "prefix_cache_queries" in stats and "prefix_cache_hits" in stats:
+            yield self._vllm_counter(
+                "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats["prefix_cache_queries"]
+            )
+            yield self._vllm_counter(
+                "prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats["prefix_cache_hits"]
+            )
+        if "preemptions" in stats:
+            yield self._vllm_counter(
+                "num_preemptions", "Sequences preempted for KV-cache blocks.", stats["preemptions"]
             )
         if "prompt_tokens" in stats:
             yield self._vllm_counter("prompt_tokens", "Prompt tokens prefilled.", stats["prompt_tokens"])

@@ -63,6 +63,9 @@ async def test_real_runtime_vllm_families(http, vlserve_server):
     assert samples["vlserve:generation_tokens_total"] >= 6
     assert samples["vlserve:num_requests_running"] >= 0 and samples["vlserve:num_requests_waiting"] >= 0
     assert 0 <= samples["vlserve:kv_cache_usage_perc"] <= 1
+    # the second chat repeats the first's prompt and image: its full blocks come from the prefix cache
+    assert samples["vlserve:prefix_cache_queries_total"] > samples["vlserve:prefix_cache_hits_total"] > 0
+    assert samples["vlserve:num_preemptions_total"] == 0
     assert samples["vlserve:time_to_first_token_seconds_count"] == 2
     assert samples["vlserve:request_queue_time_seconds_count"] == 3  # the two requests and the warm-up
     assert samples["vlserve_engine_step_seconds_count"] >= 2
