@@ -24,6 +24,7 @@ from engine.model_loader import LoadedModel, load_model
 from engine.pixel_slots import SlotPool
 from engine.tiny_model import ensure_tiny_model
 from server.config import ServerConfig
+from server.sampling_defaults import NO_DEFAULTS, SamplingDefaults, read_sampling_defaults
 from vl.chat_preparer import ChatPreparer
 from vl.gates import Gate
 from vl.image_fetcher import ImageFetcher
@@ -48,6 +49,7 @@ class Runtime:
     loaded: LoadedModel
     device_gate: trio.CapacityLimiter
     slots: SlotPool | None = None
+    sampling_defaults: SamplingDefaults = NO_DEFAULTS
 
 
 async def load_configured_model(config: ServerConfig) -> LoadedModel:
@@ -108,6 +110,7 @@ def _switch_interval(seconds: float):
 @asynccontextmanager
 async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIterator[Runtime]:
     device_gate = trio.CapacityLimiter(1)
+    sampling_defaults = await trio.to_thread.run_sync(read_sampling_defaults, config.generation_config, loaded.path)
     policy = config.media
     preprocessor = _preprocessor(loaded)
     async with ImageFetcher(policy) as fetcher:
@@ -138,6 +141,7 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
                     loaded=loaded,
                     device_gate=device_gate,
                     slots=slots,
+                    sampling_defaults=sampling_defaults,
                 )
 
 

@@ -21,6 +21,7 @@ from engine.outputs import StreamDelta, TokenLogprob, TopLogprob
 from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
+from server.sampling_defaults import SamplingDefaults
 from vl.chat_messages import Chat, TextPart
 from vl.chat_preparer import PreparedPrompt
 from vl.errors import InvalidRequest, MediaError
@@ -213,6 +214,7 @@ class FakeRuntime:
     engine: FakeEngine = field(default_factory=FakeEngine)
     preparer: FakePreparer = field(default_factory=FakePreparer)
     loaded: FakeLoaded = field(default_factory=FakeLoaded)
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 class FakeRuntimeFactory:
