@@ -30,6 +30,7 @@ from vl.gates import Gate
 from vl.image_fetcher import ImageFetcher
 from vl.image_pixels import ImagePreprocessor, slot_bytes_for
 from vl.media_policy import MediaPolicy
+from vl.pixel_budget import PixelBounds, processor_bounds, server_bounds
 from vl.prep_processes import ProcessPrep
 from vl.prep_tools import PrepTools, PrepToolsSpec
 
@@ -113,9 +114,10 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
     sampling_defaults = await trio.to_thread.run_sync(read_sampling_defaults, config.generation_config, loaded.path)
     policy = config.media
     preprocessor = _preprocessor(loaded)
+    pixel_bounds = _pixel_bounds(preprocessor, config, loaded.max_model_len)
     async with ImageFetcher(policy) as fetcher:
         # the slots outlive every process that reads or writes them: made first, unlinked last
-        with _open_slots(preprocessor, config) as slots:
+        with _open_slots(preprocessor, config, pixel_bounds) as slots:
             async with (
                 open_engine(loaded, config.engine, device_gate, slots) as engine,
                 _open_prep_runner(loaded, config, policy) as runner,
@@ -130,6 +132,7 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
                     slots=slots,
                     image_token=IMAGE_TOKEN if loaded.supports_images else None,
                     runner=runner,
+                    pixel_bounds=pixel_bounds,
                 )
                 yield Runtime(
                     config=config,
@@ -145,13 +148,34 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel) -> AsyncIt
                 )
 
 
-def _open_slots(preprocessor: ImagePreprocessor | None, config: ServerConfig):
+def _pixel_bounds(
+    preprocessor: ImagePreprocessor | None, config: ServerConfig, max_model_len: int
+) -> PixelBounds | None:
+    """The server's bounds on an image's pixels (``vl.pixel_budget.server_bounds``);
+    ``None`` for a text-only model or an image processor without pixel bounds."""
+    if preprocessor is None:
+        return None
+    model = processor_bounds(preprocessor.image_processor)
+    if model is None:
+        return None
+    media = config.media
+    return server_bounds(
+        model,
+        token_pixels=preprocessor.token_pixels,
+        max_model_len=max_model_len,
+        min_pixels=media.min_pixels,
+        max_pixels=media.max_pixels,
+    )
+
+
+def _open_slots(preprocessor: ImagePreprocessor | None, config: ServerConfig, bounds: PixelBounds | None):
     """The pixel slots of a vision model (``config.prep.pixel_slots`` of them, each sized
-    for the largest image the preprocessor makes); ``None`` for a text-only model. Raises
-    ``SlotPoolError`` if /dev/shm cannot hold them."""
+    for the largest image the server's pixel bounds allow); ``None`` for a text-only model.
+    Raises ``SlotPoolError`` if /dev/shm cannot hold them."""
     if preprocessor is None:
         return nullcontext(None)
-    return SlotPool.create(config.prep.pixel_slots, slot_bytes_for(preprocessor, config.prep))
+    max_pixels = bounds.max_pixels if bounds else None
+    return SlotPool.create(config.prep.pixel_slots, slot_bytes_for(preprocessor, config.prep, max_pixels))
 
 
 @asynccontextmanager
