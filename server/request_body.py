@@ -61,15 +61,18 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
 
 
 def _check_json_values(data: dict[str, Any]) -> None:
-    """Raise ``InvalidRequest`` naming the first value nested deeper than
-    ``MAX_JSON_DEPTH`` or a number outside 64-bit integers' range. Iterative: never
+    """Raise ``InvalidRequest`` for a value nested deeper than ``MAX_JSON_DEPTH`` (naming
+    its top-level field) or a number outside 64-bit integers' range (naming its path). Iterative: never
     recurses, whatever the input."""
     stack: list[tuple[Any, int, str]] = [(data, 1, "")]
     while stack:
         node, depth, path = stack.pop()
         if depth > MAX_JSON_DEPTH:
+            top_field = path.split(".", 1)[0].split("[", 1)[0]
             raise InvalidRequest(
-                f"The request body nests deeper than {MAX_JSON_DEPTH} levels.", param=path or None, code="invalid_json"
+                f"The request body nests deeper than {MAX_JSON_DEPTH} levels.",
+                param=top_field or None,
+                code="invalid_json",
             )
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, value in items:

@@ -138,6 +138,7 @@ async def test_rules_name_what_broke(http):
     """The body rules say which one the body broke, and where."""
     deep = (await http.post("/v1/chat/completions", content=chat(user=nested(MAX_JSON_DEPTH + 1)))).json()
     assert deep["error"]["code"] == "invalid_json" and "nests deeper" in deep["error"]["message"]
+    assert deep["error"]["param"] == "user"
     big = (await http.post("/v1/chat/completions", content=chat(seed=2**64))).json()
     assert big["error"]["code"] == "number_out_of_range" and big["error"]["param"] == "seed"
     nan = await http.post("/v1/chat/completions", content=b'{"messages":[],"temperature":NaN}')
