@@ -26,8 +26,15 @@ VALID: dict[str, dict[str, Any]] = {
         "model": "fake-model",
         "messages": [
             {"role": "system", "content": "be brief"},
-            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "hi"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+                ],
+            },
         ],
+        "mm_processor_kwargs": {"max_pixels": 100_000},
         "max_tokens": 4,
         "temperature": 0.5,
         "stop": ["x"],
