@@ -17,7 +17,7 @@ from server.response_meta import ResponseMeta
 from server.schemas.chat import ChatChoice, ChatCompletion, ChatMessageOut, ToolCallOut
 from server.schemas.common import Usage
 from server.streaming import Chunk, ChunkEnvelope
-from server.tool_calls import ParsedCall, ToolMode, ToolStream
+from server.tool_calls import ArgumentsFragment, CallStart, Event, ToolMode, ToolStream
 
 NO_TOOLS = ToolMode()
 
@@ -51,8 +51,9 @@ class ChatChunker:
     With tools (``server.tool_calls``), each call is sent as OpenAI does: a ``tool_calls``
     delta with its ``index``, ``id``, ``type`` and ``function.name`` (arguments ``""``),
     then deltas of ``function.arguments`` fragments. A ``named`` call sends its head in
-    the first content delta and its arguments as the model writes them; ``auto`` and
-    ``required`` calls are sent once the model has written each whole call.
+    the first content delta and its arguments as the model writes them; an ``auto`` call
+    its head once the model has written the name, then its arguments as they come
+    (``server.tool_calls``); ``required`` calls once the model has written them all.
     """
 
     def __init__(self, meta: ResponseMeta, *, include_usage: bool, logprobs: bool, tools: ToolMode = NO_TOOLS) -> None:
@@ -81,7 +82,7 @@ class ChatChunker:
         return chunks
 
     def _tool_chunks(self, index: int, delta: StreamDelta) -> list[Chunk]:
-        stream = self._streams.setdefault(index, ToolStream(self._tools))
+        stream = self._streams.setdefault(index, ToolStream(self._tools, fragments=True))
         deltas: list[Chunk] = []
         if self._tools.mode == "named":
             if index not in self._call_counts:
@@ -101,11 +102,15 @@ class ChatChunker:
             chunks.append(self._envelope.chunk([_choice(index, {}, None, finish)]))
         return chunks
 
-    def _event_deltas(self, index: int, event: str | ParsedCall) -> list[Chunk]:
+    def _event_deltas(self, index: int, event: Event) -> list[Chunk]:
         if isinstance(event, str):
             return [{"content": event}] if event else []
+        if isinstance(event, ArgumentsFragment):
+            return [_call_arguments(self._call_counts[index] - 1, event.text)]
         position = self._call_counts.get(index, 0)
         self._call_counts[index] = position + 1
+        if isinstance(event, CallStart):
+            return [_call_head(position, event.id, event.name)]
         return [_call_head(position, event.id, event.name), _call_arguments(position, event.arguments)]
 
     def usage(self, usage: Usage) -> Chunk:

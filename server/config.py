@@ -70,6 +70,13 @@ class ServerConfig:
         default=True,
         metadata={"help": "one log line per API request on the vlserve.access logger"},
     )
+    generation_config: str = field(
+        default="auto",
+        metadata={
+            "help": "sampling defaults for fields a request leaves unset: 'auto' (the model's "
+            "generation_config.json), 'vllm' (none), or a directory holding a generation_config.json"
+        },
+    )
     engine: EngineConfig = field(default_factory=EngineConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
     media: MediaPolicy = field(default_factory=MediaPolicy)

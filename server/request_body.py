@@ -11,11 +11,11 @@ the location against the input itself, so only real keys and indices remain.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
+import orjson
 import trio
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
@@ -29,20 +29,68 @@ M = TypeVar("M", bound=BaseModel)
 ModelChoice = type[M] | Callable[[dict[str, Any]], type[M]]
 
 INLINE_PARSE_BYTES = 64 * 1024
+# No request field nests anywhere near this deep (a tool's parameter schema is the deepest
+# part of a request); the bound keeps every recursive walk below (validation, schema
+# rewriting, grammar compilation) far from Python's recursion limit.
+MAX_JSON_DEPTH = 64
+# Integers are 64-bit: a wider one (orjson reads it as a float) fits no field.
+MIN_INT = -(2**63)
+INT_BOUND = 2**64
 
 
 def decode_json_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object; ``InvalidRequest`` if it is not valid JSON or not an object."""
+    """The body as a JSON object; ``InvalidRequest`` (``invalid_json``) if it is not one.
+
+    The rules every body meets before validation, in one place: valid UTF-8 without lone
+    surrogates, standard JSON (no ``NaN``/``Infinity``, no number that overflows a double),
+    nesting at most ``MAX_JSON_DEPTH`` deep, every number within 64-bit integers' range.
+    A key given twice keeps its last value (as Python's ``json`` and vLLM do).
+    """
     try:
-        data = json.loads(raw)
-    except ValueError:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
         raise InvalidRequest(
-            "We could not parse the JSON body of your request. Send valid JSON with 'Content-Type: application/json'.",
+            f"We could not parse the JSON body of your request ({error.msg}). "
+            "Send valid JSON with 'Content-Type: application/json'.",
             code="invalid_json",
         ) from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    _check_json_values(data)
     return data
+
+
+def _check_json_values(data: dict[str, Any]) -> None:
+    """Raise ``InvalidRequest`` for a value nested deeper than ``MAX_JSON_DEPTH`` (naming
+    its top-level field) or a number outside 64-bit integers' range (naming its path). Iterative: never
+    recurses, whatever the input."""
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            top_field = path.split(".", 1)[0].split("[", 1)[0]
+            raise InvalidRequest(
+                f"The request body nests deeper than {MAX_JSON_DEPTH} levels.",
+                param=top_field or None,
+                code="invalid_json",
+            )
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(value, (dict, list)):
+                stack.append((value, depth + 1, _child(path, key)))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and not MIN_INT <= value < INT_BOUND:
+                child = _child(path, key)
+                raise InvalidRequest(
+                    f"Invalid value for '{child}': numbers must lie within the range of 64-bit integers.",
+                    param=child,
+                    code="number_out_of_range",
+                )
+
+
+def _child(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
 
 
 def decode_body(raw: bytes, model: ModelChoice[M]) -> M:

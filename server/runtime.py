@@ -29,11 +29,13 @@ from engine.sampling_params import SamplingParams
 from engine.tiny_model import ensure_tiny_model
 from server.config import ServerConfig
 from server.load_progress import LoadProgress
+from server.sampling_defaults import NO_DEFAULTS, SamplingDefaults, read_sampling_defaults
 from vl.chat_preparer import ChatPreparer
 from vl.gates import Gate
 from vl.image_fetcher import ImageFetcher
 from vl.image_pixels import ImagePreprocessor, slot_bytes_for
 from vl.media_policy import MediaPolicy
+from vl.pixel_budget import PixelBounds, processor_bounds, server_bounds
 from vl.prep_processes import ProcessPrep
 from vl.prep_tools import PrepTools, PrepToolsSpec
 
@@ -53,6 +55,7 @@ class Runtime:
     loaded: LoadedModel
     device_gate: trio.CapacityLimiter
     slots: SlotPool | None = None
+    sampling_defaults: SamplingDefaults = NO_DEFAULTS
 
 
 async def load_configured_model(config: ServerConfig, progress: LoadProgress | None = None) -> LoadedModel:
@@ -135,11 +138,13 @@ def _switch_interval(seconds: float):
 @asynccontextmanager
 async def _open_components(config: ServerConfig, loaded: LoadedModel, progress: LoadProgress) -> AsyncIterator[Runtime]:
     device_gate = trio.CapacityLimiter(1)
+    sampling_defaults = await trio.to_thread.run_sync(read_sampling_defaults, config.generation_config, loaded.path)
     policy = config.media
     preprocessor = _preprocessor(loaded)
+    pixel_bounds = _pixel_bounds(preprocessor, config, loaded.max_model_len)
     async with ImageFetcher(policy) as fetcher:
         # the slots outlive every process that reads or writes them: made first, unlinked last
-        with _open_slots(preprocessor, config) as slots:
+        with _open_slots(preprocessor, config, pixel_bounds) as slots:
             if config.engine.in_worker_process:
                 progress.stage("weights", "engine worker process")
             async with (
@@ -156,6 +161,7 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel, progress: 
                     slots=slots,
                     image_token=IMAGE_TOKEN if loaded.supports_images else None,
                     runner=runner,
+                    pixel_bounds=pixel_bounds,
                 )
                 yield Runtime(
                     config=config,
@@ -167,16 +173,38 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel, progress: 
                     loaded=loaded,
                     device_gate=device_gate,
                     slots=slots,
+                    sampling_defaults=sampling_defaults,
                 )
 
 
-def _open_slots(preprocessor: ImagePreprocessor | None, config: ServerConfig):
+def _pixel_bounds(
+    preprocessor: ImagePreprocessor | None, config: ServerConfig, max_model_len: int
+) -> PixelBounds | None:
+    """The server's bounds on an image's pixels (``vl.pixel_budget.server_bounds``);
+    ``None`` for a text-only model or an image processor without pixel bounds."""
+    if preprocessor is None:
+        return None
+    model = processor_bounds(preprocessor.image_processor)
+    if model is None:
+        return None
+    media = config.media
+    return server_bounds(
+        model,
+        token_pixels=preprocessor.token_pixels,
+        max_model_len=max_model_len,
+        min_pixels=media.min_pixels,
+        max_pixels=media.max_pixels,
+    )
+
+
+def _open_slots(preprocessor: ImagePreprocessor | None, config: ServerConfig, bounds: PixelBounds | None):
     """The pixel slots of a vision model (``config.prep.pixel_slots`` of them, each sized
-    for the largest image the preprocessor makes); ``None`` for a text-only model. Raises
-    ``SlotPoolError`` if /dev/shm cannot hold them."""
+    for the largest image the server's pixel bounds allow); ``None`` for a text-only model.
+    Raises ``SlotPoolError`` if /dev/shm cannot hold them."""
     if preprocessor is None:
         return nullcontext(None)
-    return SlotPool.create(config.prep.pixel_slots, slot_bytes_for(preprocessor, config.prep))
+    max_pixels = bounds.max_pixels if bounds else None
+    return SlotPool.create(config.prep.pixel_slots, slot_bytes_for(preprocessor, config.prep, max_pixels))
 
 
 @asynccontextmanager

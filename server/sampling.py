@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
 from server.errors import completion_too_long, empty_prompt, prompt_too_long
+from server.sampling_defaults import NO_DEFAULTS, SamplingDefaults
 from server.schemas.common import SamplingRequest
 
 
@@ -39,20 +40,33 @@ class LengthBudget:
         return self.requested
 
 
-def sampling_params(request: SamplingRequest, *, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+NEUTRAL = SamplingDefaults(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0)
+
+
+def _first(*values: float | None) -> float:
+    return next(value for value in values if value is not None)
+
+
+def sampling_params(
+    request: SamplingRequest,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    defaults: SamplingDefaults = NO_DEFAULTS,
+) -> list[SamplingParams]:
     """One ``SamplingParams`` per choice (``n``); choice ``i`` gets ``seed + i``.
 
+    A field the request leaves unset takes the model's default (``defaults``, from its
+    ``generation_config.json``), else the neutral value (``NEUTRAL``).
     Raises ``InvalidRequest`` naming the parameter for values the sampler rejects.
     """
+    fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    chosen = {name: _first(getattr(request, name), getattr(defaults, name), getattr(NEUTRAL, name)) for name in fields}
     base = {
         "max_tokens": max_tokens,
-        "temperature": 1.0 if request.temperature is None else request.temperature,
-        "top_p": 1.0 if request.top_p is None else request.top_p,
-        "top_k": request.top_k or 0,
-        "min_p": request.min_p or 0.0,
+        **chosen,
         "presence_penalty": request.presence_penalty or 0.0,
         "frequency_penalty": request.frequency_penalty or 0.0,
-        "repetition_penalty": (1.0 if request.repetition_penalty is None else request.repetition_penalty),
         "stop": request.stop_strings,
         "ignore_eos": request.ignore_eos,
         "logprobs": logprobs,

@@ -13,6 +13,16 @@ What the model writes depends on ``tool_choice`` (``ToolMode``):
 - ``named``: the JSON arguments of the one named function, also constrained.
 - ``none``: no parsing; the text is the content.
 
+Streamed, an ``auto`` call is sent while it is written (``ToolStream(..., fragments=True)``):
+its id and name as soon as the block's head ``{"name": "...", "arguments": {`` is complete,
+then the arguments' text in fragments, holding back only what may be the block's closing
+``}``. The fragments joined are the arguments exactly as the model wrote them, which is also
+what the whole response carries (when the model writes the object's keys in another order,
+or other keys after ``arguments``, the call is sent whole at its end, re-serialised).
+Unlike the whole response, a block whose head has streamed stays a call even if it then
+turns out not to be JSON, or is cut by the length limit: its arguments are what was sent
+(vLLM's Hermes parser behaves the same).
+
 Calls get ids ``call_`` + 24 hex digits. ``finish_reason`` becomes ``"tool_calls"`` when
 ``auto`` or ``required`` produced calls and generation stopped on its own (a call
 ``named`` by the request finishes with ``"stop"``, as OpenAI does).
@@ -21,6 +31,7 @@ Calls get ids ``call_`` + 24 hex digits. ``finish_reason`` becomes ``"tool_calls
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +39,8 @@ from typing import Any, Literal
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
 Mode = Literal["none", "auto", "required", "named"]
+# the head of a Hermes call, up to its arguments object's opening brace
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([a-zA-Z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*(?=\{)')
 
 
 def new_call_id() -> str:
@@ -45,8 +58,43 @@ class ParsedCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
+@dataclass(frozen=True)
+class CallStart:
+    """A streamed call's head: its id and name (arguments follow as fragments)."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ArgumentsFragment:
+    """The next piece of the arguments of the call last started."""
+
+    text: str
+
+
+Event = str | ParsedCall | CallStart | ArgumentsFragment
+
+
+def raw_arguments(block: str, arguments: dict[str, Any]) -> str | None:
+    """The arguments' text as written in a Hermes block's JSON (``block``), if the block
+    is ``{"name": ..., "arguments": {...}}`` in that order and nothing else; else ``None``."""
+    head = CALL_HEAD.match(block)
+    if head is None:
+        return None
+    rest = block[head.end() :].rstrip()
+    if not rest.endswith("}"):
+        return None
+    raw = rest[:-1].rstrip()
+    try:
+        return raw if json.loads(raw) == arguments else None
+    except ValueError:
+        return None
+
+
 def call_from_json(text: str, arguments_key: str = "arguments") -> ParsedCall | None:
-    """A call from ``{"name": ..., <arguments_key>: {...}}``, or ``None`` if ``text`` is not that."""
+    """A call from ``{"name": ..., <arguments_key>: {...}}``, or ``None`` if ``text`` is not
+    that. Arguments keep the text the model wrote where it can be cut out (``raw_arguments``)."""
     try:
         value = json.loads(text)
     except ValueError:
@@ -61,7 +109,8 @@ def call_from_json(text: str, arguments_key: str = "arguments") -> ParsedCall | 
             return None
     if not isinstance(arguments, dict):
         return None
-    return ParsedCall(new_call_id(), value["name"], json.dumps(arguments, ensure_ascii=False))
+    written = raw_arguments(text, arguments) if arguments_key == "arguments" else None
+    return ParsedCall(new_call_id(), value["name"], written or json.dumps(arguments, ensure_ascii=False))
 
 
 @dataclass(frozen=True)
@@ -87,20 +136,32 @@ class ToolMode:
         return content.strip() if calls else content
 
 
+@dataclass
+class _OpenCall:
+    """An ``auto`` call being streamed: where its arguments start in the block, and how
+    much of them has been sent."""
+
+    arguments_at: int
+    sent: int = 0
+
+
 class ToolStream:
     """Reads one choice's text delta by delta: ``feed`` and ``finish`` return, in order,
-    content text (``str``) and complete calls (``ParsedCall``). ``auto`` holds back only
-    text that may still open or continue a call block, so plain content streams at once;
-    ``named`` reports its call's id and name first (``started``) and its argument text as
-    it comes (``argument_fragments``)."""
+    content text (``str``) and calls: complete (``ParsedCall``) or, with ``fragments``
+    for ``auto``, as ``CallStart`` then ``ArgumentsFragment`` pieces while the model
+    writes them (see the module). ``auto`` holds back only text that may still open or
+    continue a call block, so plain content streams at once. ``named`` calls are streamed
+    by ``server.chat_format`` itself (``named_id``)."""
 
-    def __init__(self, mode: ToolMode) -> None:
+    def __init__(self, mode: ToolMode, *, fragments: bool = False) -> None:
         self.mode = mode
+        self._fragments = fragments
         self._buffer = ""
         self._calls = 0
+        self._open: _OpenCall | None = None
         self.named_call: ParsedCall | None = None
 
-    def feed(self, text: str) -> list[str | ParsedCall]:
+    def feed(self, text: str) -> list[Event]:
         if self.mode.mode == "none":
             return [text] if text else []
         self._buffer += text
@@ -108,7 +169,7 @@ class ToolStream:
             return self._scan(final=False)
         return []
 
-    def finish(self) -> list[str | ParsedCall]:
+    def finish(self) -> list[Event]:
         """Everything still held, at the end of the output."""
         if self.mode.mode == "auto":
             return self._scan(final=True)
@@ -141,8 +202,8 @@ class ToolStream:
         text, self._buffer = self._buffer, ""
         return text
 
-    def _scan(self, final: bool) -> list[str | ParsedCall]:
-        events: list[str | ParsedCall] = []
+    def _scan(self, final: bool) -> list[Event]:
+        events: list[Event] = []
         while self._buffer:
             start = self._buffer.find(CALL_OPEN)
             if start < 0:
@@ -157,17 +218,54 @@ class ToolStream:
                 self._buffer = self._buffer[start:]
             end = self._buffer.find(CALL_CLOSE)
             if end < 0:
-                if final:
+                if self._open is not None or self._may_stream():
+                    events += self._stream_open(self._buffer[len(CALL_OPEN) :], closed=False)
+                if final and self._open is not None:  # cut off: the call stands as sent (see the module)
+                    self._open = None
+                    self._buffer = ""
+                elif final:
                     events.append(self._take())
                 break
             block = self._buffer[: end + len(CALL_CLOSE)]
             self._buffer = self._buffer[end + len(CALL_CLOSE) :]
+            if self._open is not None:  # a streamed call: its last fragment
+                events += self._stream_open(block[len(CALL_OPEN) : end], closed=True)
+                self._open = None
+                continue
             call = call_from_json(block[len(CALL_OPEN) : end].strip())
             if call is None:
                 events.append(block)
             elif self.mode.parallel or self._calls == 0:
                 self._calls += 1
                 events.append(call)
+        return events
+
+    def _may_stream(self) -> bool:
+        return self._fragments and (self.mode.parallel or self._calls == 0)
+
+    def _stream_open(self, inner: str, *, closed: bool) -> list[Event]:
+        """The events of the open block's text ``inner`` so far: its head once complete,
+        then the arguments' text not sent yet, short of the last ``}`` (possibly the
+        block's own) until the block is ``closed``. Nothing while the head is incomplete,
+        or if it never comes (the block is then read whole)."""
+        events: list[Event] = []
+        if self._open is None:
+            head = CALL_HEAD.match(inner)
+            if head is None:
+                return events
+            self._open = _OpenCall(head.end())
+            self._calls += 1
+            events.append(CallStart(new_call_id(), head.group(1)))
+        arguments = inner[self._open.arguments_at :]
+        if closed:
+            rest = arguments.rstrip()
+            arguments = rest[:-1].rstrip() if rest.endswith("}") else arguments
+        else:
+            cut = arguments.rfind("}")
+            arguments = arguments if cut < 0 else arguments[:cut]
+        if len(arguments) > self._open.sent:
+            events.append(ArgumentsFragment(arguments[self._open.sent :]))
+            self._open.sent = len(arguments)
         return events
 
 

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from vl.pixel_budget import PixelRequest
+
 Role = Literal["system", "user", "assistant", "tool"]
 Detail = Literal["auto", "low", "high"]
 
@@ -26,7 +28,8 @@ class TextPart:
 
 @dataclass(frozen=True)
 class ImagePart:
-    """An image by URL (``data:``, ``http(s):`` or ``file:``); ``detail`` is accepted, unused."""
+    """An image by URL (``data:``, ``http(s):`` or ``file:``); ``detail`` chooses its pixel
+    budget (``vl.pixel_budget``: ``low`` is a small fixed one)."""
 
     url: str
     detail: Detail = "auto"
@@ -97,10 +100,12 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class Chat:
-    """The messages of one chat request, in request order."""
+    """The messages of one chat request, in request order; ``pixels``: what the request
+    asks of its images' pixel budget (``mm_processor_kwargs``; ``None``: nothing)."""
 
     messages: tuple[Message, ...]
     tools: tuple[dict[str, Any], ...] = ()
+    pixels: PixelRequest | None = None
 
     def images(self) -> list[ImageRef]:
         """Every image part in order, each with its request field."""

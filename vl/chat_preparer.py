@@ -33,6 +33,7 @@ from vl.gates import BorrowTimes, Gate, GateStatistics
 from vl.image_fetcher import FetcherStatistics, ImageFetcher
 from vl.image_key import image_cache_key
 from vl.image_source import load_image_bytes
+from vl.pixel_budget import PixelBounds, PixelRequest, image_bounds
 from vl.prep_timings import PrepTimings
 from vl.prep_tools import (
     Detokenize,
@@ -76,10 +77,13 @@ class ChatPreparer:
         slots: SlotPool | None = None,
         image_token: str | None = None,
         runner: PrepRunner | None = None,
+        pixel_bounds: PixelBounds | None = None,
     ) -> None:
         """``tools`` is the server process's copy (settings, token ids); ``runner`` runs
         the gated work (default: worker threads using ``tools``); ``slots`` holds images'
-        pixels on their way to the engine (``None``: this preparer takes no images)."""
+        pixels on their way to the engine (``None``: this preparer takes no images);
+        ``pixel_bounds``: the server's bounds on an image's pixels (``vl.pixel_budget``;
+        ``None``: the image processor's own, unnarrowed by ``detail`` or requests)."""
         self._tools = tools
         self._policy = tools.policy
         self._fetcher = fetcher
@@ -88,6 +92,7 @@ class ChatPreparer:
         self._slots = slots
         self._runner = runner or ThreadPrep(tools)
         self._image_token_id = tools.tokenizer.convert_tokens_to_ids(image_token) if image_token else None
+        self.pixel_bounds = pixel_bounds
 
     @property
     def runner(self) -> PrepRunner:
@@ -152,7 +157,7 @@ class ChatPreparer:
 
         def resolver(i: int, ref: ImageRef):
             async def resolve() -> None:
-                inputs[i] = await self._image_input(ref, taken, timings)
+                inputs[i] = await self._image_input(ref, self._bounds(ref, chat.pixels), taken, timings)
 
             return resolve
 
@@ -172,11 +177,20 @@ class ChatPreparer:
         return await self._runner.run(self.tokenizer_gate, Tokenize(text, add_special_tokens))
 
     async def tokenize_chat(self, chat: Chat) -> list[int]:
-        """Token ids of the rendered chat template, one placeholder token per image. Images
-        are not loaded, and a text-only model counts them too; more than the policy allows
-        per request is still an ``InvalidRequest``."""
-        self._check_image_count(chat.images())
-        return await self._runner.run(self.tokenizer_gate, RenderChat(chat.template_messages()))
+        """Token ids of the chat as ``prepare_chat`` makes them: for a vision model each
+        image is loaded and preprocessed the same way (detail and pixel request included)
+        and counts its real image tokens; its slot is released at once. A text-only model
+        counts one placeholder token per image. More images than the policy allows per
+        request is an ``InvalidRequest``; so is an image that cannot be loaded.
+        Cancellation: as ``prepare_chat``."""
+        images = chat.images()
+        self._check_image_count(images)
+        if not (images and self.supports_images):
+            return await self._runner.run(self.tokenizer_gate, RenderChat(chat.template_messages()))
+        prepared = await self.prepare_chat(chat)
+        assert prepared.lease is not None  # a chat with images holds their slots
+        prepared.lease.release_creator()
+        return prepared.prompt.token_ids
 
     async def detokenize(self, token_ids: list[int]) -> str:
         return await self._runner.run(self.tokenizer_gate, Detokenize(token_ids))
@@ -192,24 +206,35 @@ class ChatPreparer:
         if len(images) > limit:
             raise too_many_images(limit, len(images), images[limit].param)
 
-    async def _image_input(self, ref: ImageRef, taken: list[Slot], timings: PrepTimings) -> ImageInput:
-        """Fetch, key, then decode and preprocess into a slot of its own (appended to
-        ``taken`` at once: the caller releases it on every path). Each stage's time and
-        each wait goes into ``timings``."""
+    def _bounds(self, ref: ImageRef, request: PixelRequest | None) -> PixelBounds | None:
+        """The pixel bounds of one image: the server's, narrowed by its ``detail`` and the
+        request (``vl.pixel_budget.image_bounds``)."""
+        if self.pixel_bounds is None:
+            return None
+        token_pixels = self._tools.preprocessor.token_pixels
+        return image_bounds(self.pixel_bounds, detail=ref.image.detail, request=request, token_pixels=token_pixels)
+
+    async def _image_input(
+        self, ref: ImageRef, bounds: PixelBounds | None, taken: list[Slot], timings: PrepTimings
+    ) -> ImageInput:
+        """Fetch, key, then decode and preprocess (resized within ``bounds``) into a slot
+        of its own (appended to ``taken`` at once: the caller releases it on every path).
+        Each stage's time and each wait goes into ``timings``."""
         started, fetch_times = trio.current_time(), BorrowTimes()
         encoded = await load_image_bytes(
             ref.image.url, param=ref.param, fetcher=self._fetcher, policy=self._policy, times=fetch_times
         )
         timings.stage("fetch", trio.current_time() - started)
         timings.gate_wait("fetch", fetch_times.waited)  # None (not counted) unless fetched over HTTP
+        settings = self._tools.preprocessor.settings_key + (f":{bounds.key}" if bounds else "")
         # hashing releases the GIL; it needs no gate (cheap, and bounded by admission)
-        key = await trio.to_thread.run_sync(image_cache_key, encoded, self._tools.preprocessor.settings_key)
+        key = await trio.to_thread.run_sync(image_cache_key, encoded, settings)
         asked = trio.current_time()
         slot = await self._slots.acquire()
         taken.append(slot)
         timings.gate_wait("pixel_slots", trio.current_time() - asked)
         times = BorrowTimes()
-        step = ImagePixels(encoded, ref.param, slot.index, self._slots.spec)
+        step = ImagePixels(encoded, ref.param, slot.index, self._slots.spec, bounds)
         image = await self._runner.run(self.image_gate, step, times)
         timings.gate_wait(self.image_gate.name, times.waited)
         timings.stage("decode", image.decode_seconds)

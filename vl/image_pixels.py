@@ -34,6 +34,7 @@ from engine.pixel_slots import MIB, SlotPixels
 from vl.errors import image_too_large, image_too_many_pixels, invalid_base64, invalid_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
+from vl.pixel_budget import PixelBounds
 from vl.prep_config import PrepConfig
 from vl.qwen2_vl_pixels import fast_pixels_for
 
@@ -160,13 +161,31 @@ class ImagePreprocessor:
         self.merge_size = merge_size
         self.settings_key = _settings_key(image_processor)
 
-    def __call__(self, image: Image.Image) -> PixelInputs:
+    def __call__(self, image: Image.Image, bounds: PixelBounds | None = None) -> PixelInputs:
+        """The patches of ``image``, resized to within ``bounds`` (``vl.pixel_budget``;
+        ``None``: the processor's own)."""
         if self._fast is not None:
-            pixel_values, grid = self._fast(image)
+            if bounds is None:
+                pixel_values, grid = self._fast(image)
+            else:
+                pixel_values, grid = self._fast(image, min_pixels=bounds.min_pixels, max_pixels=bounds.max_pixels)
             return PixelInputs(pixel_values=pixel_values, grid_thw=grid)
-        out = self._processor(images=[image], return_tensors="pt")
+        if bounds is None:
+            out = self._processor(images=[image], return_tensors="pt")
+        else:
+            size = {"shortest_edge": bounds.min_pixels, "longest_edge": bounds.max_pixels}
+            out = self._processor(images=[image], return_tensors="pt", size=size)
         grid = tuple(int(x) for x in out["image_grid_thw"][0].tolist())
         return PixelInputs(pixel_values=out["pixel_values"], grid_thw=grid)
+
+    @property
+    def image_processor(self) -> Any:
+        return self._processor
+
+    @property
+    def token_pixels(self) -> int:
+        """Pixels per image token: ``(patch_size x merge_size)²``."""
+        return (int(_setting(self._processor, "patch_size")) * self.merge_size) ** 2
 
     @property
     def max_pixel_values_bytes(self) -> int:
@@ -180,15 +199,16 @@ _CHANNELS = 3  # decode_image always gives RGB
 _PIXEL_VALUE_BYTES = 4  # the processor returns float32
 
 
-def max_pixel_values_bytes(image_processor: Any) -> int:
+def max_pixel_values_bytes(image_processor: Any, max_pixels: int | None = None) -> int:
     """Bytes of the largest ``pixel_values`` a Qwen2-VL-style image processor returns.
 
     Such a processor resizes every image to at most ``max_pixels`` pixels (``size
     ["longest_edge"]`` in recent transformers) with sides that are multiples of
     ``patch_size``, so an image has at most ``max_pixels / patch_size**2`` patches of
     ``3 x temporal_patch_size x patch_size**2`` float32 values each. Raises ``ValueError``
-    for a processor without these settings (then size slots with ``--pixel-slot-mb``)."""
-    max_pixels = _setting(image_processor, "max_pixels") or _setting(image_processor, "longest_edge")
+    for a processor without these settings (then size slots with ``--pixel-slot-mb``).
+    ``max_pixels`` replaces the processor's own (the server's bound, ``vl.pixel_budget``)."""
+    max_pixels = max_pixels or _setting(image_processor, "max_pixels") or _setting(image_processor, "longest_edge")
     patch_size = _setting(image_processor, "patch_size")
     temporal = _setting(image_processor, "temporal_patch_size") or 1
     if not (max_pixels and patch_size):
@@ -200,16 +220,15 @@ def max_pixel_values_bytes(image_processor: Any) -> int:
     return patches * _CHANNELS * int(temporal) * int(patch_size) ** 2 * _PIXEL_VALUE_BYTES
 
 
-def slot_bytes_for(preprocessor: ImagePreprocessor | Any, config: PrepConfig) -> int:
+def slot_bytes_for(preprocessor: ImagePreprocessor | Any, config: PrepConfig, max_pixels: int | None = None) -> int:
     """Bytes per pixel slot: ``config.pixel_slot_mb`` MiB when set, else the largest
     ``pixel_values`` of ``preprocessor`` (an ``ImagePreprocessor`` or the Hugging Face image
-    processor itself) rounded up to whole MiB."""
+    processor itself) for images of at most ``max_pixels`` (default: the processor's own
+    limit; the server passes its bound, ``vl.pixel_budget``) rounded up to whole MiB."""
     if config.pixel_slot_mb:
         return config.pixel_slot_mb * MIB
-    if isinstance(preprocessor, ImagePreprocessor):
-        largest = preprocessor.max_pixel_values_bytes
-    else:
-        largest = max_pixel_values_bytes(preprocessor)
+    processor = preprocessor.image_processor if isinstance(preprocessor, ImagePreprocessor) else preprocessor
+    largest = max_pixel_values_bytes(processor, max_pixels)
     return math.ceil(largest / MIB) * MIB
 
 

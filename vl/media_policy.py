@@ -30,6 +30,18 @@ class MediaPolicy:
     max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "largest image in bytes"})
     max_image_pixels: int = field(default=64 * 1024 * 1024, metadata={"help": "largest image in pixels"})
     max_images_per_request: int = field(default=8, metadata={"help": "images one request may carry"})
+    max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "most pixels an image is resized to for the vision tower (one token per (patch x merge)² "
+            "pixels); requests may ask for less (mm_processor_kwargs, detail); default: the image processor's, "
+            "capped so that one image fills at most half the context"
+        },
+    )
+    min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "fewest pixels an image is resized to for the vision tower (default: the image processor's)"},
+    )
     fetch_timeout: float = field(
         default=10.0, metadata={"option": "image_fetch_timeout", "help": "seconds one image URL may take to fetch"}
     )
@@ -44,6 +56,11 @@ class MediaPolicy:
         for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "fetch_concurrency"):
             _require_int(name, getattr(self, name), minimum=1)
         _require_int("max_redirects", self.max_redirects, minimum=0)
+        for name in ("max_pixels", "min_pixels"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name), minimum=1)
+        if self.max_pixels is not None and self.min_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError("MediaPolicy.min_pixels must not be above max_pixels")
         timeout = self.fetch_timeout
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"MediaPolicy.fetch_timeout must be a positive finite number, got {timeout!r}")

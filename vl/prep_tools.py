@@ -28,11 +28,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from engine.pixel_slots import SlotMemory, SlotSpec
+from vl.content_format import flatten_content, template_takes_parts
 from vl.errors import images_not_supported, no_chat_template, template_rejected
 from vl.gates import BorrowTimes, Gate
 from vl.image_pixels import ImagePreprocessor, PixelInputs, SlotImage, decode_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
+from vl.pixel_budget import PixelBounds
 from vl.tool_prompt import hermes_messages, template_renders_tools
 
 T = TypeVar("T")
@@ -60,13 +62,20 @@ class PrepTools:
         self.preprocessor = preprocessor
         self._slot_memories = {memory.spec: memory for memory in slot_memories}
         self._attach_lock = threading.Lock()
+        self._content_format: tuple[str, bool] | None = None  # (template, takes parts): parsed once
+
+    def _takes_parts(self, template: str) -> bool:
+        if self._content_format is None or self._content_format[0] is not template:
+            self._content_format = (template, template_takes_parts(template))
+        return self._content_format[1]
 
     def render_and_tokenize(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of the chat template rendered with a generation prompt.
 
         ``tools`` go to the template's ``tools`` variable; a template that does not use
         that variable gets the chat rewritten with the default tool prompt instead
-        (``vl.tool_prompt``). Raises ``InvalidRequest`` (param ``messages``) when the model
+        (``vl.tool_prompt``); a template that does not iterate over content parts gets
+        each part list as one string (``vl.content_format``). Raises ``InvalidRequest`` (param ``messages``) when the model
         has no chat template or the template rejects the messages."""
         template = getattr(self.tokenizer, "chat_template", None)
         if not template:
@@ -76,6 +85,8 @@ class PrepTools:
             messages = hermes_messages(messages, tools)
         elif tools:
             extra["tools"] = tools
+        if isinstance(template, str) and not self._takes_parts(template):
+            messages = flatten_content(messages)
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         except Exception as exc:  # jinja errors: the template rejected these messages
@@ -90,15 +101,17 @@ class PrepTools:
         vocab = len(self.tokenizer)
         return self.tokenizer.decode([t for t in token_ids if 0 <= t < vocab])
 
-    def decode_and_preprocess(self, image: EncodedImage, param: str) -> PixelInputs:
+    def decode_and_preprocess(self, image: EncodedImage, param: str, bounds: PixelBounds | None = None) -> PixelInputs:
         """Decode ``image`` under the media policy and turn it into the vision tower's
         patches. Raises ``MediaError`` naming ``param`` for bytes that are not an accepted
         image."""
         if self.preprocessor is None:
             raise images_not_supported(param)
-        return self.preprocessor(decode_image(image, self.policy, param=param))
+        return self.preprocessor(decode_image(image, self.policy, param=param), bounds)
 
-    def pixels_into_slot(self, image: EncodedImage, param: str, slot_index: int, slots: SlotSpec) -> SlotImage:
+    def pixels_into_slot(
+        self, image: EncodedImage, param: str, slot_index: int, slots: SlotSpec, bounds: PixelBounds | None = None
+    ) -> SlotImage:
         """``decode_and_preprocess``, then write the pixels into slot ``slot_index`` of the
         pool ``slots``; the ``SlotImage`` says how long decoding and preprocessing (with the
         write) took. Raises what ``decode_and_preprocess`` raises, and ``SlotTooSmall``
@@ -108,7 +121,7 @@ class PrepTools:
         started = time.perf_counter()
         decoded = decode_image(image, self.policy, param=param)
         decoded_at = time.perf_counter()
-        inputs = self.preprocessor(decoded)
+        inputs = self.preprocessor(decoded, bounds)
         pixels = self.slot_memory(slots).write(slot_index, inputs.pixel_values)
         return SlotImage(
             pixels=pixels,
@@ -173,15 +186,17 @@ class Detokenize:
 class ImagePixels:
     """Decode and preprocess one image into pixel slot ``slot_index`` of the pool ``slots``
     and return its ``SlotImage`` (small: the pixels stay in the slot); errors name
-    ``param``. The caller holds the slot."""
+    ``param``. The image is resized to within ``bounds`` (``vl.pixel_budget``; ``None``:
+    the image processor's own). The caller holds the slot."""
 
     image: EncodedImage
     param: str
     slot_index: int
     slots: SlotSpec
+    bounds: PixelBounds | None = None
 
     def run(self, tools: PrepTools) -> SlotImage:
-        return tools.pixels_into_slot(self.image, self.param, self.slot_index, self.slots)
+        return tools.pixels_into_slot(self.image, self.param, self.slot_index, self.slots, self.bounds)
 
 
 # Where steps run ----------------------------------------------------------------------------

@@ -52,10 +52,12 @@ async def chat_completions() -> Response:
         max_model_len=runtime.max_model_len,
         requested=requested,
         field=field,
-        default=None,
+        default=runtime.sampling_defaults.max_tokens,
         prompt_param="messages",
     )
-    params = sampling_params(body, max_tokens=budget.max_tokens(), logprobs=body.sampler_logprobs)
+    params = sampling_params(
+        body, max_tokens=budget.max_tokens(), logprobs=body.sampler_logprobs, defaults=runtime.sampling_defaults
+    )
     if grammar is not None:
         params = [replace(p, grammar=grammar) for p in params]
     jobs = make_jobs([prompt], [params], prepared.lease)

@@ -54,6 +54,8 @@ async def completions() -> Response:
     given = body.prompts
     if len(given) * body.n > MAX_CHOICES:
         raise InvalidRequest(f"At most {MAX_CHOICES} choices per request (prompts times 'n').", param="n")
+    defaults = runtime.sampling_defaults
+    default_max_tokens = min(DEFAULT_MAX_TOKENS, defaults.max_tokens or DEFAULT_MAX_TOKENS)
     prompts, params, texts = [], [], []
     for given_prompt, param in zip(given, body.prompt_params, strict=True):
         prompt = await prompt_of(runtime, given_prompt, param)
@@ -62,7 +64,7 @@ async def completions() -> Response:
             max_model_len=runtime.max_model_len,
             requested=body.max_tokens,
             field="max_tokens",
-            default=DEFAULT_MAX_TOKENS,
+            default=default_max_tokens,
             prompt_param=param,
         )
         prompts.append(prompt)
@@ -70,7 +72,7 @@ async def completions() -> Response:
             texts.append(
                 given_prompt if isinstance(given_prompt, str) else await runtime.preparer.detokenize(given_prompt)
             )
-        params.append(sampling_params(body, max_tokens=budget.max_tokens(), logprobs=body.logprobs))
+        params.append(sampling_params(body, max_tokens=budget.max_tokens(), logprobs=body.logprobs, defaults=defaults))
     jobs = make_jobs(prompts, params)
     meta = ResponseMeta.new("cmpl", runtime.model_name)
     with_logprobs = body.logprobs is not None

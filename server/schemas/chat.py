@@ -32,6 +32,7 @@ from server.schemas.common import (
 )
 from vl.chat_messages import Chat, ImagePart, Message, TextPart, ToolCall
 from vl.errors import InvalidRequest
+from vl.pixel_budget import PixelRequest
 
 # OpenAI chat fields we do not implement, with the values that ask for nothing.
 UNSUPPORTED_CHAT: Mapping[str, tuple[Any, ...]] = MappingProxyType(
@@ -206,10 +207,27 @@ class ChatMessage(RequestModel):
         return Message(role, tuple(part.to_part() for part in self.content), calls, self.tool_call_id)
 
 
-def chat_of(messages: list[ChatMessage], tools: list[ToolDefinition] | None = None) -> Chat:
-    """The typed chat of validated messages, in request order, with the tools."""
+class MmProcessorKwargs(RequestModel):
+    """vLLM's per-request image processor settings; only the pixel bounds are taken
+    (clamped to the server's, ``vl.pixel_budget``)."""
+
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+
+    def to_request(self) -> PixelRequest:
+        return PixelRequest(self.min_pixels, self.max_pixels)
+
+
+def chat_of(
+    messages: list[ChatMessage],
+    tools: list[ToolDefinition] | None = None,
+    mm_processor_kwargs: MmProcessorKwargs | None = None,
+) -> Chat:
+    """The typed chat of validated messages, in request order, with the tools and the
+    images' pixel request."""
     tool_forms = tuple(tool.model_dump(exclude_none=True) for tool in tools or ())
-    return Chat(tuple(message.to_message() for message in messages), tool_forms)
+    pixels = mm_processor_kwargs.to_request() if mm_processor_kwargs is not None else None
+    return Chat(tuple(message.to_message() for message in messages), tool_forms, pixels)
 
 
 class ChatMessages(RequestModel):
@@ -229,6 +247,7 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    mm_processor_kwargs: MmProcessorKwargs | None = None  # vLLM's extra field
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -297,8 +316,8 @@ class ChatCompletionRequest(SamplingRequest):
         return self.top_logprobs or 0
 
     def chat(self) -> Chat:
-        """The typed chat of ``messages`` and ``tools``."""
-        return chat_of(self.messages, self.tools)
+        """The typed chat of ``messages``, ``tools`` and ``mm_processor_kwargs``."""
+        return chat_of(self.messages, self.tools, self.mm_processor_kwargs)
 
 
 class ChatTopLogprob(BaseModel):

@@ -22,6 +22,7 @@ MAX_N = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+MAX_TOKEN_ID_DIGITS = 20  # a 64-bit id; longer decimal strings are no token id (and int() refuses huge ones)
 
 
 class RequestModel(BaseModel):
@@ -83,7 +84,7 @@ class SamplingRequest(RequestModel):
     @field_validator("logit_bias")
     @classmethod
     def _bias_keys_are_token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value is not None and not all(key.isdecimal() for key in value):
+        if value is not None and not all(key.isdecimal() and len(key) <= MAX_TOKEN_ID_DIGITS for key in value):
             raise PydanticCustomError("logit_bias", "keys must be token ids (decimal strings)")
         return value
 

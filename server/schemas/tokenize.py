@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from server.schemas.chat import ChatMessage, chat_of
+from server.schemas.chat import ChatMessage, MmProcessorKwargs, chat_of
 from server.schemas.common import RequestModel, reject_unsupported
 from vl.chat_messages import Chat
 
@@ -27,6 +27,7 @@ class TokenizeChatRequest(RequestModel):
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    mm_processor_kwargs: MmProcessorKwargs | None = None
 
     @field_validator("add_generation_prompt", mode="before")
     @classmethod
@@ -34,8 +35,8 @@ class TokenizeChatRequest(RequestModel):
         return reject_unsupported(value, f"{info.field_name}=false", (True,))
 
     def chat(self) -> Chat:
-        """The typed chat of ``messages``."""
-        return chat_of(self.messages)
+        """The typed chat of ``messages`` (and the images' pixel request)."""
+        return chat_of(self.messages, mm_processor_kwargs=self.mm_processor_kwargs)
 
 
 class TokenizeResponse(BaseModel):

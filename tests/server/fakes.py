@@ -21,9 +21,19 @@ from engine.outputs import StreamDelta, TokenLogprob, TopLogprob
 from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
+from server.sampling_defaults import SamplingDefaults
 from vl.chat_messages import Chat, TextPart
 from vl.chat_preparer import PreparedPrompt
 from vl.errors import InvalidRequest, MediaError
+
+FAKE_VOCABULARY = 0x110000  # the fake tokenizer's ids are code points
+
+
+class FakeTokenizer:
+    """What the routes ask of the real tokenizer outside preparation: its size."""
+
+    def __len__(self) -> int:
+        return FAKE_VOCABULARY
 
 
 @dataclass
@@ -184,7 +194,7 @@ class FakePreparer:
 
     async def detokenize(self, token_ids: list[int]) -> str:
         await self._wait_gate()
-        return "".join(chr(t) for t in token_ids if t > 1)
+        return "".join(chr(t) for t in token_ids if 1 < t < FAKE_VOCABULARY and not 0xD800 <= t < 0xE000)
 
 
 @dataclass
@@ -192,6 +202,7 @@ class FakeLoaded:
     path: Path = Path("/fake/model")
     device: str = "cpu"
     dtype: str = "float32"
+    tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
 
 
 @dataclass
@@ -203,6 +214,7 @@ class FakeRuntime:
     engine: FakeEngine = field(default_factory=FakeEngine)
     preparer: FakePreparer = field(default_factory=FakePreparer)
     loaded: FakeLoaded = field(default_factory=FakeLoaded)
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 class FakeRuntimeFactory:

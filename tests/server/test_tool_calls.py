@@ -15,7 +15,7 @@ from server.chat_format import ChatChunker, chat_completion
 from server.generation import ChoiceResult
 from server.response_meta import ResponseMeta
 from server.schemas.common import Usage
-from server.tool_calls import ParsedCall, ToolMode, ToolStream
+from server.tool_calls import ArgumentsFragment, CallStart, ParsedCall, ToolMode, ToolStream
 
 AUTO = ToolMode("auto")
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
@@ -106,6 +106,50 @@ def test_plain_text_streams_without_delay():
     assert stream.feed("box>") == ["<toolbox>"]
 
 
+def test_streamed_auto_sends_the_name_then_argument_fragments_while_the_call_is_written():
+    """Fed a character at a time, a call's head comes as soon as its arguments object
+    opens (long before the block closes), then the arguments in several fragments; joined,
+    they are the arguments exactly as written, as in the whole response."""
+    stream = ToolStream(AUTO, fragments=True)
+    events: list = []
+    head_at = None
+    for i, char in enumerate(CALL):
+        events += stream.feed(char)
+        if head_at is None and any(isinstance(e, CallStart) for e in events):
+            head_at = i
+    events += stream.finish()
+    assert head_at is not None and head_at < CALL.index("Paris")
+    start, *fragments = events
+    assert start == CallStart(start.id, "get_weather") and start.id.startswith("call_")
+    assert all(isinstance(f, ArgumentsFragment) for f in fragments) and len(fragments) > 10
+    joined = "".join(f.text for f in fragments)
+    assert joined == '{"city": "Paris", "days": 2}'
+    assert AUTO.parse(CALL, "stop")[1][0].arguments == joined
+    assert stream.finish_reason("stop") == "tool_calls"
+
+
+def test_whole_calls_keep_the_arguments_as_written():
+    text = '<tool_call>{"name": "f", "arguments": {"b":1,  "a" : [1, 2]} }</tool_call>'
+    assert AUTO.parse(text, "stop")[1][0].arguments == '{"b":1,  "a" : [1, 2]}'
+    other_order = '<tool_call>{"arguments": {"b": 1}, "name": "f"}</tool_call>'
+    assert AUTO.parse(other_order, "stop")[1][0].arguments == '{"b": 1}'
+
+
+@pytest.mark.parametrize(
+    ("text", "content"),
+    [
+        ('<tool_call>{"arguments": {"b": 1}, "name": "f"}</tool_call>', ""),  # no head to stream: sent whole
+        ("<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>"),
+        ('<tool_call>{"nam', '<tool_call>{"nam'),  # cut before the head: content, as whole
+    ],
+)
+def test_streamed_blocks_without_a_head_are_read_whole(text, content):
+    stream = ToolStream(AUTO, fragments=True)
+    events = [e for char in text for e in stream.feed(char)] + stream.finish()
+    assert "".join(e for e in events if isinstance(e, str)) == content
+    assert not any(isinstance(e, (CallStart, ArgumentsFragment)) for e in events)
+
+
 META = ResponseMeta.new("chatcmpl", "m")
 
 
@@ -136,6 +180,11 @@ def test_stream_helper_assembles_auto_calls(step):
     assert json.loads(choice.message.tool_calls[1].function.arguments) == {"zone": "UTC"}
     done = [e.name for e in events if e.type == "tool_calls.function.arguments.done"]
     assert done == ["get_weather", "get_time"]
+    whole = AUTO.parse(text, "stop")[1]
+    assert [c.function.arguments for c in choice.message.tool_calls] == [c.arguments for c in whole]
+    fragments = [e.arguments_delta for e in events if e.type == "tool_calls.function.arguments.delta"]
+    if step == 1:
+        assert len(fragments) > 20  # argument text streamed as written, not one piece per call
 
 
 def test_stream_helper_assembles_a_named_call_from_argument_fragments():
@@ -181,6 +230,16 @@ async def test_auto_tool_calls_through_the_official_client(vlserve_client, fake_
     [streamed] = final.choices[0].message.tool_calls
     assert final.choices[0].finish_reason == "tool_calls"
     assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+    # accumulating the raw deltas: the name and id first, then several argument fragments
+    stream = await vlserve_client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], stream=True
+    )
+    async with stream:
+        calls = [c for chunk in [chunk async for chunk in stream] for c in chunk.choices[0].delta.tool_calls or []]
+    head, *rest = calls
+    assert head.id.startswith("call_") and head.function.name == "get_weather" and head.function.arguments == ""
+    assert len(rest) > 3 and all(c.id is None and c.function.name is None for c in rest)
+    assert "".join(c.function.arguments for c in rest) == call.function.arguments
 
 
 async def test_tool_choice_none_leaves_calls_as_text(vlserve_client, fake_runtime):
