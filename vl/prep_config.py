@@ -19,8 +19,12 @@ class PrepConfig:
     """
 
     image_prep_concurrency: int = field(
-        default=2,
-        metadata={"help": "images decoded and preprocessed at once (the image gate's size)"},
+        default=1,
+        metadata={
+            "help": "images decoded and preprocessed at once (the image gate's size; one prep process each). "
+            "One keeps up with a 2-core host's engine and leaves it the CPU (bench/README.md: images at 64, "
+            "req/s 15.5-15.9 vs 13.7-15.1 at 2, peak RSS 1.9 vs 2.5 GiB); raise it with more cores"
+        },
     )
     tokenizer_concurrency: int = field(
         default=1,
