@@ -10,6 +10,12 @@ import bisect
 import math
 from collections.abc import Sequence
 
+# vLLM's bounds for its request-latency families (e2e latency, queue time), in seconds
+REQUEST_LATENCY_BUCKETS_S = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+
 
 class Histogram:
     """A cumulative histogram over fixed upper bounds (the last one ``inf``)."""

@@ -15,17 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.histogram import Histogram
+from engine.histogram import REQUEST_LATENCY_BUCKETS_S, Histogram
 
 # seconds of one step (decode steps are milliseconds; a prefill with images, more)
 STEP_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
     10.0,
-)  # fmt: skip
-# vLLM's bounds for request_queue_time_seconds (its request-latency buckets)
-QUEUE_BUCKETS_S = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-    240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
 # seconds of one vision-encoder forward
 ENCODE_BUCKETS_S = (
@@ -50,7 +45,7 @@ class EngineHistograms:
     """Every step's timings since the engine started (the front end's, event-loop thread)."""
 
     step_time: Histogram = field(default_factory=lambda: Histogram(STEP_BUCKETS_S))
-    queue_time: Histogram = field(default_factory=lambda: Histogram(QUEUE_BUCKETS_S))
+    queue_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS_S))
     encode_time: Histogram = field(default_factory=lambda: Histogram(ENCODE_BUCKETS_S))
     encoder_batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.histogram import Histogram
+from engine.histogram import REQUEST_LATENCY_BUCKETS_S, Histogram
 from vl.prep_timings import PREP_SUMMARY_FIELDS
 
 if TYPE_CHECKING:
@@ -37,10 +37,6 @@ TTFT_BUCKETS_S = (
 ITL_BUCKETS_S = (
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0,
-)  # fmt: skip
-E2E_BUCKETS_S = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-    240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
 # Arrival to prompt ready (body read, validation, images, template, tokenization).
 PREPARE_BUCKETS_S = (
@@ -65,7 +61,7 @@ class RequestMetrics:
 
     time_to_first_token: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS_S))
     inter_token_latency: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS_S))
-    e2e_latency: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS_S))
+    e2e_latency: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS_S))
     prepare_time: Histogram = field(default_factory=lambda: Histogram(PREPARE_BUCKETS_S))
     prompt_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
     generation_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))

@@ -96,15 +96,21 @@ class HeldCore(FakeCore):
         return report
 
 
-async def test_a_step_holds_the_gate_in_its_thread_and_what_arrives_meanwhile_is_taken_in():
-    """While a step runs (in a thread, holding the one device-gate token), the event loop
-    reads a submit sent meanwhile: the step sees ``has_news`` (so a run of decode sub-steps
-    would end), and the abort it carries applies at the very next step."""
+def held_worker():
+    """A device gate, inbox, ``HeldCore`` and step loop wired as ``engine.worker_main`` does,
+    and a socket pair (front end, worker)."""
     gate = trio.CapacityLimiter(1)
     inbox = Inbox()
     core = HeldCore(gate, inbox.__bool__)
     loop = StepLoop(core, Scheduler(max_num_seqs=8, max_num_batched_tokens=100))
-    front_sock, worker_sock = socket.socketpair()
+    return gate, inbox, core, loop, socket.socketpair()
+
+
+async def test_a_step_holds_the_gate_in_its_thread_and_what_arrives_meanwhile_is_taken_in():
+    """While a step runs (in a thread, holding the one device-gate token), the event loop
+    reads a submit sent meanwhile: the step sees ``has_news`` (so a run of decode sub-steps
+    would end), and the abort it carries applies at the very next step."""
+    gate, inbox, core, loop, (front_sock, worker_sock) = held_worker()
     stream, receiver = front_end(front_sock)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_steps, loop, worker_sock, inbox, gate)
@@ -129,11 +135,7 @@ async def test_a_step_holds_the_gate_in_its_thread_and_what_arrives_meanwhile_is
 async def test_closing_during_a_step_lets_the_step_finish_then_returns():
     """The front end closes while a step runs: the step's thread is not abandoned (it
     finishes, and the gate is free again), then ``serve_steps`` returns."""
-    gate = trio.CapacityLimiter(1)
-    inbox = Inbox()
-    core = HeldCore(gate, inbox.__bool__)
-    loop = StepLoop(core, Scheduler(max_num_seqs=8, max_num_batched_tokens=100))
-    front_sock, worker_sock = socket.socketpair()
+    gate, inbox, core, loop, (front_sock, worker_sock) = held_worker()
     stream, _ = front_end(front_sock)
     returned = trio.Event()
 
