@@ -3,7 +3,8 @@
 Each step has a token budget (``max_num_batched_tokens``) shared by decodes and prefill
 chunks: every running sequence that has its prompt in the cache decodes one token, then
 sequences part-way through their prompt get their next chunk, then waiting sequences join
-(FIFO) while the batch has fewer than ``max_num_seqs`` rows, budget is left, their first
+(FIFO) while the batch has fewer than ``max_num_seqs`` rows, budget is left, the step's
+prefill chunks padded to the longest still fit the budget (``_PaddedChunks``), their first
 chunk's blocks fit in the KV cache, and their images fit the step's encoder budget
 (``max_encoder_patches``; one over it alone still joins, alone). A long prompt is thus
 prefilled over several steps while running streams keep decoding. With
@@ -126,15 +127,19 @@ class Scheduler:
                 if self._reserve(seq, seq.num_tokens, plan):
                     plan.decoding.append(seq)
                     budget -= 1
+        padded = _PaddedChunks(self.max_num_batched_tokens)
         for seq in list(self._running):
             if seq.status is not SequenceStatus.RUNNING or self._prefilled(seq) or seq in plan.decoding:
                 continue
             if budget <= 0:
                 break
             n = self._chunk(seq, budget)
+            if not padded.fits(n):
+                continue
             if self._reserve(seq, seq.num_computed_tokens + n, plan):
                 plan.continuing.append(seq)
                 plan.chunks[seq.seq_id] = n
+                padded.add(n)
                 budget -= n
 
         encoder_budget = self.max_encoder_patches
@@ -151,6 +156,9 @@ class Scheduler:
                 self._unstart(seq)
                 break  # an oversized prompt joins only as the first of its step
             n = self._chunk(seq, budget)
+            if not padded.fits(n):
+                self._unstart(seq)
+                break  # its chunk would pad the step's prefill past the budget: next step
             if self.blocks is not None and not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
                 self._unstart(seq)
                 break  # waits until blocks are freed (FIFO: nobody overtakes it)
@@ -163,6 +171,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             plan.joining.append(seq)
             plan.chunks[seq.seq_id] = n
+            padded.add(n)
             self._running.append(seq)
             budget -= n
         return plan
@@ -204,3 +213,23 @@ class Scheduler:
             if seq in group:
                 group.remove(seq)
         plan.chunks.pop(seq.seq_id, None)
+
+
+class _PaddedChunks:
+    """The prefill chunks of one step run as one forward whose rows are padded to the
+    longest chunk, so that forward costs rows x longest tokens, not the chunks' sum. A
+    chunk fits while that product stays within ``budget``; the first always fits (the
+    token budget bounds it). Without this a step could hold one 2,000-token prompt and 60
+    prefix-cache hits of 30 tokens each, and cost 61 full prefills."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._rows = 0
+        self._longest = 0
+
+    def fits(self, n: int) -> bool:
+        return self._rows == 0 or (self._rows + 1) * max(self._longest, n) <= self._budget
+
+    def add(self, n: int) -> None:
+        self._rows += 1
+        self._longest = max(self._longest, n)

@@ -147,3 +147,21 @@ def test_the_newest_sequence_is_preempted_when_decode_needs_a_block():
     new.status = SequenceStatus.FINISHED
     s.schedule()
     assert blocks.all_free() and not s.has_work()
+
+
+def test_short_chunks_do_not_ride_along_a_long_one_past_the_padded_budget():
+    """The step's prefill chunks run as one forward padded to the longest: a 40-token
+    prompt and 6-token ones share a step only while rows x 40 fits the budget of 100 (two
+    rows); the rest join the next step together (6 x 6 fits)."""
+    s = Scheduler(max_num_seqs=16, max_num_batched_tokens=100, blocks=BlockManager(256, 4))
+    long, shorts = seq(0, 40), [seq(i, 6) for i in range(1, 7)]
+    for x in (long, *shorts):
+        s.add(x)
+    first = s.schedule()
+    assert [x for x, _ in first.prefill] == [long, shorts[0]]
+    rows = len(first.prefill)
+    assert rows * max(n for _, n in first.prefill) <= 100
+    simulate(s, first)
+    second = s.schedule()
+    assert [x for x, _ in second.prefill] == shorts[1:]
+    assert second.decoding == [long, shorts[0]]
