@@ -36,7 +36,6 @@ class OutputFanout:
         self._per_pass = per_pass
         self._backlog: collections.deque[SequenceOutput] = collections.deque()
         self._lot = trio.lowlevel.ParkingLot()
-        self.passes_deferred = 0  # passes that ``run`` pushed a deferred part in
 
     def deliver(self, updates: Iterable[SequenceOutput]) -> None:
         """Queue ``updates``; with no backlog, the first ``per_pass`` are pushed now and the
@@ -57,7 +56,6 @@ class OutputFanout:
             while not self._backlog:
                 await self._lot.park()
             # woken in ``deliver``'s pass, this runs in the next: one part per pass from here
-            self.passes_deferred += 1
             self._push(self._per_pass)
             await trio.lowlevel.checkpoint()
 
