@@ -13,8 +13,8 @@ import pytest
 import trio
 from PIL import Image
 
-from server.runtime import open_runtime
 from tests.helpers.image_server import Route, serve_images
+from tests.server.real_runtime import model_name, vlserve_runtime_factory  # noqa: F401
 from vl.media_policy import MediaPolicy
 
 USER = [{"role": "user", "content": "Say something."}]
@@ -25,17 +25,6 @@ def vlserve_config(vlserve_config, tiny_model_dir):
     return dataclasses.replace(
         vlserve_config, model=str(tiny_model_dir), media=MediaPolicy(allow_private_media_urls=True)
     )
-
-
-@pytest.fixture
-def vlserve_runtime_factory(tiny_model):
-    """The real runtime around the session's already-loaded tiny model."""
-    return lambda config: open_runtime(config, loaded=tiny_model)
-
-
-@pytest.fixture
-def model_name(vlserve_config) -> str:
-    return vlserve_config.model_name
 
 
 def png_bytes(size=(56, 56)) -> bytes:
