@@ -6,8 +6,11 @@ deadline, plus (a) connections kept in a set so that idle ones are closed at shu
 (``FastTCPServer.close_if_idle``, in place of hypercorn's per-connection idle task),
 (b) the task that accepts a connection serves it (``_accept_then_serve``: one pass less
 on a fresh connection), (c) plain TCP listeners whose ``accept`` does not yield when a
-connection is waiting (``PromptAcceptListener``: one more) and (d) the pass at which each
-connection was accepted, for ``ProbePassLog``. QUIC (HTTP/3) is not served here: with
+connection is waiting (``PromptAcceptListener``: one more), (d) every connection waiting
+in the kernel's queue accepted in one pass, as asyncio's loop does (trio's accept loop
+takes one per pass, so a probe behind a wave of new connections waited a pass per
+connection ahead of it) and (e) the pass at which each connection was accepted, for
+``ProbePassLog``. QUIC (HTTP/3) is not served here: with
 ``quic_bind`` set, use ``hypercorn.trio.serve``.
 """
 
@@ -39,6 +42,9 @@ log = logging.getLogger(__name__)
 # As trio.serve_listeners: accept errors that mean "out of resources, retry shortly".
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY_S = 0.1
+# Connections taken from the kernel's queue in one pass at most (each is an accept(2) and a
+# task start, tens of microseconds): the rest are taken in the next pass.
+MAX_ACCEPTS_PER_PASS = 64
 
 
 async def serve(
@@ -177,13 +183,21 @@ class PromptAcceptListener(trio.abc.Listener[trio.SocketStream]):
 
     async def accept(self) -> trio.SocketStream:
         while True:
+            try:
+                return self.accept_nowait()
+            except trio.WouldBlock:
+                await trio.lowlevel.wait_readable(self._listening)
+
+    def accept_nowait(self) -> trio.SocketStream:
+        """A connection waiting in the kernel's queue, taken without a checkpoint; raises
+        ``trio.WouldBlock`` when none waits and ``ClosedResourceError`` once closed."""
+        while True:
             if self._listener.socket.fileno() == -1:
                 raise trio.ClosedResourceError("the listener was closed")
             try:
                 connection, _ = self._listening.accept()
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._listening)
-                continue
+                raise trio.WouldBlock from None
             except OSError as exc:
                 if exc.errno in _IGNORED_ACCEPT_ERRNOS:
                     continue
@@ -200,13 +214,18 @@ async def _accept_then_serve(
     new_connection: Callable[..., FastTCPServer],
     pass_log: ProbePassLog | None,
 ) -> None:
-    """Accept one connection, hand accepting over to a new task, and serve the connection
-    in this one; return when the listener is closed.
+    """Accept one connection, then every other one already waiting (up to
+    ``MAX_ACCEPTS_PER_PASS`` in all, each served by a task of its own), hand accepting over
+    to a new task, and serve the first connection in this one; return when the listener is
+    closed.
 
     ``trio.serve_listeners`` accepts in one task and starts each connection's task with
     ``start_soon``: the connection's first read waits for the next scheduler pass. Here
     the task that accepted reads at once, so a request already sent (a probe on a fresh
-    connection) is answered in the pass that accepted it.
+    connection) is answered in the pass that accepted it. And it accepts one connection per
+    pass: when a wave of clients connects at once, a probe queued behind N of them waited N
+    passes before its accept. Here the whole queue is taken in one pass, as asyncio's loop
+    does, so every waiting connection is read by the next pass at the latest.
 
     Cancellation: stops accepting; a connection being served is closed.
     """
@@ -227,7 +246,27 @@ async def _accept_then_serve(
         else:
             break
     accepted_pass = pass_log.counter.passes if pass_log is not None else 0
+    if isinstance(listener, PromptAcceptListener):
+        for _ in range(MAX_ACCEPTS_PER_PASS - 1):
+            try:
+                waiting = listener.accept_nowait()
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                break
+            except OSError:
+                break  # the next accept task meets the error again and handles it
+            nursery.start_soon(_serve_connection, waiting, new_connection, accepted_pass)
     nursery.start_soon(_accept_then_serve, listener, nursery, new_connection, pass_log)
+    await _serve_connection(stream, new_connection, accepted_pass)
+
+
+async def _serve_connection(
+    stream: trio.abc.Stream,
+    new_connection: Callable[..., FastTCPServer],
+    accepted_pass: int,
+) -> None:
+    """Serve one accepted connection until it ends, then close it.
+
+    Cancellation: the connection is closed."""
     try:
         await new_connection(stream, accepted_pass=accepted_pass).run()
     finally:

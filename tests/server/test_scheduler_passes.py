@@ -24,6 +24,7 @@ from functools import partial
 
 import pytest
 import trio
+import trio.testing
 
 from server.config import ServerConfig
 from server.http_path import ProbePassLog
@@ -31,14 +32,19 @@ from server.serve import RunningServer, run_server
 from tests.server.fakes import FakeRuntimeFactory
 from tests.server.in_process import serving
 from tests.server.pass_probe import (
+    CLIENT_WAKE_UP,
+    Client,
     fresh_connection_passes,
     keep_alive_passes,
     pass_counter,
 )
+from tests.server.rawhttp import read_one_response, request_bytes, status_of
 
 PROBE_KEEP_ALIVE_MAX = 1  # the reply is written in the pass that reads the request
 PROBE_FRESH_MAX = 1  # ... and, on a new connection, in the pass that accepts it
 APP_REQUEST_MAX = 3  # through Quart: read + queue, quart-trio's own passes, one write
+PROBE_BEHIND_WAVE_MAX = 2  # the accept pass takes the whole queue; the next one reads
+WAVE = 40  # connections queued ahead of the probe (the listen backlog holds them)
 
 STOCK = pytest.param(
     False,
@@ -64,6 +70,29 @@ async def test_probe_on_keep_alive_connection_is_answered_in_the_pass_that_reads
 @pytest.mark.parametrize("served", [STOCK, FAST], indirect=True)
 async def test_probe_on_fresh_connection_is_answered_in_the_pass_that_accepts_it(served):
     assert await fresh_connection_passes(served.url, "/ready") <= PROBE_FRESH_MAX
+
+
+@pytest.mark.parametrize("served", [STOCK, FAST], indirect=True)
+async def test_probe_behind_a_wave_of_new_connections_is_answered_in_the_next_pass(served):
+    """A probe whose connection waits in the kernel's queue behind ``WAVE`` others (clients
+    that connected at once, as a closed-loop burst or a sync client does) is answered at
+    most one pass after the pass that accepts it: the whole queue is accepted in one pass.
+    trio's own accept loop takes one connection per pass (so the stock path must fail)."""
+    await trio.testing.wait_all_tasks_blocked()
+    wave = [Client(served.url) for _ in range(WAVE)]
+    try:
+        async with pass_counter() as counter:
+            start = counter.passes
+            probe = Client(served.url)
+            probe.send_now(request_bytes("GET", "/health"))
+            async with probe.stream:
+                response = await read_one_response(probe.stream, timeout=10)
+                passes = counter.passes - start - CLIENT_WAKE_UP
+        assert status_of(response) == 200
+        assert passes <= PROBE_BEHIND_WAVE_MAX
+    finally:
+        for client in wave:
+            await client.stream.aclose()
 
 
 @pytest.mark.parametrize("served", [STOCK, FAST], indirect=True)
