@@ -21,12 +21,12 @@ import httpx
 import trio
 
 from bench.launch.servers import VLSERVE_VARIANTS, running_image_server, running_server, vlserve_pixel_slot_args
+from bench.loadgen.chat_request import chat_body, first_model_id
 from bench.loadgen.cpu_account import foreign_load_now
 from bench.loadgen.loop_lag import scrape_lag_histogram
 from bench.loadgen.metrics import Summary, summarise, with_probe_passes
 from bench.loadgen.options import LoadOptions
 from bench.loadgen.run import LoadRun, run_load
-from bench.loadgen.sse_request import chat_body, first_model_id
 from bench.workloads.catalog import Workload, uses_image_server, uses_images
 from bench.workloads.image_store import ImageStore
 from bench.workloads.image_tokens import ImageTokenSetting
@@ -155,7 +155,11 @@ async def _one_run(plan: BenchmarkPlan, server, workload: Workload, model_id: st
 
     def body_for(index: int) -> bytes:
         return chat_body(
-            model_id, workload.messages(index), max_tokens=options.max_tokens, ignore_eos=options.ignore_eos
+            model_id,
+            workload.messages(index),
+            max_tokens=options.max_tokens,
+            ignore_eos=options.ignore_eos,
+            stream=options.stream,
         )
 
     lag_before = await scrape_lag_histogram(server.base_url)

@@ -3,14 +3,15 @@
     python -m bench.serve --workload image-url --concurrency 64 --num-requests 256 \\
         --servers vlserve,pr-style,main-style
     python -m bench.serve --workload text --concurrency 32,64,128    # a concurrency sweep
+    python -m bench.serve --workload text --concurrency 64 --no-stream  # non-streaming requests
 
 Starts each server in turn on a free 127.0.0.1 port, sends a warm-up and then the measured
-burst of streaming chat completions (closed loop, or Poisson with --request-rate), probes
-/health every 20 ms from its own process (keep-alive and a new connection per probe),
-samples the server's RSS and its scheduler passes per probe (vlserve),
-and prints vLLM-style reports and one Markdown table with ratios to vlserve. Writes JSON,
-Markdown and a /health-over-time PNG under --results-dir. Every run is bounded by
---num-requests and --max-seconds; only loopback addresses are used.
+burst of streaming chat completions (non-streaming ones with --no-stream; closed loop, or
+Poisson with --request-rate), probes /health every 20 ms from its own process (keep-alive
+and a new connection per probe), samples the server's RSS and its scheduler passes per
+probe (vlserve), and prints vLLM-style reports and one Markdown table with ratios to
+vlserve. Writes JSON, Markdown and a /health-over-time PNG under --results-dir. Every run
+is bounded by --num-requests and --max-seconds; only loopback addresses are used.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
+    parser.add_argument(
+        "--no-stream",
+        dest="stream",
+        action="store_false",
+        help="send non-streaming chat completions (TTFT is then the whole latency, TPOT and ITL 0, as in vLLM)",
+    )
     parser.add_argument("--max-seconds", type=float, default=180.0, help="stop issuing requests after this long")
     parser.add_argument("--image-latency", type=float, default=0.05, help="seconds the image server waits per image")
     parser.add_argument("--image-size", type=int, default=1024)
@@ -127,6 +134,7 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
         ignore_eos=args.ignore_eos,
         request_rate=args.request_rate,
         seed=args.seed,
+        stream=args.stream,
     )
     return BenchmarkPlan(
         servers=args.servers,
@@ -147,6 +155,27 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
     )
 
 
+def request_mode_line(options: LoadOptions) -> str:
+    """What kind of requests the run sent, for the line above the tables."""
+    if options.stream:
+        return "requests: streaming chat completions (`stream_options.include_usage`)"
+    return (
+        "requests: non-streaming chat completions (`--no-stream`): TTFT is the whole latency, "
+        "TPOT and ITL are 0 (vLLM's convention), tokens are the servers' `usage`"
+    )
+
+
+def results_stem(results_dir: Path, plan: BenchmarkPlan, when: str) -> Path:
+    """The results' path without its extension: time, workloads and levels, then
+    ``-real-size`` for ``--image-tokens real`` and ``-nostream`` for ``--no-stream``."""
+    stem = results_dir / f"{when}-{'+'.join(plan.workloads)}-c{'_'.join(map(str, plan.concurrency_levels))}"
+    if plan.image_setting.name != "256":
+        stem = stem.with_name(f"{stem.name}-{plan.image_setting.name}-size")
+    if not plan.options.stream:
+        stem = stem.with_name(f"{stem.name}-nostream")
+    return stem
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     plan = plan_from_args(args)
@@ -159,21 +188,20 @@ def main(argv: list[str] | None = None) -> None:
     runs = trio.run(run_benchmark, plan, progress)
     summaries = [s for _, s in runs]
     setting = plan.image_setting
-    markdown = ""
+    markdown = f"{request_mode_line(plan.options)}\n\n"
     if any(uses_images(w) for w in plan.workloads):
-        markdown = f"{setting.describe(plan.image_size)}; {prompt_tokens_line(summaries)}\n\n"
+        markdown += f"{setting.describe(plan.image_size)}; {prompt_tokens_line(summaries)}\n\n"
     markdown += comparison_table(summaries)
     markdown += "\n\n/health probes and scheduler passes per probe:\n\n" + probe_table(summaries)
     if len(plan.concurrency_levels) > 1:
         markdown += "\n\nConcurrency sweep:\n\n" + sweep_table(summaries)
-    stem = args.results_dir / f"{timestamp()}-{'+'.join(plan.workloads)}-c{'_'.join(map(str, plan.concurrency_levels))}"
-    if setting.name != "256":
-        stem = stem.with_name(f"{stem.name}-{setting.name}-size")
+    stem = results_stem(args.results_dir, plan, timestamp())
     meta = {
         "servers": plan.servers,
         "workloads": plan.workloads,
         "levels": plan.concurrency_levels,
         "image_tokens": setting.as_dict(plan.image_size),
+        "stream": plan.options.stream,
         **provenance(REPO_ROOT),
     }
     paths = write_results(stem, command=command, meta=meta, runs=runs, markdown=markdown)

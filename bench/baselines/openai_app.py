@@ -1,7 +1,8 @@
 """The baselines' FastAPI app: ``/health``, ``/v1/models`` and ``/v1/chat/completions``.
 
 Streaming responses send one SSE event per batch of engine updates (``data: {...}``), an
-optional usage chunk, then ``data: [DONE]``. Input errors become OpenAI-style 400s.
+optional usage chunk, then ``data: [DONE]``; a non-streaming request gets one
+``chat.completion`` with ``usage``. Input errors become OpenAI-style 400s.
 """
 
 from __future__ import annotations

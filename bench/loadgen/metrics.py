@@ -162,6 +162,10 @@ def summarise(run: LoadRun) -> Summary:
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     tpots = [r.tpot for r in ok if r.tpot is not None]
     itls = [gap for r in ok for gap in r.itls]
+    if ok and not run.options.stream:
+        # one chunk per request, so no gaps: vLLM's benchmark_serving reports np.mean(itls or 0),
+        # i.e. 0, and so does this (TPOT is 0 by its formula: ttft == e2e, see complete_chat)
+        itls = [0.0]
     e2es = [r.e2e for r in ok]
     during = burst_health(run)
     latencies = [s[1] for s in during]

@@ -17,7 +17,9 @@ class LoadOptions:
     then at most ``num_requests`` measured ones, and stops issuing after ``max_seconds``;
     requests still running ``grace_seconds`` later are cancelled and counted as cut off.
     ``/health`` is probed every ``health_interval`` seconds, from ``idle_probe_seconds``
-    before the warm-up (the idle baseline) to as long after the burst.
+    before the warm-up (the idle baseline) to as long after the burst. Every request is a
+    streaming chat completion, or with ``stream`` False a non-streaming one
+    (``bench.loadgen.chat_request``).
     """
 
     concurrency: int = 32
@@ -32,6 +34,7 @@ class LoadOptions:
     idle_probe_seconds: float = 1.0
     rss_interval: float = 0.1
     seed: int = 0
+    stream: bool = True
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.num_requests < 1 or self.warmup < 0 or self.max_tokens < 1:
@@ -45,4 +48,6 @@ class LoadOptions:
 
     @property
     def mode(self) -> str:
-        return "closed-loop" if self.request_rate is None else f"poisson {self.request_rate:g}/s"
+        """How requests arrive, and ", non-streaming" when they are."""
+        arrivals = "closed-loop" if self.request_rate is None else f"poisson {self.request_rate:g}/s"
+        return arrivals if self.stream else f"{arrivals}, non-streaming"

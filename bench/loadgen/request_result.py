@@ -11,9 +11,11 @@ class RequestResult:
     """Times are seconds on ``time.perf_counter``'s clock.
 
     ``chunk_times`` holds the arrival time of every SSE chunk that carried output text; the
-    first is the time to first token. ``output_tokens`` is the server's ``usage`` count when
-    it sent one, else the number of such chunks; ``prompt_tokens`` is the server's ``usage``
-    count (image tokens included), 0 when it sent none.
+    first is the time to first token. A non-streaming request has one "chunk", the whole
+    response, which arrives at ``ended`` (``bench.loadgen.chat_request.complete_chat``).
+    ``output_tokens`` is the server's ``usage`` count when it sent one, else the number of
+    such chunks; ``prompt_tokens`` is the server's ``usage`` count (image tokens included),
+    0 when it sent none.
     """
 
     index: int

@@ -18,12 +18,12 @@ import trio
 from bench.launch.process import free_port, managed_process
 from bench.launch.readiness import http_ready
 from bench.launch.servers import REPO_ROOT
+from bench.loadgen.chat_request import complete_chat, stream_chat
 from bench.loadgen.cpu_account import CpuAccount
 from bench.loadgen.drivers import closed_loop, poisson
 from bench.loadgen.options import LoadOptions
 from bench.loadgen.request_result import RequestResult
 from bench.loadgen.rss_sampler import sample_rss, tree_cpu_seconds, tree_rss
-from bench.loadgen.sse_request import stream_chat
 
 CUT_OFF = "cut off by --max-seconds"
 
@@ -156,12 +156,13 @@ async def _send_all(
 ) -> list[RequestResult]:
     bodies = await trio.to_thread.run_sync(lambda: {i: body_for(i) for i in indices})
     results: list[RequestResult] = []
+    chat = stream_chat if options.stream else complete_chat
 
     async def send(index: int) -> None:
         result = RequestResult(index=index, kind=kind_of(index), started=time.perf_counter())
         results.append(result)
         try:
-            await stream_chat(client, bodies.pop(index), result)
+            await chat(client, bodies.pop(index), result)
         finally:
             if not result.ok and result.error is None:  # only a cancellation leaves neither
                 result.error = CUT_OFF

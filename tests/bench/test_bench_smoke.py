@@ -125,3 +125,46 @@ async def test_real_image_sizes_run_against_vlserve(tmp_path, real_size_tiny_mod
     assert 1369 < per_request < 1369 + 100  # the image, the chat template, a question
     vlserve_log = next((tmp_path / "logs").glob("vlserve-*.log")).read_text()
     assert "Traceback" not in vlserve_log
+
+
+async def test_non_streaming_requests_run_against_vlserve_and_a_baseline(tmp_path, tiny_model_dir):
+    """``stream=False`` (``--no-stream``): both servers answer every non-streaming request,
+    the load generator records each as one whole response (TTFT is the latency, vLLM's TPOT
+    and ITL 0) with the servers' usage counts (``ignore_eos``: exactly ``max_tokens``)."""
+    options = LoadOptions(
+        concurrency=2,
+        num_requests=3,
+        warmup=1,
+        max_tokens=4,
+        max_seconds=30.0,
+        grace_seconds=30.0,
+        idle_probe_seconds=0.2,
+        stream=False,
+    )
+    plan = BenchmarkPlan(
+        servers=SERVERS,
+        workloads=("text",),
+        concurrency_levels=(2,),
+        options=options,
+        image_dir=tmp_path / "images",
+        log_dir=tmp_path / "logs",
+        model=str(tiny_model_dir),
+    )
+    runs = await run_benchmark(plan)
+
+    assert [run.server for run, _ in runs] == list(SERVERS)
+    for run, summary in runs:
+        where = summary.server
+        assert summary.successful == 3 and summary.failed == 0 and summary.cut_off == 0, (where, summary.first_error)
+        assert run.warmup_failures == 0, where
+        assert summary.mode == "closed-loop, non-streaming", where
+        for result in run.results:
+            assert result.ok and result.status == 200, (where, result.error)
+            assert result.output_tokens == options.max_tokens and result.prompt_tokens > 10, where
+            assert result.chunk_times == [result.ended] and result.ttft == result.e2e > 0, where
+        assert summary.total_output_tokens == 3 * options.max_tokens, where
+        assert summary.mean_ttft_ms == pytest.approx(summary.mean_e2el_ms), where
+        assert summary.mean_tpot_ms == 0.0 and summary.p99_itl_ms == 0.0, where
+    # both servers tokenized the same prompts the same way
+    prompt_tokens = {run.server: sorted(r.prompt_tokens for r in run.results) for run, _ in runs}
+    assert prompt_tokens["vlserve"] == prompt_tokens["pr-style"]

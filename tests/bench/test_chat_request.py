@@ -1,0 +1,111 @@
+"""One non-streaming chat request as the load generator records it (``complete_chat``),
+against an in-process fake server (``httpx.MockTransport``): what it sends, how a good
+response becomes vLLM-style figures, and how bad ones are recorded, never raised."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from bench.loadgen.chat_request import CHAT_PATH, chat_body, complete_chat
+from bench.loadgen.metrics import summarise
+from bench.loadgen.options import LoadOptions
+from bench.loadgen.request_result import RequestResult
+from bench.loadgen.run import LoadRun
+from bench.report.results_files import run_record
+from bench.serve import parse_args, plan_from_args, request_mode_line, results_stem
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+COMPLETION = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "a b c d"}, "finish_reason": "length"}],
+    "usage": {"prompt_tokens": 17, "completion_tokens": 4, "total_tokens": 21},
+}
+
+
+async def _send(respond) -> tuple[RequestResult, list[httpx.Request]]:
+    """Send one non-streaming request to a fake server whose answer is ``respond(request)``."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return respond(request)
+
+    body = chat_body("m", MESSAGES, max_tokens=4, ignore_eos=True, stream=False)
+    result = RequestResult(index=0, kind="text", started=time.perf_counter())
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://fake") as client:
+        await complete_chat(client, body, result)
+    return result, seen
+
+
+def test_the_body_builder_streams_or_not():
+    streaming = json.loads(chat_body("m", MESSAGES, max_tokens=4, ignore_eos=True))
+    assert streaming["stream"] is True and streaming["stream_options"] == {"include_usage": True}
+    plain = json.loads(chat_body("m", MESSAGES, max_tokens=4, ignore_eos=True, stream=False))
+    assert plain["stream"] is False and "stream_options" not in plain
+    assert {k: v for k, v in streaming.items() if k not in ("stream", "stream_options")} == {
+        k: v for k, v in plain.items() if k != "stream"
+    }
+
+
+async def test_a_complete_response_is_one_chunk_with_the_servers_usage():
+    result, [request] = await _send(lambda _: httpx.Response(200, json=COMPLETION))
+    assert request.method == "POST" and request.url.path == CHAT_PATH
+    assert request.headers["accept"] == "application/json"
+    assert json.loads(request.content)["stream"] is False
+    assert result.ok and result.error is None and result.status == 200
+    assert (result.output_tokens, result.prompt_tokens) == (4, 17)
+    assert result.chunk_times == [result.ended] and result.ended > result.started
+    assert result.ttft == result.e2e  # TTFT is the whole latency
+    assert result.tpot == 0.0  # vLLM's (e2e - ttft) / (tokens - 1)
+    assert result.itls == []
+
+
+@pytest.mark.parametrize(
+    ("respond", "error"),
+    [
+        (lambda _: httpx.Response(503, text="busy"), "HTTP 503: busy"),
+        (lambda _: httpx.Response(200, text="not json"), "JSONDecodeError"),
+        (lambda _: httpx.Response(200, json={**COMPLETION, "usage": None}), "response without usage"),
+        (lambda _: httpx.Response(200, json={**COMPLETION, "choices": []}), "response without a message"),
+        (lambda _: httpx.Response(200, json={**COMPLETION, "choices": [{"index": 0}]}), "response without a message"),
+        (lambda r: (_ for _ in ()).throw(httpx.ConnectError("refused", request=r)), "ConnectError: refused"),
+    ],
+)
+async def test_a_bad_response_is_recorded_not_raised(respond, error):
+    result, _ = await _send(respond)
+    assert not result.ok and result.error.startswith(error)
+    assert result.chunk_times == [] and result.ttft is None and result.ended >= result.started
+
+
+def test_a_non_streaming_run_reports_ttft_as_latency_and_tpot_itl_as_zero():
+    """vLLM's convention: TTFT = E2E, TPOT = (E2E - TTFT) / (n - 1) = 0, ITL of no gaps = 0."""
+    run = LoadRun(options=LoadOptions(concurrency=2, stream=False), server="s", workload="text")
+    run.burst_started, run.burst_ended = 0.0, 2.0
+    run.results = [
+        RequestResult(index=i, kind="text", started=0.0, ended=e, ok=True, chunk_times=[e], output_tokens=4)
+        for i, e in ((0, 0.5), (1, 1.5))
+    ]
+    s = summarise(run)
+    assert s.mode == "closed-loop, non-streaming"
+    assert s.mean_ttft_ms == pytest.approx(1000.0) and s.mean_e2el_ms == pytest.approx(1000.0)
+    assert (s.mean_tpot_ms, s.p99_tpot_ms, s.mean_itl_ms, s.p99_itl_ms) == (0.0, 0.0, 0.0, 0.0)
+    assert s.output_throughput == pytest.approx(4.0)
+    assert " · closed-loop, non-streaming · " in s.vllm_report()
+    assert run_record(run, s)["options"]["stream"] is False
+
+
+def test_no_stream_flag_reaches_the_options_the_files_and_the_mode_line(tmp_path):
+    plan = plan_from_args(parse_args(["--no-stream", "--workload", "text", "--concurrency", "4"]))
+    assert plan.options.stream is False
+    assert results_stem(tmp_path, plan, "T").name == "T-text-c4-nostream"
+    assert "non-streaming" in request_mode_line(plan.options)
+    default = plan_from_args(parse_args(["--workload", "text", "--concurrency", "4"]))
+    assert default.options.stream is True and default.options.mode == "closed-loop"
+    assert results_stem(tmp_path, default, "T").name == "T-text-c4"
+    real = plan_from_args(parse_args(["--no-stream", "--workload", "image-url", "--image-tokens", "real"]))
+    assert results_stem(tmp_path, real, "T").name == "T-image-url-c64-real-size-nostream"
