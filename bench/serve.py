@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="send non-streaming chat completions (TTFT is then the whole latency, TPOT and ITL 0, as in vLLM)",
     )
+    parser.add_argument(
+        "--connection-per-request",
+        action="store_true",
+        help="send every request with 'Connection: close' (a new connection per request, as a client "
+        "that drops it after [DONE] makes); default: pooled keep-alive connections",
+    )
     parser.add_argument("--max-seconds", type=float, default=180.0, help="stop issuing requests after this long")
     parser.add_argument("--image-latency", type=float, default=0.05, help="seconds the image server waits per image")
     parser.add_argument("--image-size", type=int, default=1024)
@@ -135,6 +141,7 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
         request_rate=args.request_rate,
         seed=args.seed,
         stream=args.stream,
+        connection_per_request=args.connection_per_request,
     )
     return BenchmarkPlan(
         servers=args.servers,
@@ -156,23 +163,31 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
 
 
 def request_mode_line(options: LoadOptions) -> str:
-    """What kind of requests the run sent, for the line above the tables."""
+    """What kind of requests the run sent, and on which connections, for the line above the
+    tables."""
     if options.stream:
-        return "requests: streaming chat completions (`stream_options.include_usage`)"
-    return (
-        "requests: non-streaming chat completions (`--no-stream`): TTFT is the whole latency, "
-        "TPOT and ITL are 0 (vLLM's convention), tokens are the servers' `usage`"
-    )
+        line = "requests: streaming chat completions (`stream_options.include_usage`)"
+    else:
+        line = (
+            "requests: non-streaming chat completions (`--no-stream`): TTFT is the whole latency, "
+            "TPOT and ITL are 0 (vLLM's convention), tokens are the servers' `usage`"
+        )
+    if options.connection_per_request:
+        return line + "; a new connection per request (`--connection-per-request`)"
+    return line + "; pooled keep-alive connections"
 
 
 def results_stem(results_dir: Path, plan: BenchmarkPlan, when: str) -> Path:
     """The results' path without its extension: time, workloads and levels, then
-    ``-real-size`` for ``--image-tokens real`` and ``-nostream`` for ``--no-stream``."""
+    ``-real-size`` for ``--image-tokens real``, ``-nostream`` for ``--no-stream`` and
+    ``-newconn`` for ``--connection-per-request``."""
     stem = results_dir / f"{when}-{'+'.join(plan.workloads)}-c{'_'.join(map(str, plan.concurrency_levels))}"
     if plan.image_setting.name != "256":
         stem = stem.with_name(f"{stem.name}-{plan.image_setting.name}-size")
     if not plan.options.stream:
         stem = stem.with_name(f"{stem.name}-nostream")
+    if plan.options.connection_per_request:
+        stem = stem.with_name(f"{stem.name}-newconn")
     return stem
 
 
@@ -202,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         "levels": plan.concurrency_levels,
         "image_tokens": setting.as_dict(plan.image_size),
         "stream": plan.options.stream,
+        "connection_per_request": plan.options.connection_per_request,
         **provenance(REPO_ROOT),
     }
     paths = write_results(stem, command=command, meta=meta, runs=runs, markdown=markdown)

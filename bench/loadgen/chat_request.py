@@ -12,6 +12,7 @@ from bench.loadgen.request_result import RequestResult
 CHAT_PATH = "/v1/chat/completions"
 _STREAM_HEADERS = (("content-type", "application/json"), ("accept", "text/event-stream"))
 _JSON_HEADERS = (("content-type", "application/json"), ("accept", "application/json"))
+_CLOSE = (("connection", "close"),)
 
 
 def chat_body(model: str, messages: list[dict], *, max_tokens: int, ignore_eos: bool, stream: bool = True) -> bytes:
@@ -31,8 +32,14 @@ def chat_body(model: str, messages: list[dict], *, max_tokens: int, ignore_eos: 
     return json.dumps(body).encode()
 
 
-async def stream_chat(client: httpx.AsyncClient, body: bytes, result: RequestResult) -> None:
+async def stream_chat(
+    client: httpx.AsyncClient, body: bytes, result: RequestResult, *, close_connection: bool = False
+) -> None:
     """POST ``body`` to the chat endpoint and record what came back in ``result``.
+
+    The body is read to its end after ``[DONE]`` (as vLLM's benchmark and the async
+    ``openai`` client do), so the connection goes back to the pool; with
+    ``close_connection`` the request asks the server to close it instead.
 
     Never raises for HTTP, protocol or server errors: they are recorded (``ok`` stays
     False, ``error`` says why). ``ok`` means: status 200, at least one output chunk, and
@@ -41,7 +48,8 @@ async def stream_chat(client: httpx.AsyncClient, body: bytes, result: RequestRes
     """
     done = False
     try:
-        async with client.stream("POST", CHAT_PATH, content=body, headers=_STREAM_HEADERS) as response:
+        headers = _STREAM_HEADERS + _CLOSE if close_connection else _STREAM_HEADERS
+        async with client.stream("POST", CHAT_PATH, content=body, headers=headers) as response:
             result.status = response.status_code
             if response.status_code != 200:
                 text = (await response.aread())[:300].decode("utf-8", "replace")
@@ -51,9 +59,11 @@ async def stream_chat(client: httpx.AsyncClient, body: bytes, result: RequestRes
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
+                if done:
+                    continue  # nothing follows [DONE]; reading on ends the chunked body
                 if data == "[DONE]":
                     done = True
-                    break
+                    continue
                 _take_chunk(json.loads(data), result, time.perf_counter())
     except (httpx.HTTPError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:300]
@@ -82,9 +92,12 @@ def _take_chunk(chunk: dict, result: RequestResult, now: float) -> None:
             return
 
 
-async def complete_chat(client: httpx.AsyncClient, body: bytes, result: RequestResult) -> None:
+async def complete_chat(
+    client: httpx.AsyncClient, body: bytes, result: RequestResult, *, close_connection: bool = False
+) -> None:
     """POST a non-streaming ``body`` to the chat endpoint and record the response in ``result``
-    the way vLLM's ``benchmark_serving`` records a request without a stream.
+    the way vLLM's ``benchmark_serving`` records a request without a stream
+    (``close_connection``: with ``Connection: close``).
 
     The whole response is one "chunk": it arrives when the full body has been read, which
     is both the time to first token and the end (``ttft == e2e``). As in vLLM, TPOT,
@@ -99,7 +112,8 @@ async def complete_chat(client: httpx.AsyncClient, body: bytes, result: RequestR
     ``result`` has ``ok`` False and no chunk.
     """
     try:
-        response = await client.post(CHAT_PATH, content=body, headers=_JSON_HEADERS)
+        headers = _JSON_HEADERS + _CLOSE if close_connection else _JSON_HEADERS
+        response = await client.post(CHAT_PATH, content=body, headers=headers)
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:300]
         return

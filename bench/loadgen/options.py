@@ -19,7 +19,11 @@ class LoadOptions:
     ``/health`` is probed every ``health_interval`` seconds, from ``idle_probe_seconds``
     before the warm-up (the idle baseline) to as long after the burst. Every request is a
     streaming chat completion, or with ``stream`` False a non-streaming one
-    (``bench.loadgen.chat_request``).
+    (``bench.loadgen.chat_request``). Connections are pooled and reused, as the async
+    ``openai`` client and vLLM's benchmark do; ``connection_per_request`` sends every
+    request with ``Connection: close`` instead, so the server accepts a new connection per
+    request (what a client that drops the connection after ``[DONE]`` costs it, as the
+    synchronous ``openai`` client does).
     """
 
     concurrency: int = 32
@@ -35,6 +39,7 @@ class LoadOptions:
     rss_interval: float = 0.1
     seed: int = 0
     stream: bool = True
+    connection_per_request: bool = False
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.num_requests < 1 or self.warmup < 0 or self.max_tokens < 1:

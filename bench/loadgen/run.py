@@ -162,7 +162,7 @@ async def _send_all(
         result = RequestResult(index=index, kind=kind_of(index), started=time.perf_counter())
         results.append(result)
         try:
-            await chat(client, bodies.pop(index), result)
+            await chat(client, bodies.pop(index), result, close_connection=options.connection_per_request)
         finally:
             if not result.ok and result.error is None:  # only a cancellation leaves neither
                 result.error = CUT_OFF

@@ -1,16 +1,21 @@
-"""One non-streaming chat request as the load generator records it (``complete_chat``),
-against an in-process fake server (``httpx.MockTransport``): what it sends, how a good
-response becomes vLLM-style figures, and how bad ones are recorded, never raised."""
+"""One chat request as the load generator sends and records it. Non-streaming
+(``complete_chat``) against an in-process fake server (``httpx.MockTransport``): what it
+sends, how a good response becomes vLLM-style figures, and how bad ones are recorded,
+never raised. Streaming (``stream_chat``) against a fake SSE server on loopback: pooled
+connections are reused, or closed per request when the run asks for that."""
 
 from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
+import h11
 import httpx
 import pytest
+import trio
 
-from bench.loadgen.chat_request import CHAT_PATH, chat_body, complete_chat
+from bench.loadgen.chat_request import CHAT_PATH, chat_body, complete_chat, stream_chat
 from bench.loadgen.metrics import summarise
 from bench.loadgen.options import LoadOptions
 from bench.loadgen.request_result import RequestResult
@@ -109,3 +114,72 @@ def test_no_stream_flag_reaches_the_options_the_files_and_the_mode_line(tmp_path
     assert results_stem(tmp_path, default, "T").name == "T-text-c4"
     real = plan_from_args(parse_args(["--no-stream", "--workload", "image-url", "--image-tokens", "real"]))
     assert results_stem(tmp_path, real, "T").name == "T-image-url-c64-real-size-nostream"
+
+
+SSE_EVENTS = (
+    b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n',
+    b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n',
+    b"data: [DONE]\n\n",
+)
+
+
+async def _serve_sse(stream: trio.SocketStream, accepted: list[list[bytes]]) -> None:
+    """One connection of a fake chat server: each request gets ``SSE_EVENTS`` as a chunked
+    body (each event its own write); the ``connection`` header of every request is kept in
+    this connection's entry of ``accepted``."""
+    connection = h11.Connection(h11.SERVER)
+    headers_seen: list[bytes] = []
+    accepted.append(headers_seen)
+    async with stream:
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                connection.receive_data(data)
+            elif isinstance(event, h11.Request):
+                headers_seen.append(dict(event.headers).get(b"connection", b""))
+            elif isinstance(event, h11.EndOfMessage):
+                head = h11.Response(status_code=200, headers=[("content-type", "text/event-stream")])
+                await stream.send_all(connection.send(head))
+                for sse in SSE_EVENTS:
+                    await stream.send_all(connection.send(h11.Data(data=sse)))
+                await stream.send_all(connection.send(h11.EndOfMessage()))
+                if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                    return
+                connection.start_next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+
+
+@pytest.mark.parametrize("close_connection", [False, True], ids=["reused", "per-request"])
+async def test_streaming_requests_reuse_their_connection_unless_asked_not_to(close_connection):
+    """Three streaming requests in a row: read to the end of the body after ``[DONE]``, they
+    share one pooled connection (as vLLM's benchmark and the async openai client do); with
+    ``close_connection`` each asks ``Connection: close`` and the server accepts three."""
+    accepted: list[list[bytes]] = []
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, lambda s: _serve_sse(s, accepted), 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for index in range(3):
+                result = RequestResult(index=index, kind="text", started=time.perf_counter())
+                body = chat_body("m", MESSAGES, max_tokens=1, ignore_eos=True)
+                await stream_chat(client, body, result, close_connection=close_connection)
+                assert result.ok and result.output_tokens == 1 and result.prompt_tokens == 3
+        nursery.cancel_scope.cancel()
+    if close_connection:
+        assert accepted == [[b"close"]] * 3
+    else:
+        assert len(accepted) == 1 and len(accepted[0]) == 3 and b"close" not in accepted[0]
+
+
+def test_connection_per_request_flag_reaches_the_options_the_files_and_the_mode_line(tmp_path):
+    plan = plan_from_args(parse_args(["--connection-per-request", "--results-dir", str(tmp_path)]))
+    assert plan.options.connection_per_request
+    assert results_stem(tmp_path, plan, "T").name.endswith("-newconn")
+    assert "new connection per request" in request_mode_line(plan.options)
+    default = plan_from_args(parse_args(["--results-dir", str(tmp_path)]))
+    assert not default.options.connection_per_request
+    assert "pooled keep-alive" in request_mode_line(default.options)
