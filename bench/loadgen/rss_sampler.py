@@ -9,6 +9,9 @@ from collections.abc import Callable
 import psutil
 import trio
 
+# Seconds between two PSS readings of the tree (RSS is read every sampling interval).
+PSS_INTERVAL_S = 1.0
+
 
 def _tree_sum(pid: int, measure: Callable[[psutil.Process], float]) -> float:
     """``measure(p)`` summed over ``pid`` and its descendants now; 0 if it is gone. A
@@ -52,20 +55,34 @@ def tree_cpu_seconds(pid: int) -> float:
     return float(_tree_sum(pid, _cpu_seconds))
 
 
+async def _read(measure: Callable[[int], int], pid: int) -> int:
+    """``measure(pid)`` in a worker thread. Cancellation: waits for the thread."""
+    return await trio.to_thread.run_sync(measure, pid)
+
+
 async def sample_rss(
-    pid: int, interval: float, samples: list[tuple[float, int]], pss_samples: list[tuple[float, int]] | None = None
+    pid: int,
+    interval: float,
+    samples: list[tuple[float, int]],
+    pss_samples: list[tuple[float, int]] | None = None,
+    *,
+    pss_interval: float = PSS_INTERVAL_S,
 ) -> None:
     """Append ``(time.monotonic(), bytes)`` every ``interval`` seconds until cancelled (and
-    the tree's PSS to ``pss_samples`` if given).
+    the tree's PSS to ``pss_samples``, if given, every ``pss_interval`` seconds: reading
+    every process's smaps costs the load generator about 2 ms of CPU per process, so at
+    the RSS interval it would tax a server of several processes more than one of one).
 
     Each reading runs in a worker thread (``/proc`` reads), so the event loop never waits
     on it. Cancellation: returns at the next boundary; a reading in its thread finishes first.
     """
     due = trio.current_time()
+    pss_due = due
     while True:
-        rss = await trio.to_thread.run_sync(tree_rss, pid)
+        rss = await _read(tree_rss, pid)
         samples.append((time.monotonic(), rss))
-        if pss_samples is not None:
-            pss_samples.append((time.monotonic(), await trio.to_thread.run_sync(tree_pss, pid)))
+        if pss_samples is not None and trio.current_time() >= pss_due:
+            pss_samples.append((time.monotonic(), await _read(tree_pss, pid)))
+            pss_due += pss_interval
         due = max(due + interval, trio.current_time())
         await trio.sleep_until(due)
