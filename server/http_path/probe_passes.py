@@ -5,9 +5,10 @@ With ``VLSERVE_PROBE_PASSES_FILE`` set, ``vlserve serve`` installs a ``PassCount
 prints it (bench/README.md). A probe's count runs from the first pass that could see its
 bytes to the pass in which its reply is written, both included: 1 means the reply was
 written in the pass that read the request. On a fresh connection (the Kubernetes way)
-whose request is already there when it is accepted, the first pass is the accept's; if
-the bytes arrive later, the pass that wakes up for them (passes spent waiting for the
-client are not the server's).
+whose request is already there when it is accepted, the first pass is the accept's (a
+connection accepted in the same pass as others is read in the next one: 2); if the bytes
+arrive later, the pass that wakes up for them (passes spent waiting for the client are
+not the server's).
 """
 
 from __future__ import annotations

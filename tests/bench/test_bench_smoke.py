@@ -70,7 +70,10 @@ async def test_every_workload_runs_against_vlserve_and_a_baseline(tmp_path, tiny
         assert math.isfinite(summary.floor_p99_ms) and math.isfinite(summary.floor_fresh_p99_ms), where
         assert summary.peak_rss_mib > 50, where
         if summary.server == "vlserve":  # the server's own count (VLSERVE_PROBE_PASSES_FILE)
-            assert summary.probe_passes_keep_alive == 1.0 and summary.probe_passes_fresh == 1.0, where
+            # keep-alive: the pass that reads the probe; fresh: the pass that accepts it, or
+            # the next one when another connection was accepted in the same pass (2 passes)
+            assert summary.probe_passes_keep_alive == 1.0, where
+            assert 1.0 <= summary.probe_passes_fresh < 1.5, where
         else:
             assert math.isnan(summary.probe_passes_keep_alive), where
     mixed = next(run for run, _ in runs if run.workload == "mixed")
