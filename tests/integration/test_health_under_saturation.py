@@ -53,7 +53,8 @@ async def test_health_answers_while_every_gate_is_saturated(http, runtime):
     release = threading.Event()
     entered: list[str] = []
     tools = preparer.runner.tools  # worker threads (see ``vlserve_config``)
-    tools.decode_and_preprocess = block_in_thread(release, entered, tools.decode_and_preprocess)
+    # what the image-prep step runs (vl.prep_tools.ImagePixels), held blocked in its thread
+    tools.pixels_into_slot = block_in_thread(release, entered, tools.pixels_into_slot)
     tools.render_and_tokenize = block_in_thread(release, entered, tools.render_and_tokenize)
     device_holder = object()
     await runtime.device_gate.acquire_on_behalf_of(device_holder)
@@ -75,6 +76,7 @@ async def test_health_answers_while_every_gate_is_saturated(http, runtime):
                         stats.image_gate.borrowed == stats.image_gate.total
                         and stats.image_gate.waiting > 0
                         and stats.tokenizer_gate.waiting > 0
+                        and set(entered) == {"pixels_into_slot", "render_and_tokenize"}  # both held blocked
                     ):
                         break
                     await trio.sleep(0.01)
