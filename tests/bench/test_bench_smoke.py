@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -27,18 +28,20 @@ from bench.report.tables import comparison_table, probe_table, sweep_table
 from bench.workloads.catalog import WORKLOADS
 
 SERVERS = ("vlserve", "pr-style")
+# A handful of short requests per run (each test changes what it needs with ``replace``).
+SMOKE_OPTIONS = LoadOptions(
+    concurrency=2,
+    num_requests=3,
+    warmup=1,
+    max_tokens=4,
+    max_seconds=30.0,
+    grace_seconds=30.0,
+    idle_probe_seconds=0.2,
+)
 
 
 async def test_every_workload_runs_against_vlserve_and_a_baseline(tmp_path, tiny_model_dir):
-    options = LoadOptions(
-        concurrency=2,
-        num_requests=3,
-        warmup=1,
-        max_tokens=4,
-        max_seconds=30.0,
-        grace_seconds=30.0,
-        idle_probe_seconds=0.2,
-    )
+    options = SMOKE_OPTIONS
     plan = BenchmarkPlan(
         servers=SERVERS,
         workloads=WORKLOADS,
@@ -99,15 +102,7 @@ async def test_real_image_sizes_run_against_vlserve(tmp_path, real_size_tiny_mod
     limits with pixel slots sized for the benchmark's images (32 MiB, not max_pixels' 308),
     and every 1024² image reaches the model as 1,369 image tokens (the server's usage).
     vlserve only, to keep it short: the baselines get the same ``--model`` and no slots."""
-    options = LoadOptions(
-        concurrency=2,
-        num_requests=2,
-        warmup=1,
-        max_tokens=4,
-        max_seconds=60.0,
-        grace_seconds=60.0,
-        idle_probe_seconds=0.2,
-    )
+    options = replace(SMOKE_OPTIONS, num_requests=2, max_seconds=60.0, grace_seconds=60.0)
     plan = BenchmarkPlan(
         servers=("vlserve",),
         workloads=("image-base64",),
@@ -134,16 +129,7 @@ async def test_non_streaming_requests_run_against_vlserve_and_a_baseline(tmp_pat
     """``stream=False`` (``--no-stream``): both servers answer every non-streaming request,
     the load generator records each as one whole response (TTFT is the latency, vLLM's TPOT
     and ITL 0) with the servers' usage counts (``ignore_eos``: exactly ``max_tokens``)."""
-    options = LoadOptions(
-        concurrency=2,
-        num_requests=3,
-        warmup=1,
-        max_tokens=4,
-        max_seconds=30.0,
-        grace_seconds=30.0,
-        idle_probe_seconds=0.2,
-        stream=False,
-    )
+    options = replace(SMOKE_OPTIONS, stream=False)
     plan = BenchmarkPlan(
         servers=SERVERS,
         workloads=("text",),
