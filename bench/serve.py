@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--connection-per-request",
         action="store_true",
         help="send every request with 'Connection: close' (a new connection per request, as a client "
-        "that drops it after [DONE] makes); default: pooled keep-alive connections",
+        "that drops it after [DONE] makes); default: each concurrent request keeps its own connection alive",
     )
     parser.add_argument("--max-seconds", type=float, default=180.0, help="stop issuing requests after this long")
     parser.add_argument("--image-latency", type=float, default=0.05, help="seconds the image server waits per image")
@@ -174,7 +174,7 @@ def request_mode_line(options: LoadOptions) -> str:
         )
     if options.connection_per_request:
         return line + "; a new connection per request (`--connection-per-request`)"
-    return line + "; pooled keep-alive connections"
+    return line + "; keep-alive connections, one per concurrent request"
 
 
 def results_stem(results_dir: Path, plan: BenchmarkPlan, when: str) -> Path:

@@ -19,8 +19,9 @@ class LoadOptions:
     ``/health`` is probed every ``health_interval`` seconds, from ``idle_probe_seconds``
     before the warm-up (the idle baseline) to as long after the burst. Every request is a
     streaming chat completion, or with ``stream`` False a non-streaming one
-    (``bench.loadgen.chat_request``). Connections are pooled and reused, as the async
-    ``openai`` client and vLLM's benchmark do; ``connection_per_request`` sends every
+    (``bench.loadgen.chat_request``). Each request in flight has a client and a
+    connection of its own (``bench.loadgen.client_pool``), kept alive and reused, as the
+    async ``openai`` client and vLLM's benchmark do; ``connection_per_request`` sends every
     request with ``Connection: close`` instead, so the server accepts a new connection per
     request (what a client that drops the connection after ``[DONE]`` costs it, as the
     synchronous ``openai`` client does).

@@ -19,6 +19,7 @@ from bench.launch.process import free_port, managed_process
 from bench.launch.readiness import http_ready
 from bench.launch.servers import REPO_ROOT
 from bench.loadgen.chat_request import complete_chat, stream_chat
+from bench.loadgen.client_pool import ClientPool
 from bench.loadgen.cpu_account import CpuAccount
 from bench.loadgen.drivers import closed_loop, poisson
 from bench.loadgen.options import LoadOptions
@@ -87,11 +88,10 @@ async def run_load(
     sampler are stopped before ``Cancelled`` propagates.
     """
     run = LoadRun(options=options, server=server, workload=workload)
-    limits = httpx.Limits(max_connections=options.concurrency + 8, max_keepalive_connections=options.concurrency + 8)
     timeout = httpx.Timeout(options.max_seconds + options.grace_seconds, connect=30.0)
     probe_out = work_dir / f"health-{server}-{workload}-c{options.concurrency}-{time.time_ns()}.json"
     floor_out = probe_out.with_name("floor-" + probe_out.name)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+    async with ClientPool.open(base_url, options.concurrency, timeout) as clients:
         async with (
             _floor_server_process(work_dir) as floor_url,
             _health_probe_process(floor_url, options, floor_out),
@@ -99,7 +99,7 @@ async def run_load(
         ):
             await trio.sleep(options.idle_probe_seconds)
             run.warmup_started = time.monotonic()
-            warm = await _send_all(client, body_for, kind_of, warmup_indices, options, warmup=True)
+            warm = await _send_all(clients, body_for, kind_of, warmup_indices, options, warmup=True)
             run.warmup_failures = sum(not r.ok for r in warm)
             run.rss_before = await trio.to_thread.run_sync(tree_rss, server_pid)
             cpu_before = await trio.to_thread.run_sync(tree_cpu_seconds, server_pid)
@@ -109,7 +109,7 @@ async def run_load(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sample_rss, server_pid, options.rss_interval, run.rss, run.pss)
                 run.burst_started = time.monotonic()
-                run.results = await _send_all(client, body_for, kind_of, indices, options, warmup=False)
+                run.results = await _send_all(clients, body_for, kind_of, indices, options, warmup=False)
                 run.burst_ended = time.monotonic()
                 run.loadavg_after = os.getloadavg()[0]
                 run.foreign_cpu = await trio.to_thread.run_sync(account.foreign_share)
@@ -152,7 +152,7 @@ async def _floor_server_process(work_dir: Path) -> AsyncIterator[str]:
 
 
 async def _send_all(
-    client, body_for, kind_of, indices: list[int], options: LoadOptions, *, warmup: bool
+    clients: ClientPool, body_for, kind_of, indices: list[int], options: LoadOptions, *, warmup: bool
 ) -> list[RequestResult]:
     bodies = await trio.to_thread.run_sync(lambda: {i: body_for(i) for i in indices})
     results: list[RequestResult] = []
@@ -162,7 +162,8 @@ async def _send_all(
         result = RequestResult(index=index, kind=kind_of(index), started=time.perf_counter())
         results.append(result)
         try:
-            await chat(client, bodies.pop(index), result, close_connection=options.connection_per_request)
+            async with clients.client() as client:
+                await chat(client, bodies.pop(index), result, close_connection=options.connection_per_request)
         finally:
             if not result.ok and result.error is None:  # only a cancellation leaves neither
                 result.error = CUT_OFF

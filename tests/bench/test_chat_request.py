@@ -16,6 +16,8 @@ import pytest
 import trio
 
 from bench.loadgen.chat_request import CHAT_PATH, chat_body, complete_chat, stream_chat
+from bench.loadgen.client_pool import ClientPool
+from bench.loadgen.drivers import closed_loop
 from bench.loadgen.metrics import summarise
 from bench.loadgen.options import LoadOptions
 from bench.loadgen.request_result import RequestResult
@@ -182,4 +184,51 @@ def test_connection_per_request_flag_reaches_the_options_the_files_and_the_mode_
     assert "new connection per request" in request_mode_line(plan.options)
     default = plan_from_args(parse_args(["--results-dir", str(tmp_path)]))
     assert not default.options.connection_per_request
-    assert "pooled keep-alive" in request_mode_line(default.options)
+    assert "keep-alive connections, one per concurrent request" in request_mode_line(default.options)
+
+
+async def test_the_client_pool_gives_each_request_in_flight_a_connection_of_its_own():
+    """Nine streaming requests, three at a time, through a pool of three clients: no two
+    requests in flight share a client, every client keeps its one connection alive, so
+    the server accepts exactly three connections and each carries three requests."""
+    accepted: list[list[bytes]] = []
+    in_use: set[int] = set()
+    most_in_use = 0
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, lambda s: _serve_sse(s, accepted), 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        timeout = httpx.Timeout(10.0)
+        async with ClientPool.open(f"http://127.0.0.1:{port}", 3, timeout) as pool:
+
+            async def send(index: int) -> None:
+                nonlocal most_in_use
+                async with pool.client() as client:
+                    assert id(client) not in in_use
+                    in_use.add(id(client))
+                    most_in_use = max(most_in_use, len(in_use))
+                    result = RequestResult(index=index, kind="text", started=time.perf_counter())
+                    body = chat_body("m", MESSAGES, max_tokens=1, ignore_eos=True)
+                    await stream_chat(client, body, result)
+                    in_use.discard(id(client))
+                    assert result.ok
+
+            await closed_loop(send, range(9), 3)
+        nursery.cancel_scope.cancel()
+    assert most_in_use == 3
+    assert sorted(len(requests) for requests in accepted) == [3, 3, 3]
+
+
+async def test_a_request_cancelled_while_holding_a_client_gives_it_back():
+    """The pool's invariant under cancellation: a client lent to a request that is
+    cancelled returns to the pool, and one waiting for a client takes nothing."""
+    async with ClientPool.open("http://127.0.0.1:9", 1, httpx.Timeout(1.0)) as pool:
+        with trio.move_on_after(0.05):
+            async with pool.client():
+                with trio.move_on_after(0.01) as waiting:
+                    async with pool.client():
+                        pytest.fail("the pool lent its only client twice")
+                assert waiting.cancelled_caught
+                await trio.sleep_forever()
+        with trio.fail_after(1):
+            async with pool.client() as client:
+                assert isinstance(client, httpx.AsyncClient)
