@@ -72,10 +72,23 @@ class Sampler:
         sampling_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampling_rows:
             probs = _filtered_probs(logits[sampling_rows], [params[i] for i in sampling_rows])
+            # the Gumbel-max trick as argmax(p / Exp(1)); rows on the shared generator
+            # draw their noise in one call (one call per row cost ~0.5 ms each at a
+            # 152k vocabulary), a seeded row from its own generator, so its tokens do not
+            # depend on what else is in the batch
+            noise = torch.empty_like(probs)
+            shared = [k for k, row in enumerate(sampling_rows) if generators[row] is None]
+            if len(shared) == len(sampling_rows):
+                noise.exponential_(generator=self._generator)
+            else:
+                if shared:
+                    noise[shared] = torch.empty_like(probs[shared]).exponential_(generator=self._generator)
+                for k, row in enumerate(sampling_rows):
+                    if generators[row] is not None:
+                        noise[k].exponential_(generator=generators[row])
+            picked = torch.argmax(probs / noise, dim=-1).tolist()
             for k, row in enumerate(sampling_rows):
-                gen = generators[row] or self._generator
-                noise = torch.empty_like(probs[k]).exponential_(generator=gen)
-                chosen[row] = torch.argmax(probs[k] / noise)
+                chosen[row] = picked[k]
 
         token_ids = chosen.tolist()
         results = []
