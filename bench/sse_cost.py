@@ -5,8 +5,8 @@ A stand-in step loop (a ``Core``) gives every running sequence one token per ste
 hands the ``StepOutputs`` to the real ``AsyncEngine`` (its ``StreamRegistry``,
 ``RequestStream``s and ``OutputFanout``), the real ``produce_chunks`` + ``ChatChunker``
 format the chunks, the real ``sse_response`` body carries them, sent by the server's own
-``send_body`` (inline for one choice) into a write that checkpoints once, as a socket
-write does. Steps are ``--step-ms`` apart in trio's
+``send_body`` (inline for one choice) into a write that does not yield, as the server's
+socket write does when the socket buffer takes it whole (``server.http_path.connection``). Steps are ``--step-ms`` apart in trio's
 mock time (autojump), so the task interleaving is that of a real server whose engine steps
 take that long, and the figures are deterministic apart from CPU time:
 
@@ -122,7 +122,6 @@ class Sink:
             self.writes += 1
             self.bytes += len(data)
             self.events += data.count(b"\n\n")
-            await trio.lowlevel.checkpoint()  # a socket write's checkpoint
 
         await send_body(response.response, write)
 

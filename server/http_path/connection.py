@@ -14,7 +14,11 @@ shielding, back-pressure) and removes passes a request waits for:
   before its first read. Closing idle connections at shutdown (hypercorn's idle task
   waits on ``context.terminated``) is ``close_if_idle``, called by ``server.http_path.serve``.
 - Writing: the send lock is taken without a checkpoint when it is free (``trio.Lock``
-  yields a pass even then), and empty writes are skipped (``send_all(b"")`` is a pass).
+  yields a pass even then), empty writes are skipped (``send_all(b"")`` is a pass), and
+  a write the kernel's socket buffer takes whole returns without a checkpoint (trio's
+  ``send_all`` yields a pass after every write, so a streamed response's task ran two
+  steps per event, the second only to return from the write); the rest of a write that
+  does not fit goes through ``send_all``, shielded, as in hypercorn.
 - The app's queue is fed without a checkpoint (``NoWaitTaskGroup``), and the HTTP/1.1
   protocol writes each response once (``FastH11Protocol``).
 """
@@ -66,8 +70,8 @@ class FastTCPServer(TCPServer):
         self._read_once = False
         self._idle_deadline = inf
         self._read_scope: trio.CancelScope | None = None
-        # the plain socket, read without a checkpoint first (None for TLS)
-        self._socket: Any = None
+        # the plain socket, read and written without a checkpoint first (None for TLS)
+        self._socket: Any = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     async def run(self) -> None:
         """hypercorn's ``run`` without the idle task (see the module docstring).
@@ -85,7 +89,6 @@ class FastTCPServer(TCPServer):
         except AttributeError:  # not TLS
             alpn_protocol = "http/1.1"
             socket = self.stream.socket
-            self._socket = socket
             ssl = False
 
         self._connections.add(self)
@@ -132,7 +135,8 @@ class FastTCPServer(TCPServer):
         """hypercorn's ``protocol_send`` with the changes in the module docstring.
 
         Cancellation: writes are shielded, as in hypercorn; waiting for the send lock
-        (another task writing) is cancellable."""
+        (another task writing) is cancellable. A write the socket takes whole has no
+        checkpoint at all, so a cancellation is seen at the caller's next one."""
         if isinstance(event, RawData):
             if not event.data:
                 return
@@ -142,8 +146,10 @@ class FastTCPServer(TCPServer):
                 await self.send_lock.acquire()
             try:
                 try:
-                    with trio.CancelScope(shield=True):
-                        await self.stream.send_all(event.data)
+                    rest = self._send_nowait(event.data)
+                    if rest:
+                        with trio.CancelScope(shield=True):
+                            await self.stream.send_all(rest)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.protocol.handle(Closed())
             finally:
@@ -224,6 +230,26 @@ class FastTCPServer(TCPServer):
                 return self._receive_nowait(), True
             except BlockingIOError:
                 pass
+
+    def _send_nowait(self, data: bytes) -> bytes | memoryview:
+        """What is left of ``data`` after one non-blocking write: nothing when the socket
+        took it all, all of it for TLS or a full socket buffer. Errors as
+        ``trio.SocketStream.send_all`` raises them (the caller holds the send lock, so no
+        other write can be under way)."""
+        if self._socket is None:
+            return data
+        fd = self._socket.fileno()
+        if fd == -1:
+            raise trio.ClosedResourceError("socket was already closed")
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            return data
+        except OSError as error:
+            if error.errno == errno.EBADF:
+                raise trio.ClosedResourceError("socket was already closed") from None
+            raise trio.BrokenResourceError(f"socket connection broken: {error}") from error
+        return memoryview(data)[sent:] if sent < len(data) else b""
 
     def _receive_nowait(self) -> bytes:
         """One non-blocking read; errors as ``trio.SocketStream.receive_some`` raises them."""

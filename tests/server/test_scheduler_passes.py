@@ -42,7 +42,7 @@ from tests.server.rawhttp import read_one_response, request_bytes, status_of
 
 PROBE_KEEP_ALIVE_MAX = 1  # the reply is written in the pass that reads the request
 PROBE_FRESH_MAX = 1  # ... and, on a new connection, in the pass that accepts it
-APP_REQUEST_MAX = 3  # through Quart: read + queue, quart-trio's own passes, one write
+APP_REQUEST_MAX = 3  # through Quart: read + queue, then quart-trio's own passes
 PROBE_BEHIND_WAVE_MAX = 2  # the accept pass takes the whole queue; the next one reads
 WAVE = 40  # connections queued ahead of the probe (the listen backlog holds them)
 
