@@ -238,29 +238,36 @@ class FastTCPServer(TCPServer):
         other write can be under way)."""
         if self._socket is None:
             return data
-        fd = self._socket.fileno()
-        if fd == -1:
-            raise trio.ClosedResourceError("socket was already closed")
+        fd = self._open_fd()
         try:
             sent = os.write(fd, data)
         except BlockingIOError:
             return data
         except OSError as error:
-            if error.errno == errno.EBADF:
-                raise trio.ClosedResourceError("socket was already closed") from None
-            raise trio.BrokenResourceError(f"socket connection broken: {error}") from error
+            raise _trio_error(error) from error
         return memoryview(data)[sent:] if sent < len(data) else b""
 
     def _receive_nowait(self) -> bytes:
         """One non-blocking read; errors as ``trio.SocketStream.receive_some`` raises them."""
-        fd = self._socket.fileno()
-        if fd == -1:
-            raise trio.ClosedResourceError("socket was already closed")
+        fd = self._open_fd()
         try:
             return os.read(fd, MAX_RECV)
         except BlockingIOError:
             raise
         except OSError as error:
-            if error.errno == errno.EBADF:
-                raise trio.ClosedResourceError("socket was already closed") from None
-            raise trio.BrokenResourceError(f"socket connection broken: {error}") from error
+            raise _trio_error(error) from error
+
+    def _open_fd(self) -> int:
+        """The plain socket's descriptor; ``trio.ClosedResourceError`` once it is closed."""
+        fd = self._socket.fileno()
+        if fd == -1:
+            raise trio.ClosedResourceError("socket was already closed")
+        return fd
+
+
+def _trio_error(error: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    """The error ``trio.SocketStream`` raises for a failed socket call: closed for a bad
+    descriptor (closed under us), broken for anything else."""
+    if error.errno == errno.EBADF:
+        return trio.ClosedResourceError("socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {error}")
