@@ -6,9 +6,9 @@ hands the ``StepOutputs`` to the real ``AsyncEngine`` (its ``StreamRegistry``,
 ``RequestStream``s and ``OutputFanout``), the real ``produce_chunks`` + ``ChatChunker``
 format the chunks, the real ``sse_response`` body carries them, sent by the server's own
 ``send_body`` (inline for one choice) into a write that does not yield, as the server's
-socket write does when the socket buffer takes it whole (``server.http_path.connection``). Steps are ``--step-ms`` apart in trio's
-mock time (autojump), so the task interleaving is that of a real server whose engine steps
-take that long, and the figures are deterministic apart from CPU time:
+socket write does when the socket buffer takes it whole (``server.http_path.connection``).
+Steps are ``--step-ms`` apart in trio's mock time (autojump), so the task interleaving is
+that of a real server whose engine steps take that long, and the figures are deterministic apart from CPU time:
 
 - CPU µs per token / per event / per write: the loop thread's CPU time (``time.thread_time``)
   over the whole run, divided by tokens streamed, ``data:`` events and body writes;

@@ -30,7 +30,6 @@ class ClientPool:
         self._return, self._free = trio.open_memory_channel[httpx.AsyncClient](len(clients))
         for client in clients:
             self._return.send_nowait(client)
-        self.size = len(clients)
 
     @classmethod
     @asynccontextmanager
