@@ -20,7 +20,13 @@ from pathlib import Path
 import httpx
 import trio
 
-from bench.launch.servers import VLSERVE_VARIANTS, running_image_server, running_server, vlserve_pixel_slot_args
+from bench.launch.servers import (
+    running_image_server,
+    running_server,
+    source_label,
+    vlserve_pixel_slot_args,
+    vlserve_variant,
+)
 from bench.loadgen.chat_request import chat_body, first_model_id
 from bench.loadgen.cpu_account import foreign_load_now
 from bench.loadgen.loop_lag import scrape_lag_histogram
@@ -54,6 +60,7 @@ class BenchmarkPlan:
     quiet_threshold: float = 0.15
     quiet_wait: float = 0.0
     image_tokens: str = "256"
+    sources: tuple[tuple[str, Path], ...] = ()  # (label, tree) for servers named VARIANT@LABEL
 
     @property
     def image_setting(self) -> ImageTokenSetting:
@@ -107,11 +114,15 @@ async def run_benchmark(plan: BenchmarkPlan, progress: Progress | None = None) -
             )
         for repeat in range(plan.repeats):
             for name in _rotated(plan.servers, repeat):
-                extra = vlserve_extra if name in VLSERVE_VARIANTS else ()
+                is_vlserve = vlserve_variant(name) is not None
+                extra = vlserve_extra if is_vlserve else ()
                 passes_file = plan.log_dir / f"probe-passes-{name}-{repeat}.json"
-                env = {PROBE_PASSES_FILE_ENV: str(passes_file)} if name in VLSERVE_VARIANTS else None
+                env = {PROBE_PASSES_FILE_ENV: str(passes_file)} if is_vlserve else None
+                source = dict(plan.sources).get(source_label(name) or "")
                 first = len(out)
-                async with running_server(name, plan.log_dir, model=model, extra_args=extra, env=env) as server:
+                async with running_server(
+                    name, plan.log_dir, model=model, extra_args=extra, env=env, source=source
+                ) as server:
                     async with httpx.AsyncClient(base_url=server.base_url, timeout=30.0) as client:
                         model_id = await first_model_id(client)
                     for workload_name in plan.workloads:

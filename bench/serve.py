@@ -24,7 +24,7 @@ from pathlib import Path
 
 import trio
 
-from bench.launch.servers import DEFAULT_SERVERS, REPO_ROOT, SERVERS
+from bench.launch.servers import DEFAULT_SERVERS, REPO_ROOT, SERVERS, known_server, source_label
 from bench.loadgen.options import LoadOptions
 from bench.orchestrate import BenchmarkPlan, run_benchmark, timestamp
 from bench.report.health_plot import plot_health
@@ -37,10 +37,12 @@ from bench.workloads.image_tokens import IMAGE_TOKEN_SETTINGS, ImageTokenSetting
 from engine.config import EngineConfig
 
 
-def _csv(kind, choices=None):
+def _csv(kind, choices=None, accept=None):
+    """A comma-separated list of ``kind``; each item in ``choices`` (or passing ``accept``)."""
+
     def parse(text: str):
         items = [kind(part.strip()) for part in text.split(",") if part.strip()]
-        if not items or (choices and any(i not in choices for i in items)):
+        if not items or (choices and any(i not in choices and not (accept and accept(i)) for i in items)):
             raise argparse.ArgumentTypeError(
                 f"expected a comma-separated list{' of ' + ', '.join(choices) if choices else ''}"
             )
@@ -49,13 +51,34 @@ def _csv(kind, choices=None):
     return parse
 
 
+def _source(text: str) -> tuple[str, Path]:
+    """``LABEL=DIR``: a vlserve source tree for the servers named ``VARIANT@LABEL``."""
+    label, _, directory = text.partition("=")
+    path = Path(directory).expanduser().resolve()
+    if not label or not (path / "server" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"expected LABEL=DIR with DIR a vlserve source tree, got {text!r}")
+    return label, path
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--workload", type=_csv(str, WORKLOADS), default=("text",), help=f"one or more of {', '.join(WORKLOADS)}"
     )
     parser.add_argument(
-        "--servers", type=_csv(str, SERVERS), default=DEFAULT_SERVERS, help=f"any of {', '.join(SERVERS)}"
+        "--servers",
+        type=_csv(str, SERVERS, accept=known_server),
+        default=DEFAULT_SERVERS,
+        help=f"any of {', '.join(SERVERS)}, or VARIANT@LABEL: a vlserve variant running the code of --source LABEL",
+    )
+    parser.add_argument(
+        "--source",
+        type=_source,
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="a vlserve source tree (e.g. a git worktree of another commit) for the servers named VARIANT@LABEL, "
+        "to compare two versions side by side in one run",
     )
     parser.add_argument("--concurrency", type=_csv(int), default=(64,), help="one level, or several for a sweep")
     parser.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second (open loop)")
@@ -117,6 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temporary directory)")
     parser.add_argument("--quiet", action="store_true", help="no per-run vLLM-style reports")
     args = parser.parse_args(argv)
+    labels = {label for label, _ in args.source}
+    for name in args.servers:
+        if source_label(name) is not None and source_label(name) not in labels:
+            parser.error(f"server {name!r} needs --source {source_label(name)}=DIR")
     if args.image_tokens != "256" and args.model is not None:
         parser.error("--image-tokens real serves its own tiny model variant; leave out --model")
     if args.image_tokens != "256" and any(uses_images(w) for w in args.workload):
@@ -159,6 +186,7 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
         quiet_threshold=args.quiet_threshold,
         quiet_wait=args.quiet_wait,
         image_tokens=args.image_tokens,
+        sources=tuple(args.source),
     )
 
 
@@ -218,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         "image_tokens": setting.as_dict(plan.image_size),
         "stream": plan.options.stream,
         "connection_per_request": plan.options.connection_per_request,
+        "sources": {label: str(path) for label, path in plan.sources},
         **provenance(REPO_ROOT),
     }
     paths = write_results(stem, command=command, meta=meta, runs=runs, markdown=markdown)

@@ -1,7 +1,12 @@
 """The servers under test and how to start each: vlserve (its defaults: engine and vision
 encoder in the engine worker process, prep work in prep processes), vlserve-thread (engine
 in a thread of the server process), vlserve-prep-threads (prep work in threads of the
-server process) and the two LMDeploy-style baselines."""
+server process) and the two LMDeploy-style baselines.
+
+A vlserve variant can also run from another source tree, to compare two versions of the
+code side by side in one run: ``vlserve@LABEL`` is the variant ``vlserve`` started with
+``PYTHONPATH`` set to the tree given for ``LABEL`` (``bench.serve --source LABEL=DIR``), so
+the server, its engine worker and its prep processes all import that tree's code."""
 
 from __future__ import annotations
 
@@ -23,6 +28,24 @@ VLSERVE_VARIANTS = {
     "vlserve-prep-threads": ("--no-prep-processes",),
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def vlserve_variant(name: str) -> str | None:
+    """The ``VLSERVE_VARIANTS`` key that server ``name`` runs (``vlserve@LABEL`` runs
+    ``vlserve``), or ``None`` for a baseline."""
+    base = name.partition("@")[0]
+    return base if base in VLSERVE_VARIANTS else None
+
+
+def source_label(name: str) -> str | None:
+    """``LABEL`` of a server named ``VARIANT@LABEL``, else ``None``."""
+    return name.partition("@")[2] or None
+
+
+def known_server(name: str) -> bool:
+    """A name ``--servers`` accepts: one of ``SERVERS``, or ``VARIANT@LABEL`` for a vlserve
+    variant."""
+    return name in SERVERS or (vlserve_variant(name) is not None and source_label(name) is not None)
 
 
 @dataclass(frozen=True)
@@ -54,7 +77,8 @@ def vlserve_pixel_slot_args(pixel_slot_mb: int | None) -> tuple[str, ...]:
 def server_command(name: str, port: int, model: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """The command line that serves ``name`` on 127.0.0.1:``port``, ``extra`` appended."""
     model_args = ["--model", model, *extra] if model else list(extra)
-    if name in VLSERVE_VARIANTS:
+    variant = vlserve_variant(name)
+    if variant is not None:
         return [
             vlserve_executable(),
             "serve",
@@ -63,7 +87,7 @@ def server_command(name: str, port: int, model: str | None = None, extra: tuple[
             "--port",
             str(port),
             "--allow-private-media-urls",
-            *VLSERVE_VARIANTS[name],
+            *VLSERVE_VARIANTS[variant],
             *model_args,
         ]
     if name in ("pr-style", "main-style"):
@@ -91,9 +115,12 @@ async def running_server(
     extra_args: tuple[str, ...] = (),
     startup_timeout: float = 180.0,
     env: Mapping[str, str] | None = None,
+    source: Path | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Serve ``name`` on a free loopback port until the block exits; yield it once ready.
-    ``env`` is added to the server's environment.
+    ``env`` is added to the server's environment. With ``source`` (a vlserve tree), the
+    server runs that tree's code: ``PYTHONPATH`` and the working directory are ``source``
+    (``python -m`` puts the working directory first, so the engine worker imports it too).
 
     Stops it with SIGINT, then kills it by PID after 15 s. Cancellation: as
     ``managed_process``: the server is always stopped.
@@ -105,8 +132,8 @@ async def running_server(
         log_path=log_dir / f"{name}-{port}.log",
         ready=http_ready(base_url),
         startup_timeout=startup_timeout,
-        cwd=REPO_ROOT,
-        env=env,
+        cwd=source or REPO_ROOT,
+        env=env if source is None else {**(env or {}), "PYTHONPATH": str(source)},
     ) as process:
         yield RunningServer(name=name, base_url=base_url, pid=process.pid)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -20,11 +22,13 @@ pytest.importorskip("uvicorn", reason="the benchmark needs the 'bench' extra")
 pytest.importorskip("psutil", reason="the benchmark needs the 'bench' extra")
 pytest.importorskip("matplotlib", reason="the benchmark needs the 'bench' extra")
 
+from bench.launch.servers import REPO_ROOT, server_command
 from bench.loadgen.options import LoadOptions
 from bench.orchestrate import BenchmarkPlan, run_benchmark
 from bench.report.health_plot import plot_health
 from bench.report.results_files import write_results
 from bench.report.tables import comparison_table, probe_table, sweep_table
+from bench.serve import parse_args, plan_from_args
 from bench.workloads.catalog import WORKLOADS
 
 SERVERS = ("vlserve", "pr-style")
@@ -157,3 +161,51 @@ async def test_non_streaming_requests_run_against_vlserve_and_a_baseline(tmp_pat
     # both servers tokenized the same prompts the same way
     prompt_tokens = {run.server: sorted(r.prompt_tokens for r in run.results) for run, _ in runs}
     assert prompt_tokens["vlserve"] == prompt_tokens["pr-style"]
+
+
+def _marked_copy(tree: Path) -> Path:
+    """A copy of vlserve's packages in ``tree`` whose ``server`` and ``engine`` packages
+    each leave a file named ``imported-by-<pid>`` beside themselves when imported."""
+    marker = "\nimport os as _os, pathlib as _pathlib\n" + (
+        "_pathlib.Path(__file__).with_name(f'imported-by-{_os.getpid()}').touch()\n"
+    )
+    for package in ("server", "engine", "vl"):
+        shutil.copytree(REPO_ROOT / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("server", "engine"):
+        init = tree / package / "__init__.py"
+        init.write_text(init.read_text() + marker)
+    return tree
+
+
+async def test_a_vlserve_variant_runs_the_code_of_another_source_tree(tmp_path, tiny_model_dir):
+    """``vlserve@copy`` with ``sources=(("copy", DIR),)`` (``--source copy=DIR``): the server
+    process and its engine worker process both import DIR's code, not this checkout's,
+    and the run is measured like any other.
+    The command line accepts that name only with its ``--source``."""
+    copy = _marked_copy(tmp_path / "copy")
+    plan = BenchmarkPlan(
+        servers=("vlserve@copy", "vlserve"),
+        workloads=("text",),
+        concurrency_levels=(2,),
+        options=SMOKE_OPTIONS,
+        image_dir=tmp_path / "images",
+        log_dir=tmp_path / "logs",
+        model=str(tiny_model_dir),
+        sources=(("copy", copy),),
+    )
+    runs = await run_benchmark(plan)
+
+    assert [run.server for run, _ in runs] == ["vlserve@copy", "vlserve"]
+    for run, summary in runs:
+        assert summary.successful == 3 and summary.failed == 0, (run.server, summary.first_error)
+    server_pids = {p.name for p in (copy / "server").glob("imported-by-*")}
+    engine_pids = {p.name for p in (copy / "engine").glob("imported-by-*")}
+    assert server_pids and engine_pids - server_pids, "the engine worker process did not import the copy"
+
+    args = parse_args(["--servers", "vlserve@copy,pr-style", "--source", f"copy={copy}"])
+    assert plan_from_args(args).sources == (("copy", copy.resolve()),)
+    assert server_command("vlserve@copy", 8000)[1:] == server_command("vlserve", 8000)[1:]
+    with pytest.raises(SystemExit):
+        parse_args(["--servers", "vlserve@copy"])  # no --source copy=DIR
+    with pytest.raises(SystemExit):
+        parse_args(["--servers", "vlserve", "--source", f"copy={tmp_path / 'images'}"])  # not a source tree

@@ -155,3 +155,45 @@ async def test_closing_during_a_step_lets_the_step_finish_then_returns():
             await returned.wait()
     assert core.finished_steps == 2 and gate.borrowed_tokens == 0
     worker_sock.close()
+
+
+class CountingCore(FakeCore):
+    """A fake core that counts its finished steps under a condition the test can wait on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = threading.Condition()
+        self.steps = 0
+
+    def execute(self, plan):
+        report = super().execute(plan)
+        with self.done:
+            self.steps += 1
+            self.done.notify_all()
+        return report
+
+
+async def test_steps_run_back_to_back_without_the_event_loop_and_their_outputs_arrive_in_order():
+    """Once a sequence is taken in, the step thread runs its steps one after another and
+    writes each step's outputs itself: all 20 steps finish while the worker's event loop is
+    held up (a step that needed a round trip through the loop would wait for it), and the
+    front end then reads 20 outputs, tokens in order."""
+    core = CountingCore()
+    loop = StepLoop(core, Scheduler(max_num_seqs=8, max_num_batched_tokens=100))
+    inbox = Inbox()
+    front_sock, worker_sock = socket.socketpair()
+    stream, receiver = front_end(front_sock)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_steps, loop, worker_sock, inbox)
+        await stream.send_all(encode(Submit([new(1, 20)])))
+        with trio.fail_after(10):
+            while core.steps == 0:
+                await trio.sleep(0.001)
+        with core.done:  # holds up this event loop (the worker's too: it is the same one)
+            assert core.done.wait_for(lambda: core.steps >= 20, timeout=10), core.steps
+        messages = await receive_until(receiver, lambda ms: any(u.finish_reason for m in ms for u in m.updates))
+        assert [t for m in messages for u in m.updates for t in u.token_ids] == list(range(20))
+        assert len([m for m in messages if m.updates]) == 20
+        nursery.cancel_scope.cancel()
+    worker_sock.close()
+    front_sock.close()
