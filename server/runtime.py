@@ -37,7 +37,8 @@ from vl.image_pixels import ImagePreprocessor, slot_bytes_for
 from vl.media_policy import MediaPolicy
 from vl.pixel_budget import PixelBounds, processor_bounds, server_bounds
 from vl.prep_processes import ProcessPrep
-from vl.prep_tools import PrepTools, PrepToolsSpec
+from vl.prep_tools import PrepTools, PrepToolsSpec, ThreadPrep
+from vl.render_batcher import RenderBatcher
 
 IMAGE_TOKEN = "<|image_pad|>"
 
@@ -147,34 +148,37 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel, progress: 
         with _open_slots(preprocessor, config, pixel_bounds) as slots:
             if config.engine.in_worker_process:
                 progress.stage("weights", "engine worker process")
+            tools = PrepTools(loaded.tokenizer, policy, preprocessor, slot_memories=[slots.memory] if slots else ())
+            tokenizer_gate = Gate("tokenizer", config.prep.tokenizer_concurrency)
             async with (
                 open_engine(loaded, config.engine, device_gate, slots) as engine,
-                _open_prep_runner(loaded, config, policy) as runner,
+                _open_prep_runner(loaded, config, policy) as process_runner,
             ):
-                preparer = ChatPreparer(
-                    tools=PrepTools(
-                        loaded.tokenizer, policy, preprocessor, slot_memories=[slots.memory] if slots else ()
-                    ),
-                    fetcher=fetcher,
-                    image_gate=Gate("image_prep", config.prep.image_prep_concurrency),
-                    tokenizer_gate=Gate("tokenizer", config.prep.tokenizer_concurrency),
-                    slots=slots,
-                    image_token=IMAGE_TOKEN if loaded.supports_images else None,
-                    runner=runner,
-                    pixel_bounds=pixel_bounds,
-                )
-                yield Runtime(
-                    config=config,
-                    model_name=config.model_name,
-                    created=int(time.time()),
-                    max_model_len=loaded.max_model_len,
-                    engine=engine,
-                    preparer=preparer,
-                    loaded=loaded,
-                    device_gate=device_gate,
-                    slots=slots,
-                    sampling_defaults=sampling_defaults,
-                )
+                runner = process_runner or ThreadPrep(tools)
+                async with RenderBatcher.open(runner, tokenizer_gate, config.prep.render_batch_size) as renders:
+                    preparer = ChatPreparer(
+                        tools=tools,
+                        fetcher=fetcher,
+                        image_gate=Gate("image_prep", config.prep.image_prep_concurrency),
+                        tokenizer_gate=tokenizer_gate,
+                        slots=slots,
+                        image_token=IMAGE_TOKEN if loaded.supports_images else None,
+                        runner=runner,
+                        pixel_bounds=pixel_bounds,
+                        renders=renders,
+                    )
+                    yield Runtime(
+                        config=config,
+                        model_name=config.model_name,
+                        created=int(time.time()),
+                        max_model_len=loaded.max_model_len,
+                        engine=engine,
+                        preparer=preparer,
+                        loaded=loaded,
+                        device_gate=device_gate,
+                        slots=slots,
+                        sampling_defaults=sampling_defaults,
+                    )
 
 
 def _pixel_bounds(

@@ -5,8 +5,9 @@ against what the model and the media policy accept; the chat template is rendere
 tokenized under the tokenizer gate, while all images are resolved concurrently: fetched
 asynchronously (network waits hold no CPU gate), then each takes a free pixel slot (a
 shared-memory buffer from the ``SlotPool``; none free: it waits) and is decoded and
-preprocessed under the image-prep gate straight into that slot. The prompt carries each
-image as an ``ImageInput`` (content key, patch grid, slot); the engine's vision encoder
+preprocessed under the image-prep gate straight into that slot. Templates waiting for the
+tokenizer gate are rendered together, one call per batch (``vl.render_batcher``). The
+prompt carries each image as an ``ImageInput`` (content key, patch grid, slot); the engine's vision encoder
 reads the slots and encodes the images in its own step (docs/architecture.md), caching
 features by content key. Each image's placeholder token is expanded to as many tokens as
 its patch grid gives. The gated work is a typed step (``vl.prep_tools``) that runs in
@@ -44,6 +45,7 @@ from vl.prep_tools import (
     ThreadPrep,
     Tokenize,
 )
+from vl.render_batcher import RenderBatcher
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,17 @@ class ChatPreparer:
         image_token: str | None = None,
         runner: PrepRunner | None = None,
         pixel_bounds: PixelBounds | None = None,
+        renders: RenderBatcher | None = None,
     ) -> None:
         """``tools`` is the server process's copy (settings, token ids); ``runner`` runs
         the gated work (default: worker threads using ``tools``); ``slots`` holds images'
         pixels on their way to the engine (``None``: this preparer takes no images);
         ``pixel_bounds``: the server's bounds on an image's pixels (``vl.pixel_budget``;
-        ``None``: the image processor's own, unnarrowed by ``detail`` or requests)."""
+        ``None``: the image processor's own, unnarrowed by ``detail`` or requests);
+        ``renders`` renders chat templates in batches under ``tokenizer_gate`` (a running
+        ``RenderBatcher`` on ``runner``; ``None``: each chat in a call of its own)."""
+        if renders is not None and renders.gate is not tokenizer_gate:
+            raise ValueError("the render batcher must hold the tokenizer gate it is given")
         self._tools = tools
         self._policy = tools.policy
         self._fetcher = fetcher
@@ -91,6 +98,7 @@ class ChatPreparer:
         self.tokenizer_gate = tokenizer_gate
         self._slots = slots
         self._runner = runner or ThreadPrep(tools)
+        self._renders = renders
         self._image_token_id = tools.tokenizer.convert_tokens_to_ids(image_token) if image_token else None
         self.pixel_bounds = pixel_bounds
 
@@ -151,7 +159,7 @@ class ChatPreparer:
 
         async def render() -> None:
             times = BorrowTimes()
-            token_ids.extend(await self._runner.run(self.tokenizer_gate, RenderChat(chat.template_messages()), times))
+            token_ids.extend(await self._render(chat, times))
             timings.gate_wait(self.tokenizer_gate.name, times.waited)
             timings.stage("tokenize", times.held)
 
@@ -186,11 +194,18 @@ class ChatPreparer:
         images = chat.images()
         self._check_image_count(images)
         if not (images and self.supports_images):
-            return await self._runner.run(self.tokenizer_gate, RenderChat(chat.template_messages()))
+            return await self._render(chat)
         prepared = await self.prepare_chat(chat)
         assert prepared.lease is not None  # a chat with images holds their slots
         prepared.lease.release_creator()
         return prepared.prompt.token_ids
+
+    async def _render(self, chat: Chat, times: BorrowTimes | None = None) -> list[int]:
+        """The chat's template rendered and tokenized under the tokenizer gate: batched
+        with other waiting chats if this preparer has a ``RenderBatcher``."""
+        if self._renders is not None:
+            return await self._renders.render(chat.template_messages(), times)
+        return await self._runner.run(self.tokenizer_gate, RenderChat(chat.template_messages()), times)
 
     async def detokenize(self, token_ids: list[int]) -> str:
         return await self._runner.run(self.tokenizer_gate, Detokenize(token_ids))

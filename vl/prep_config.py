@@ -30,6 +30,13 @@ class PrepConfig:
         default=1,
         metadata={"help": "chat templates and tokenizations run at once (the tokenizer gate's size)"},
     )
+    render_batch_size: int = field(
+        default=32,
+        metadata={
+            "help": "chat templates rendered and tokenized in one call at most: the chats waiting for the tokenizer "
+            "gate go through it together (bench/README.md, 'Chats tokenized in batches'); 1 renders each alone"
+        },
+    )
     processes: bool = field(
         default=True,
         metadata={
@@ -64,5 +71,7 @@ class PrepConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.pixel_slots, int) and self.pixel_slots >= 1):
             raise ValueError(f"PrepConfig.pixel_slots must be an integer >= 1, got {self.pixel_slots!r}")
+        if not (isinstance(self.render_batch_size, int) and self.render_batch_size >= 1):
+            raise ValueError(f"PrepConfig.render_batch_size must be an integer >= 1, got {self.render_batch_size!r}")
         if not (isinstance(self.pixel_slot_mb, int) and self.pixel_slot_mb >= 0):
             raise ValueError(f"PrepConfig.pixel_slot_mb must be an integer >= 0, got {self.pixel_slot_mb!r}")

@@ -4,7 +4,7 @@ where it runs.
 ``PrepTools`` holds the tokenizer, the media policy and (for VL models) the image
 preprocessor, and does the blocking work: chat-template rendering and tokenization,
 detokenization, image decode and preprocessing. The event loop never calls it directly:
-the preparer builds a step (``RenderChat``, ``Tokenize``, ``Detokenize``, ``ImagePixels``:
+the preparer builds a step (``RenderChat``, ``RenderChats``, ``Tokenize``, ``Detokenize``, ``ImagePixels``:
 small, picklable values whose type says what to do) and hands it with a gate to a
 ``PrepRunner``, which runs ``step.run(tools)`` holding one token of that gate: in a worker
 thread of the server process (``ThreadPrep``, here) or in a prep worker process
@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from engine.pixel_slots import SlotMemory, SlotSpec
 from vl.content_format import flatten_content, template_takes_parts
-from vl.errors import images_not_supported, no_chat_template, template_rejected
+from vl.errors import InvalidRequest, images_not_supported, no_chat_template, template_rejected
 from vl.gates import BorrowTimes, Gate
 from vl.image_pixels import ImagePreprocessor, PixelInputs, SlotImage, decode_image
 from vl.image_source import EncodedImage
@@ -163,6 +163,23 @@ class RenderChat:
 
     def run(self, tools: PrepTools) -> list[int]:
         return tools.render_and_tokenize(self.messages, getattr(self.messages, "tools", None))
+
+
+@dataclass(frozen=True)
+class RenderChats:
+    """``RenderChat`` for each of ``chats`` in one call (``vl.render_batcher``): each chat's
+    outcome on its own, its token ids or the ``InvalidRequest`` its template raised."""
+
+    chats: tuple[list[dict], ...]
+
+    def run(self, tools: PrepTools) -> list[list[int] | InvalidRequest]:
+        outcomes: list[list[int] | InvalidRequest] = []
+        for messages in self.chats:
+            try:
+                outcomes.append(RenderChat(messages).run(tools))
+            except InvalidRequest as exc:
+                outcomes.append(exc)
+        return outcomes
 
 
 @dataclass(frozen=True)

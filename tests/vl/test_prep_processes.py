@@ -26,6 +26,7 @@ from vl.prep_tools import (
     PrepTools,
     PrepToolsSpec,
     RenderChat,
+    RenderChats,
     ThreadPrep,
     Tokenize,
 )
@@ -130,6 +131,18 @@ async def test_process_results_equal_thread_results(spec, local_tools, pool):
     assert pix_p.grid_thw == pix_t.grid_thw and (pix_t.pixels.index, pix_p.pixels.index) == (0, 1)
     assert torch.equal(pool.memory.read(pix_p.pixels), pool.memory.read(pix_t.pixels))
     assert (tokens.statistics().completed, images.statistics().completed) == (6, 2)
+
+
+async def test_a_batch_of_chats_renders_in_one_process_call_as_each_would_alone(spec, local_tools):
+    """``RenderChats`` in a prep process gives every chat the token ids ``RenderChat``
+    gives it in a thread, in order, in one call (one gate completion)."""
+    chats = [[{"role": "user", "content": text}] for text in ("hello", "a longer question about a picture?", "x")]
+    gate = Gate("tokenizer", 1)
+    alone = [await ThreadPrep(local_tools).run(gate, RenderChat(messages)) for messages in chats]
+    async with ProcessPrep.open(spec, workers=1) as processes:
+        together = await processes.run(gate, RenderChats(tuple(chats)))
+    assert together == alone and len({tuple(ids) for ids in alone}) == 3
+    assert gate.statistics().completed == len(chats) + 1
 
 
 async def test_errors_in_a_prep_process_keep_param_and_code(spec, local_tools, pool):
