@@ -124,8 +124,11 @@ class AsyncEngine:
         prompt: EnginePrompt,
         params: SamplingParams,
         lease: SlotLease | None = None,
+        *,
+        final_only: bool = False,
     ) -> AsyncIterator[RequestStream]:
-        """Submit a sequence; yield its stream of deltas.
+        """Submit a sequence; yield its stream of deltas (with ``final_only``, one delta
+        when the sequence ends: ``RequestStream``).
 
         ``lease`` holds the pixel slots of ``prompt``'s images: the engine takes a hold on
         it when it submits the sequence and drops that hold exactly once: when the step
@@ -143,7 +146,7 @@ class AsyncEngine:
             raise RuntimeError("the engine is not running")
         if not self._streams:
             self._last_progress = time.monotonic()  # the stall clock starts with the work
-        stream = self._streams.open(prompt, params)
+        stream = self._streams.open(prompt, params, final_only=final_only)
         new = NewSequence(stream.seq_id, prompt, params)
         if lease is not None:
             lease.hold()

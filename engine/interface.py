@@ -40,11 +40,18 @@ class Engine(Protocol):
     def max_model_len(self) -> int: ...
 
     def open_stream(
-        self, prompt: EnginePrompt, params: SamplingParams, lease: SlotLease | None = None
+        self,
+        prompt: EnginePrompt,
+        params: SamplingParams,
+        lease: SlotLease | None = None,
+        *,
+        final_only: bool = False,
     ) -> AbstractAsyncContextManager[DeltaStream]:
         """Submit a sequence; the block yields its stream, and leaving the block early
         aborts the sequence. ``lease`` holds the pixel slots of the prompt's images (the
-        engine holds it until the step loop has read them). Raises
+        engine holds it until the step loop has read them). With ``final_only`` the stream
+        yields one delta, the whole output, when the sequence ends (a response that is not
+        streamed: its consumer then wakes once, not once per step). Raises
         ``engine.errors.RequestRejected`` for a request the engine refuses,
         ``RuntimeError`` if the engine is not running."""
         ...

@@ -28,6 +28,9 @@ class StreamDelta:
 
     ``text`` never contains a stop string, nor a prefix of one that may still complete.
     ``finish_reason`` is set on the last delta only: ``"stop"``, ``"length"`` or ``"abort"``.
+    ``first_token_time``: ``time.perf_counter()`` when the sequence's first token reached
+    the front end (``None`` before that): a final-only stream's one delta still tells when
+    generation started (``server.request_metrics``).
     """
 
     text: str
@@ -36,3 +39,4 @@ class StreamDelta:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    first_token_time: float | None = None

@@ -5,6 +5,7 @@ No torch import here."""
 from __future__ import annotations
 
 import random
+import time
 
 import trio
 
@@ -22,6 +23,11 @@ class RequestStream:
     except the last, which is delivered as soon as the sequence finishes: per-event work
     on the event loop then stays bounded however fast the engine steps.
 
+    With ``final_only`` the consumer gets one delta, everything, once the sequence has
+    finished (a response that is not streamed needs nothing sooner): it sleeps through the
+    steps instead of waking after each. Every delta says when the first token arrived
+    (``StreamDelta.first_token_time``).
+
     ``spread`` (from 0 to 1) lengthens each interval by a random fraction of up to
     ``spread`` times ``min_interval``, drawn from ``rng``. Streams fed by the same engine
     step would otherwise all wake in the same scheduler batch forever after; spread out,
@@ -35,6 +41,7 @@ class RequestStream:
         prompt_len: int,
         *,
         wants_logprobs: bool = False,
+        final_only: bool = False,
         min_interval: float = 0.0,
         spread: float = 0.0,
         rng: random.Random | None = None,
@@ -42,6 +49,8 @@ class RequestStream:
         self.seq_id = seq_id
         self.prompt_len = prompt_len
         self._wants_logprobs = wants_logprobs
+        self._final_only = final_only
+        self._first_token_time: float | None = None
         self.error: str | None = None
         self._min_interval = min_interval
         self._spread = spread
@@ -60,6 +69,8 @@ class RequestStream:
         """Called by the engine after a step (never blocks)."""
         if update.error is not None:
             self.error = update.error
+        if update.token_ids and self._first_token_time is None:
+            self._first_token_time = time.perf_counter()
         self._token_ids.extend(update.token_ids)
         if update.text:
             self._text.append(update.text)
@@ -69,7 +80,8 @@ class RequestStream:
         if update.finish_reason is not None:
             self._finish_reason = update.finish_reason
             self._finished.set()
-        self._changed.set()
+        if not self._final_only or self._finish_reason is not None:
+            self._changed.set()
 
     def fail(self, error: str) -> None:
         """End the stream with ``"abort"`` and ``error`` unless it has already finished
@@ -98,9 +110,11 @@ class RequestStream:
         while True:
             if self._delivered_final:
                 raise StopAsyncIteration
-            if not (self._token_ids or self._text or self._finish_reason is not None):
+            has_output = bool(self._token_ids or self._text) and not self._final_only
+            if not (has_output or self._finish_reason is not None):
                 # nothing to give: sleep until something arrives (no timer: a consumer
-                # whose interval ends before the next step's output does not wake for nothing)
+                # whose interval ends before the next step's output does not wake for nothing;
+                # a final-only stream is told only of its end)
                 await self._changed.wait()
                 self._changed = trio.Event()
                 continue
@@ -120,6 +134,7 @@ class RequestStream:
             finish_reason=self._finish_reason,
             prompt_tokens=self.prompt_len,
             completion_tokens=self._completion_tokens,
+            first_token_time=self._first_token_time,
         )
         self._token_ids, self._text, self._logprobs = [], [], []
         if self._changed.is_set():  # what it announced is taken: the next wait is for new output

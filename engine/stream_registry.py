@@ -28,12 +28,14 @@ class StreamRegistry:
         self._rng = rng or random.Random()
         self._streams: dict[int, RequestStream] = {}
 
-    def open(self, prompt: EnginePrompt, params: SamplingParams) -> RequestStream:
-        """A registered stream for a new sequence of ``prompt``, with a fresh id."""
+    def open(self, prompt: EnginePrompt, params: SamplingParams, *, final_only: bool = False) -> RequestStream:
+        """A registered stream for a new sequence of ``prompt``, with a fresh id
+        (``final_only``: see ``RequestStream``)."""
         stream = RequestStream(
             next(self._ids),
             len(prompt.token_ids),
             wants_logprobs=params.logprobs is not None,
+            final_only=final_only,
             min_interval=self._stream_interval,
             spread=STREAM_SPREAD,
             rng=self._rng,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -87,17 +88,25 @@ class SequenceFailed(RuntimeError):
     """The engine ended a sequence because of an internal error (a server-side failure)."""
 
 
-async def stream_job(engine: Engine, job: Job, on_delta: OnDelta, submitted: Callable[[], None] = lambda: None) -> None:
+async def stream_job(
+    engine: Engine,
+    job: Job,
+    on_delta: OnDelta,
+    submitted: Callable[[], None] = lambda: None,
+    *,
+    final_only: bool = False,
+) -> None:
     """Run one sequence, awaiting ``on_delta`` for each delta (a slow callback makes the
-    engine coalesce deltas rather than queue them). ``submitted()`` is called once the
-    engine has the sequence (and its own hold on the job's pixel slots).
+    engine coalesce deltas rather than queue them; with ``final_only``, one delta, the
+    whole output, at the end). ``submitted()`` is called once the engine has the sequence
+    (and its own hold on the job's pixel slots).
 
     Raises ``InvalidRequest`` (naming the request field) if the engine refuses the job,
     ``SequenceFailed`` after the last delta if the engine failed the sequence.
     Cancellation: leaves ``open_stream``, which aborts the sequence.
     """
     try:
-        async with engine.open_stream(job.prompt, job.params, job.lease) as stream:
+        async with engine.open_stream(job.prompt, job.params, job.lease, final_only=final_only) as stream:
             submitted()
             async for delta in stream:
                 await on_delta(job, delta)
@@ -108,9 +117,15 @@ async def stream_job(engine: Engine, job: Job, on_delta: OnDelta, submitted: Cal
 
 
 async def stream_jobs(
-    engine: Engine, jobs: Sequence[Job], on_delta: OnDelta, record: RequestRecord | None = None
+    engine: Engine,
+    jobs: Sequence[Job],
+    on_delta: OnDelta,
+    record: RequestRecord | None = None,
+    *,
+    final_only: bool = False,
 ) -> None:
-    """Run all ``jobs`` concurrently (see ``stream_job``); one failing cancels the others.
+    """Run all ``jobs`` concurrently (see ``stream_job``, also for ``final_only``); one
+    failing cancels the others.
 
     Deltas of one job arrive in order; deltas of different jobs interleave. Once every job
     is submitted, the request's hold on their pixel slots ends (``SlotLease``): the engine
@@ -131,11 +146,11 @@ async def stream_jobs(
                 lease.release_creator()
 
     if len(jobs) == 1:
-        await stream_job(engine, jobs[0], on_delta, submitted)
+        await stream_job(engine, jobs[0], on_delta, submitted, final_only=final_only)
         return
     async with trio.open_nursery() as nursery:
         for job in jobs:
-            nursery.start_soon(stream_job, engine, job, on_delta, submitted)
+            nursery.start_soon(partial(stream_job, engine, job, on_delta, submitted, final_only=final_only))
 
 
 def _recorded(on_delta: OnDelta, record: RequestRecord) -> OnDelta:
@@ -150,7 +165,8 @@ async def complete_jobs(
     engine: Engine, jobs: Sequence[Job], record: RequestRecord | None = None
 ) -> tuple[list[ChoiceResult], Usage]:
     """Run all ``jobs`` to the end; the results in ``index`` order, and the usage.
-    ``record``: as ``stream_jobs``."""
+    ``record``: as ``stream_jobs``. Each choice's stream is final-only: the request's task
+    wakes once per choice, when it ends, not at every engine step."""
     results = {job.index: ChoiceResult(index=job.index) for job in jobs}
     tally = UsageTally()
 
@@ -158,7 +174,7 @@ async def complete_jobs(
         results[job.index].add(delta)
         tally.add(job, delta)
 
-    await stream_jobs(engine, jobs, collect, record)
+    await stream_jobs(engine, jobs, collect, record, final_only=True)
     return [results[i] for i in sorted(results)], tally.usage()
 
 

@@ -149,8 +149,13 @@ class RequestRecord:
             return
         now = time.perf_counter()
         if self.first_token is None:
-            self.first_token = now
-            self.metrics.time_to_first_token.observe(now - self.arrived)
+            # a final-only delta (a response that is not streamed) holds every token: the
+            # first one arrived at ``first_token_time``, the rest spread until now
+            first = delta.first_token_time if delta.first_token_time is not None else now
+            self.first_token = first
+            self.metrics.time_to_first_token.observe(first - self.arrived)
+            if tokens > 1 and first < now:
+                self.metrics.inter_token_latency.observe((now - first) / (tokens - 1), tokens - 1)
         else:
             # a delta may carry several tokens (the engine coalesces for a slow reader):
             # each counts as one gap of the average length

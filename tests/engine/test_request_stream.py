@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 
 import pytest
 import trio
@@ -92,3 +93,43 @@ async def test_a_consumer_wakes_once_per_output_when_steps_are_slower_than_the_i
     assert [d.token_ids for d in deltas] == [[i] for i in range(steps)]
     # one step to start and park, one per delta (the last one also returns the end)
     assert counted[0].steps <= steps + 2
+
+
+async def test_a_final_only_stream_wakes_its_consumer_once_with_everything(autojump_clock):
+    """Invariant: a final-only stream (a response that is not streamed) gives its consumer
+    exactly one delta, when the sequence ends, however many steps fed it: the consumer
+    sleeps through the steps. The delta holds every token, the whole text and the finish
+    reason, and says when the first token arrived (before the last)."""
+    stream = RequestStream(0, 3, final_only=True, min_interval=0.01)
+    deltas, woke_early = [], []
+    first_push = last_push = None
+
+    async def consume():
+        async for delta in stream:
+            deltas.append((trio.current_time(), delta))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consume)
+        for i in range(10):
+            await trio.sleep(0.005)
+            if i == 0:
+                first_push = time.perf_counter()
+            if i == 9:
+                last_push = time.perf_counter()
+            stream.push(SequenceOutput(0, [i], f"t{i} ", None, "length" if i == 9 else None))
+            await trio.testing.wait_all_tasks_blocked()
+            woke_early.append(bool(deltas))
+    assert woke_early == [False] * 9 + [True]
+    [(_, delta)] = deltas
+    assert delta.token_ids == list(range(10)) and delta.text == "".join(f"t{i} " for i in range(10))
+    assert delta.finish_reason == "length" and delta.completion_tokens == 10
+    assert first_push <= delta.first_token_time <= last_push
+
+
+async def test_a_final_only_stream_that_fails_ends_with_one_delta():
+    stream = RequestStream(0, 3, final_only=True)
+    stream.push(SequenceOutput(0, [1], "a", None, None))
+    stream.fail("the engine stopped")
+    deltas = [delta async for delta in stream]
+    assert [(d.token_ids, d.finish_reason) for d in deltas] == [([1], "abort")]
+    assert stream.error == "the engine stopped"

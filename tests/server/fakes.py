@@ -107,6 +107,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.script = Script()
         self.opened: list[tuple[EnginePrompt, SamplingParams]] = []
+        self.final_only: list[bool] = []  # per opened stream
         self.aborted = 0
         self.completed = 0
         self.running = 0
@@ -115,10 +116,15 @@ class FakeEngine:
         self.changed = trio.Event()
 
     @asynccontextmanager
-    async def open_stream(self, prompt: EnginePrompt, params: SamplingParams, lease=None) -> AsyncIterator[FakeStream]:
+    async def open_stream(
+        self, prompt: EnginePrompt, params: SamplingParams, lease=None, *, final_only: bool = False
+    ) -> AsyncIterator[FakeStream]:
+        """The script's deltas one by one (``final_only`` is recorded, not acted on: a
+        consumer takes one delta or many alike)."""
         if len(prompt.token_ids) + params.max_tokens > 1 << 20:
             raise InvalidRequest("too long for the fake", param="max_tokens")
         self.opened.append((prompt, params))
+        self.final_only.append(final_only)
         self.running += 1
         stream = FakeStream(self, prompt, params)
         try:

@@ -83,3 +83,27 @@ async def test_real_runtime_vllm_families(http, vlserve_server):
     for gate in ("fetch", "pixel_slots"):
         assert by_label[("vlserve_gate_borrowed", gate)] == 0 and by_label[("vlserve_gate_tokens", gate)] >= 1
     assert by_label[("vlserve_gate_completed_total", "pixel_slots")] == 2
+
+
+async def test_a_response_that_is_not_streamed_still_times_its_first_token(http, vlserve_server):
+    """A non-streamed chat reaches the front end as one delta (a final-only stream), yet
+    its time to first token is when the first token arrived: shorter than the whole
+    request, with the 15 other tokens counted as inter-token gaps."""
+    await vlserve_server.wait_ready()
+
+    async def figures() -> dict[str, float]:
+        text = (await http.get("/metrics")).text
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = await figures()
+    body = {"messages": [{"role": "user", "content": "count to twenty"}], "max_tokens": 16, "ignore_eos": True}
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 16
+    after = await figures()
+
+    def grew(name: str) -> float:
+        return after[f"vlserve:{name}"] - before.get(f"vlserve:{name}", 0.0)
+
+    assert grew("time_to_first_token_seconds_count") == 1
+    assert grew("inter_token_latency_seconds_count") == 15
+    assert 0 < grew("time_to_first_token_seconds_sum") < grew("e2e_request_latency_seconds_sum")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 
 import httpx
 import pytest
@@ -68,6 +69,27 @@ def test_record_counts_one_first_token_and_every_later_token_once():
     summary = record.summary()
     assert (summary["prompt_tokens"], summary["completion_tokens"], summary["images"]) == (7, 6, 0)
     assert summary["finish_reason"] == "length" and summary["ttft_ms"] is not None
+
+
+def test_a_final_only_delta_counts_its_first_token_when_it_arrived():
+    """A response that is not streamed gets one delta holding every token; the time to
+    first token is when the first one reached the front end (``first_token_time``), not
+    when the response was whole, and the other tokens count as gaps after it."""
+    metrics = RequestMetrics()
+    record = RequestRecord("POST", "/v1/chat/completions", metrics)
+    job = Job(0, 0, EnginePrompt([1, 2, 3]), SamplingParams(max_tokens=4))
+    record.prompt_ready([job])
+    first = time.perf_counter()
+    time.sleep(0.02)
+    whole = StreamDelta("abcd", [1, 2, 3, 4], None, "length", 3, 4, first_token_time=first)
+    record.delta(job, whole)
+    record.status, record.complete = 200, True
+    record.finish()
+    assert record.first_token == first
+    assert metrics.time_to_first_token.count == 1
+    assert metrics.time_to_first_token.total == pytest.approx(first - record.arrived)
+    assert metrics.inter_token_latency.count == 3
+    assert metrics.inter_token_latency.total >= 0.02
 
 
 def test_prep_timings_feed_the_stage_and_gate_wait_histograms_and_the_access_fields():

@@ -39,6 +39,18 @@ async def test_chat_completion_shape(vlserve_client):
     }
 
 
+async def test_only_responses_that_are_not_streamed_ask_for_final_only_streams(vlserve_client, fake_runtime):
+    """A chat or completion that is not streamed opens final-only engine streams (its task
+    then wakes once per choice); a streamed one opens ordinary ones."""
+    await vlserve_client.chat.completions.create(model="fake-model", messages=USER, n=2)
+    await vlserve_client.completions.create(model="fake-model", prompt="hi")
+    async for _ in await vlserve_client.chat.completions.create(model="fake-model", messages=USER, stream=True):
+        pass
+    async for _ in await vlserve_client.completions.create(model="fake-model", prompt="hi", stream=True):
+        pass
+    assert fake_runtime.engine.final_only == [True, True, True, False, False]
+
+
 async def test_sampling_fields_reach_the_engine(vlserve_client, fake_runtime):
     await vlserve_client.chat.completions.create(
         model="fake-model",

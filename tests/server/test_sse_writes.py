@@ -41,9 +41,9 @@ class StepEngine:
 
     @asynccontextmanager
     async def open_stream(
-        self, prompt: EnginePrompt, params: SamplingParams, lease=None
+        self, prompt: EnginePrompt, params: SamplingParams, lease=None, *, final_only: bool = False
     ) -> AsyncIterator[RequestStream]:
-        stream = RequestStream(len(self.streams), len(prompt.token_ids), wants_logprobs=False)
+        stream = RequestStream(len(self.streams), len(prompt.token_ids), wants_logprobs=False, final_only=final_only)
         self.streams.append((stream, params))
         self.produced[stream.seq_id] = 0
         self.opened.set()
