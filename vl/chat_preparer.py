@@ -16,6 +16,7 @@ worker threads or prep worker processes, as the ``PrepRunner`` given decides.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import trio
@@ -273,8 +274,13 @@ class ChatPreparer:
         return out
 
     def statistics(self) -> PreparerStatistics:
+        """The gates' figures; the tokenizer gate's ``waiting`` counts the chats queued in
+        the render batcher too (they wait for that gate, in batches)."""
+        tokenizer = self.tokenizer_gate.statistics()
+        if self._renders is not None:
+            tokenizer = dataclasses.replace(tokenizer, waiting=tokenizer.waiting + self._renders.queued)
         return PreparerStatistics(
             image_gate=self.image_gate.statistics(),
-            tokenizer_gate=self.tokenizer_gate.statistics(),
+            tokenizer_gate=tokenizer,
             fetcher=self._fetcher.statistics(),
         )

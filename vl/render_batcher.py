@@ -102,6 +102,11 @@ class RenderBatcher:
         assert queued.outcome is not None
         return queued.outcome
 
+    @property
+    def queued(self) -> int:
+        """Chats waiting for a batch (not yet taken by a batch task)."""
+        return len(self._queue)
+
     async def _serve(self) -> None:
         """One batch task: take what is queued, render it in one call, deliver; forever."""
         while True:

@@ -47,7 +47,8 @@ def block_in_thread(release: threading.Event, entered: list, fn):
 
 async def test_health_answers_while_every_gate_is_saturated(http, runtime):
     """Invariant: with the image-prep gate, the tokenizer gate and the device gate all held
-    by blocked work and more requests queued behind each, ``/health`` and ``/ready`` still
+    by blocked work and more requests queued behind each (behind the tokenizer gate in the
+    render batcher), ``/health`` and ``/ready`` still
     answer 200; once the work is released every request completes and the gates are full."""
     preparer = runtime.preparer
     release = threading.Event()
@@ -67,7 +68,13 @@ async def test_health_answers_while_every_gate_is_saturated(http, runtime):
 
     try:
         async with trio.open_nursery() as nursery:
-            for i in range(8):
+            # the first chat's template starts a batch of its own (blocked); the others
+            # then queue behind it, in the render batcher, for the tokenizer gate
+            nursery.start_soon(chat, 0)
+            with trio.fail_after(10):
+                while "render_and_tokenize" not in entered:
+                    await trio.sleep(0.01)
+            for i in range(1, 8):
                 nursery.start_soon(chat, i)
             with trio.fail_after(10):
                 while True:

@@ -87,6 +87,7 @@ async def test_chats_that_wait_together_go_in_one_call_each_with_its_own_outcome
         assert gate.statistics().borrowed == 1
         await render_all(batcher, later, results, nursery)
         await trio.testing.wait_all_tasks_blocked()
+        assert batcher.queued == len(later)
         tools.release.set()
     assert tools.calls == [1, 7]
     assert (batcher.batches, batcher.chats) == (2, 8)
