@@ -13,7 +13,7 @@ The worker keeps the card's shape (docs/architecture.md, "Processes and ownershi
   (admitting new sequences copies their pixels out of their slots), after it the thread
   writes the step's outputs to the socket itself (``OutputWriter``). A step therefore
   never waits for this process's event loop: with a round trip through the loop per
-  step, the step thread sat idle for ~10 % of a 64-stream text burst, waiting for the
+  step, the step thread sat idle for ~15 % of a 64-stream text burst, waiting for the
   loop thread to get a CPU and the GIL (bench/README.md, "An engine that does not wait
   for its event loop"). Aborts apply between steps, as before;
 - when the front end closes its end (it is stopping us, or it died), or ``serve_steps``
