@@ -13,6 +13,7 @@ import inspect
 import torch
 
 from engine.errors import RequestRejected
+from engine.patch_embed import use_linear_patch_projection
 from engine.prompt import EnginePrompt, ImageFeatures
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -87,6 +88,7 @@ class Qwen2VLAdapter(CausalLMAdapter):
         self.config = model.config
         self.image_token_id = self.config.image_token_id
         self.spatial_merge_size = self.config.vision_config.spatial_merge_size
+        use_linear_patch_projection(model.model.visual)  # see engine/patch_embed.py
 
     def embed_prompt(self, prompt: EnginePrompt, device: torch.device) -> torch.Tensor:
         ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=device)

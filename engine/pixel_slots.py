@@ -243,10 +243,35 @@ class SlotMemory:
         if nbytes:
             target = torch.frombuffer(self._open_mapping(), dtype=torch.uint8, count=nbytes, offset=offset)
             try:
-                target.copy_(tensor.cpu().reshape(-1).view(torch.uint8))
+                if target.data_ptr() != tensor.data_ptr():  # else written in place (``tensor_view``)
+                    target.copy_(tensor.cpu().reshape(-1).view(torch.uint8))
             finally:
                 del target  # drops the buffer export, so close() can unmap
         return SlotPixels(index=index, shape=tuple(tensor.shape), dtype=_dtype_name(tensor.dtype))
+
+    def tensor_view(self, index: int, shape: tuple[int, ...], dtype: str = "float32") -> torch.Tensor:
+        """A writable, contiguous tensor of ``shape`` and ``dtype`` over the start of slot
+        ``index``, for a producer to write its values in place; ``write(index, view)`` then
+        copies nothing and gives the descriptor.
+
+        Raises ``SlotTooSmall`` if it does not fit a slot, ``IndexError`` for an index
+        outside the pool. The caller must hold the slot, and must drop the view (and every
+        tensor or array over it) before this mapping is closed: ``torch.frombuffer`` holds
+        no buffer export, so ``close`` would not refuse, and the view would point at
+        unmapped memory."""
+        import torch
+
+        nbytes = math.prod(shape) * _itemsize(dtype)
+        if nbytes > self.spec.slot_bytes:
+            raise SlotTooSmall(
+                f"pixels of {nbytes} bytes do not fit a slot of {self.spec.slot_bytes} bytes "
+                f"(shape {tuple(shape)}, {dtype}); raise --pixel-slot-mb"
+            )
+        offset = self._offset(index)
+        if not nbytes:
+            return torch.empty(shape, dtype=getattr(torch, dtype))
+        raw = torch.frombuffer(self._open_mapping(), dtype=torch.uint8, count=nbytes, offset=offset)
+        return raw.view(getattr(torch, dtype)).reshape(shape)
 
     def read(self, pixels: SlotPixels) -> torch.Tensor:
         """A private copy of the tensor ``pixels`` describes (safe after the slot is reused)."""

@@ -121,12 +121,16 @@ class PrepTools:
         started = time.perf_counter()
         decoded = decode_image(image, self.policy, param=param)
         decoded_at = time.perf_counter()
-        inputs = self.preprocessor(decoded, bounds)
-        pixels = self.slot_memory(slots).write(slot_index, inputs.pixel_values)
+        memory = self.slot_memory(slots)
+        # the fast path writes the values straight into the slot; ``write`` then copies nothing
+        inputs = self.preprocessor(decoded, bounds, out=lambda shape: memory.tensor_view(slot_index, shape))
+        pixels = memory.write(slot_index, inputs.pixel_values)
+        grid_thw, num_patches = inputs.grid_thw, inputs.num_patches
+        del inputs  # holds the slot's view: dropped here, so the mapping can be closed
         return SlotImage(
             pixels=pixels,
-            grid_thw=inputs.grid_thw,
-            num_patches=inputs.num_patches,
+            grid_thw=grid_thw,
+            num_patches=num_patches,
             decode_seconds=decoded_at - started,
             preprocess_seconds=time.perf_counter() - decoded_at,
         )

@@ -20,6 +20,7 @@ of many shapes) and ``None`` for any other processor, which then runs as it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,9 @@ from PIL import Image
 # the processor class whose steps this reproduces (the torchvision-backed classes resize
 # differently and are left alone)
 SUPPORTED_PROCESSORS = ("Qwen2VLImageProcessorPil",)
+
+# gives the float32 tensor of a shape to write pixel values into (``SlotMemory.tensor_view``)
+PixelBuffer = Callable[[tuple[int, ...]], torch.Tensor]
 
 
 class Qwen2VLPixels:
@@ -63,10 +67,20 @@ class Qwen2VLPixels:
         return resized_width, resized_height
 
     def __call__(
-        self, image: Image.Image, *, min_pixels: int | None = None, max_pixels: int | None = None
+        self,
+        image: Image.Image,
+        *,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        out: PixelBuffer | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """``image``'s pixel values [patches, 3 * temporal * patch**2] and grid (t, h, w).
-        Raises ``ValueError`` where the processor does (e.g. an extreme aspect ratio)."""
+        Raises ``ValueError`` where the processor does (e.g. an extreme aspect ratio).
+
+        ``out(shape)``, if given, returns the contiguous float32 tensor of that shape to
+        write the values into (a view of a pixel slot: the values are then written once,
+        where they are read, instead of into a new array that is copied there); what it
+        raises, this raises, before any value is written."""
         width, height = self.target_size(*image.size, min_pixels=min_pixels, max_pixels=max_pixels)
         resized = image.resize((width, height), resample=self._resample)
         rgb = np.asarray(resized)  # [H, W, 3] uint8
@@ -77,10 +91,11 @@ class Qwen2VLPixels:
         grid_h, grid_w = height // patch, width // patch
         blocks = channels.reshape(3, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
         blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh, gw, mh, mw, C, ph, pw)
-        out = np.empty((grid_h * grid_w, 3 * temporal * patch * patch), dtype=np.float32)
-        target = out.reshape(*blocks.shape[:5], temporal, patch, patch)
+        shape = (grid_h * grid_w, 3 * temporal * patch * patch)
+        values = torch.from_numpy(np.empty(shape, dtype=np.float32)) if out is None else out(shape)
+        target = values.numpy().reshape(*blocks.shape[:5], temporal, patch, patch)  # a view: reshape of contiguous
         target[...] = blocks[:, :, :, :, :, None]  # one frame repeated over the temporal patch
-        return torch.from_numpy(out), (1, grid_h, grid_w)
+        return values, (1, grid_h, grid_w)
 
 
 def fast_pixels_for(processor: Any) -> Qwen2VLPixels | None:

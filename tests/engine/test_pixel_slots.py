@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -237,6 +238,31 @@ def test_a_tensor_larger_than_a_slot_is_refused():
         pool.memory.write(1, torch.zeros(256))  # exactly a slot
         with pytest.raises(IndexError):
             pool.memory.write(2, torch.zeros(1))
+
+
+def test_values_written_into_a_view_are_the_slot_and_need_no_copy():
+    """A producer writing into ``tensor_view`` writes the slot itself: ``write`` of that
+    view gives the descriptor without copying, a reader sees the values, a view too large
+    for a slot is refused before anything is written, and once the views are dropped the
+    mapping closes."""
+    with SlotPool.create(2, 64 * KIB) as pool:
+        memory = SlotMemory.attach(pool.spec)
+        view = memory.tensor_view(1, (37, 100))
+        assert view.dtype == torch.float32 and view.is_contiguous()
+        view.copy_(seeded_tensor(3)[:, :100])
+        with patch.object(torch.Tensor, "copy_", side_effect=AssertionError("copied")):
+            pixels = memory.write(1, view)
+        assert pixels == SlotPixels(index=1, shape=(37, 100), dtype="float32")
+        assert torch.equal(pool.memory.read(pixels), seeded_tensor(3)[:, :100])
+        other = memory.tensor_view(0, (2, 3), "int64")
+        other.fill_(7)
+        assert torch.equal(pool.memory.read(memory.write(0, other)), torch.full((2, 3), 7))
+        with pytest.raises(SlotTooSmall, match="--pixel-slot-mb"):
+            memory.tensor_view(0, (64 * KIB // 4 + 1,))
+        with pytest.raises(IndexError):
+            memory.tensor_view(2, (1,))
+        del view, other
+        memory.close()
 
 
 def test_close_leaves_no_view_behind():

@@ -64,6 +64,28 @@ def test_the_preprocessor_takes_the_fast_path_and_keeps_its_output(processors):
     assert torch.equal(inputs.pixel_values, expected["pixel_values"])
 
 
+def test_the_fast_path_writes_into_the_buffer_it_is_given(processors):
+    """With ``out``, the values land in the tensor ``out(shape)`` returned (a pixel slot's
+    view, in prep), equal to the processor's; the processor's own path ignores ``out``."""
+    processor = processors[0]
+    image = photo(640, 480, seed=7)
+    expected = processor(images=[image], return_tensors="pt")["pixel_values"]
+    buffers = []
+
+    def out(shape):
+        buffers.append(torch.full(shape, float("nan")))
+        return buffers[-1]
+
+    inputs = ImagePreprocessor(processor, merge_size=2)(image, out=out)
+    assert len(buffers) == 1 and inputs.pixel_values is buffers[0]
+    assert torch.equal(buffers[0], expected)
+
+    slow = ImagePreprocessor(processor, merge_size=2)
+    slow._fast = None
+    inputs = slow(image, out=out)
+    assert len(buffers) == 1 and torch.equal(inputs.pixel_values, expected)
+
+
 def test_other_processors_are_left_to_run_as_they_are():
     class SomeOtherProcessor:
         do_resize = do_rescale = do_normalize = True
