@@ -15,6 +15,7 @@ import torch
 from engine.errors import RequestRejected
 from engine.patch_embed import use_linear_patch_projection
 from engine.prompt import EnginePrompt, ImageFeatures
+from engine.row_attention import install_row_attention
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -29,6 +30,8 @@ class CausalLMAdapter:
         self.model = model
         self.text_config = model.config.get_text_config()
         self.cache_kwarg = cache_keyword(model)
+        # prefill forwards may pass ``PrefillRows`` for the mask (engine/row_attention.py)
+        self.row_attention = install_row_attention(model)
 
     @property
     def num_layers(self) -> int:

@@ -5,7 +5,9 @@ its outputs) from ``seq.num_computed_tokens`` on. A decode is ``n = 1`` (the las
 token); a prefill chunk is any ``n``. Rows are left-padded to the step's longest ``n``
 (padded queries write to the padding block and attend to one slot), their contexts are
 read through their block tables (``engine.paged_kv_cache``), and the attention mask is
-built here: row ``b``'s query at position ``p`` sees its own slots ``0..p``. Positions
+built here: row ``b``'s query at position ``p`` sees its own slots ``0..p`` (a prefill
+forward passes the rows' lengths instead, ``engine.row_attention``, where the model's
+attention allows it). Positions
 are explicit (M-RoPE rows from the whole prompt, sliced per chunk; later tokens at
 ``t + rope_delta``), so a chunked or prefix-hit prompt gets exactly the positions and
 image embeddings of a whole one.
@@ -20,6 +22,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.model_adapter import CausalLMAdapter
 from engine.paged_kv_cache import PagedKVCache, kv_bytes_per_token
+from engine.row_attention import PrefillRows
 from engine.sequence import Sequence
 
 
@@ -132,10 +135,13 @@ class ModelRunner:
         t = torch.arange(k_len, device=device).view(1, -1)
         read = _slots(tables, t.expand(batch, -1), bs)
         read = torch.where(t < context.view(-1, 1), read, torch.full_like(read, self.cache.pad_slot))
-        allowed = t.view(1, 1, -1) <= qpos.clamp(min=0).unsqueeze(-1)  # [B, q, K]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        mask = mask.unsqueeze(1)
+        if longest > 1 and self.adapter.row_attention:  # attention row by row, unpadded
+            mask: torch.Tensor | PrefillRows = PrefillRows(tuple(lengths), tuple(starts), longest)
+        else:
+            allowed = t.view(1, 1, -1) <= qpos.clamp(min=0).unsqueeze(-1)  # [B, q, K]
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
+            mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+            mask = mask.unsqueeze(1)
         self.cache.bind(write, read)
         logits = self.adapter.forward(
             batch_embeds, positions, {"full_attention": mask, "sliding_attention": mask}, self.cache
