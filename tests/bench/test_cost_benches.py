@@ -1,4 +1,4 @@
-"""bench/image_cost.py runs on the tiny model and prints one CPU figure per stage."""
+"""bench/image_cost.py and bench/step_loop.py run on the tiny model and print their tables."""
 
 from __future__ import annotations
 
@@ -34,3 +34,21 @@ def test_prints_a_figure_for_every_stage(tmp_path, tiny_model_dir):
     assert "vision tower, patch embedding as matrix product" in rows
     assert all(float(ms) > 0 for ms in rows.values())
     assert len(list((tmp_path / "vlserve-bench" / "natural-256").glob("*.jpg"))) == 2
+
+
+def test_step_loop_bench_prints_a_row_per_concurrency(tiny_model_dir):
+    """bench/step_loop.py drives the real step loop to completion and prints its table."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["--model", str(tiny_model_dir), "--concurrency", "2,4", "--requests", "6", "--max-tokens", "3"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.step_loop", *args, "--repeats", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    rows = re.findall(r"^\| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| (\d+) \|", done.stdout, re.M)
+    assert [int(r[0]) for r in rows] == [2, 4]
+    assert all(float(rate) > 0 and float(cpu) > 0 and int(steps) >= 1 for _, rate, cpu, steps in rows)
