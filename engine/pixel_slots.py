@@ -200,10 +200,12 @@ class SlotPool:
 class SlotMemory:
     """One process's mapping of a pool's segment: copies tensors in and out of slots.
 
-    ``write`` and ``read`` keep no view of the mapping past their return, so ``close``
-    succeeds whenever no ``write``/``read`` is running in another thread (it raises
-    ``BufferError`` then, and the mapping stays open). Different slots may be written and
-    read from different threads at once; one slot is used by whoever holds its ``Slot``."""
+    ``write`` and ``read`` keep no view of the mapping past their return. ``close`` must
+    wait until no ``write``/``read`` runs and no ``tensor_view`` is alive: the views are
+    ``torch.frombuffer`` tensors, which hold no buffer export, so the mapping would not
+    refuse to close under them (the runtime closes the pool last, when nothing uses it).
+    Different slots may be written and read from different threads at once; one slot is
+    used by whoever holds its ``Slot``."""
 
     def __init__(self, spec: SlotSpec, mapping: mmap.mmap) -> None:
         self.spec = spec
@@ -246,7 +248,7 @@ class SlotMemory:
                 if target.data_ptr() != tensor.data_ptr():  # else written in place (``tensor_view``)
                     target.copy_(tensor.cpu().reshape(-1).view(torch.uint8))
             finally:
-                del target  # drops the buffer export, so close() can unmap
+                del target  # no view of the mapping outlives the call (see ``tensor_view``)
         return SlotPixels(index=index, shape=tuple(tensor.shape), dtype=_dtype_name(tensor.dtype))
 
     def tensor_view(self, index: int, shape: tuple[int, ...], dtype: str = "float32") -> torch.Tensor:
@@ -292,7 +294,7 @@ class SlotMemory:
         return copy.view(dtype).reshape(pixels.shape)
 
     def close(self) -> None:
-        """Unmap the segment (idempotent). ``BufferError`` while a ``write``/``read`` runs."""
+        """Unmap the segment (idempotent). Only once nothing uses it (see the class docstring)."""
         if self._mapping is not None:
             self._mapping.close()
             self._mapping = None

@@ -6,7 +6,7 @@ the benchmark's prompts of 55 to 370 tokens, the tiny model's prefill spent half
 in that attention. Run row by row, each row attends over its own tokens only, and a chunk
 that starts a prompt is plain causal attention, which the fused kernel computes without a
 mask and without the upper triangle: 4.1 ms instead of 10.1 ms for 11 such rows on one
-thread (``python -m bench.engine`` shows what it does to throughput).
+thread (``python -m bench.step_loop`` shows what it does to the engine's throughput).
 
 How it plugs in: transformers picks a model's attention function by name from its
 ``AttentionInterface`` registry. ``install_row_attention`` registers ``row_attention``
