@@ -60,6 +60,7 @@ class RenderBatcher:
         self._max_batch = max_batch
         self._queue: deque[_Queued] = deque()
         self._lot = trio.lowlevel.ParkingLot()
+        self._closed = False  # set once ``open``'s block has ended: nothing serves the queue
         self.batches = 0  # calls made
         self.chats = 0  # chats those calls rendered
 
@@ -87,10 +88,12 @@ class RenderBatcher:
         ``times`` (if given) gets when this chat was queued (``asked``) and when its batch
         took and gave back its gate token. Raises the ``InvalidRequest`` the template
         raised for this chat, or what the call raised for the whole batch (e.g.
-        ``PrepFailed`` if the prep process died). Cancellation: a chat still queued is
-        withdrawn and never rendered; once its batch runs, this returns at once and the
-        batch runs on without it.
+        ``PrepFailed`` if the prep process died), and ``RuntimeError`` at once once the
+        batcher has closed. Cancellation: a chat still queued is withdrawn and never
+        rendered; once its batch runs, this returns at once and the batch runs on without it.
         """
+        if self._closed:
+            raise _stopped()
         queued = _Queued(messages, times or BorrowTimes())
         queued.times.asked = trio.current_time()
         self._queue.append(queued)
@@ -133,6 +136,7 @@ class RenderBatcher:
             _deliver(batch, outcomes)
 
     def _fail_queued(self) -> None:
+        self._closed = True
         waiting = list(self._queue)
         self._queue.clear()
         for queued in waiting:

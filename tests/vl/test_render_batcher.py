@@ -177,7 +177,8 @@ async def test_times_say_when_a_chat_was_queued_and_when_its_batch_held_the_gate
 
 async def test_closing_fails_the_chats_still_queued():
     """Leaving ``open`` while chats wait (their batch task cannot take them: the one gate
-    token is held elsewhere) ends each with ``RuntimeError`` instead of leaving it hanging."""
+    token is held elsewhere) ends each with ``RuntimeError`` instead of leaving it hanging,
+    and a chat sent after closing gets the same error at once."""
     tools = HeldTools()
     gate = Gate("tokenizer", 1)
     outcomes: list = []
@@ -195,3 +196,6 @@ async def test_closing_fails_the_chats_still_queued():
                 await trio.testing.wait_all_tasks_blocked()
     assert len(outcomes) == 1 and "stopped" in str(outcomes[0])
     assert tools.rendered == []
+    with trio.fail_after(5), pytest.raises(RuntimeError, match="stopped"):
+        await batcher.render(chat("after close"))  # refused at once, not queued for nobody
+    assert batcher.queued == 0 and tools.rendered == []
