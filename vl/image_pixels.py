@@ -180,12 +180,12 @@ class ImagePreprocessor:
                 )
             return PixelInputs(pixel_values=pixel_values, grid_thw=grid)
         if bounds is None:
-            out = self._processor(images=[image], return_tensors="pt")
+            processed = self._processor(images=[image], return_tensors="pt")
         else:
             size = {"shortest_edge": bounds.min_pixels, "longest_edge": bounds.max_pixels}
-            out = self._processor(images=[image], return_tensors="pt", size=size)
-        grid = tuple(int(x) for x in out["image_grid_thw"][0].tolist())
-        return PixelInputs(pixel_values=out["pixel_values"], grid_thw=grid)
+            processed = self._processor(images=[image], return_tensors="pt", size=size)
+        grid = tuple(int(x) for x in processed["image_grid_thw"][0].tolist())
+        return PixelInputs(pixel_values=processed["pixel_values"], grid_thw=grid)
 
     @property
     def image_processor(self) -> Any:

@@ -11,19 +11,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_prints_a_figure_for_every_stage(tmp_path, tiny_model_dir):
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    args = ["--model", str(tiny_model_dir), "--size", "256", "--images", "2", "--batch", "2", "--repeats", "1"]
+def run_bench(module: str, args: list[str], **env: str) -> str:
+    """The standard output of ``python -m module *args`` run from the repository root
+    (raises if it fails or takes over 300 s)."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.image_cost", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
-    rows = dict(re.findall(r"^\| (.+?) \| ([0-9.]+) \|$", done.stdout, re.M))
+    return done.stdout
+
+
+def test_prints_a_figure_for_every_stage(tmp_path, tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--size", "256", "--images", "2", "--batch", "2", "--repeats", "1"]
+    stdout = run_bench("bench.image_cost", args, XDG_CACHE_HOME=str(tmp_path))
+    rows = dict(re.findall(r"^\| (.+?) \| ([0-9.]+) \|$", stdout, re.M))
     assert list(rows)[:4] == [
         "decode (JPEG to RGB)",
         "preprocess, then copy into a slot",
@@ -38,17 +44,8 @@ def test_prints_a_figure_for_every_stage(tmp_path, tiny_model_dir):
 
 def test_step_loop_bench_prints_a_row_per_concurrency(tiny_model_dir):
     """bench/step_loop.py drives the real step loop to completion and prints its table."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = ["--model", str(tiny_model_dir), "--concurrency", "2,4", "--requests", "6", "--max-tokens", "3"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.step_loop", *args, "--repeats", "1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    rows = re.findall(r"^\| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| (\d+) \|", done.stdout, re.M)
+    stdout = run_bench("bench.step_loop", [*args, "--repeats", "1"])
+    rows = re.findall(r"^\| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| (\d+) \|", stdout, re.M)
     assert [int(r[0]) for r in rows] == [2, 4]
     assert all(float(rate) > 0 and float(cpu) > 0 and int(steps) >= 1 for _, rate, cpu, steps in rows)
