@@ -4,8 +4,9 @@ Each forward takes rows ``(seq, n)``: the next ``n`` tokens of ``seq`` (its prom
 its outputs) from ``seq.num_computed_tokens`` on. A decode is ``n = 1`` (the last sampled
 token); a prefill chunk is any ``n``. Rows are left-padded to the step's longest ``n``
 (padded queries write to the padding block and attend to one slot), their contexts are
-read through their block tables (``engine.paged_kv_cache``), and the attention mask is
-built here: row ``b``'s query at position ``p`` sees its own slots ``0..p`` (a prefill
+read through their block tables, whole blocks (``engine.paged_kv_cache``: positions past
+a row's context hold zeros), and the attention mask is built here: row ``b``'s query at
+position ``p`` sees its own slots ``0..p`` (a prefill
 forward passes the rows' lengths instead, ``engine.row_attention``, where the model's
 attention allows it). Positions
 are explicit (M-RoPE rows from the whole prompt, sliced per chunk; later tokens at
@@ -120,9 +121,17 @@ class ModelRunner:
         start_t = torch.tensor(starts, dtype=torch.long, device=device)
         n_t = torch.tensor(lengths, dtype=torch.long, device=device)
         context = start_t + n_t  # tokens each row sees after this forward
-        max_blocks = max(len(seq.block_table) for seq, _ in rows)
+        # each row reads the blocks that hold its context, whole; a block becomes a row's
+        # last block (``fresh``) in the forward that first writes into it
+        needed, fresh = [], []
+        for (seq, _), start, n in zip(rows, starts, lengths, strict=True):
+            need = -(-(start + n) // bs)
+            needed.append(need)
+            if need > -(-start // bs):
+                fresh.append(seq.block_table[need - 1])
+        width = max(needed)
         pad = [self.cache.pad_block]
-        padded = [seq.block_table + pad * (max_blocks - len(seq.block_table)) for seq, _ in rows]
+        padded = [seq.block_table[:need] + pad * (width - need) for (seq, _), need in zip(rows, needed, strict=True)]
         tables = torch.tensor(padded, dtype=torch.long, device=device)
 
         # absolute token position of each query; padded queries (-1) write to the pad slot
@@ -131,18 +140,15 @@ class ModelRunner:
         real = qpos >= start_t.view(-1, 1)
         write = _slots(tables, qpos.clamp(min=0), bs)
         write = torch.where(real, write, torch.full_like(write, self.cache.pad_slot))
-        k_len = int(context.max())
-        t = torch.arange(k_len, device=device).view(1, -1)
-        read = _slots(tables, t.expand(batch, -1), bs)
-        read = torch.where(t < context.view(-1, 1), read, torch.full_like(read, self.cache.pad_slot))
         if longest > 1 and self.adapter.row_attention:  # attention row by row, unpadded
             mask: torch.Tensor | PrefillRows = PrefillRows(tuple(lengths), tuple(starts), longest)
-        else:
-            allowed = t.view(1, 1, -1) <= qpos.clamp(min=0).unsqueeze(-1)  # [B, q, K]
+        else:  # context position t of a row: its blocks' slots, whole; t < context are its tokens
+            t = torch.arange(width * bs, device=device).view(1, 1, -1)
+            allowed = t <= qpos.clamp(min=0).unsqueeze(-1)  # [B, q, K]
             mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
             mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
             mask = mask.unsqueeze(1)
-        self.cache.bind(write, read)
+        self.cache.bind(write, tables, fresh)
         logits = self.adapter.forward(
             batch_embeds, positions, {"full_attention": mask, "sliding_attention": mask}, self.cache
         )

@@ -2,13 +2,20 @@
 ``block_size`` slots per block (docs/architecture.md, "KV cache").
 
 Which block belongs to which sequence is ``engine.block_manager``'s business; this module
-only moves tensors. Before each forward the model runner ``bind``s the step's slot
-indices: where each new token's key and value go (``write``), and which slots form each
-row's context (``read``, padded with the padding block). Each attention layer then calls
+only moves tensors. Before each forward the model runner ``bind``s the step's slots and
+blocks: where each new token's key and value go (``write``), and the blocks that hold each
+row's context (``blocks``, padded with the padding block). Each attention layer then calls
 ``update``, which writes the new keys and values into their slots and returns the rows'
-contexts gathered into one contiguous ``[B, heads, K, head_dim]`` view for the model's own
-attention function (with the mask the runner built). Nothing is copied when the batch
-changes: a row is just a block table.
+blocks gathered whole into one contiguous ``[B, heads, blocks x block_size, head_dim]``
+view for the model's own attention function. Positions past a row's context are masked
+(the runner's mask, or ``PrefillRows``), and they hold zeros, never stale values: a block
+is zeroed in the forward where it becomes a row's last block, before anything is written
+into it (``fresh``), and only that row writes into it afterwards. A masked position
+still enters the attention's arithmetic (weight zero times value), so a stale NaN from
+unwritten memory, or from another sequence that once held the block, would poison the row.
+Gathering whole blocks moves a row's context in ``block_size`` times fewer pieces than
+slot by slot (``python -m bench.step_loop``). Nothing is copied when the batch changes: a
+row is just a block table.
 """
 
 from __future__ import annotations
@@ -51,27 +58,34 @@ class PagedKVCache(Cache):
         for pool in self.key_pools + self.value_pools:
             pool[self.pad_slot :].zero_()
         self._write: torch.Tensor | None = None
-        self._read: torch.Tensor | None = None
+        self._blocks: torch.Tensor | None = None
         self._context = 0
 
     @property
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.key_pools + self.value_pools)
 
-    def bind(self, write: torch.Tensor, read: torch.Tensor) -> None:
-        """The next forward's slots: ``write`` [B, q] for its new tokens, ``read`` [B, K]
-        for each row's context (new tokens included)."""
+    def bind(self, write: torch.Tensor, blocks: torch.Tensor, fresh: list[int] = ()) -> None:
+        """The next forward's slots and blocks: ``write`` [B, q] for its new tokens,
+        ``blocks`` [B, W] whose slots form each row's context (positions ``0..W x
+        block_size``, the row's tokens first). Zeroes the ``fresh`` blocks (rows' new last
+        blocks) in every layer now, before the forward writes into them."""
         self._write = write.reshape(-1)
-        self._context = read.shape[1]
-        self._read = read.reshape(-1)
+        self._blocks = blocks.reshape(-1)
+        self._context = blocks.shape[1] * self.block_size
+        if fresh:
+            index = torch.tensor(fresh, dtype=torch.long, device=write.device)
+            for pool in self.key_pools + self.value_pools:
+                pool.view(self.num_blocks + 1, -1).index_fill_(0, index, 0)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         batch, heads, q, dim = key_states.shape
         keys, values = self.key_pools[layer_idx], self.value_pools[layer_idx]
         keys.index_copy_(0, self._write, key_states.transpose(1, 2).reshape(batch * q, heads, dim))
         values.index_copy_(0, self._write, value_states.transpose(1, 2).reshape(batch * q, heads, dim))
-        k = keys.index_select(0, self._read).view(batch, self._context, heads, dim).transpose(1, 2)
-        v = values.index_select(0, self._read).view(batch, self._context, heads, dim).transpose(1, 2)
+        by_block = (self.num_blocks + 1, self.block_size, heads, dim)
+        k = keys.view(by_block).index_select(0, self._blocks).view(batch, self._context, heads, dim).transpose(1, 2)
+        v = values.view(by_block).index_select(0, self._blocks).view(batch, self._context, heads, dim).transpose(1, 2)
         return k, v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -115,6 +115,32 @@ def test_chunked_prefill_and_preemption_keep_greedy_outputs_equal_to_generate(ti
     assert engine.chunked > 0
 
 
+@pytest.mark.parametrize(("prefix_caching", "blocks"), [(False, 60), (True, 42)])
+def test_stale_slots_never_reach_attention(tiny_model, prefix_caching, blocks):
+    """Invariant: attention reads each row's blocks whole, and a slot past a row's context
+    holds zero, never what was in memory before (``engine.paged_kv_cache``). Every slot
+    of the pool starts as NaN here (what unwritten memory, or a block freed by a sequence
+    whose values overflowed, may hold), and blocks are reused by preemptions, chunked
+    prefills and prefix hits; a masked position still enters the attention's arithmetic
+    (weight zero times value), so one NaN read would turn a row's logits to NaN. Every
+    greedy output equals ``generate()`` alone."""
+    texts = [SYSTEM + text for text in TEXTS[:3]] + TEXTS[3:]
+    prompts = [chat_prompt(tiny_model, text) for text in texts]
+    max_tokens = [12 + 3 * i for i in range(len(prompts))]
+    expected = [reference_generate(tiny_model, p, extra, n) for (p, extra), n in zip(prompts, max_tokens, strict=True)]
+    engine = Recorded(tiny_model, blocks=blocks, max_len=160, max_num_batched_tokens=24, prefix_caching=prefix_caching)
+    cache = engine.core.runner.cache
+    for pool in cache.key_pools + cache.value_pools:
+        pool[: cache.pad_slot].fill_(float("nan"))
+    news = [NewSequence(i, p, greedy(n)) for i, ((p, _), n) in enumerate(zip(prompts, max_tokens, strict=True))]
+    got = engine.run(news[:3], later={6: news[3:]})
+    assert [got[i] for i in range(len(news))] == expected
+    assert engine.loop.statistics().preemptions > 0
+    assert engine.chunked > 0
+    if prefix_caching:
+        assert engine.loop.statistics().prefix_cache_hits > 0
+
+
 def test_preempted_seeded_sampling_resumes_with_identical_output(tiny_model):
     """Invariant: a seeded sampled request gives the same tokens whether it runs alone in
     a roomy cache or is preempted and recomputed in a tiny one."""
