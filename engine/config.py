@@ -71,11 +71,12 @@ class EngineConfig:
         },
     )
     nice: int = field(
-        default=10,
+        default=0,
         metadata={
             "option": "engine_nice",
-            "help": "niceness added to the engine worker process, so that on a CPU host the "
-            "event loop (and /health) wins a core (bench/README.md: 10 vs 0)",
+            "help": "niceness added to the engine worker process; at 10 the step thread, always runnable in a "
+            "burst, lost its core to the front end and load ~20 %% of the time for no probe gain "
+            "(bench/README.md, 'The engine at the front end's priority')",
         },
     )
     decode_steps_per_call: int = field(
