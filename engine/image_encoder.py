@@ -157,7 +157,6 @@ class ImageEncoder:
         self._last = 0
         self._hits = 0
         self._misses = 0
-        self._staging: torch.Tensor | None = None  # a batch's pixel rows (``_batch_pixels``)
         # (images, seconds) of each forward since the step loop last took them
         self._batch_times: collections.deque[tuple[int, float]] = collections.deque(maxlen=BATCH_TIMES_KEPT)
 
@@ -229,36 +228,10 @@ class ImageEncoder:
         if batch:
             yield batch
 
-    def _batch_pixels(self, batch: list[_Pending]) -> torch.Tensor:
-        """The batch's pixel rows, image after image: one image's own tensor, or several
-        copied into the staging buffer, which the encoder keeps as large as its largest
-        batch so far (at most ``max_batch_patches`` rows). Valid until the next batch.
-
-        Why not a fresh tensor per batch: a batch over 32 MiB (eight of the tiny model's
-        1,024-patch images) is an mmap of its own, its pages faulted in and zeroed anew every
-        time; concatenating eight such images took 21 ms into a fresh tensor and 6 ms into
-        a kept one, and the fresh one was an eighth of the engine's CPU in an image burst
-        (bench/README.md, "The engine at the front end's priority")."""
-        first = batch[0].pixel_values
-        if len(batch) == 1:
-            return first
-        rows = sum(p.pixel_values.shape[0] for p in batch)
-        staging = self._staging
-        if (
-            staging is None
-            or staging.shape[0] < rows
-            or staging.shape[1:] != first.shape[1:]
-            or staging.dtype != first.dtype
-            or staging.device != first.device
-        ):
-            self._staging = None  # let the old one go before the new one is made
-            staging = self._staging = torch.empty((rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
-        return torch.cat([p.pixel_values for p in batch], out=staging[:rows])
-
     def _encode_batch(self, batch: list[_Pending], *, retry_alone: bool) -> None:
         try:
             started = time.perf_counter()
-            pixel_values = self._batch_pixels(batch)
+            pixel_values = torch.cat([p.pixel_values for p in batch])
             with torch.inference_mode():
                 results = self._encode_fn(pixel_values, [p.grid_thw for p in batch])
             seconds = time.perf_counter() - started

@@ -81,30 +81,6 @@ def test_batches_respect_image_and_patch_limits():
     assert encoder.statistics().images_encoded == 5
 
 
-def test_batches_of_any_size_see_exactly_their_own_pixels_in_one_kept_buffer():
-    """Several images are copied into one staging buffer that the encoder keeps (a fresh
-    tensor per batch is a fresh mmap above 32 MiB): a smaller batch after a larger one
-    reuses its memory and sees none of the earlier rows, a larger one grows it, and the
-    features handed out earlier stay as they were."""
-    seen: list[tuple[int, list[torch.Tensor]]] = []
-
-    def tower(pixel_values, grids):
-        chunks = torch.split(pixel_values, [t * h * w for t, h, w in grids])
-        seen.append((pixel_values.data_ptr(), [chunk.clone() for chunk in chunks]))
-        return [ImageFeatures(chunk.sum(dim=0, keepdim=True), g) for chunk, g in zip(chunks, grids, strict=True)]
-
-    encoder, _, _ = make(tower)
-    batches = [[1.0, 2.0, 3.0], [4.0, 5.0], [6.0, 7.0, 8.0, 9.0], [10.0]]
-    for n, values in enumerate(batches):
-        encoder.admit(n, [image(v) for v in values])
-        encoder.encode([n])
-    for (_, chunks), values in zip(seen, batches, strict=True):
-        assert all(torch.equal(c, torch.full((4, PATCH_VALUES), v)) for c, v in zip(chunks, values, strict=True))
-    assert seen[1][0] == seen[0][0]  # the smaller batch reused the buffer
-    for n, values in enumerate(batches):
-        assert [float(f.embeddings[0, 0]) for f in encoder.features(n)] == [4 * v for v in values]
-
-
 def test_a_key_is_read_and_encoded_once_while_shared_and_then_cached():
     encoder, tower, slots = make()
     encoder.admit(1, [image(1.0, key="same", index=0)])
