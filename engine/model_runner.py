@@ -106,7 +106,6 @@ class ModelRunner:
         by its ``n`` (and its newly full blocks become reusable)."""
         device, bs = self.device, self.blocks.block_size
         longest = max(n for _, n in rows)
-        batch = len(rows)
         starts = [seq.num_computed_tokens for seq, _ in rows]
         lengths = [n for _, n in rows]
         for (seq, n), start in zip(rows, starts, strict=True):
