@@ -13,6 +13,7 @@ import inspect
 import torch
 
 from engine.errors import RequestRejected
+from engine.fused_norm import use_fused_rms_norm
 from engine.patch_embed import use_linear_patch_projection
 from engine.prompt import EnginePrompt, ImageFeatures
 from engine.row_attention import install_row_attention
@@ -32,6 +33,7 @@ class CausalLMAdapter:
         self.cache_kwarg = cache_keyword(model)
         # prefill forwards may pass ``PrefillRows`` for the mask (engine/row_attention.py)
         self.row_attention = install_row_attention(model)
+        self.fused_norms = use_fused_rms_norm(model)  # engine/fused_norm.py
 
     @property
     def num_layers(self) -> int:
