@@ -20,6 +20,8 @@ row is just a block table.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -65,7 +67,7 @@ class PagedKVCache(Cache):
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.key_pools + self.value_pools)
 
-    def bind(self, write: torch.Tensor, blocks: torch.Tensor, fresh: list[int] = ()) -> None:
+    def bind(self, write: torch.Tensor, blocks: torch.Tensor, fresh: Sequence[int] = ()) -> None:
         """The next forward's slots and blocks: ``write`` [B, q] for its new tokens,
         ``blocks`` [B, W] whose slots form each row's context (positions ``0..W x
         block_size``, the row's tokens first). Zeroes the ``fresh`` blocks (rows' new last
