@@ -71,12 +71,11 @@ class EngineConfig:
         },
     )
     nice: int = field(
-        default=0,
+        default=10,
         metadata={
             "option": "engine_nice",
-            "help": "niceness added to the engine worker process; at 10 the step thread, always runnable in a "
-            "burst, lost its core to the front end and load ~20 %% of the time for no probe gain "
-            "(bench/README.md, 'The engine at the front end's priority')",
+            "help": "niceness added to the engine worker process, so that on a CPU host the "
+            "event loop (and /health) wins a core (bench/README.md: 10 vs 0)",
         },
     )
     decode_steps_per_call: int = field(
