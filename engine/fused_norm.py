@@ -28,10 +28,6 @@ class FusedRMSNorm(nn.Module):
         super().__init__()
         self.norm = norm
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.norm.weight
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.norm.weight
         if hidden_states.dtype == torch.float32 and weight.dtype == torch.float32:

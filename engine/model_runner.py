@@ -124,9 +124,9 @@ class ModelRunner:
         # last block (``fresh``) in the forward that first writes into it
         needed, fresh = [], []
         for (seq, _), start, n in zip(rows, starts, lengths, strict=True):
-            need = -(-(start + n) // bs)
+            need = self.blocks.blocks_for(start + n)
             needed.append(need)
-            if need > -(-start // bs):
+            if need > self.blocks.blocks_for(start):
                 fresh.append(seq.block_table[need - 1])
         width = max(needed)
         pad = [self.cache.pad_block]
