@@ -195,7 +195,8 @@ class EngineCore:
         chunks = [(seq, n) for seq, n in plan.prefill if seq in plan.continuing or id(seq) in joining]
         if chunks:
             self._prefill(chunks, report)
-        for _ in range(self.decode_steps_per_call - 1):
+        # a step that prefilled sends now: its first tokens do not wait behind more decodes
+        for _ in range(0 if chunks else self.decode_steps_per_call - 1):
             if not self._decode_again(report):
                 break
         report.seconds = time.perf_counter() - started
@@ -204,9 +205,10 @@ class EngineCore:
     def _decode_again(self, report: StepReport) -> bool:
         """One more decode step in the same call, only while nothing needs the scheduler:
         no row finished, asked to abort or is part-way through its prompt, nobody waits to
-        join, and the rows' next tokens fit in their blocks. Saves a round trip through a
-        busy event loop per token; an abort still frees its rows after at most the sub-step
-        that was running when it arrived."""
+        join, and the rows' next tokens fit in their blocks; ``_execute`` asks for none in
+        a step that ran prefill chunks, so a new sequence's first token is sent as soon as
+        it exists. Saves a round trip through a busy event loop per token; an abort still
+        frees its rows after at most the sub-step that was running when it arrived."""
         rows = self.runner.rows
         if not rows or self._has_news() or any(s.finished or s.abort_requested or not s.prefilled for s in rows):
             return False

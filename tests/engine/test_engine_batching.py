@@ -6,7 +6,11 @@ import pytest
 import trio
 
 from engine.async_engine import open_engine
+from engine.core_messages import NewSequence, Submit
+from engine.engine_core import EngineCore
 from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.step_loop import StepLoop
 from tests.engine.configs import in_thread
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
 
@@ -92,3 +96,34 @@ async def test_request_joins_while_batch_is_running(tiny_model):
             nursery.start_soon(long_one)
             nursery.start_soon(short_one)
     assert order == ["short", "long"]
+
+
+def test_a_step_that_prefills_sends_its_first_tokens_without_further_decode_sub_steps(tiny_model):
+    """With several decode sub-steps per call, a step that prefills a prompt ends after its
+    one decode of the running rows: the newcomer's first token leaves in that step's
+    outputs with nothing behind it, and each row decoding alongside advances one token.
+    Steps without a prefill still run their sub-steps (the first decode-only step here
+    gives four tokens). Without this the first token waited for three more decodes of
+    the whole batch before it was sent."""
+    config = in_thread(decode_steps_per_call=4)
+    core = EngineCore.for_model(tiny_model, config)
+    scheduler = Scheduler(
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        blocks=core.runner.blocks,
+        chunked_prefill=config.chunked_prefill,
+    )
+    loop = StepLoop(core, scheduler)
+    greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    def step(*news: NewSequence) -> dict[int, int]:
+        """Tokens each sequence got in one step (a sub-step's tokens are an update of their own)."""
+        tokens: dict[int, int] = {}
+        for update in loop.step(Submit(list(news)) if news else None).updates:
+            tokens[update.seq_id] = tokens.get(update.seq_id, 0) + len(update.token_ids)
+        return tokens
+
+    assert step(NewSequence(0, chat_prompt(tiny_model, TEXTS[0])[0], greedy)) == {0: 1}
+    assert step() == {0: 4}  # decode only: all four sub-steps
+    assert step(NewSequence(1, chat_prompt(tiny_model, TEXTS[1])[0], greedy)) == {0: 1, 1: 1}
+    assert step() == {0: 4, 1: 4}
