@@ -86,7 +86,10 @@ class Qwen2VLPixels:
         rgb = np.asarray(resized)  # [H, W, 3] uint8
         channels = np.empty((3, height, width), dtype=np.float32)
         for channel in range(3):
-            np.take(self._lut[channel], rgb[:, :, channel], out=channels[channel])
+            # uint8 indices into a 256-entry table are always in range: "wrap" never changes
+            # one, and unlike the default "raise" it writes into ``out`` unbuffered (0.46
+            # instead of 0.85 ms for a 448² image)
+            np.take(self._lut[channel], rgb[:, :, channel], out=channels[channel], mode="wrap")
         patch, merge, temporal = self._patch, self._merge, self._temporal
         grid_h, grid_w = height // patch, width // patch
         blocks = channels.reshape(3, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
