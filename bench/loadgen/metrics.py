@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,8 @@ class Summary:
     # the server's process tree (engine worker and prep processes included): CPU
     # milliseconds per successful request during the burst
     server_cpu_ms_per_request: float = math.nan
+    # the same per part of the tree (``rss_sampler.CPU_ROLES``; a baseline has only "front end")
+    server_cpu_ms_by_role: dict[str, float] = field(default_factory=dict)
     # the process tree's peak proportional set size (shared pages split, not counted per process)
     peak_pss_mib: float = math.nan
     # the do-nothing server's probes during the same burst (bench/floor_server.py)
@@ -122,6 +124,7 @@ class Summary:
             ("Peak RSS (MiB, before burst):", f"{self.peak_rss_mib:.0f} ({self.rss_before_mib:.0f})"),
             ("Other processes' CPU (% of machine):", f"{self.foreign_cpu_pct:.0f}"),
             ("Server CPU ms per request (its process tree):", f"{self.server_cpu_ms_per_request:.1f}"),
+            *((f"  of which {role}:", f"{ms:.1f}") for role, ms in self.server_cpu_ms_by_role.items()),
             ("Peak PSS of the server's process tree (MiB):", f"{self.peak_pss_mib:.0f}"),
         ]
         head = f" {self.server} · {self.workload} · {self.mode} · c={self.concurrency} · run {self.repeat + 1} "
@@ -211,6 +214,7 @@ def summarise(run: LoadRun) -> Summary:
         foreign_cpu_pct=100.0 * run.foreign_cpu,
         peak_pss_mib=max((s[1] for s in run.pss), default=math.nan * MIB) / MIB,
         server_cpu_ms_per_request=1000.0 * run.server_cpu_seconds / len(ok) if ok else math.nan,
+        server_cpu_ms_by_role={role: 1000.0 * s / len(ok) for role, s in run.server_cpu_by_role.items()} if ok else {},
         repeat=run.repeat,
         first_error=next((r.error for r in failed if r.error), None),
         floor_p99_ms=_ms(floor, 99),

@@ -13,16 +13,26 @@ import trio
 PSS_INTERVAL_S = 1.0
 
 
+# The parts of a server's process tree whose CPU the benchmark reports apart: vlserve's
+# server process (HTTP, streaming, the engine front end), its engine worker, and the rest
+# of its descendants (the prep processes). A baseline is one process: all "front end".
+CPU_ROLES = ("front end", "engine", "prep")
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and its descendants now; empty if it is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
 def _tree_sum(pid: int, measure: Callable[[psutil.Process], float]) -> float:
     """``measure(p)`` summed over ``pid`` and its descendants now; 0 if it is gone. A
     process that exits between listing and reading (or cannot be measured) counts 0."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
     total = 0
-    for proc in procs:
+    for proc in _tree(pid):
         try:
             total += measure(proc)
         except (psutil.Error, AttributeError):
@@ -53,6 +63,28 @@ def tree_cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds used so far by ``pid`` and its living descendants (and
     the children they have reaped); 0 if it is gone. Blocking, fast."""
     return float(_tree_sum(pid, _cpu_seconds))
+
+
+def cpu_role(proc: psutil.Process, root_pid: int) -> str:
+    """Which of ``CPU_ROLES`` a process of ``root_pid``'s tree is: the root itself, an
+    engine worker (``python -m engine.worker_main``), or another descendant. Raises
+    ``psutil.Error`` if it cannot be read."""
+    if proc.pid == root_pid:
+        return "front end"
+    return "engine" if "engine.worker_main" in proc.cmdline() else "prep"
+
+
+def tree_cpu_seconds_by_role(pid: int) -> dict[str, float]:
+    """As ``tree_cpu_seconds``, per ``cpu_role`` (a role with no process is absent); empty
+    if ``pid`` is gone. Blocking, fast (reads each process's command line once)."""
+    seconds: dict[str, float] = {}
+    for proc in _tree(pid):
+        try:
+            role = cpu_role(proc, pid)
+            seconds[role] = seconds.get(role, 0.0) + _cpu_seconds(proc)
+        except psutil.Error:
+            pass  # exited meanwhile
+    return seconds
 
 
 async def _read(measure: Callable[[int], int], pid: int) -> int:

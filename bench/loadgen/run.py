@@ -24,7 +24,7 @@ from bench.loadgen.cpu_account import CpuAccount
 from bench.loadgen.drivers import closed_loop, poisson
 from bench.loadgen.options import LoadOptions
 from bench.loadgen.request_result import RequestResult
-from bench.loadgen.rss_sampler import sample_rss, tree_cpu_seconds, tree_rss
+from bench.loadgen.rss_sampler import sample_rss, tree_cpu_seconds_by_role, tree_rss
 
 CUT_OFF = "cut off by --max-seconds"
 
@@ -59,6 +59,8 @@ class LoadRun:
     loadavg_after: float = 0.0
     foreign_cpu: float = 0.0  # other processes' share of all cores during the burst (0..1)
     server_cpu_seconds: float = 0.0  # CPU the server's process tree used during the burst
+    # the same per part of the tree (``rss_sampler.CPU_ROLES``: front end, engine, prep)
+    server_cpu_by_role: dict[str, float] = field(default_factory=dict)
     pss: list[tuple[float, int]] = field(default_factory=list)  # the tree's PSS during the burst
     repeat: int = 0
     # the server's own event-loop lag over warm-up + burst, from its /metrics (vlserve only)
@@ -102,7 +104,7 @@ async def run_load(
             warm = await _send_all(clients, body_for, kind_of, warmup_indices, options, warmup=True)
             run.warmup_failures = sum(not r.ok for r in warm)
             run.rss_before = await trio.to_thread.run_sync(tree_rss, server_pid)
-            cpu_before = await trio.to_thread.run_sync(tree_cpu_seconds, server_pid)
+            cpu_before = await trio.to_thread.run_sync(tree_cpu_seconds_by_role, server_pid)
             run.loadavg_before = os.getloadavg()[0]
             account = CpuAccount()
             await trio.to_thread.run_sync(account.start)
@@ -113,7 +115,11 @@ async def run_load(
                 run.burst_ended = time.monotonic()
                 run.loadavg_after = os.getloadavg()[0]
                 run.foreign_cpu = await trio.to_thread.run_sync(account.foreign_share)
-                run.server_cpu_seconds = await trio.to_thread.run_sync(tree_cpu_seconds, server_pid) - cpu_before
+                cpu_after = await trio.to_thread.run_sync(tree_cpu_seconds_by_role, server_pid)
+                run.server_cpu_by_role = {
+                    role: seconds - cpu_before.get(role, 0.0) for role, seconds in cpu_after.items()
+                }
+                run.server_cpu_seconds = sum(run.server_cpu_by_role.values())
                 nursery.cancel_scope.cancel()
             await trio.sleep(options.idle_probe_seconds)
     run.health, run.health_fresh = _read_probes(probe_out)

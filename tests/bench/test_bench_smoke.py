@@ -81,8 +81,12 @@ async def test_every_workload_runs_against_vlserve_and_a_baseline(tmp_path, tiny
             # the next one when another connection was accepted in the same pass (2 passes)
             assert summary.probe_passes_keep_alive == 1.0, where
             assert 1.0 <= summary.probe_passes_fresh < 1.5, where
+            # CPU by part of the tree: the server process, its engine worker, its prep processes
+            assert set(summary.server_cpu_ms_by_role) == {"front end", "engine", "prep"}, where
         else:
             assert math.isnan(summary.probe_passes_keep_alive), where
+            assert "engine" not in summary.server_cpu_ms_by_role, where  # one process
+        assert sum(summary.server_cpu_ms_by_role.values()) == pytest.approx(summary.server_cpu_ms_per_request), where
     mixed = next(run for run, _ in runs if run.workload == "mixed")
     assert {r.kind for r in mixed.results} == {"text", "image-base64", "image-url"}
 
