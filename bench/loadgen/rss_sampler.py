@@ -75,8 +75,9 @@ def cpu_role(proc: psutil.Process, root_pid: int) -> str:
 
 
 def tree_cpu_seconds_by_role(pid: int) -> dict[str, float]:
-    """As ``tree_cpu_seconds``, per ``cpu_role`` (a role with no process is absent); empty
-    if ``pid`` is gone. Blocking, fast (reads each process's command line once)."""
+    """As ``tree_cpu_seconds``, per ``cpu_role`` (a role with no process is absent; what
+    the root's reaped children used counts as the root's); empty if ``pid`` is gone.
+    Blocking, fast (reads each process's command line once)."""
     seconds: dict[str, float] = {}
     for proc in _tree(pid):
         try:
