@@ -7,9 +7,7 @@ import trio
 
 from engine.async_engine import open_engine
 from engine.core_messages import NewSequence, Submit
-from engine.engine_core import EngineCore
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
 from engine.step_loop import StepLoop
 from tests.engine.configs import in_thread
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
@@ -105,15 +103,7 @@ def test_a_step_that_prefills_sends_its_first_tokens_without_further_decode_sub_
     Steps without a prefill still run their sub-steps (the first decode-only step here
     gives four tokens). Without this the first token waited for three more decodes of
     the whole batch before it was sent."""
-    config = in_thread(decode_steps_per_call=4)
-    core = EngineCore.for_model(tiny_model, config)
-    scheduler = Scheduler(
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        blocks=core.runner.blocks,
-        chunked_prefill=config.chunked_prefill,
-    )
-    loop = StepLoop(core, scheduler)
+    loop = StepLoop.for_model(tiny_model, in_thread(decode_steps_per_call=4))
     greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
     def step(*news: NewSequence) -> dict[int, int]:
