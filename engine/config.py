@@ -14,6 +14,18 @@ from dataclasses import dataclass, field
 # throughput, for ~1-3 us more CPU per token (docs/architecture.md, "The path of a probe")
 STREAM_FANOUT = 8
 
+# glibc malloc in the engine worker (GLIBC_TUNABLES syntax). With glibc's defaults a step's
+# large temporaries (a real-size image's 25 MiB of pixels, attention and KV-gather buffers)
+# are mmap'd or trimmed off the heap when freed and refaulted page by page next step: a
+# fifth of the worker's CPU went to the kernel in a real-size image burst. One arena (the
+# step thread allocates from the heap it returns to), everything up to 32 MiB (glibc's
+# largest mmap threshold) from the heap, and no trimming: the worker's memory stays at its
+# high-water mark (docs/architecture.md, "Processes"; transparent huge pages on top,
+# glibc.malloc.hugetlb=1, cost text a little engine CPU and gained images nothing measurable).
+WORKER_MALLOC_TUNABLES = (
+    "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -78,6 +90,35 @@ class EngineConfig:
             "event loop (and /health) wins a core (bench/README.md: 10 vs 0)",
         },
     )
+    encoder_threads: int = field(
+        default=0,
+        metadata={
+            "option": "engine_encoder_threads",
+            "help": "torch threads for a vision-encoder forward that holds an image of at least "
+            "--engine-encoder-threads-min-patches patches (0: every CPU in the engine worker process, "
+            "no extra ones with --no-engine-process, where waiting OpenMP threads would spin against "
+            "the event loop); such an image's attention splits well, other forwards stay on "
+            "--engine-torch-threads (bench/README.md)",
+        },
+    )
+    encoder_threads_min_patches: int = field(
+        default=4096,
+        metadata={
+            "option": "engine_encoder_threads_min_patches",
+            "help": "vision patches of the largest image in a forward from which it runs on "
+            "--engine-encoder-threads (4,096: about a 900x900 image; Qwen2-VL's default max_pixels "
+            "makes a 1024x1024 photo 5,476)",
+        },
+    )
+    malloc_tunables: str = field(
+        default=WORKER_MALLOC_TUNABLES,
+        metadata={
+            "option": "engine_malloc_tunables",
+            "help": "glibc malloc settings (GLIBC_TUNABLES syntax) for the engine worker process, after any "
+            "the environment sets; the default keeps freed memory for reuse instead of returning it to "
+            "the kernel, which then refaults it ('' for glibc's own behaviour; bench/README.md)",
+        },
+    )
     decode_steps_per_call: int = field(
         default=4,
         metadata={"help": "decode steps one engine call may run while no request joins or leaves"},
@@ -130,5 +171,7 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.stream_interval must be >= 0, got {self.stream_interval!r}")
         if self.kv_cache_memory < 0:
             raise ValueError(f"EngineConfig.kv_cache_memory must be >= 0, got {self.kv_cache_memory!r}")
-        if self.torch_threads < 0:
-            raise ValueError(f"EngineConfig.torch_threads must be >= 0, got {self.torch_threads!r}")
+        for name in ("torch_threads", "encoder_threads", "encoder_threads_min_patches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 0, got {value!r}")

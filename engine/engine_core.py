@@ -21,7 +21,7 @@ from engine.block_manager import BlockManager
 from engine.core_messages import SequenceOutput
 from engine.detokenizer import IncrementalDetokenizer, token_text
 from engine.grammar import GrammarMatcher, Grammars, allowed_tokens
-from engine.image_encoder import ImageEncoder, ImageEncodingFailed, ReadPixels
+from engine.image_encoder import ImageEncoder, ImageEncodingFailed, LargeImageThreads, ReadPixels
 from engine.model_runner import ModelRunner, bytes_per_token
 from engine.outputs import TokenLogprob, TopLogprob
 from engine.prompt import EnginePrompt
@@ -134,6 +134,9 @@ class EngineCore:
                 max_batch_images=config.vision_max_batch_size,
                 max_batch_patches=config.vision_max_batch_patches,
                 cache_bytes=config.mm_cache_mb << 20,
+                large_image=LargeImageThreads(config.encoder_threads, config.encoder_threads_min_patches)
+                if config.encoder_threads
+                else None,
             )
         blocks = kv_blocks_for(loaded, config)
         logger.info(

@@ -16,6 +16,9 @@ Lifecycle of an image (``ImageInput``):
 - ``encode(seq_ids)`` in the step that prefills them: every pending image of those
   sequences, batched. A failed forward of several images retries each alone, so a bad
   image fails only the sequences that hold it.
+  A forward that holds a large image (``LargeImageThreads``) runs on more torch threads:
+  the vision attention of a 1024² photo at Qwen2-VL's default size is quadratic in its
+  5,476 patches and splits well, while the rest of the step stays on the step loop's one.
 - ``features(seq_id)`` for the prefill, then ``release(seq_id)``. A sequence aborted or
   failed before its step is released without encoding: pixels that no live sequence holds
   are dropped, never encoded.
@@ -27,7 +30,8 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +44,33 @@ if TYPE_CHECKING:
 
 EncodeFn = Callable[[torch.Tensor, list[tuple[int, int, int]]], list[ImageFeatures]]
 ReadPixels = Callable[["SlotPixels"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LargeImageThreads:
+    """``threads`` torch threads for a forward whose largest image has at least
+    ``min_patches`` patches; other forwards keep the calling thread's count. In the engine
+    worker, whose environment sets ``OMP_WAIT_POLICY=PASSIVE`` (``engine.worker_core``), a
+    thread that finds its core taken by another process sleeps instead of spinning, so the
+    extra threads cost little when the machine is busy (bench/README.md, "Refaulted memory
+    and threads for large images")."""
+
+    threads: int
+    min_patches: int
+
+    @contextmanager
+    def around(self, largest_image_patches: int) -> Iterator[None]:
+        """Run the block on ``threads`` torch threads if ``largest_image_patches`` reaches
+        ``min_patches``; the previous count is restored on every path."""
+        before = torch.get_num_threads()
+        if largest_image_patches < self.min_patches or self.threads <= before:
+            yield
+            return
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -137,10 +168,12 @@ class ImageEncoder:
         max_batch_images: int = 16,
         max_batch_patches: int = 32768,
         cache_bytes: int = 256 << 20,
+        large_image: LargeImageThreads | None = None,
     ) -> None:
         """``encode_fn(pixel_values, grids)`` is the vision tower (one features per image);
         ``read_pixels`` copies a slot's pixels (``SlotMemory.read``); ``None`` when no slots
-        exist (then only ``ImageFeatures`` inputs are accepted)."""
+        exist (then only ``ImageFeatures`` inputs are accepted). ``large_image``: the torch
+        threads of forwards holding a large image (none: every forward on the caller's)."""
         if max_batch_images < 1 or max_batch_patches < 1:
             raise ValueError("the encoder's batch limits must be at least 1")
         self._encode_fn = encode_fn
@@ -148,6 +181,7 @@ class ImageEncoder:
         self.max_batch_images = max_batch_images
         self.max_batch_patches = max_batch_patches
         self._cache = FeatureCache(cache_bytes)
+        self._large_image = large_image
         self._pending: dict[str, _Pending] = {}
         self._held: dict[int, list[_Held]] = {}
         self._batches = 0
@@ -231,8 +265,12 @@ class ImageEncoder:
     def _encode_batch(self, batch: list[_Pending], *, retry_alone: bool) -> None:
         try:
             started = time.perf_counter()
-            pixel_values = torch.cat([p.pixel_values for p in batch])
-            with torch.inference_mode():
+            # one image: its own tensor (a 1024² image's pixels are 25 MiB; a copy costs faults and time)
+            pixel_values = batch[0].pixel_values if len(batch) == 1 else torch.cat([p.pixel_values for p in batch])
+            threads = (
+                self._large_image.around(max(p.num_patches for p in batch)) if self._large_image else nullcontext()
+            )
+            with threads, torch.inference_mode():
                 results = self._encode_fn(pixel_values, [p.grid_thw for p in batch])
             seconds = time.perf_counter() - started
             if len(results) != len(batch):

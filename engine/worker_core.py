@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,30 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vlserve.engine")
 
 STOP_SECONDS = 10.0
+
+
+def merged_tunables(own: str, added: str) -> str:
+    """``own`` GLIBC_TUNABLES followed by those of ``added`` whose names ``own`` does not set
+    (glibc takes the first of a repeated name, so ``own`` wins either way; this keeps the
+    value readable)."""
+    pairs = [item for item in own.split(":") if item]
+    named = {item.partition("=")[0] for item in pairs}
+    pairs += [item for item in added.split(":") if item and item.partition("=")[0] not in named]
+    return ":".join(pairs)
+
+
+def worker_environment(environ: Mapping[str, str], config: EngineConfig) -> dict[str, str]:
+    """The worker process's environment: ``environ`` with ``config.malloc_tunables`` added to
+    its ``GLIBC_TUNABLES`` and ``OMP_WAIT_POLICY=PASSIVE`` unless ``environ`` chooses one (a
+    setting the environment already makes is kept). Passive: an OpenMP thread waiting for
+    work sleeps instead of spinning, so a forward on more threads (``LargeImageThreads``)
+    burns no CPU while a partner thread waits for a core the front end holds."""
+    env = dict(environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    tunables = merged_tunables(environ.get("GLIBC_TUNABLES", ""), config.malloc_tunables)
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
+    return env
 
 
 class WorkerCore:
@@ -82,6 +106,7 @@ class WorkerCore:
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "engine.worker_main", str(worker_end.fileno())],
                 pass_fds=(worker_end.fileno(),),
+                env=worker_environment(os.environ, config),
             )
         except BaseException:
             parent_end.close()
@@ -129,13 +154,15 @@ class WorkerCore:
 
 def worker_engine_config(loaded: LoadedModel, config: EngineConfig) -> EngineConfig:
     """``config`` for a worker that loads the same dtype, device and context length as
-    ``loaded``, with ``torch_threads`` 0 resolved to the CPUs minus one (at least one)."""
+    ``loaded``, with ``torch_threads`` 0 resolved to the CPUs minus one (at least one) and
+    ``encoder_threads`` 0 to every CPU."""
     return dataclasses.replace(
         config,
         dtype=str(loaded.dtype).removeprefix("torch."),
         device=str(loaded.device),
         max_model_len=loaded.max_model_len,
         torch_threads=config.torch_threads or max(1, (os.cpu_count() or 1) - 1),
+        encoder_threads=config.encoder_threads or os.cpu_count() or 1,
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine.image_encoder import ImageEncoder, ImageEncodingFailed
+from engine.image_encoder import ImageEncoder, ImageEncodingFailed, LargeImageThreads
 from engine.prompt import ImageFeatures, ImageInput
 
 PATCH_VALUES = 6
@@ -189,3 +189,68 @@ def test_each_successful_forward_reports_its_images_and_seconds_once():
     failing.admit(1, [image(7.0), image(8.0)])
     failing.encode([1])
     assert [images for images, _ in failing.take_batch_times()] == [1]  # 8.0 alone, after the pair failed
+
+
+def test_a_batch_of_one_image_hands_the_tower_its_pixels_without_a_copy():
+    """A real-size image's pixels are 25 MiB: a batch of one gives the tower the tensor read
+    from the slot itself; a batch of several is concatenated (one tensor per forward)."""
+    seen: list[int] = []
+    read: list[torch.Tensor] = []
+
+    def tower(pixel_values, grids):
+        seen.append(pixel_values.data_ptr())
+        return FakeTower()(pixel_values, grids)
+
+    def read_slot(pixels):
+        read.append(torch.full((4, PATCH_VALUES), pixels.value))
+        return read[-1]
+
+    encoder = ImageEncoder(tower, read_slot)
+    encoder.admit(1, [image(1.0)])
+    encoder.encode([1])
+    assert seen == [read[0].data_ptr()]
+    encoder.admit(2, [image(2.0), image(3.0)])
+    encoder.encode([2])
+    assert seen[1] not in (read[1].data_ptr(), read[2].data_ptr())
+    assert [float(f.embeddings[0, 0]) for f in encoder.features(2)] == [2.0, 3.0]
+
+
+@pytest.fixture
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_forward_holding_a_large_image_runs_on_more_threads_and_gives_them_back(one_torch_thread):
+    """``LargeImageThreads``: a forward whose largest image reaches ``min_patches`` runs on
+    ``threads`` torch threads; smaller forwards on the caller's one; the count is restored
+    after each forward, a failed one included."""
+    threads_seen: list[int] = []
+
+    def tower(pixel_values, grids):
+        threads_seen.append(torch.get_num_threads())
+        if bool((pixel_values == 9.0).any()):
+            raise ValueError("a bad image")
+        return [ImageFeatures(torch.zeros(1, PATCH_VALUES), grid) for grid in grids]
+
+    large = ImageInput("large", (1, 4, 4), FakePixels(0, 1.0))  # 16 patches
+    encoder = ImageEncoder(tower, FakeSlots().read, large_image=LargeImageThreads(2, min_patches=16))
+    encoder.admit(1, [image(2.0)])  # 4 patches
+    encoder.encode([1])
+    encoder.admit(2, [large, image(3.0)])
+    encoder.encode([2])
+    encoder.admit(3, [ImageInput("bad", (1, 4, 4), FakePixels(0, 9.0))])
+    assert encoder.encode([3]) == {3: "vision encoding failed: ValueError: a bad image"}
+    assert threads_seen == [1, 2, 2]
+    assert torch.get_num_threads() == 1
+
+
+def test_large_image_threads_never_lower_the_callers_count(one_torch_thread):
+    torch.set_num_threads(2)
+    with LargeImageThreads(1, min_patches=1).around(100):
+        assert torch.get_num_threads() == 2
+    with LargeImageThreads(3, min_patches=1).around(0):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 2

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import trio
 
 from engine.async_engine import open_engine
+from engine.config import WORKER_MALLOC_TUNABLES
 from engine.errors import ModelLoadError, RequestRejected
 from engine.sampling_params import SamplingParams
-from engine.worker_core import WorkerCore
+from engine.worker_core import WorkerCore, merged_tunables, worker_engine_config, worker_environment
 from tests.engine.configs import in_thread, in_worker
 from tests.engine.prompts import chat_prompt, noise_image
 from tests.engine.streams import run_stream, wait_until_idle
@@ -182,3 +185,84 @@ async def test_an_unloadable_model_is_a_model_load_error(tiny_model, tmp_path):
     with pytest.raises(ModelLoadError, match="could not load"):
         async with WorkerCore.start(str(tmp_path / "missing"), in_worker()):
             pass
+
+
+def process_environment(pid: int) -> dict[str, str]:
+    """The environment a running process was started with (``/proc/PID/environ``). glibc
+    parses ``GLIBC_TUNABLES`` in place, so there it reads only up to its first ``:``."""
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        items = [item.decode().partition("=") for item in environ.read().split(b"\0") if item]
+    return {name: value for name, _, value in items}
+
+
+@pytest.mark.parametrize(
+    ("environment", "configured", "expected"),
+    [
+        ({}, WORKER_MALLOC_TUNABLES, {"GLIBC_TUNABLES": WORKER_MALLOC_TUNABLES, "OMP_WAIT_POLICY": "PASSIVE"}),
+        ({}, "", {"GLIBC_TUNABLES": None, "OMP_WAIT_POLICY": "PASSIVE"}),
+        (
+            {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4", "OMP_WAIT_POLICY": "ACTIVE"},
+            "glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=8",
+            {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4:glibc.malloc.trim_threshold=8", "OMP_WAIT_POLICY": "ACTIVE"},
+        ),
+    ],
+)
+def test_the_worker_environment_adds_malloc_tunables_and_passive_openmp(environment, configured, expected):
+    """``GLIBC_TUNABLES``: the environment's own, then the configured ones it does not set
+    ('' adds none); OpenMP threads wait passively unless the environment says otherwise."""
+    base = {"PATH": "/bin", **environment}
+    env = worker_environment(base, in_worker(malloc_tunables=configured))
+    assert {name: env.get(name) for name in expected} == expected
+    assert env["PATH"] == "/bin"
+
+
+async def test_the_worker_process_starts_with_that_environment(tiny_model_dir):
+    async with WorkerCore.start(str(tiny_model_dir), in_worker()) as core:
+        worker = process_environment(core.pid)
+    assert worker["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    expected = merged_tunables(os.environ.get("GLIBC_TUNABLES", ""), WORKER_MALLOC_TUNABLES)
+    assert worker["GLIBC_TUNABLES"] == expected.split(":")[0]
+
+
+FREED_BLOCK = """
+import ctypes
+libc = ctypes.CDLL("libc.so.6")
+class MallInfo(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = MallInfo
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(25 << 20)
+mmapped = libc.mallinfo2().hblks
+libc.free(ctypes.c_void_p(block))
+print(mmapped, libc.mallinfo2().arena >> 20)
+"""
+
+
+@pytest.mark.parametrize(("configured", "heap_keeps_it"), [(WORKER_MALLOC_TUNABLES, True), ("", False)])
+def test_the_default_tunables_keep_a_freed_25_mib_block_in_the_heap(monkeypatch, configured, heap_keeps_it):
+    """What the tunables are for: a real-size image's 25 MiB of pixels comes from the heap
+    and stays there when freed, ready for the next step; glibc's own defaults mmap it (and
+    the next one is refaulted page by page)."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    env = worker_environment(os.environ, in_worker(malloc_tunables=configured))
+    out = subprocess.run([sys.executable, "-c", FREED_BLOCK], env=env, capture_output=True, text=True, check=True)
+    mmapped, heap_mib = map(int, out.stdout.split())
+    if heap_keeps_it:
+        assert (mmapped, heap_mib >= 25) == (0, True)
+    else:
+        assert (mmapped >= 1, heap_mib < 25) == (True, True)
+
+
+def test_merged_tunables_keep_the_first_setting_of_each_name():
+    assert merged_tunables("", "a=1:b=2") == "a=1:b=2"
+    assert merged_tunables("b=9", "a=1:b=2") == "b=9:a=1"
+    assert merged_tunables("a=1:", "") == "a=1"
+    assert merged_tunables("", "") == ""
+
+
+def test_a_worker_config_gives_large_images_every_cpu_unless_told(tiny_model):
+    resolved = worker_engine_config(tiny_model, in_worker())
+    assert resolved.encoder_threads == (os.cpu_count() or 1)
+    assert worker_engine_config(tiny_model, in_worker(encoder_threads=3)).encoder_threads == 3
+    with pytest.raises(ValueError, match="encoder_threads"):
+        in_worker(encoder_threads=-1)
