@@ -189,7 +189,7 @@ async def test_an_unloadable_model_is_a_model_load_error(tiny_model, tmp_path):
 
 def process_environment(pid: int) -> dict[str, str]:
     """The environment a running process was started with (``/proc/PID/environ``). glibc
-    parses ``GLIBC_TUNABLES`` in place, so there it reads only up to its first ``:``."""
+    2.36 parses ``GLIBC_TUNABLES`` in place, so there it reads only up to its first ``:``."""
     with open(f"/proc/{pid}/environ", "rb") as environ:
         items = [item.decode().partition("=") for item in environ.read().split(b"\0") if item]
     return {name: value for name, _, value in items}
@@ -221,7 +221,8 @@ async def test_the_worker_process_starts_with_that_environment(tiny_model_dir):
         worker = process_environment(core.pid)
     assert worker["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     expected = merged_tunables(os.environ.get("GLIBC_TUNABLES", ""), WORKER_MALLOC_TUNABLES)
-    assert worker["GLIBC_TUNABLES"] == expected.split(":")[0]
+    # glibc 2.36 leaves only the first item there; a glibc that parses a copy, all of them
+    assert worker["GLIBC_TUNABLES"] in (expected, expected.split(":")[0])
 
 
 FREED_BLOCK = """
