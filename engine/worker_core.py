@@ -40,9 +40,8 @@ STOP_SECONDS = 10.0
 
 
 def merged_tunables(own: str, added: str) -> str:
-    """``own`` GLIBC_TUNABLES followed by those of ``added`` whose names ``own`` does not set
-    (glibc takes the first of a repeated name, so ``own`` wins either way; this keeps the
-    value readable)."""
+    """``own`` GLIBC_TUNABLES followed by those of ``added`` whose names ``own`` does not set:
+    each name appears once, so the value glibc applies for it is the environment's own."""
     pairs = [item for item in own.split(":") if item]
     named = {item.partition("=")[0] for item in pairs}
     pairs += [item for item in added.split(":") if item and item.partition("=")[0] not in named]
