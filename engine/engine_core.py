@@ -134,9 +134,8 @@ class EngineCore:
                 max_batch_images=config.vision_max_batch_size,
                 max_batch_patches=config.vision_max_batch_patches,
                 cache_bytes=config.mm_cache_mb << 20,
-                large_image=LargeImageThreads(config.encoder_threads, config.encoder_threads_min_patches)
-                if config.encoder_threads
-                else None,
+                # encoder_threads 0 (in-thread placement) never raises the step thread's count
+                large_image=LargeImageThreads(config.encoder_threads, config.encoder_threads_min_patches),
             )
         blocks = kv_blocks_for(loaded, config)
         logger.info(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -71,6 +71,10 @@ class LargeImageThreads:
             yield
         finally:
             torch.set_num_threads(before)
+
+
+# every forward on the calling thread's count (a ``threads`` of 0 never raises it)
+CALLERS_THREADS = LargeImageThreads(threads=0, min_patches=0)
 
 
 @dataclass(frozen=True)
@@ -168,12 +172,12 @@ class ImageEncoder:
         max_batch_images: int = 16,
         max_batch_patches: int = 32768,
         cache_bytes: int = 256 << 20,
-        large_image: LargeImageThreads | None = None,
+        large_image: LargeImageThreads = CALLERS_THREADS,
     ) -> None:
         """``encode_fn(pixel_values, grids)`` is the vision tower (one features per image);
         ``read_pixels`` copies a slot's pixels (``SlotMemory.read``); ``None`` when no slots
         exist (then only ``ImageFeatures`` inputs are accepted). ``large_image``: the torch
-        threads of forwards holding a large image (none: every forward on the caller's)."""
+        threads of forwards holding a large image (by default every forward on the caller's)."""
         if max_batch_images < 1 or max_batch_patches < 1:
             raise ValueError("the encoder's batch limits must be at least 1")
         self._encode_fn = encode_fn
@@ -267,10 +271,7 @@ class ImageEncoder:
             started = time.perf_counter()
             # one image: its own tensor (a 1024² image's pixels are 25 MiB; a copy costs faults and time)
             pixel_values = batch[0].pixel_values if len(batch) == 1 else torch.cat([p.pixel_values for p in batch])
-            threads = (
-                self._large_image.around(max(p.num_patches for p in batch)) if self._large_image else nullcontext()
-            )
-            with threads, torch.inference_mode():
+            with self._large_image.around(max(p.num_patches for p in batch)), torch.inference_mode():
                 results = self._encode_fn(pixel_values, [p.grid_thw for p in batch])
             seconds = time.perf_counter() - started
             if len(results) != len(batch):
