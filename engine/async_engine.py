@@ -227,6 +227,6 @@ def open_engine(
     from engine.thread_core import ThreadCore
 
     gate = device_gate or trio.CapacityLimiter(1)
-    read_pixels = slots.memory.read if slots is not None else None
-    core = ThreadCore(loaded, config, gate, read_pixels)
+    view_pixels = slots.memory.view if slots is not None else None
+    core = ThreadCore(loaded, config, gate, view_pixels)
     return AsyncEngine.open(core, config.stream_interval, gate, config.stream_fanout)

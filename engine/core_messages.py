@@ -52,8 +52,9 @@ class SequenceOutput:
 @dataclass(frozen=True)
 class StepOutputs:
     """Sent after every step, and whenever the loop goes idle, so statistics stay current.
-    ``pixels_read``: sequences whose images' pixel slots the step loop no longer needs (it
-    copied them, or dropped the sequence first); the front end reuses those slots.
+    ``pixels_read``: sequences whose images' pixel slots the step loop no longer reads (each
+    image encoded, failed or dropped, or the sequence never admitted); the front end reuses
+    those slots.
     ``timings``: what the step measured (``None`` when no step ran)."""
 
     updates: list[SequenceOutput]

@@ -21,7 +21,7 @@ from engine.block_manager import BlockManager
 from engine.core_messages import SequenceOutput
 from engine.detokenizer import IncrementalDetokenizer, token_text
 from engine.grammar import GrammarMatcher, Grammars, allowed_tokens
-from engine.image_encoder import ImageEncoder, ImageEncodingFailed, LargeImageThreads, ReadPixels
+from engine.image_encoder import ImageEncoder, ImageEncodingFailed, LargeImageThreads, ViewPixels
 from engine.model_runner import ModelRunner, bytes_per_token
 from engine.outputs import TokenLogprob, TopLogprob
 from engine.prompt import EnginePrompt
@@ -121,16 +121,16 @@ class EngineCore:
         config: EngineConfig,
         *,
         has_news: Callable[[], bool] = lambda: False,
-        read_pixels: ReadPixels | None = None,
+        view_pixels: ViewPixels | None = None,
     ) -> EngineCore:
         """The core for a loaded model: its runner, tokenizer, stop ids and limits (the
         context length is the loaded model's), and for a vision model its image encoder,
-        which reads pixels with ``read_pixels`` (``SlotMemory.read``)."""
+        which reads pixels in place with ``view_pixels`` (``SlotMemory.view``)."""
         encoder = None
         if loaded.supports_images:
             encoder = ImageEncoder(
                 loaded.adapter.encode_images,
-                read_pixels,
+                view_pixels,
                 max_batch_images=config.vision_max_batch_size,
                 max_batch_patches=config.vision_max_batch_patches,
                 cache_bytes=config.mm_cache_mb << 20,
@@ -271,8 +271,9 @@ class EngineCore:
         return ready
 
     def admit_images(self, seq: Sequence) -> None:
-        """Hand a new sequence's images to the encoder (pixels are copied out of their
-        slots now). Raises if they cannot be read; the encoder then holds nothing for it."""
+        """Hand a new sequence's images to the encoder (it reads their pixels in their slots
+        until they are encoded, ``ImageEncoder.take_slots_done``). Raises if they cannot be
+        read; the encoder then holds nothing for it."""
         if self.encoder is not None and seq.prompt.images:
             self.encoder.admit(seq.seq_id, seq.prompt.images)
 

@@ -11,8 +11,8 @@ forward (the scheduler keeps a step's patches within the encoder budget).
 Lifecycle of an image (``ImageInput``):
 
 - ``admit(seq_id, images)`` when the sequence arrives: a key cached already is a hit; a key
-  another live sequence brought is shared; otherwise the pixels are copied out of their
-  shared-memory slot now (the front end reuses the slot once told).
+  another live sequence brought is shared; otherwise the encoder reads the pixels where
+  they are, in their shared-memory slot (a view, no copy), until the image is encoded.
 - ``encode(seq_ids)`` in the step that prefills them: every pending image of those
   sequences, batched. A failed forward of several images retries each alone, so a bad
   image fails only the sequences that hold it.
@@ -22,6 +22,12 @@ Lifecycle of an image (``ImageInput``):
 - ``features(seq_id)`` for the prefill, then ``release(seq_id)``. A sequence aborted or
   failed before its step is released without encoding: pixels that no live sequence holds
   are dropped, never encoded.
+- ``take_slots_done()``: the sequences whose slots the encoder no longer reads, each
+  reported once: at admission if it brought no pixels of its own to read (a hit, a shared
+  key, a failure), else once every image read from its slots is encoded, failed or
+  dropped. Until then the front end keeps those slots (``engine.slot_lease``), so the
+  pixels waiting in the engine are bounded by the slot pool, and none is copied into the
+  engine's heap (docs/architecture.md, "Pixel slots").
 
 Plain synchronous code, not thread-safe: the step loop's one thread calls it.
 """
@@ -43,7 +49,8 @@ if TYPE_CHECKING:
     from engine.pixel_slots import SlotPixels
 
 EncodeFn = Callable[[torch.Tensor, list[tuple[int, int, int]]], list[ImageFeatures]]
-ReadPixels = Callable[["SlotPixels"], torch.Tensor]
+# a tensor over an image's pixels in their slot (``SlotMemory.view``), valid while the slot is held
+ViewPixels = Callable[["SlotPixels"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -101,14 +108,16 @@ class ImageEncodingFailed(RuntimeError):
 
 
 class _Pending:
-    """An image whose pixels the engine holds and has not encoded yet."""
+    """An image whose pixels the engine reads from the slot of sequence ``reader_of`` and
+    has not encoded yet."""
 
-    __slots__ = ("error", "features", "grid_thw", "holders", "key", "pixel_values")
+    __slots__ = ("error", "features", "grid_thw", "holders", "key", "pixel_values", "reader_of")
 
-    def __init__(self, key: str, grid_thw: tuple[int, int, int], pixel_values: torch.Tensor) -> None:
+    def __init__(self, key: str, grid_thw: tuple[int, int, int], pixel_values: torch.Tensor, reader_of: int) -> None:
         self.key = key
         self.grid_thw = grid_thw
         self.pixel_values: torch.Tensor | None = pixel_values
+        self.reader_of: int | None = reader_of  # whose slot ``pixel_values`` views; None once done
         self.features: ImageFeatures | None = None
         self.error: str | None = None
         self.holders = 0
@@ -167,7 +176,7 @@ class ImageEncoder:
     def __init__(
         self,
         encode_fn: EncodeFn,
-        read_pixels: ReadPixels | None,
+        view_pixels: ViewPixels | None,
         *,
         max_batch_images: int = 16,
         max_batch_patches: int = 32768,
@@ -175,19 +184,22 @@ class ImageEncoder:
         large_image: LargeImageThreads = CALLERS_THREADS,
     ) -> None:
         """``encode_fn(pixel_values, grids)`` is the vision tower (one features per image);
-        ``read_pixels`` copies a slot's pixels (``SlotMemory.read``); ``None`` when no slots
-        exist (then only ``ImageFeatures`` inputs are accepted). ``large_image``: the torch
+        ``view_pixels`` gives a tensor over a slot's pixels (``SlotMemory.view``); ``None``
+        when no slots exist (then only ``ImageFeatures`` inputs are accepted). ``large_image``: the torch
         threads of forwards holding a large image (by default every forward on the caller's)."""
         if max_batch_images < 1 or max_batch_patches < 1:
             raise ValueError("the encoder's batch limits must be at least 1")
         self._encode_fn = encode_fn
-        self._read_pixels = read_pixels
+        self._view_pixels = view_pixels
         self.max_batch_images = max_batch_images
         self.max_batch_patches = max_batch_patches
         self._cache = FeatureCache(cache_bytes)
         self._large_image = large_image
         self._pending: dict[str, _Pending] = {}
         self._held: dict[int, list[_Held]] = {}
+        # sequences admitted whose slots are still read: images not done (+1 while admitting)
+        self._reading: dict[int, int] = {}
+        self._slots_done: list[int] = []  # sequences whose slots are no longer read, in order
         self._batches = 0
         self._encoded = 0
         self._dropped = 0
@@ -200,18 +212,24 @@ class ImageEncoder:
 
     def admit(self, seq_id: int, images: Iterable[ImageFeatures | ImageInput]) -> None:
         """Take the images of a new sequence: cached or shared keys need nothing; other
-        pixels are copied out of their slot now. Raises what ``read_pixels`` raises (the
-        sequence is then failed by the caller, holding nothing)."""
+        pixels are viewed in their slot, which the encoder reads until they are encoded.
+        Raises what ``view_pixels`` raises (the sequence is then failed by the caller,
+        holding nothing). Either way ``seq_id`` is reported by ``take_slots_done`` exactly
+        once (at once if nothing of its slots is read)."""
         held: list[_Held] = []
+        self._reading[seq_id] = 1  # admission's own count: no report while images are taken
         try:
             for image in images:
-                held.append(self._take(image))
+                held.append(self._take(seq_id, image))
         except BaseException:
             self._drop(held)
             raise
-        self._held[seq_id] = held
+        else:
+            self._held[seq_id] = held
+        finally:
+            self._done_reading(seq_id)
 
-    def _take(self, image: ImageFeatures | ImageInput) -> _Held:
+    def _take(self, seq_id: int, image: ImageFeatures | ImageInput) -> _Held:
         if isinstance(image, ImageFeatures):
             return image
         cached = self._cache.get(image.key)
@@ -221,12 +239,37 @@ class ImageEncoder:
         self._misses += 1
         pending = self._pending.get(image.key)
         if pending is None:
-            if self._read_pixels is None:
+            if self._view_pixels is None:
                 raise RuntimeError("this engine has no pixel slots to read images from")
-            pending = _Pending(image.key, image.grid_thw, self._read_pixels(image.pixels))
+            pending = _Pending(image.key, image.grid_thw, self._view_pixels(image.pixels), reader_of=seq_id)
             self._pending[image.key] = pending
+            self._reading[seq_id] += 1
         pending.holders += 1
         return pending
+
+    def _done_reading(self, seq_id: int) -> None:
+        """One image (or admission) of ``seq_id`` no longer reads its slots; the last one
+        reports the sequence."""
+        left = self._reading[seq_id] - 1
+        if left:
+            self._reading[seq_id] = left
+        else:
+            del self._reading[seq_id]
+            self._slots_done.append(seq_id)
+
+    def _forget_pixels(self, pending: _Pending) -> None:
+        """The pending image's pixels are no longer needed (encoded, failed or dropped):
+        drop the view and tell its slot's sequence (once)."""
+        pending.pixel_values = None
+        if pending.reader_of is not None:
+            reader_of, pending.reader_of = pending.reader_of, None
+            self._done_reading(reader_of)
+
+    def take_slots_done(self) -> list[int]:
+        """Sequences whose pixel slots the encoder no longer reads since the last call, in
+        the order they became so; each admitted sequence appears exactly once."""
+        done, self._slots_done = self._slots_done, []
+        return done
 
     def patches_to_encode(self, seq_id: int) -> int:
         """Patches of this sequence's images still to encode (0 if all are ready)."""
@@ -269,7 +312,7 @@ class ImageEncoder:
     def _encode_batch(self, batch: list[_Pending], *, retry_alone: bool) -> None:
         try:
             started = time.perf_counter()
-            # one image: its own tensor (a 1024² image's pixels are 25 MiB; a copy costs faults and time)
+            # one image: the view of its slot (a 1024² image's pixels are 25 MiB; a copy costs faults and time)
             pixel_values = batch[0].pixel_values if len(batch) == 1 else torch.cat([p.pixel_values for p in batch])
             with self._large_image.around(max(p.num_patches for p in batch)), torch.inference_mode():
                 results = self._encode_fn(pixel_values, [p.grid_thw for p in batch])
@@ -283,7 +326,7 @@ class ImageEncoder:
                 return
             for pending in batch:
                 pending.error = f"vision encoding failed: {type(exc).__name__}: {exc}"
-                pending.pixel_values = None
+                self._forget_pixels(pending)
                 self._pending.pop(pending.key, None)  # a later sequence with this image tries afresh
             return
         self._batches += 1
@@ -292,7 +335,7 @@ class ImageEncoder:
         self._largest = max(self._largest, len(batch))
         for pending, features in zip(batch, results, strict=True):
             pending.features = features
-            pending.pixel_values = None
+            self._forget_pixels(pending)
             self._encoded += 1
             self._cache.put(pending.key, features)
             self._pending.pop(pending.key, None)  # later sequences find it in the cache
@@ -326,7 +369,7 @@ class ImageEncoder:
                 del self._pending[h.key]
                 if not h.ready:
                     self._dropped += 1
-                h.pixel_values = None
+                self._forget_pixels(h)
 
     def take_batch_times(self) -> tuple[tuple[int, float], ...]:
         """(images, seconds) of each successful forward since the last call, oldest first."""

@@ -2,7 +2,8 @@
 
 Prep (a worker thread or a prep worker process) writes one image's preprocessed pixels
 into a slot of one shared-memory segment and hands on a small ``SlotPixels`` descriptor;
-the reader (the engine, in its worker process or a thread) copies them out. Nothing large
+the reader (the engine's vision encoder, in its worker process or a thread) reads them in
+place until the image is encoded. Nothing large
 travels through a pipe or gets unpickled on an event loop (docs/architecture.md, "Pixel
 slots").
 
@@ -11,9 +12,10 @@ slots").
   for it) and always closes and unlinks it when the block exits.
 - A slot is a gated resource: ``SlotPool.acquire`` waits while none is free and returns a
   ``Slot`` handle whose ``release`` hands it back. The holder releases it on every path
-  (``try``/``finally``), once the reader has copied the pixels out.
+  (``try``/``finally``), once the reader no longer needs the pixels.
 - ``SlotMemory`` is one process's mapping of the segment (``SlotMemory.attach(spec)``):
-  ``write`` copies a tensor into a slot, ``read`` copies it out again.
+  ``write`` copies a tensor into a slot, ``view`` reads it in place, ``read`` copies it
+  out again.
 
 Which process may write or read a slot is decided by whoever holds its ``Slot``; the
 memory itself has no locks. This module imports no torch at import time (``SlotSpec`` and
@@ -109,7 +111,7 @@ class Slot:
     ``release`` is synchronous and idempotent: the first call hands the slot back to its
     pool (waking the longest waiter, if any), later calls do nothing. Call it from the trio
     thread that runs the pool (a ``finally`` block, a delivery callback), and only once the
-    slot's pixels have been copied out or will never be read."""
+    slot's pixels will never be read again."""
 
     __slots__ = ("_pool", "index", "released")
 
@@ -198,10 +200,11 @@ class SlotPool:
 
 
 class SlotMemory:
-    """One process's mapping of a pool's segment: copies tensors in and out of slots.
+    """One process's mapping of a pool's segment: tensors into slots, views of them, copies
+    out of them.
 
     ``write`` and ``read`` keep no view of the mapping past their return. ``close`` must
-    wait until no ``write``/``read`` runs and no ``tensor_view`` is alive: the views are
+    wait until no ``write``/``read`` runs and no ``tensor_view`` or ``view`` is alive: the views are
     ``torch.frombuffer`` tensors, which hold no buffer export, so the mapping would not
     refuse to close under them (the runtime closes the pool last, when nothing uses it).
     Different slots may be written and read from different threads at once; one slot is
@@ -274,6 +277,13 @@ class SlotMemory:
             return torch.empty(shape, dtype=getattr(torch, dtype))
         raw = torch.frombuffer(self._open_mapping(), dtype=torch.uint8, count=nbytes, offset=offset)
         return raw.view(getattr(torch, dtype)).reshape(shape)
+
+    def view(self, pixels: SlotPixels) -> torch.Tensor:
+        """The tensor ``pixels`` describes, over its slot's memory (no copy): what the
+        engine's vision encoder reads. Valid only while the slot is held (the engine's hold
+        ends once the image is encoded, ``engine.slot_lease``) and the mapping is open; the
+        same rules as ``tensor_view``. Raises ``SlotTooSmall`` or ``IndexError`` as it does."""
+        return self.tensor_view(pixels.index, pixels.shape, pixels.dtype)
 
     def read(self, pixels: SlotPixels) -> torch.Tensor:
         """A private copy of the tensor ``pixels`` describes (safe after the slot is reused)."""

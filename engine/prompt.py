@@ -31,8 +31,9 @@ class ImageInput:
     its patch grid, and ``key``, which names the image's content and preprocessing (equal
     keys, equal features: the encoder encodes a key once and caches its features).
 
-    The slot belongs to the front end; the step loop copies the pixels out when the
-    sequence arrives and reports it (``StepOutputs.pixels_read``) so the slot is reused."""
+    The slot belongs to the front end; the engine's encoder reads the pixels in place and,
+    once the image is encoded (or dropped), reports the sequence
+    (``StepOutputs.pixels_read``) so the slot is reused."""
 
     key: str
     grid_thw: tuple[int, int, int]

@@ -2,7 +2,7 @@
 engine, released once neither needs them.
 
 A prompt's images sit in shared-memory slots (``engine.pixel_slots``) from preparation
-until the step loop has copied them. The creator (the request that prepared the prompt)
+until the engine's vision encoder has encoded them (it reads them in place). The creator (the request that prepared the prompt)
 holds the lease until it has submitted every sequence of the prompt, or until it ends,
 whichever comes first (``release_creator``, idempotent, so both paths may call it). The
 engine front end takes one hold per sequence it submits and drops it when the step loop

@@ -26,7 +26,7 @@ from engine.step_timings import StepTimings
 if TYPE_CHECKING:
     from engine.config import EngineConfig
     from engine.engine_core import EngineCore
-    from engine.image_encoder import ReadPixels
+    from engine.image_encoder import ViewPixels
     from engine.model_loader import LoadedModel
 
 
@@ -54,11 +54,11 @@ class StepLoop:
         config: EngineConfig,
         *,
         has_news: Callable[[], bool] = lambda: False,
-        read_pixels: ReadPixels | None = None,
+        view_pixels: ViewPixels | None = None,
     ) -> StepLoop:
         """The loop for a loaded model. ``has_news()`` (read from the step) says whether
         the front end has sent something since: it ends a run of back-to-back decode steps.
-        ``read_pixels`` copies an image's pixels out of its slot (``SlotMemory.read``)."""
+        ``view_pixels`` gives a tensor over an image's pixels in its slot (``SlotMemory.view``)."""
         from engine.engine_core import EngineCore
 
         core = EngineCore.for_model(
@@ -66,7 +66,7 @@ class StepLoop:
             config,
             # ``scheduler`` is bound below, before any step can call this
             has_news=lambda: scheduler.num_waiting > 0 or has_news(),
-            read_pixels=read_pixels,
+            view_pixels=view_pixels,
         )
         encoder = core.encoder
         scheduler = Scheduler(
@@ -86,14 +86,16 @@ class StepLoop:
         """Add the new sequences, then abort: a waiting sequence is forgotten at once (its
         images unencoded), a running one leaves the batch (freeing its cache) at the next
         step. A sequence aborted in the same submit is never added. Ids no longer known
-        (finished already) are ignored. Every new sequence with pixels is reported in the
-        next outputs' ``pixels_read``: its slots are free to reuse."""
+        (finished already) are ignored. Every new sequence with pixels is reported once in
+        ``pixels_read`` when its slots are free to reuse: at once if it is never added (or
+        the model has no encoder), else when the encoder no longer reads them
+        (``ImageEncoder.take_slots_done``: its images encoded, failed or dropped)."""
         aborted_now = set(submit.aborts)
         for new in submit.adds:
-            if new.prompt.has_pixels:
-                self._pixels_read.append(new.seq_id)
             if new.seq_id not in aborted_now:
                 self._add(new)
+            elif new.prompt.has_pixels:
+                self._pixels_read.append(new.seq_id)
         for seq_id in submit.aborts:
             seq = self._sequences.get(seq_id)
             if seq is None:
@@ -107,8 +109,10 @@ class StepLoop:
 
     def _add(self, new: NewSequence) -> None:
         seq = Sequence(new.seq_id, new.prompt, new.params)
+        if new.prompt.has_pixels and self._core.encoder is None:
+            self._pixels_read.append(new.seq_id)  # nothing here reads slots
         try:
-            self._core.admit_images(seq)  # copies the pixels out of their slots
+            self._core.admit_images(seq)  # the encoder reports its slots once it no longer reads them
         except Exception as exc:  # fails this sequence only
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
             seq.error = f"the engine could not read this request's images: {type(exc).__name__}: {exc}"
@@ -130,6 +134,7 @@ class StepLoop:
         (pixel slots read, sequences failed on arrival), else ``None``."""
         for submit in submits:
             self.apply(submit)
+        self._collect_slots_done()
         return self._news() if self._pixels_read or self._early_updates else None
 
     def news(self) -> StepOutputs:
@@ -140,9 +145,14 @@ class StepLoop:
         """Outputs to send now: sequences failed on arrival, then ``step_updates`` (a
         step's, if one ran), the slots read since the last outputs, statistics, and the
         step's ``timings``."""
+        self._collect_slots_done()
         outputs = StepOutputs(self._early_updates + list(step_updates), self.statistics(), self._pixels_read, timings)
         self._early_updates, self._pixels_read = [], []
         return outputs
+
+    def _collect_slots_done(self) -> None:
+        if self._core.encoder is not None:
+            self._pixels_read.extend(self._core.encoder.take_slots_done())
 
     def run_step(self) -> StepOutputs | None:
         """One scheduled step and its outputs; ``None`` if there was nothing to run."""

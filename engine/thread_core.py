@@ -19,7 +19,7 @@ from engine.step_loop import StepLoop
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
-    from engine.image_encoder import ReadPixels
+    from engine.image_encoder import ViewPixels
     from engine.model_loader import LoadedModel
 
 
@@ -33,10 +33,10 @@ class ThreadCore:
         loaded: LoadedModel,
         config: EngineConfig,
         device_gate: trio.CapacityLimiter,
-        read_pixels: ReadPixels | None = None,
+        view_pixels: ViewPixels | None = None,
     ) -> None:
         self._loaded = loaded
-        self._read_pixels = read_pixels
+        self._view_pixels = view_pixels
         self._config = config
         self._device_gate = device_gate
         self.max_model_len = loaded.max_model_len
@@ -48,7 +48,7 @@ class ThreadCore:
         Cancellation: waits for the running step's thread, then raises ``Cancelled``.
         """
         # back-to-back decode sub-steps stop as soon as the front end has anything to send
-        loop = StepLoop.for_model(self._loaded, self._config, has_news=outbox.__bool__, read_pixels=self._read_pixels)
+        loop = StepLoop.for_model(self._loaded, self._config, has_news=outbox.__bool__, view_pixels=self._view_pixels)
         while True:
             if not loop.has_work():
                 await outbox.wait()

@@ -10,7 +10,7 @@ The worker keeps the card's shape (docs/architecture.md, "Processes and ownershi
   ``trio.to_thread.run_sync(..., limiter=device_gate)``: the thread doing the work holds
   the gate and is never abandoned. One such call runs steps back to back for as long as
   there is work (``_run_while_busy``): before each step it applies what the inbox holds
-  (admitting new sequences copies their pixels out of their slots), after it the thread
+  (admitting new sequences: their pixels are read in place in their slots), after it the thread
   writes the step's outputs to the socket itself (``OutputWriter``). A step therefore
   never waits for this process's event loop: with a round trip through the loop per
   step, the step thread sat idle for ~15 % of a 64-stream text burst, waiting for the

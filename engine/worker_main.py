@@ -61,13 +61,13 @@ def _build(start: WorkerStart, channel: BlockingMessageSocket, inbox: Inbox) -> 
         device=config.device,
         max_model_len=config.max_model_len,
     )
-    read_pixels = None
+    view_pixels = None
     if start.slots is not None:
         from engine.pixel_slots import SlotMemory
 
-        read_pixels = SlotMemory.attach(start.slots).read  # kept for the life of the process
+        view_pixels = SlotMemory.attach(start.slots).view  # the mapping is kept for the life of the process
     # stop back-to-back decode steps as soon as the front end has sent anything
-    loop = StepLoop.for_model(loaded, config, has_news=inbox.__bool__, read_pixels=read_pixels)
+    loop = StepLoop.for_model(loaded, config, has_news=inbox.__bool__, view_pixels=view_pixels)
     gc.collect()
     gc.freeze()  # as in the front end: full collections skip the model's objects
     channel.send(

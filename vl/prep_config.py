@@ -57,8 +57,8 @@ class PrepConfig:
         default=16,
         metadata={
             "help": "shared-memory slots for preprocessed image pixels; an image holds one from the start of its "
-            "preprocessing until the engine has copied its pixels (at its next step), and waits while none is "
-            "free (the pool takes pixel-slots x pixel-slot-mb of /dev/shm)"
+            "preprocessing until the engine has encoded it (the engine reads the pixels in place), and waits "
+            "while none is free (the pool takes pixel-slots x pixel-slot-mb of /dev/shm)"
         },
     )
     pixel_slot_mb: int = field(

@@ -1,11 +1,12 @@
 """Images in the engine's step loop, on the real tiny model and a real pixel-slot pool:
-pixels are read from their slot when a sequence arrives, encoded in the step that
-prefills it (one batch for every joining sequence), and never encoded for a sequence
-that is aborted first."""
+pixels are read in their slot, encoded in the step that prefills their sequence (one batch
+for every joining sequence), never encoded for a sequence that is aborted first, and the
+slot is reported free only once its image is encoded or dropped."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine.config import EngineConfig
 from engine.core_messages import NewSequence, Submit
@@ -26,7 +27,7 @@ def pool(tiny_model):
 
 @pytest.fixture
 def loop(tiny_model, pool):
-    return StepLoop.for_model(tiny_model, EngineConfig(), read_pixels=pool.memory.read)
+    return StepLoop.for_model(tiny_model, EngineConfig(), view_pixels=pool.memory.view)
 
 
 def image_sequence(tiny_model, pool, seq_id: int, seed: int, *, key: str | None = None, params=GREEDY):
@@ -103,6 +104,30 @@ def test_an_abort_during_the_encoding_step_lets_the_batch_finish_and_drops_the_r
     stats = loop.statistics()
     assert (stats.images_encoded, stats.encoder_batches, stats.images_dropped) == (2, 1, 0)
     assert stats.running == 0 and stats.cache_tokens == 0
+
+
+def test_a_slot_is_reported_free_in_the_step_that_encodes_its_image(tiny_model, pool):
+    """Invariant: a sequence waiting behind the encoder budget keeps its slot (it is not in
+    ``pixels_read``) until the step that encodes its image; an overwrite of a slot after it
+    was reported never reaches a forward (outputs equal ``generate``'s)."""
+    first, reference_1 = image_sequence(tiny_model, pool, 1, seed=1)
+    second, reference_2 = image_sequence(tiny_model, pool, 2, seed=2)
+    patches = first.prompt.images[0].num_patches
+    loop = StepLoop.for_model(tiny_model, EngineConfig(vision_step_patches=patches), view_pixels=pool.memory.view)
+    tokens: dict[int, list[int]] = {}
+    outputs = loop.step(Submit([first, second]))  # room for one image's encoding per step
+    assert outputs.pixels_read == [1] and loop.statistics().images_encoded == 1
+    pool.memory.write(1, torch.full_like(pool.memory.read(first.prompt.images[0].pixels), float("nan")))
+    for update in outputs.updates:
+        tokens.setdefault(update.seq_id, []).extend(update.token_ids)
+    outputs = loop.step()
+    assert outputs.pixels_read == [2] and loop.statistics().images_encoded == 2
+    for update in outputs.updates:
+        tokens.setdefault(update.seq_id, []).extend(update.token_ids)
+    for seq_id, more in run_until_idle(loop).items():
+        tokens[seq_id] += more
+    for seq_id, (reference, extra) in ((1, reference_1), (2, reference_2)):
+        assert tokens[seq_id] == reference_generate(tiny_model, reference, extra, GREEDY.max_tokens)
 
 
 def test_one_picture_in_two_sequences_is_read_and_encoded_once(tiny_model, pool, loop):

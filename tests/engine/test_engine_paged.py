@@ -34,11 +34,11 @@ SYSTEM = "you are a careful assistant who answers every question in full sentenc
 class Recorded:
     """A step loop over the tiny model whose plans are kept (``plans``)."""
 
-    def __init__(self, tiny_model, *, blocks: int, max_len: int = 80, read_pixels=None, **config) -> None:
+    def __init__(self, tiny_model, *, blocks: int, max_len: int = 80, view_pixels=None, **config) -> None:
         loaded = dataclasses.replace(tiny_model, max_model_len=max_len)
         mib = blocks * BLOCK * bytes_per_token(tiny_model.adapter) / 2**20
         cfg = in_thread(kv_cache_memory=mib, kv_block_size=BLOCK, **config)
-        self.core = EngineCore.for_model(loaded, cfg, read_pixels=read_pixels)
+        self.core = EngineCore.for_model(loaded, cfg, view_pixels=view_pixels)
         encoder = self.core.encoder
         self.scheduler = Scheduler(
             max_num_seqs=cfg.max_num_seqs,
@@ -205,7 +205,7 @@ def test_image_blocks_are_shared_only_for_the_same_image(tiny_model, pool):
     cat2, _, _ = image_request(tiny_model, pool, 2, seed=1, key="cat")
     assert cat.token_ids == dog.token_ids
     first_image = cat.token_ids.index(tiny_model.model.config.image_token_id)
-    engine = Recorded(tiny_model, blocks=64, max_num_batched_tokens=10, read_pixels=pool.memory.read)
+    engine = Recorded(tiny_model, blocks=64, max_num_batched_tokens=10, view_pixels=pool.memory.view)
     got = engine.run(
         [NewSequence(0, cat, greedy(6))],
         later={30: [NewSequence(1, dog, greedy(6))], 60: [NewSequence(2, cat2, greedy(6))]},

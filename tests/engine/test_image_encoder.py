@@ -43,7 +43,7 @@ class FakeSlots:
     def __init__(self) -> None:
         self.reads: list[int] = []
 
-    def read(self, pixels: FakePixels) -> torch.Tensor:
+    def view(self, pixels: FakePixels) -> torch.Tensor:
         self.reads.append(pixels.index)
         return torch.full((4, PATCH_VALUES), pixels.value)
 
@@ -55,14 +55,14 @@ def image(value: float, *, key: str | None = None, index: int = 0) -> ImageInput
 def make(tower=None, **options):
     tower = tower or FakeTower()
     slots = FakeSlots()
-    return ImageEncoder(tower, slots.read, **options), tower, slots
+    return ImageEncoder(tower, slots.view, **options), tower, slots
 
 
 def test_images_of_joining_sequences_are_encoded_in_one_batch_and_reach_each_sequence():
     encoder, tower, slots = make()
     encoder.admit(1, [image(1.0, index=0), image(2.0, index=1)])
     encoder.admit(2, [image(3.0, index=2)])
-    assert slots.reads == [0, 1, 2]  # copied out of their slots on arrival
+    assert slots.reads == [0, 1, 2]  # viewed in their slots on arrival
     assert encoder.patches_to_encode(1) == 8 and encoder.patches_to_encode(2) == 4
     assert encoder.encode([1, 2]) == {}
     assert tower.batches == [[1.0, 2.0, 3.0]]
@@ -159,6 +159,112 @@ def test_a_failed_read_holds_nothing():
     with pytest.raises(OSError):
         encoder.admit(2, [image(5.0, key="ok"), image(6.0)])
     assert not encoder.holds(2) and encoder.statistics().pending_images == 0
+    assert encoder.take_slots_done() == [2]  # reported once, its slots read no more
+
+
+def test_a_sequence_s_slots_are_reported_once_no_image_still_reads_them():
+    """Invariant: the encoder reports a sequence's slots free (``take_slots_done``) only
+    once every image it reads from them is encoded, failed or dropped, even when the
+    sequence itself left first and another still needs the image; a sequence that brings
+    nothing to read (a shared or cached key) is reported at admission."""
+    encoder, _, _ = make(FakeTower(fail_on={3.0}))
+    encoder.admit(1, [image(1.0, key="a", index=0), image(2.0, index=1)])
+    assert encoder.take_slots_done() == []
+    encoder.admit(2, [image(1.0, key="a", index=2)])  # shares 1's pending "a": reads none of its own slots
+    assert encoder.take_slots_done() == [2]
+    encoder.release(1)  # 2.0 is dropped unencoded, but "a" (in 1's slot) still waits for 2
+    assert encoder.take_slots_done() == []
+    encoder.encode([2])
+    assert encoder.take_slots_done() == [1]
+    encoder.release(2)
+    encoder.admit(3, [image(1.0, key="a", index=3)])  # cached now
+    encoder.admit(4, [image(3.0, index=4)])
+    assert encoder.take_slots_done() == [3]
+    assert encoder.encode([4]) != {}  # a failed forward reads the slot no more either
+    assert encoder.take_slots_done() == [4]
+    assert encoder.take_slots_done() == []
+
+
+class ReusedSlots:
+    """Slots over one tensor, as the pool's shared memory: ``view`` gives a view, and a
+    slot handed back is scribbled over (NaN) at once, as its next image would overwrite it."""
+
+    def __init__(self, count: int) -> None:
+        self.memory = torch.full((count, 4, PATCH_VALUES), float("nan"))
+        self.free = list(range(count))
+
+    def fill(self, value: float) -> FakePixels | None:
+        if not self.free:
+            return None
+        index = self.free.pop()
+        self.memory[index] = value
+        return FakePixels(index, value)
+
+    def view(self, pixels: FakePixels) -> torch.Tensor:
+        return self.memory[pixels.index]
+
+    def give_back(self, index: int) -> None:
+        self.memory[index] = float("nan")
+        self.free.append(index)
+
+
+def test_a_storm_of_arrivals_aborts_and_steps_never_encodes_a_slot_given_back():
+    """Invariant: under any interleaving of arrivals (shared, cached and new keys), aborts
+    and encoding steps, a slot reported free is never read again (no forward sees the NaN
+    written into it on return, every feature equals its image's value), each sequence is
+    reported exactly once, and nothing is left pending at the end."""
+    import random
+
+    rng = random.Random(11)
+    slots = ReusedSlots(6)
+    seen_nan: list[bool] = []
+
+    def tower(pixel_values, grids):
+        seen_nan.append(bool(torch.isnan(pixel_values).any()))
+        return FakeTower()(pixel_values, grids)
+
+    encoder = ImageEncoder(tower, slots.view, max_batch_images=3, cache_bytes=2 * PATCH_VALUES * 4)
+    slots_of: dict[int, list[int]] = {}
+    values_of: dict[int, list[float]] = {}
+    live: list[int] = []
+    reported: list[int] = []
+
+    def collect() -> None:
+        for seq_id in encoder.take_slots_done():
+            assert seq_id not in reported
+            reported.append(seq_id)
+            for index in slots_of.pop(seq_id):
+                slots.give_back(index)
+
+    for seq_id in range(400):
+        action = rng.random()
+        if action < 0.5:
+            pixels = [slots.fill(float(rng.randrange(8))) for _ in range(rng.randint(1, 2))]
+            if None in pixels:
+                for p in pixels:
+                    if p is not None:
+                        slots.give_back(p.index)
+            else:
+                slots_of[seq_id] = [p.index for p in pixels]
+                values_of[seq_id] = [p.value for p in pixels]
+                encoder.admit(seq_id, [ImageInput(f"k{p.value}", (1, 2, 2), p) for p in pixels])
+                live.append(seq_id)
+        elif action < 0.7 and live:
+            encoder.release(live.pop(rng.randrange(len(live))))  # aborted while waiting
+        elif live:
+            joining = rng.sample(live, rng.randint(1, len(live)))
+            assert encoder.encode(joining) == {}
+            for joined in joining:
+                assert [float(f.embeddings[0, 0]) for f in encoder.features(joined)] == values_of[joined]
+                encoder.release(joined)
+                live.remove(joined)
+        collect()
+    for seq_id in live:
+        encoder.release(seq_id)
+    collect()
+    assert seen_nan and not any(seen_nan)
+    assert not slots_of and sorted(reported) == sorted(values_of)  # each admitted one, once
+    assert encoder.statistics().pending_images == 0
 
 
 def test_the_cache_is_bounded_in_bytes_least_recently_used_out():
@@ -236,7 +342,7 @@ def test_a_forward_holding_a_large_image_runs_on_more_threads_and_gives_them_bac
         return [ImageFeatures(torch.zeros(1, PATCH_VALUES), grid) for grid in grids]
 
     large = ImageInput("large", (1, 4, 4), FakePixels(0, 1.0))  # 16 patches
-    encoder = ImageEncoder(tower, FakeSlots().read, large_image=LargeImageThreads(2, min_patches=16))
+    encoder = ImageEncoder(tower, FakeSlots().view, large_image=LargeImageThreads(2, min_patches=16))
     encoder.admit(1, [image(2.0)])  # 4 patches
     encoder.encode([1])
     encoder.admit(2, [large, image(3.0)])

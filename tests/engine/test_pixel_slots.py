@@ -217,6 +217,21 @@ def test_write_then_read_gives_an_identical_private_copy():
         assert torch.equal(pool.memory.read(pixels), seeded_tensor(2))
 
 
+def test_a_view_reads_the_slot_in_place():
+    """``view``: the descriptor's tensor over the slot's memory itself (what the engine's
+    encoder reads until the image is encoded): equal to what was written, and it sees the
+    slot's next contents, since nothing was copied."""
+    with SlotPool.create(2, 256 * KIB) as pool:
+        pixels = pool.memory.write(1, seeded_tensor(1))
+        view = pool.memory.view(pixels)
+        assert torch.equal(view, seeded_tensor(1)) and view.shape == (37, 1176)
+        pool.memory.write(1, seeded_tensor(2))
+        assert torch.equal(view, seeded_tensor(2))
+        del view
+        with pytest.raises(IndexError):
+            pool.memory.view(SlotPixels(index=2, shape=(1,), dtype="float32"))
+
+
 def test_dtypes_and_non_contiguous_tensors_round_trip():
     with SlotPool.create(1, 64 * KIB) as pool:
         for tensor in (
