@@ -9,22 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.malloc_tunables import WORKER_MALLOC_TUNABLES
+
 # streams handed their new output per event-loop pass (engine.output_fanout); 8, not 16:
 # in text bursts at 64 the front end's loop-lag p99 fell from 15 to 12-14 ms at the same
 # throughput, for ~1-3 us more CPU per token (docs/architecture.md, "The path of a probe")
 STREAM_FANOUT = 8
-
-# glibc malloc in the engine worker (GLIBC_TUNABLES syntax). With glibc's defaults a step's
-# large temporaries (a real-size image's 25 MiB of pixels, attention and KV-gather buffers)
-# are mmap'd or trimmed off the heap when freed and refaulted page by page next step: a
-# fifth of the worker's CPU went to the kernel in a real-size image burst. One arena (the
-# step thread allocates from the heap it returns to), everything up to 32 MiB (glibc's
-# largest mmap threshold) from the heap, and no trimming: the worker's memory stays at its
-# high-water mark (docs/architecture.md, "Processes"; transparent huge pages on top,
-# glibc.malloc.hugetlb=1, cost text a little engine CPU and gained images nothing measurable).
-WORKER_MALLOC_TUNABLES = (
-    "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
-)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.core_messages import StepOutputs, WorkerFailed, WorkerReady, WorkerStart
 from engine.errors import ModelLoadError
+from engine.malloc_tunables import merged_tunables
 from engine.outbox import Outbox
 from engine.wire import MessageReceiver, encode
 
@@ -37,15 +38,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vlserve.engine")
 
 STOP_SECONDS = 10.0
-
-
-def merged_tunables(own: str, added: str) -> str:
-    """``own`` GLIBC_TUNABLES followed by those of ``added`` whose names ``own`` does not set:
-    each name appears once, so the value glibc applies for it is the environment's own."""
-    pairs = [item for item in own.split(":") if item]
-    named = {item.partition("=")[0] for item in pairs}
-    pairs += [item for item in added.split(":") if item and item.partition("=")[0] not in named]
-    return ":".join(pairs)
 
 
 def worker_environment(environ: Mapping[str, str], config: EngineConfig) -> dict[str, str]:

@@ -234,7 +234,9 @@ async def _open_prep_runner(
     spec = PrepToolsSpec(str(loaded.path), policy, merge_size)
     prep_config = config.prep
     workers = prep_config.tokenizer_concurrency + (prep_config.image_prep_concurrency if loaded.supports_images else 0)
-    async with ProcessPrep.open(spec, workers=workers, nice=prep_config.nice) as prep:
+    async with ProcessPrep.open(
+        spec, workers=workers, nice=prep_config.nice, malloc_tunables=prep_config.malloc_tunables
+    ) as prep:
         yield prep
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.malloc_tunables import WORKER_MALLOC_TUNABLES
+
 
 @dataclass(frozen=True)
 class PrepConfig:
@@ -51,6 +53,16 @@ class PrepConfig:
         metadata={
             "option": "prep_nice",
             "help": "niceness added to each prep worker process (bench/README.md: p99 35 ms at 0, 10 ms at 10)",
+        },
+    )
+    malloc_tunables: str = field(
+        default=WORKER_MALLOC_TUNABLES,
+        metadata={
+            "option": "prep_malloc_tunables",
+            "help": "glibc malloc settings (GLIBC_TUNABLES syntax) applied in each prep worker process when it "
+            "starts, except those the environment sets; the default (the engine worker's) keeps freed memory "
+            "for reuse, so an image's decoded and resized arrays are not refaulted page by page ('' for "
+            "glibc's own behaviour; bench/README.md)",
         },
     )
     pixel_slots: int = field(

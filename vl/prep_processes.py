@@ -27,6 +27,7 @@ from typing import TypeVar
 import trio
 import trio_parallel
 
+from engine.malloc_tunables import apply_tunables
 from vl.errors import prep_process_died
 from vl.gates import BorrowTimes, Gate
 from vl.prep_tools import PrepStep, PrepTools, PrepToolsSpec
@@ -45,11 +46,14 @@ class ProcessPrep:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, spec: PrepToolsSpec, *, workers: int, nice: int = 0) -> AsyncIterator[ProcessPrep]:
+    async def open(
+        cls, spec: PrepToolsSpec, *, workers: int, nice: int = 0, malloc_tunables: str = ""
+    ) -> AsyncIterator[ProcessPrep]:
         """Start ``workers`` prep processes and wait until each has loaded its tools.
 
         The pool may grow past ``workers`` only if more calls run at once than that (the
-        gates' capacities decide). Each process adds ``nice`` to its niceness. Leaving the
+        gates' capacities decide). Each process adds ``nice`` to its niceness and applies
+        ``malloc_tunables`` (``engine.malloc_tunables.apply_tunables``) first. Leaving the
         block waits for running calls, then stops the processes (killed after
         ``SHUTDOWN_GRACE_SECONDS``). Cancellation while starting: the block is not entered
         and the processes are stopped the same way."""
@@ -57,7 +61,7 @@ class ProcessPrep:
             raise ValueError("ProcessPrep needs at least one worker")
         async with trio_parallel.open_worker_context(
             idle_timeout=math.inf,
-            init=functools.partial(_start_worker, spec, nice),
+            init=functools.partial(_start_worker, spec, nice, malloc_tunables),
             grace_period=SHUTDOWN_GRACE_SECONDS,
         ) as context:
             prep = cls(spec, context)
@@ -104,8 +108,11 @@ def _exit_status(error: trio_parallel.BrokenWorkerError) -> int | None:
     return None
 
 
-def _start_worker(spec: PrepToolsSpec, nice: int) -> None:
-    """Runs first in each prep worker process: lower its priority, load its tools."""
+def _start_worker(spec: PrepToolsSpec, nice: int, malloc_tunables: str) -> None:
+    """Runs first in each prep worker process: set up malloc, lower its priority, load its
+    tools. (trio-parallel starts the process with the server's environment, so malloc is
+    set up here rather than through ``GLIBC_TUNABLES``.)"""
+    apply_tunables(malloc_tunables, os.environ)
     import torch
 
     if nice:

@@ -8,18 +8,21 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
 
 from engine.async_engine import open_engine
-from engine.config import WORKER_MALLOC_TUNABLES
 from engine.errors import ModelLoadError, RequestRejected
+from engine.malloc_tunables import WORKER_MALLOC_TUNABLES, merged_tunables
 from engine.sampling_params import SamplingParams
-from engine.worker_core import WorkerCore, merged_tunables, worker_engine_config, worker_environment
+from engine.worker_core import WorkerCore, worker_engine_config, worker_environment
 from tests.engine.configs import in_thread, in_worker
 from tests.engine.prompts import chat_prompt, noise_image
 from tests.engine.streams import run_stream, wait_until_idle
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def run_all(engine, requests):
@@ -225,20 +228,6 @@ async def test_the_worker_process_starts_with_that_environment(tiny_model_dir):
     assert worker["GLIBC_TUNABLES"] in (expected, expected.split(":")[0])
 
 
-FREED_BLOCK = """
-import ctypes
-libc = ctypes.CDLL("libc.so.6")
-class MallInfo(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc.mallinfo2.restype = MallInfo
-libc.malloc.restype = ctypes.c_void_p
-block = libc.malloc(25 << 20)
-mmapped = libc.mallinfo2().hblks
-libc.free(ctypes.c_void_p(block))
-print(mmapped, libc.mallinfo2().arena >> 20)
-"""
-
-
 @pytest.mark.parametrize(("configured", "heap_keeps_it"), [(WORKER_MALLOC_TUNABLES, True), ("", False)])
 def test_the_default_tunables_keep_a_freed_25_mib_block_in_the_heap(monkeypatch, configured, heap_keeps_it):
     """What the tunables are for: a real-size image's 25 MiB of pixels comes from the heap
@@ -246,19 +235,16 @@ def test_the_default_tunables_keep_a_freed_25_mib_block_in_the_heap(monkeypatch,
     the next one is refaulted page by page)."""
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     env = worker_environment(os.environ, in_worker(malloc_tunables=configured))
-    out = subprocess.run([sys.executable, "-c", FREED_BLOCK], env=env, capture_output=True, text=True, check=True)
-    mmapped, heap_mib = map(int, out.stdout.split())
-    if heap_keeps_it:
-        assert (mmapped, heap_mib >= 25) == (0, True)
-    else:
-        assert (mmapped >= 1, heap_mib < 25) == (True, True)
-
-
-def test_merged_tunables_keep_the_first_setting_of_each_name():
-    assert merged_tunables("", "a=1:b=2") == "a=1:b=2"
-    assert merged_tunables("b=9", "a=1:b=2") == "b=9:a=1"
-    assert merged_tunables("a=1:", "") == "a=1"
-    assert merged_tunables("", "") == ""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.freed_block"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    mmapped_mib, trimmed_mib = map(int, out.stdout.split())
+    assert (mmapped_mib, trimmed_mib) == ((0, 0) if heap_keeps_it else (25, 0))
 
 
 def test_a_worker_config_gives_large_images_every_cpu_unless_told(tiny_model):

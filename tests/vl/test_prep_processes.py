@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ import trio
 import trio.lowlevel
 import trio_parallel
 
+from engine.malloc_tunables import WORKER_MALLOC_TUNABLES
 from engine.pixel_slots import SlotPool
 from tests.engine.prompts import noise_image
+from tests.helpers.freed_block import freed_block
 from tests.vl.process_work import announce_then_wait
 from vl.errors import MediaError
 from vl.gates import Gate
@@ -168,6 +171,19 @@ async def test_prep_processes_run_at_the_requested_niceness(spec):
     base = os.nice(0)
     async with ProcessPrep.open(spec, workers=1, nice=3) as processes:
         assert await processes.context.run_sync(os.nice, 0) == min(base + 3, 19)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize(("tunables", "heap_keeps_it"), [(WORKER_MALLOC_TUNABLES, True), ("", False)])
+async def test_prep_processes_start_with_the_malloc_tunables(spec, monkeypatch, tunables, heap_keeps_it):
+    """A prep process applies ``malloc_tunables`` when it starts: with the default a freed
+    25 MiB block (a real-size image's pixels) comes from its heap and stays there for the
+    next image; with '' glibc's own behaviour gives it back to the kernel."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)  # the processes inherit this environment
+    async with ProcessPrep.open(spec, workers=1, malloc_tunables=tunables) as processes:
+        freed = await processes.context.run_sync(freed_block)
+    # kept: (0, 0); glibc's own: mmapped, or the heap grown for it and trimmed again
+    assert (freed == (0, 0)) == heap_keeps_it
 
 
 async def test_a_dead_prep_process_fails_only_its_call_and_is_replaced(spec):
