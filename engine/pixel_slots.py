@@ -10,8 +10,10 @@ slots").
 - ``SlotPool`` lives in the front-end (trio) process. ``SlotPool.create`` makes the one
   segment of ``count * slot_bytes`` at start-up (after checking that ``shm_dir`` has room
   for it) and always closes and unlinks it when the block exits.
-- A slot is a gated resource: ``SlotPool.acquire`` waits while none is free and returns a
-  ``Slot`` handle whose ``release`` hands it back. The holder releases it on every path
+- A slot is a gated resource: ``SlotPool.acquire_many(n)`` waits until it can hand out
+  ``n`` slots at once and returns ``Slot`` handles whose ``release`` hands each back. A
+  request takes all its images' slots in one call: if requests took them one by one,
+  several could each hold a few and wait for the rest forever. The holder releases it on every path
   (``try``/``finally``), once the reader no longer needs the pixels.
 - ``SlotMemory`` is one process's mapping of the segment (``SlotMemory.attach(spec)``):
   ``write`` copies a tensor into a slot, ``view`` reads it in place, ``read`` copies it
@@ -133,18 +135,22 @@ class Slot:
 class SlotPool:
     """``count`` slots of ``slot_bytes`` each in one shared-memory segment, handed out by index.
 
-    Made with ``SlotPool.create``. Waiting is a ``trio.Semaphore`` over a free list: a
-    release hands its unit straight to the longest waiter (trio's parking lot is FIFO and a
-    semaphore does not let a newcomer barge past woken waiters), and unlike a
-    ``CapacityLimiter`` a unit is not tied to the task that took it, so a slot acquired by a
-    request task may be released by whichever task or callback sees the pixels consumed.
-    Freed indexes are reused last-in first-out (the warmest pages first)."""
+    Made with ``SlotPool.create``. Waiting is a ``trio.Semaphore`` over a free list behind
+    a turnstile: callers take turns (``trio.Lock`` is FIFO), and only the caller whose turn
+    it is takes units from the semaphore, one by one until it has all it asked for, so no
+    two callers ever hold part of what they need while waiting for more (a slot comes back
+    once the engine has encoded its image, which waits on no caller, so the one at the
+    turnstile always gets its slots). Unlike a ``CapacityLimiter`` a unit is not tied to the
+    task that took it, so a slot acquired by a request task may be released by whichever
+    task or callback sees the pixels consumed. Freed indexes are reused last-in first-out
+    (the warmest pages first)."""
 
     def __init__(self, spec: SlotSpec, memory: SlotMemory) -> None:
         self.spec = spec
         self.memory = memory  # this process's view: thread prep and an in-thread engine use it
         self._free = list(range(spec.count - 1, -1, -1))  # pop() takes index 0 first
         self._available = trio.Semaphore(spec.count)
+        self._turnstile = trio.Lock()
         self._acquired = 0
 
     @classmethod
@@ -175,22 +181,40 @@ class SlotPool:
             segment.unlink()
 
     async def acquire(self) -> Slot:
-        """Take a free slot, waiting (FIFO) while none is free.
+        """One slot: ``acquire_many(1)``."""
+        [slot] = await self.acquire_many(1)
+        return slot
 
-        Cancellation: a call cancelled while waiting takes no slot (the unit it would have
-        been handed goes to the next waiter); once it returns, the caller holds the slot and
-        must release it."""
-        await self._available.acquire()
-        # No checkpoint between the semaphore and the pop: a granted unit is always a slot.
-        index = self._free.pop()
-        self._acquired += 1
-        return Slot(self, index)
+    async def acquire_many(self, n: int) -> list[Slot]:
+        """Take ``n`` free slots at once, waiting (first come, first served) until this
+        caller has them all. Raises ``ValueError`` unless ``1 <= n <= count`` (more could
+        never be free at once).
+
+        Cancellation: a call cancelled while waiting takes no slot (those it had collected
+        go back to the pool); once it returns, the caller holds every slot and must release
+        each."""
+        if not 1 <= n <= self.spec.count:
+            raise ValueError(f"cannot take {n} slots at once from a pool of {self.spec.count}")
+        slots: list[Slot] = []
+        async with self._turnstile:
+            try:
+                for _ in range(n):
+                    await self._available.acquire()
+                    # No checkpoint between the semaphore and the pop: a granted unit is a slot.
+                    slots.append(Slot(self, self._free.pop()))
+                    self._acquired += 1
+            except BaseException:
+                for slot in slots:
+                    slot.release()
+                raise
+        return slots
 
     def statistics(self) -> SlotPoolStatistics:
+        """``waiting``: callers waiting for slots (at the turnstile, or collecting theirs)."""
         return SlotPoolStatistics(
             total=self.spec.count,
             free=self._available.value,
-            waiting=self._available.statistics().tasks_waiting,
+            waiting=self._turnstile.statistics().tasks_waiting + self._available.statistics().tasks_waiting,
             acquired=self._acquired,
         )
 

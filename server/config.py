@@ -88,6 +88,12 @@ class ServerConfig:
             )
         if self.drain_grace < 0 or self.drain_timeout < 0:
             raise ValueError("drain_grace and drain_timeout must not be negative")
+        if self.media.max_images_per_request > self.prep.pixel_slots:
+            # a request takes one slot per image, all at once (``SlotPool.acquire_many``)
+            raise ValueError(
+                f"--max-images-per-request ({self.media.max_images_per_request}) must not exceed --pixel-slots "
+                f"({self.prep.pixel_slots}): a request's images need a pixel slot each at the same time"
+            )
 
     @property
     def model_name(self) -> str:

@@ -34,7 +34,7 @@ from vl.errors import (
 from vl.gates import BorrowTimes, Gate, GateStatistics
 from vl.image_fetcher import FetcherStatistics, ImageFetcher
 from vl.image_key import image_cache_key
-from vl.image_source import load_image_bytes
+from vl.image_source import EncodedImage, load_image_bytes
 from vl.pixel_budget import PixelBounds, PixelRequest, image_bounds
 from vl.prep_timings import PrepTimings
 from vl.prep_tools import (
@@ -145,9 +145,11 @@ class ChatPreparer:
         taken: list[Slot],
         timings: PrepTimings,
     ) -> list[int]:
-        """Render the template and resolve every image concurrently; the first
-        ``InvalidRequest`` cancels the rest and is raised. Slots taken are appended to
-        ``taken`` as soon as they are acquired."""
+        """Render the template while the images are resolved: each fetched and keyed
+        concurrently, then one slot for each taken in one ``acquire_many`` (a request never
+        holds some slots while waiting for more), then each preprocessed into its slot
+        concurrently. The first ``InvalidRequest`` cancels the rest and is raised. Slots
+        taken are appended to ``taken`` as soon as they are acquired."""
         token_ids: list[int] = []
         errors: list[InvalidRequest] = []
 
@@ -164,16 +166,36 @@ class ChatPreparer:
             timings.gate_wait(self.tokenizer_gate.name, times.waited)
             timings.stage("tokenize", times.held)
 
-        def resolver(i: int, ref: ImageRef):
-            async def resolve() -> None:
-                inputs[i] = await self._image_input(ref, self._bounds(ref, chat.pixels), taken, timings)
+        async def resolve_images(cancel_scope: trio.CancelScope) -> None:
+            fetched: dict[int, tuple[EncodedImage, str, PixelBounds | None]] = {}
 
-            return resolve
+            def fetcher(i: int, ref: ImageRef):
+                async def fetch() -> None:
+                    fetched[i] = await self._fetch_and_key(ref, self._bounds(ref, chat.pixels), timings)
+
+                return fetch
+
+            def preparer(i: int, ref: ImageRef, slot: Slot):
+                async def prepare() -> None:
+                    inputs[i] = await self._image_pixels(ref, *fetched[i], slot, timings)
+
+                return prepare
+
+            async with trio.open_nursery() as fetches:
+                for i, ref in enumerate(images):
+                    fetches.start_soon(guarded, cancel_scope, fetcher(i, ref))
+            asked = trio.current_time()
+            slots = await self._slots.acquire_many(len(images))
+            taken.extend(slots)
+            timings.gate_wait("pixel_slots", trio.current_time() - asked)
+            async with trio.open_nursery() as preps:
+                for i, (ref, slot) in enumerate(zip(images, slots, strict=True)):
+                    preps.start_soon(guarded, cancel_scope, preparer(i, ref, slot))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(guarded, nursery.cancel_scope, render)
-            for i, ref in enumerate(images):
-                nursery.start_soon(guarded, nursery.cancel_scope, resolver(i, ref))
+            if images:
+                nursery.start_soon(resolve_images, nursery.cancel_scope)
         if errors:
             raise errors[0]
         return token_ids
@@ -230,12 +252,11 @@ class ChatPreparer:
         token_pixels = self._tools.preprocessor.token_pixels
         return image_bounds(self.pixel_bounds, detail=ref.image.detail, request=request, token_pixels=token_pixels)
 
-    async def _image_input(
-        self, ref: ImageRef, bounds: PixelBounds | None, taken: list[Slot], timings: PrepTimings
-    ) -> ImageInput:
-        """Fetch, key, then decode and preprocess (resized within ``bounds``) into a slot
-        of its own (appended to ``taken`` at once: the caller releases it on every path).
-        Each stage's time and each wait goes into ``timings``."""
+    async def _fetch_and_key(
+        self, ref: ImageRef, bounds: PixelBounds | None, timings: PrepTimings
+    ) -> tuple[EncodedImage, str, PixelBounds | None]:
+        """The image's bytes and content key (its preprocessing, ``bounds`` included, is part
+        of the key). Each stage's time and each wait goes into ``timings``."""
         started, fetch_times = trio.current_time(), BorrowTimes()
         encoded = await load_image_bytes(
             ref.image.url, param=ref.param, fetcher=self._fetcher, policy=self._policy, times=fetch_times
@@ -245,10 +266,19 @@ class ChatPreparer:
         settings = self._tools.preprocessor.settings_key + (f":{bounds.key}" if bounds else "")
         # hashing releases the GIL; it needs no gate (cheap, and bounded by admission)
         key = await trio.to_thread.run_sync(image_cache_key, encoded, settings)
-        asked = trio.current_time()
-        slot = await self._slots.acquire()
-        taken.append(slot)
-        timings.gate_wait("pixel_slots", trio.current_time() - asked)
+        return encoded, key, bounds
+
+    async def _image_pixels(
+        self,
+        ref: ImageRef,
+        encoded: EncodedImage,
+        key: str,
+        bounds: PixelBounds | None,
+        slot: Slot,
+        timings: PrepTimings,
+    ) -> ImageInput:
+        """Decode and preprocess (resized within ``bounds``) into ``slot``, which the
+        caller holds. Each stage's time and each wait goes into ``timings``."""
         times = BorrowTimes()
         step = ImagePixels(encoded, ref.param, slot.index, self._slots.spec, bounds)
         image = await self._runner.run(self.image_gate, step, times)

@@ -68,9 +68,10 @@ class PrepConfig:
     pixel_slots: int = field(
         default=16,
         metadata={
-            "help": "shared-memory slots for preprocessed image pixels; an image holds one from the start of its "
-            "preprocessing until the engine has encoded it (the engine reads the pixels in place), and waits "
-            "while none is free (the pool takes pixel-slots x pixel-slot-mb of /dev/shm)"
+            "help": "shared-memory slots for preprocessed image pixels; a request takes one per image, all at "
+            "once, when its images are fetched (waiting its turn while too few are free), and each is held until "
+            "the engine has encoded its image (the engine reads the pixels in place); at least "
+            "--max-images-per-request (the pool takes pixel-slots x pixel-slot-mb of /dev/shm)"
         },
     )
     pixel_slot_mb: int = field(

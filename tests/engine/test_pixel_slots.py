@@ -152,6 +152,93 @@ async def test_a_waiter_woken_and_cancelled_in_one_pass_gets_its_slot_and_gives_
         assert counts(pool) == (1, 1, 0, 2)
 
 
+async def test_acquire_many_lets_only_the_caller_at_the_turnstile_hold_part_of_its_slots():
+    """Invariant: of the callers waiting for several slots, only the one whose turn it is
+    holds part of what it asked for; the others hold nothing, so callers wanting several
+    slots can never each hold some and wait for each other. Three callers wanting 3 of 4:
+    the second collects the free slot and waits, the third holds none, and each gets its
+    three in turn as the slots come back."""
+    with SlotPool.create(4, 64 * KIB) as pool:
+        got: dict[str, list[int]] = {}
+        done = {name: trio.Event() for name in ("first", "second", "third")}
+
+        async def request(name: str) -> None:
+            slots = await pool.acquire_many(3)
+            got[name] = [slot.index for slot in slots]
+            await done[name].wait()
+            for slot in slots:
+                slot.release()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request, "first")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(request, "second")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(request, "third")
+            await trio.testing.wait_all_tasks_blocked()
+            assert list(got) == ["first"] and counts(pool) == (4, 0, 2, 4)  # "third" holds none
+            done["first"].set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert list(got) == ["first", "second"] and counts(pool) == (4, 0, 1, 7)  # "third" took one
+            done["second"].set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert list(got) == ["first", "second", "third"]
+            done["third"].set()
+        assert counts(pool) == (4, 4, 0, 9)
+
+
+async def test_a_caller_asking_for_many_is_not_overtaken_by_later_small_ones():
+    """First come, first served holds across sizes: while a caller at the turnstile
+    collects its slots, a later caller wanting one waits even though one is free, so a
+    request with many images is not starved by a stream of single-image ones."""
+    with SlotPool.create(3, 64 * KIB) as pool:
+        held = await pool.acquire_many(2)
+        order: list[str] = []
+
+        async def request(name: str, n: int) -> None:
+            await pool.acquire_many(n)
+            order.append(name)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request, "big", 3)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(request, "small", 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == [] and counts(pool)[1:3] == (0, 2)  # "big" holds the free one
+            for slot in held:
+                slot.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == ["big"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_caller_cancelled_while_collecting_gives_back_what_it_had():
+    with SlotPool.create(2, 64 * KIB) as pool:
+        held = await pool.acquire()
+        scope = trio.CancelScope()
+
+        async def request() -> None:
+            with scope:
+                await pool.acquire_many(2)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            await trio.testing.wait_all_tasks_blocked()
+            assert counts(pool)[1:3] == (0, 1)  # it holds the free slot and waits for the other
+            scope.cancel()
+        assert scope.cancelled_caught and counts(pool)[1:3] == (1, 0)
+        held.release()
+        assert counts(pool)[1] == 2
+
+
+async def test_acquire_many_refuses_what_could_never_be_free_at_once():
+    with SlotPool.create(2, 64 * KIB) as pool:
+        for n in (0, 3):
+            with pytest.raises(ValueError, match="from a pool of 2"):
+                await pool.acquire_many(n)
+        assert counts(pool) == (2, 2, 0, 0)
+
+
 # The segment's lifetime and the start-up check -------------------------------------------------
 
 

@@ -129,6 +129,41 @@ async def test_several_images_in_one_request_resolve_concurrently(tiny_model, co
     assert log.max_active == 3  # the three slow fetches were in flight together
 
 
+async def test_requests_with_several_images_never_wait_for_each_other_s_slots(tiny_model):
+    """Invariant: a request takes its images' slots all at once, so requests with several
+    images cannot each hold some slots and wait forever for the rest. Two 2-image chats on
+    a pool of 2 slots, each with one fast and one slow image: taken image by image, each
+    chat's fast image would hold one slot and both would wait for a second one forever;
+    both are prepared."""
+    config = ServerConfig(
+        media=MediaPolicy(allow_private_media_urls=True, max_images_per_request=2),
+        prep=PrepConfig(pixel_slots=2, processes=False),
+    )
+    routes = {}
+    for chat in "ab":
+        routes[f"/{chat}-fast.png"] = Route(body=png_bytes(noise_image(1, 64, 64)))
+        routes[f"/{chat}-slow.png"] = Route(body=png_bytes(noise_image(2, 64, 64)), delay=0.5)
+    prepared: list[str] = []
+    async with serve_images(routes) as base_url, open_runtime(config, loaded=tiny_model) as rt:
+
+        async def request(chat: str) -> None:
+            content = (ImagePart(f"{base_url}/{chat}-fast.png"), ImagePart(f"{base_url}/{chat}-slow.png"))
+            result = await rt.preparer.prepare_chat(Chat((Message("user", (*content, TextPart("compare"))),)))
+            prepared.append(chat)
+            result.lease.release_creator()  # as a request that has submitted its sequence
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(request, "a")
+                nursery.start_soon(request, "b")
+        assert sorted(prepared) == ["a", "b"] and all_slots_free(rt)
+
+
+def test_a_request_may_not_carry_more_images_than_there_are_slots():
+    with pytest.raises(ValueError, match="--max-images-per-request \\(9\\) must not exceed --pixel-slots \\(8\\)"):
+        ServerConfig(media=MediaPolicy(max_images_per_request=9), prep=PrepConfig(pixel_slots=8))
+
+
 @pytest.mark.parametrize(
     "messages, param",
     [
