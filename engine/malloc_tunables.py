@@ -55,7 +55,6 @@ def apply_tunables(tunables: str, environ: Mapping[str, str]) -> dict[str, int]:
     to it. Returns what was applied, by name: nothing where the C library is not glibc.
     Call it early, before the process has allocated much."""
     import ctypes
-    import ctypes.util
 
     own = {item.partition("=")[0] for item in environ.get("GLIBC_TUNABLES", "").split(":") if item}
     wanted = {}
@@ -66,8 +65,8 @@ def apply_tunables(tunables: str, environ: Mapping[str, str]) -> dict[str, int]:
     if not wanted:
         return {}
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to set
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):  # a C library without mallopt (not glibc): nothing to set
         return {}
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return {name: value for name, value in wanted.items() if mallopt(_MALLOPT_PARAMS[name], value) == 1}
