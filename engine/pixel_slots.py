@@ -139,8 +139,8 @@ class SlotPool:
     a turnstile: callers take turns (``trio.Lock`` is FIFO), and only the caller whose turn
     it is takes units from the semaphore, one by one until it has all it asked for, so no
     two callers ever hold part of what they need while waiting for more (a slot comes back
-    once the engine has encoded its image, which waits on no caller, so the one at the
-    turnstile always gets its slots). Unlike a ``CapacityLimiter`` a unit is not tied to the
+    once its request has submitted the image and the engine has encoded it, neither of
+    which waits for another slot, so the one at the turnstile always gets its slots). Unlike a ``CapacityLimiter`` a unit is not tied to the
     task that took it, so a slot acquired by a request task may be released by whichever
     task or callback sees the pixels consumed. Freed indexes are reused last-in first-out
     (the warmest pages first)."""
