@@ -38,11 +38,16 @@ _MALLOPT_PARAMS = {
 _INT_MAX = (1 << 31) - 1  # mallopt takes an int
 
 
+def _settings(tunables: str) -> list[tuple[str, str]]:
+    """(name, value) of each setting of a GLIBC_TUNABLES string, in order."""
+    return [(name, value) for name, _, value in (item.partition("=") for item in tunables.split(":") if item)]
+
+
 def merged_tunables(own: str, added: str) -> str:
     """``own`` GLIBC_TUNABLES followed by those of ``added`` whose names ``own`` does not set:
     each name appears once, so the value glibc applies for it is the environment's own."""
+    named = {name for name, _ in _settings(own)}
     pairs = [item for item in own.split(":") if item]
-    named = {item.partition("=")[0] for item in pairs}
     pairs += [item for item in added.split(":") if item and item.partition("=")[0] not in named]
     return ":".join(pairs)
 
@@ -56,12 +61,12 @@ def apply_tunables(tunables: str, environ: Mapping[str, str]) -> dict[str, int]:
     Call it early, before the process has allocated much."""
     import ctypes
 
-    own = {item.partition("=")[0] for item in environ.get("GLIBC_TUNABLES", "").split(":") if item}
-    wanted = {}
-    for item in tunables.split(":"):
-        name, _, value = item.partition("=")
-        if name in _MALLOPT_PARAMS and name not in own and value.isdigit():
-            wanted[name] = min(int(value), _INT_MAX)
+    own = {name for name, _ in _settings(environ.get("GLIBC_TUNABLES", ""))}
+    wanted = {
+        name: min(int(value), _INT_MAX)
+        for name, value in _settings(tunables)
+        if name in _MALLOPT_PARAMS and name not in own and value.isdigit()
+    }
     if not wanted:
         return {}
     try:
