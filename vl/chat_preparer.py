@@ -167,17 +167,18 @@ class ChatPreparer:
             timings.stage("tokenize", times.held)
 
         async def resolve_images(cancel_scope: trio.CancelScope) -> None:
-            fetched: dict[int, tuple[EncodedImage, str, PixelBounds | None]] = {}
+            bounds = [self._bounds(ref, chat.pixels) for ref in images]
+            fetched: dict[int, tuple[EncodedImage, str]] = {}
 
             def fetcher(i: int, ref: ImageRef):
                 async def fetch() -> None:
-                    fetched[i] = await self._fetch_and_key(ref, self._bounds(ref, chat.pixels), timings)
+                    fetched[i] = await self._fetch_and_key(ref, bounds[i], timings)
 
                 return fetch
 
             def preparer(i: int, ref: ImageRef, slot: Slot):
                 async def prepare() -> None:
-                    inputs[i] = await self._image_pixels(ref, *fetched[i], slot, timings)
+                    inputs[i] = await self._image_pixels(ref, *fetched[i], bounds[i], slot, timings)
 
                 return prepare
 
@@ -254,7 +255,7 @@ class ChatPreparer:
 
     async def _fetch_and_key(
         self, ref: ImageRef, bounds: PixelBounds | None, timings: PrepTimings
-    ) -> tuple[EncodedImage, str, PixelBounds | None]:
+    ) -> tuple[EncodedImage, str]:
         """The image's bytes and content key (its preprocessing, ``bounds`` included, is part
         of the key). Each stage's time and each wait goes into ``timings``."""
         started, fetch_times = trio.current_time(), BorrowTimes()
@@ -266,7 +267,7 @@ class ChatPreparer:
         settings = self._tools.preprocessor.settings_key + (f":{bounds.key}" if bounds else "")
         # hashing releases the GIL; it needs no gate (cheap, and bounded by admission)
         key = await trio.to_thread.run_sync(image_cache_key, encoded, settings)
-        return encoded, key, bounds
+        return encoded, key
 
     async def _image_pixels(
         self,
