@@ -4,6 +4,8 @@
 covers plain decoder LMs (Qwen2, Llama, ...). Only this module and the model runner touch
 torch modules. Positions are always explicit (3 rows for M-RoPE, 1 otherwise), and each
 sequence carries its own M-RoPE delta: the model's shared ``rope_deltas`` is never used.
+A forward runs through ``engine.decoder_forward`` where it covers the model, else through
+transformers' own forward over the padded batch (``engine.padded_forward``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import inspect
 
 import torch
 
+from engine.decoder_forward import DecoderForward
 from engine.errors import RequestRejected
 from engine.fused_norm import use_fused_rms_norm
+from engine.padded_forward import PaddedBatch
+from engine.paged_kv_cache import PagedKVCache
 from engine.patch_embed import use_linear_patch_projection
 from engine.prompt import EnginePrompt, ImageFeatures
-from engine.row_attention import install_row_attention
+from engine.token_batch import TokenBatch
 
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -27,13 +32,13 @@ class CausalLMAdapter:
     position_rows = 1
     supports_images = False
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, *, own_forward: bool = True) -> None:
         self.model = model
         self.text_config = model.config.get_text_config()
         self.cache_kwarg = cache_keyword(model)
-        # prefill forwards may pass ``PrefillRows`` for the mask (engine/row_attention.py)
-        self.row_attention = install_row_attention(model)
         self.fused_norms = use_fused_rms_norm(model)  # engine/fused_norm.py
+        # the forward written here where it covers the model (``own_forward``), else transformers'
+        self.decoder = DecoderForward.for_model(model) if own_forward else None
 
     @property
     def num_layers(self) -> int:
@@ -61,17 +66,26 @@ class CausalLMAdapter:
         n = len(prompt.token_ids)
         return torch.arange(n, device=device).view(1, n), 0
 
-    def forward(self, embeds, positions, attention_mask, cache) -> torch.Tensor:
-        """Logits [B, V] (float32) of the last position of each row."""
+    def forward(self, batch: TokenBatch, cache: PagedKVCache) -> torch.Tensor:
+        """Logits [B, V] (float32) of each row's last token; every token's keys and values
+        are written to ``cache`` on the way."""
+        if self.decoder is not None:
+            return self.decoder(batch, cache)
+        padded = PaddedBatch.of(batch, cache.pad_slot)
+        cache.bind(padded.slots, batch.block_tables)
         out = self.model(
-            inputs_embeds=embeds,
-            position_ids=positions[0],
-            attention_mask=attention_mask,
+            inputs_embeds=padded.embeds,
+            attention_mask=padded.mask,
             use_cache=True,
             logits_to_keep=1,
+            **self._position_arguments(padded.positions),
             **{self.cache_kwarg: cache},
         )
         return out.logits[:, -1, :].float()
+
+    def _position_arguments(self, positions: torch.Tensor) -> dict:
+        """The model forward's arguments for the padded positions [1, B, q]."""
+        return {"position_ids": positions[0]}
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -88,8 +102,8 @@ class Qwen2VLAdapter(CausalLMAdapter):
     position_rows = 3
     supports_images = True
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(model)
+    def __init__(self, model: torch.nn.Module, *, own_forward: bool = True) -> None:
+        super().__init__(model, own_forward=own_forward)
         self.config = model.config
         self.image_token_id = self.config.image_token_id
         self.spatial_merge_size = self.config.vision_config.spatial_merge_size
@@ -142,19 +156,9 @@ class Qwen2VLAdapter(CausalLMAdapter):
         positions, deltas = self.model.model.get_rope_index(ids, token_types, image_grid_thw=grid)
         return positions[:, 0, :], int(deltas.view(-1)[0])
 
-    def forward(self, embeds, positions, attention_mask, cache) -> torch.Tensor:
-        if positions.shape[0] == 1:
-            positions = positions.expand(3, -1, -1)
-        out = self.model(
-            input_ids=None,
-            inputs_embeds=embeds,
-            position_ids=positions,
-            attention_mask=attention_mask,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_kwarg: cache},
-        )
-        return out.logits[:, -1, :].float()
+    def _position_arguments(self, positions: torch.Tensor) -> dict:
+        """The model forward's arguments for the padded M-RoPE positions [3, B, q]."""
+        return {"input_ids": None, "position_ids": positions}
 
     def tokens_per_image(self, grid_thw: tuple[int, int, int]) -> int:
         t, h, w = grid_thw
@@ -174,8 +178,10 @@ class Qwen2VLAdapter(CausalLMAdapter):
         ]
 
 
-def adapter_for(model: torch.nn.Module) -> CausalLMAdapter:
+def adapter_for(model: torch.nn.Module, *, own_forward: bool = True) -> CausalLMAdapter:
+    """The adapter of ``model``'s family; ``own_forward=False`` keeps transformers' forward
+    even where ``engine.decoder_forward`` covers the model (to compare the two)."""
     model_type = getattr(model.config, "model_type", "")
     if model_type in VL_MODEL_TYPES:
-        return Qwen2VLAdapter(model)
-    return CausalLMAdapter(model)
+        return Qwen2VLAdapter(model, own_forward=own_forward)
+    return CausalLMAdapter(model, own_forward=own_forward)

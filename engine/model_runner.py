@@ -2,16 +2,14 @@
 
 Each forward takes rows ``(seq, n)``: the next ``n`` tokens of ``seq`` (its prompt, then
 its outputs) from ``seq.num_computed_tokens`` on. A decode is ``n = 1`` (the last sampled
-token); a prefill chunk is any ``n``. Rows are left-padded to the step's longest ``n``
-(padded queries write to the padding block and attend to one slot), their contexts are
-read through their block tables, whole blocks (``engine.paged_kv_cache``: positions past
-a row's context hold zeros), and the attention mask is built here: row ``b``'s query at
-position ``p`` sees its own slots ``0..p`` (a prefill
-forward passes the rows' lengths instead, ``engine.row_attention``, where the model's
-attention allows it). Positions
-are explicit (M-RoPE rows from the whole prompt, sliced per chunk; later tokens at
-``t + rope_delta``), so a chunked or prefix-hit prompt gets exactly the positions and
-image embeddings of a whole one.
+token); a prefill chunk is any ``n``. The runner gathers the rows' new tokens into one flat
+``TokenBatch`` (embeddings, positions, the cache slot of each token, each row's block
+table) and the adapter runs the model over it (``engine.decoder_forward``, or
+transformers' forward over the batch padded, ``engine.padded_forward``); contexts are read
+through the block tables, whole blocks (``engine.paged_kv_cache``: positions past a row's
+context hold zeros). Positions are explicit (M-RoPE rows from the whole prompt, sliced per
+chunk; later tokens at ``t + rope_delta``), so a chunked or prefix-hit prompt gets exactly
+the positions and image embeddings of a whole one.
 
 Plain synchronous code, called from the engine's step thread only, one call at a time.
 """
@@ -23,8 +21,8 @@ import torch
 from engine.block_manager import BlockManager
 from engine.model_adapter import CausalLMAdapter
 from engine.paged_kv_cache import PagedKVCache, kv_bytes_per_token
-from engine.row_attention import PrefillRows
 from engine.sequence import Sequence
+from engine.token_batch import TokenBatch
 
 
 def kv_layout(adapter: CausalLMAdapter) -> tuple[int, int, int, torch.dtype]:
@@ -104,22 +102,19 @@ class ModelRunner:
     def forward(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
         """One forward over ``rows``; on success each sequence's computed count advances
         by its ``n`` (and its newly full blocks become reusable)."""
-        device, bs = self.device, self.blocks.block_size
-        longest = max(n for _, n in rows)
+        bs = self.blocks.block_size
         starts = [seq.num_computed_tokens for seq, _ in rows]
         lengths = [n for _, n in rows]
         for (seq, n), start in zip(rows, starts, strict=True):
             if len(seq.block_table) * bs < start + n:
                 raise RuntimeError(f"sequence {seq.seq_id} has no blocks for tokens {start}..{start + n}")
             self._rows.setdefault(seq.seq_id, seq)
-        if longest == 1 and all(start >= seq.prompt_len for (seq, _), start in zip(rows, starts, strict=True)):
-            batch_embeds, positions = self._decode_inputs(rows, starts)
+        if all(n == 1 and start >= seq.prompt_len for (seq, n), start in zip(rows, starts, strict=True)):
+            embeds, positions = self._decode_inputs(rows, starts)
         else:
-            batch_embeds, positions = self._chunk_inputs(rows, starts, longest)
-
-        start_t = torch.tensor(starts, dtype=torch.long, device=device)
-        n_t = torch.tensor(lengths, dtype=torch.long, device=device)
-        context = start_t + n_t  # tokens each row sees after this forward
+            parts = [self._inputs(seq, start, start + n) for (seq, n), start in zip(rows, starts, strict=True)]
+            embeds = torch.cat([e for e, _ in parts])
+            positions = torch.cat([p for _, p in parts], dim=1)
         # each row reads the blocks that hold its context, whole; a block becomes a row's
         # last block (``fresh``) in the forward that first writes into it
         needed, fresh = [], []
@@ -131,52 +126,43 @@ class ModelRunner:
         width = max(needed)
         pad = [self.cache.pad_block]
         padded = [seq.block_table[:need] + pad * (width - need) for (seq, _), need in zip(rows, needed, strict=True)]
-        tables = torch.tensor(padded, dtype=torch.long, device=device)
-
-        # absolute token position of each query; padded queries (-1) write to the pad slot
-        j = torch.arange(longest, device=device).view(1, -1)
-        qpos = context.view(-1, 1) - longest + j  # [B, q]
-        real = qpos >= start_t.view(-1, 1)
-        write = _slots(tables, qpos.clamp(min=0), bs)
-        write = torch.where(real, write, torch.full_like(write, self.cache.pad_slot))
-        if longest > 1 and self.adapter.row_attention:  # attention row by row, unpadded
-            mask: torch.Tensor | PrefillRows = PrefillRows(tuple(lengths), tuple(starts), longest)
-        else:  # context position t of a row: its blocks' slots, whole; t < context are its tokens
-            t = torch.arange(width * bs, device=device).view(1, 1, -1)
-            allowed = t <= qpos.clamp(min=0).unsqueeze(-1)  # [B, q, K]
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
-            mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-            mask = mask.unsqueeze(1)
-        self.cache.bind(write, tables, fresh)
-        logits = self.adapter.forward(
-            batch_embeds, positions, {"full_attention": mask, "sliding_attention": mask}, self.cache
+        tables = torch.tensor(padded, dtype=torch.long, device=self.device)
+        batch = TokenBatch(
+            embeds=embeds,
+            positions=positions,
+            slots=self._slots(tables, starts, lengths),
+            block_tables=tables,
+            starts=tuple(starts),
+            lengths=tuple(lengths),
+            block_size=bs,
         )
+        self.cache.zero_blocks(fresh)
+        logits = self.adapter.forward(batch, self.cache)
         for seq, n in rows:
             self.blocks.computed(seq, n)
         return logits
 
     def _decode_inputs(self, rows: list[tuple[Sequence, int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings [B, 1, H] and positions [1, B, 1] of one output token per row."""
+        """Embeddings [B, H] and positions [P, B] of one output token per row."""
         ids = [seq.output_ids[start - seq.prompt_len] for (seq, _), start in zip(rows, starts, strict=True)]
-        embeds = self.adapter.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device)).unsqueeze(1)
+        embeds = self.adapter.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device))
         pos = [start + seq.rope_delta for (seq, _), start in zip(rows, starts, strict=True)]
-        return embeds, torch.tensor(pos, dtype=torch.long, device=self.device).view(1, -1, 1)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device).view(1, -1)
+        return embeds, positions.expand(self.adapter.position_rows, -1)
 
-    def _chunk_inputs(
-        self, rows: list[tuple[Sequence, int]], starts: list[int], longest: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings [B, q, H] and positions [P, B, q] of each row's chunk, left-padded."""
-        batch = len(rows)
-        positions = torch.zeros((self.adapter.position_rows, batch, longest), dtype=torch.long, device=self.device)
-        embeds = []
-        for i, ((seq, n), start) in enumerate(zip(rows, starts, strict=True)):
-            e, p = self._inputs(seq, start, start + n)
-            embeds.append(e)
-            positions[:, i, longest - n :] = p
-        batch_embeds = embeds[0].new_zeros((batch, longest, embeds[0].shape[-1]))
-        for i, e in enumerate(embeds):
-            batch_embeds[i, longest - e.shape[0] :] = e
-        return batch_embeds, positions
+    def _slots(self, tables: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
+        """Cache slot [T] of each new token: token ``t`` of row ``b`` (context position
+        ``starts[b] + t``) goes to slot ``t % block_size`` of the row's block ``t // block_size``."""
+        device, bs = self.device, self.blocks.block_size
+        if all(n == 1 for n in lengths):
+            at = torch.tensor(starts, dtype=torch.long, device=device)
+            row = torch.arange(len(starts), device=device)
+        else:
+            at = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths, strict=True)])
+            row = torch.repeat_interleave(
+                torch.arange(len(starts), device=device), torch.tensor(lengths, device=device)
+            )
+        return tables[row, at // bs] * bs + at % bs
 
     def _inputs(self, seq: Sequence, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [n, H] and positions [P, n] of tokens ``start..end`` of ``seq``."""
@@ -205,9 +191,3 @@ class ModelRunner:
             self._positions[seq.seq_id] = known
             seq.rope_delta = known[1]
         return known
-
-
-def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Slot of each token position [B, n] through the rows' block tables [B, blocks]."""
-    block_index = (positions // block_size).clamp(max=tables.shape[1] - 1)
-    return tables.gather(1, block_index) * block_size + positions % block_size
