@@ -17,9 +17,8 @@ from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from engine.tiny_model import _fan_in_init, build_tokenizer
 from tests.engine.prompts import chat_prompt, reference_generate
-from tests.engine.test_model_families import greedy, save_qwen2_causal, save_qwen25_vl
+from tests.engine.test_model_families import greedy, save_causal_lm, save_qwen2_causal, save_qwen25_vl
 
 TEXTS = ("hello world, how are you today?", "one two three four five six seven eight nine ten", "a")
 
@@ -45,24 +44,7 @@ def test_a_row_attends_as_a_dense_mask_makes_it(kv_heads):
 def save_llama_causal(path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    _fan_in_init(model, torch.Generator().manual_seed(0))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_causal_lm(path, LlamaConfig, LlamaForCausalLM)
 
 
 @pytest.fixture(params=["qwen2-vl", "qwen2", "qwen2.5-vl"])

@@ -16,11 +16,11 @@ from tests.engine.configs import in_thread
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
 
 
-def save_qwen2_causal(path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+def save_causal_lm(path, config_class, model_class):
+    """A tiny causal LM of ``model_class`` (64 wide, 2 layers, grouped-query heads) with
+    the tiny model's tokenizer, saved to ``path``."""
     tokenizer = build_tokenizer()
-    config = Qwen2Config(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -32,11 +32,17 @@ def save_qwen2_causal(path):
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
+    model = model_class(config)
     _fan_in_init(model, torch.Generator().manual_seed(0))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_qwen2_causal(path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return save_causal_lm(path, Qwen2Config, Qwen2ForCausalLM)
 
 
 def save_qwen25_vl(path, tiny_model_dir):
