@@ -60,7 +60,6 @@ class ModelRunner:
             dtype=dtype,
             device=device,
         )
-        self.dtype = dtype
         self._rows: dict[int, Sequence] = {}
         self._positions: dict[int, tuple[torch.Tensor, int]] = {}  # seq_id -> prompt positions [P, L], delta
 
@@ -151,8 +150,9 @@ class ModelRunner:
         return embeds, positions.expand(self.adapter.position_rows, -1)
 
     def _slots(self, tables: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
-        """Cache slot [T] of each new token: token ``t`` of row ``b`` (context position
-        ``starts[b] + t``) goes to slot ``t % block_size`` of the row's block ``t // block_size``."""
+        """Cache slot [T] of each new token: row ``b``'s token at context position ``p``
+        (``starts[b] <= p < starts[b] + lengths[b]``) goes to slot ``p % block_size`` of the
+        row's block ``p // block_size``."""
         device, bs = self.device, self.blocks.block_size
         if all(n == 1 for n in lengths):
             at = torch.tensor(starts, dtype=torch.long, device=device)
