@@ -94,8 +94,7 @@ class DecoderForward:
     def __call__(self, batch: TokenBatch, cache: PagedKVCache) -> torch.Tensor:
         hidden = batch.embeds
         cos, sin = self._rotary(batch)
-        decode = batch.is_decode
-        mask = batch.decode_mask(hidden.dtype) if decode else None
+        mask = batch.decode_mask(hidden.dtype) if batch.is_decode else None
         for index, layer in enumerate(self.layers):
             attention, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(hidden)

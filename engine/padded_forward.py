@@ -47,8 +47,4 @@ class PaddedBatch:
             [s + n for s, n in zip(batch.starts, batch.lengths, strict=True)], dtype=torch.long, device=device
         )
         query = (context.view(-1, 1) - longest + torch.arange(longest, device=device).view(1, -1)).clamp(min=0)
-        seen = torch.arange(batch.block_tables.shape[1] * batch.block_size, device=device).view(1, 1, -1)
-        dtype = batch.embeds.dtype
-        mask = torch.zeros((rows, longest, seen.shape[-1]), dtype=dtype, device=device)
-        mask.masked_fill_(seen > query.unsqueeze(-1), torch.finfo(dtype).min)
-        return cls(embeds, positions, slots, mask.unsqueeze(1))
+        return cls(embeds, positions, slots, batch.context_mask(query, batch.embeds.dtype))

@@ -62,14 +62,19 @@ class TokenBatch:
         context = self.starts[row] + self.lengths[row]
         return self.block_tables[row, : -(-context // self.block_size)]
 
-    def decode_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask [B, 1, 1, W x block_size] for a decode batch: row ``b``'s query (at
-        position ``starts[b]``) sees its context slots ``0..starts[b]``; later slots (the
-        rest of its last block, the padding blocks) get the dtype's minimum."""
+    def context_mask(self, query: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [B, 1, q, W x block_size] for queries at context positions
+        ``query`` [B, q]: row ``b``'s query at position ``p`` sees its context slots
+        ``0..p``; later slots (the rest of its last block, the padding blocks) get the
+        dtype's minimum."""
         width = self.block_tables.shape[1] * self.block_size
-        device = self.embeds.device
-        seen = torch.arange(width, device=device).view(1, -1)
-        query = torch.tensor(self.starts, dtype=torch.long, device=device).view(-1, 1)
-        mask = torch.zeros((self.num_rows, width), dtype=dtype, device=device)
-        mask.masked_fill_(seen > query, torch.finfo(dtype).min)
-        return mask.view(self.num_rows, 1, 1, width)
+        seen = torch.arange(width, device=query.device)
+        mask = torch.zeros((*query.shape, width), dtype=dtype, device=query.device)
+        mask.masked_fill_(seen > query.unsqueeze(-1), torch.finfo(dtype).min)
+        return mask.unsqueeze(1)
+
+    def decode_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """``context_mask`` [B, 1, 1, W x block_size] of a decode batch: row ``b``'s one
+        query is at position ``starts[b]``."""
+        query = torch.tensor(self.starts, dtype=torch.long, device=self.embeds.device).view(-1, 1)
+        return self.context_mask(query, dtype)
