@@ -51,6 +51,17 @@ class ServerConfig:
         default=0.001,
         metadata={"help": "seconds after which a GIL-holding thread must offer the GIL to the event loop"},
     )
+    probe_lane: bool = field(
+        default=True,
+        metadata={
+            "help": "answer /health and /ready on plain-TCP connections from a thread of their own, off the "
+            "event loop (vlserve serve only; off: inside the loop's HTTP/1.1 protocol)"
+        },
+    )
+    health_loop_stall: float = field(
+        default=1.0,
+        metadata={"help": "seconds the event loop may go without turning before /health answers 503 (0: never)"},
+    )
     drain_grace: float = field(
         default=0.0,
         metadata={
@@ -86,8 +97,8 @@ class ServerConfig:
             raise ValueError(
                 f"metrics_prefix must be one of {', '.join(METRICS_PREFIXES)}, not {self.metrics_prefix!r}"
             )
-        if self.drain_grace < 0 or self.drain_timeout < 0:
-            raise ValueError("drain_grace and drain_timeout must not be negative")
+        if self.drain_grace < 0 or self.drain_timeout < 0 or self.health_loop_stall < 0:
+            raise ValueError("drain_grace, drain_timeout and health_loop_stall must not be negative")
         if self.media.max_images_per_request > self.prep.pixel_slots:
             # a request takes one slot per image, all at once (``SlotPool.acquire_many``)
             raise ValueError(

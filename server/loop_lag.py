@@ -5,12 +5,17 @@ the deadline it woke. That lateness is what every other task waiting for a turn 
 loop (a ``/health`` probe, a stream's next write) waited too: the time the loop spent on
 other tasks' steps, on GIL hand-overs from worker threads and on garbage collection.
 Times come from trio's clock, so tests drive them with ``trio.testing.MockClock``.
+
+Each wake-up is also stamped with ``time.monotonic()``: ``stalled_for()`` is how long the
+loop has not turned, readable from any thread (the ``ProbeLane``'s ``/health`` answers
+503 past ``--health-loop-stall``; ``server.probes``).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -66,6 +71,7 @@ class LoopLagMonitor:
         self._counts = [0] * len(self._bounds)
         self._samples = 0
         self._total = 0.0
+        self._last_wake: float | None = None  # time.monotonic() of the last wake-up while running
 
     def record(self, lateness: float) -> None:
         """Count one wake-up ``lateness`` seconds after its deadline."""
@@ -78,12 +84,25 @@ class LoopLagMonitor:
     async def run(self) -> None:
         """Sleep ``interval`` at a time forever, recording each wake-up's lateness.
 
-        Cancellation: returns nothing, leaves nothing behind; the figures stay readable.
+        Cancellation: returns nothing, leaves nothing behind; the figures stay readable
+        and ``stalled_for()`` reads 0 again.
         """
-        while True:
-            deadline = trio.current_time() + self.interval
-            await trio.sleep_until(deadline)
-            self.record(trio.current_time() - deadline)
+        try:
+            while True:
+                self._last_wake = time.monotonic()
+                deadline = trio.current_time() + self.interval
+                await trio.sleep_until(deadline)
+                self.record(trio.current_time() - deadline)
+        finally:
+            self._last_wake = None
+
+    def stalled_for(self) -> float:
+        """Seconds the loop is overdue for this monitor's next wake-up (0 when on time or
+        while ``run()`` is not running). Thread-safe: one attribute read."""
+        last = self._last_wake
+        if last is None:
+            return 0.0
+        return max(0.0, time.monotonic() - last - self.interval)
 
     def statistics(self) -> LoopLagStatistics:
         ordered = sorted(self._recent)

@@ -40,10 +40,16 @@ def _answer(status: int, phase: Phase, **headers: str) -> ProbeAnswer:
 
 
 def health_answer(lifecycle: RuntimeLifecycle) -> ProbeAnswer:
-    """200 while the process can make progress; 503 if the runtime failed or the engine
-    stopped making progress while it has work (or its worker process died)."""
+    """200 while the process can make progress; 503 if the runtime failed, the event loop
+    has not turned for more than ``--health-loop-stall`` seconds (read from the loop-lag
+    monitor, so a probe answered off the loop still fails when the loop is stuck, as one
+    waiting for the loop would time out), or the engine stopped making progress while it
+    has work (or its worker process died). Safe to call from any thread."""
     runtime = lifecycle.runtime
     if lifecycle.phase is Phase.FAILED:
+        return _answer(503, lifecycle.phase)
+    stall_limit = lifecycle.config.health_loop_stall
+    if stall_limit > 0 and lifecycle.loop_lag.stalled_for() > stall_limit:
         return _answer(503, lifecycle.phase)
     if runtime is not None and not runtime.engine.is_healthy():
         return _answer(503, lifecycle.phase)

@@ -127,7 +127,12 @@ async def run_server(
     try:
         async with trio.open_nursery() as nursery:
             if fast_http and not hyper.quic_bind:  # server.http_path serves TCP only
-                serve = partial(fast_serve, probes=app.probe_responder, pass_log=pass_log)
+                serve = partial(
+                    fast_serve,
+                    probes=app.probe_responder,
+                    pass_log=pass_log,
+                    probe_lane=config.probe_lane,
+                )
             else:
                 serve = stock_serve
             serve_task = partial(_serve_then_cancel, serve, app, hyper, close_listeners, nursery.cancel_scope)

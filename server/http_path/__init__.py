@@ -10,6 +10,8 @@ made, and answer probes inside the HTTP/1.1 protocol:
 - ``FastTCPServer`` (connection.py): reads, idle timer, send lock, empty writes.
 - ``NoWaitTaskGroup`` (task_group.py): the app's queue fed without a checkpoint.
 - ``FastH11Protocol`` (protocol.py): one write per response; probes via ``ProbeStream``.
+- ``ProbeLane`` (probe_lane.py): probes answered by a thread of their own, off the loop;
+  every other connection handed to the loop.
 - ``ProbePassLog`` (probe_passes.py): passes per probe, for the benchmark.
 
 Written against hypercorn 0.18.0 (pinned in pyproject.toml; tests/server/test_http_path_pin.py

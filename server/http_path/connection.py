@@ -46,7 +46,9 @@ class FastTCPServer(TCPServer):
     """See the module docstring. ``connections`` is the serving loop's set of live
     connections (for ``close_if_idle`` at shutdown); ``probes`` answers probes in the
     protocol (``None``: through the app); ``pass_log`` (if given) records each probe's
-    passes, ``accepted_pass`` being its counter's value when the connection was accepted."""
+    passes, ``accepted_pass`` being its counter's value when the connection was accepted;
+    ``initial`` is what a ``ProbeLane`` read from it before handing it over, handled as the
+    first read."""
 
     def __init__(
         self,
@@ -60,8 +62,10 @@ class FastTCPServer(TCPServer):
         probes: ProbeResponder | None = None,
         pass_log: ProbePassLog | None = None,
         accepted_pass: int = 0,
+        initial: bytes = b"",
     ) -> None:
         super().__init__(app, config, context, state, stream)
+        self._initial = initial
         self._connections = connections
         self._probes = probes
         self._pass_log = pass_log
@@ -217,6 +221,9 @@ class FastTCPServer(TCPServer):
 
         Cancellation: a checkpoint only when it waits (see the module docstring); raises
         ``Cancelled`` at once if the surrounding scope is already cancelled."""
+        if self._initial:
+            data, self._initial = self._initial, b""
+            return data, False
         if self._socket is None:
             return await self.stream.receive_some(MAX_RECV), True
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -8,7 +8,7 @@ written in the pass that read the request. On a fresh connection (the Kubernetes
 whose request is already there when it is accepted, the first pass is the accept's (a
 connection accepted in the same pass as others is read in the next one: 2); if the bytes
 arrive later, the pass that wakes up for them (passes spent waiting for the client are
-not the server's).
+not the server's). A probe answered by the ``ProbeLane`` thread needs no pass: 0.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ class ProbePassLog:
         """Record a probe whose reply is written now, started in pass ``since_pass``."""
         passes = self.counter.passes - since_pass + 1
         (self.fresh if fresh else self.keep_alive)[passes] += 1
+
+    def record_off_loop(self, fresh: bool) -> None:
+        """Record a probe answered off the loop (by the ``ProbeLane``'s thread): 0 passes."""
+        (self.fresh if fresh else self.keep_alive)[0] += 1
 
     def summary(self) -> dict[str, dict[str, object]]:
         return {

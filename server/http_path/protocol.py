@@ -28,12 +28,13 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 
 from server.http_path.probe_stream import ProbeStream
-from server.probes import ProbeResponder
+from server.probes import PROBE_PATHS, ProbeResponder
 
 
 class ProbeHooks:
     """What the protocol needs to answer probes: the responder, and a callback run just
-    before each probe reply is written (``fresh`` is true for a connection's first request)."""
+    before each ``/health`` or ``/ready`` reply is written (not ``/metrics``'s; ``fresh`` is
+    true for a connection's first request)."""
 
     def __init__(self, responder: ProbeResponder, on_reply: Callable[[bool], None] | None = None) -> None:
         self.responder = responder
@@ -118,7 +119,7 @@ class FastH11Protocol(H11Protocol):
             path=path,
             headers=headers,
             scope=scope,
-            on_reply=None if on_reply is None else (lambda: on_reply(fresh)),
+            on_reply=None if on_reply is None or path not in PROBE_PATHS else (lambda: on_reply(fresh)),
         )
         self.keep_alive_requests += 1
         await self.context.mark_request()

@@ -10,8 +10,11 @@ connection is waiting (``PromptAcceptListener``: one more), (d) every connection
 in the kernel's queue accepted in one pass, as asyncio's loop does (trio's accept loop
 takes one per pass, so a probe behind a wave of new connections waited a pass per
 connection ahead of it) and (e) the pass at which each connection was accepted, for
-``ProbePassLog``. QUIC (HTTP/3) is not served here: with
-``quic_bind`` set, use ``hypercorn.trio.serve``.
+``ProbePassLog``. With ``probe_lane`` (``vlserve serve``'s default), the plain-TCP
+listeners belong to a ``ProbeLane`` instead: a thread that accepts, answers probes off the
+event loop, and hands every other connection to this loop with the bytes it read
+(``_hand_over``). QUIC (HTTP/3) is not served here: with ``quic_bind`` set, use
+``hypercorn.trio.serve``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
 from server.http_path.connection import FastTCPServer
+from server.http_path.probe_lane import ProbeLane, lane_applies
 from server.http_path.probe_passes import ProbePassLog
 from server.probes import ProbeResponder
 
@@ -53,13 +57,16 @@ async def serve(
     *,
     probes: ProbeResponder | None = None,
     pass_log: ProbePassLog | None = None,
+    probe_lane: bool = False,
     shutdown_trigger: Callable[..., Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI ``app`` as ``hypercorn.trio.serve`` does, on ``FastTCPServer``s.
 
-    ``probes`` (if given) answers probe requests inside the HTTP/1.1 protocol;
-    ``pass_log`` (if given) records their scheduler passes. Reports the bound URLs through
+    ``probes`` (if given) answers probe requests inside the HTTP/1.1 protocol, and with
+    ``probe_lane`` (where ``lane_applies``) on plain-TCP connections from a ``ProbeLane``
+    thread; ``pass_log`` (if given) records their scheduler passes (0 for the lane's).
+    Reports the bound URLs through
     ``task_status``. Returns after ``shutdown_trigger`` returns and in-flight requests
     finished (or ``config.graceful_timeout`` passed).
 
@@ -83,7 +90,8 @@ async def serve(
         await lifespan.wait_for_startup()
 
         async with trio.open_nursery() as server_nursery:
-            listeners, binds = await _listeners(config)
+            use_lane = probe_lane and probes is not None and lane_applies(config)
+            listeners, lane_sockets, binds = await _listeners(config, lane=use_lane)
             new_connection = partial(
                 FastTCPServer,
                 app,
@@ -102,6 +110,18 @@ async def serve(
                     new_connection,
                     pass_log,
                 )
+            lane = None
+            if lane_sockets and probes is not None:
+                hand_over = partial(
+                    _hand_over,
+                    trio.lowlevel.current_trio_token(),
+                    server_nursery,
+                    new_connection,
+                    pass_log,
+                )
+                on_probe = pass_log.record_off_loop if pass_log is not None else None
+                lane = ProbeLane(lane_sockets, probes, config, hand_over, on_probe)
+                server_nursery.start_soon(lane.run)
             task_status.started(binds)
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
@@ -115,6 +135,8 @@ async def serve(
                     raise other_errors from None  # the real errors, without the shutdown signal beside them
             finally:
                 await _close_listeners(listeners)
+                if lane is not None:
+                    lane.close()  # its thread closes its sockets and returns
                 await context.terminated.set()
                 for connection in list(connections):
                     connection.close_if_idle()
@@ -124,11 +146,15 @@ async def serve(
         lifespan_nursery.cancel_scope.cancel()
 
 
-async def _listeners(config: Config) -> tuple[list[trio.abc.Listener[Any]], list[str]]:
-    """hypercorn's listeners for ``config``'s TCP binds (TLS where configured) and their URLs."""
+async def _listeners(
+    config: Config, *, lane: bool
+) -> tuple[list[trio.abc.Listener[Any]], list[socket.socket], list[str]]:
+    """hypercorn's listeners for ``config``'s TCP binds (TLS where configured), the
+    plain-TCP sockets left to a ``ProbeLane`` instead (with ``lane``), and their URLs."""
     sockets = config.create_sockets()
     ssl_context = config.create_ssl_context()
     listeners: list[trio.abc.Listener[Any]] = []
+    lane_sockets: list[socket.socket] = []
     binds = []
     for sock in sockets.secure_sockets:
         sock.listen(config.backlog)
@@ -139,11 +165,14 @@ async def _listeners(config: Config) -> tuple[list[trio.abc.Listener[Any]], list
         await config.log.info(f"Running on {bind} (CTRL + C to quit)")
     for sock in sockets.insecure_sockets:
         sock.listen(config.backlog)
-        listeners.append(PromptAcceptListener(sock))
+        if lane:
+            lane_sockets.append(sock)
+        else:
+            listeners.append(PromptAcceptListener(sock))
         bind = f"http://{repr_socket_addr(sock.family, sock.getsockname())}"
         binds.append(bind)
         await config.log.info(f"Running on {bind} (CTRL + C to quit)")
-    return listeners, binds
+    return listeners, lane_sockets, binds
 
 
 # accept() errors that concern only the connection being accepted (as trio ignores them)
@@ -263,14 +292,42 @@ async def _serve_connection(
     stream: trio.abc.Stream,
     new_connection: Callable[..., FastTCPServer],
     accepted_pass: int,
+    initial: bytes = b"",
 ) -> None:
-    """Serve one accepted connection until it ends, then close it.
+    """Serve one accepted connection until it ends (``initial``: its first bytes, already
+    read by a ``ProbeLane``), then close it.
 
     Cancellation: the connection is closed."""
     try:
-        await new_connection(stream, accepted_pass=accepted_pass).run()
+        await new_connection(stream, accepted_pass=accepted_pass, initial=initial).run()
     finally:
         await trio.aclose_forcefully(stream)
+
+
+def _hand_over(
+    token: trio.lowlevel.TrioToken,
+    nursery: trio.Nursery,
+    new_connection: Callable[..., FastTCPServer],
+    pass_log: ProbePassLog | None,
+    sock: socket.socket,
+    initial: bytes,
+) -> None:
+    """Called in a ``ProbeLane``'s thread: have the loop serve ``sock`` from ``initial``
+    on. Returns at once (the lane never waits for the loop); the socket is closed if the
+    loop has stopped."""
+
+    def start() -> None:  # on the loop, between two tasks' steps: must not raise
+        try:
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            accepted_pass = pass_log.counter.passes if pass_log is not None else 0
+            nursery.start_soon(_serve_connection, stream, new_connection, accepted_pass, initial)
+        except (OSError, RuntimeError):  # reset meanwhile, or serving has ended
+            sock.close()
+
+    try:
+        token.run_sync_soon(start)
+    except trio.RunFinishedError:
+        sock.close()
 
 
 async def _close_listeners(listeners: list[trio.abc.Listener[Any]]) -> None:

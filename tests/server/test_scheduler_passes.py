@@ -15,11 +15,15 @@ GET /v1/models     fresh          12                 3
 =================  ==========  =====  ================
 
 The stock path is run under ``xfail(strict=True)``: each bound fails against unpatched
-hypercorn, so each test can fail.
+hypercorn, so each test can fail. These are the loop's own passes, so the server runs
+without its ``ProbeLane`` (``probe_lane=False``, as for TLS listeners), except in the
+pass-log test: the lane answers probes off the loop, in no pass at all
+(``tests/server/test_probe_lane.py``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -56,7 +60,8 @@ FAST = pytest.param(True, id="http_path")
 
 @pytest.fixture
 async def served(request, vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory):
-    async with serving(vlserve_config, fake_factory, fast_http=request.param) as server:
+    config = replace(vlserve_config, probe_lane=False)
+    async with serving(config, fake_factory, fast_http=request.param) as server:
         yield server
 
 
@@ -101,11 +106,14 @@ async def test_app_request_needs_fewer_passes(served):
     assert await fresh_connection_passes(served.url, "/v1/models") <= APP_REQUEST_MAX
 
 
+@pytest.mark.parametrize(("probe_lane", "passes"), [(False, "1"), (True, "0")], ids=["loop", "lane"])
 async def test_probe_pass_log_records_each_probe_by_connection_kind(
-    vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory
+    vlserve_config: ServerConfig, fake_factory: FakeRuntimeFactory, probe_lane: bool, passes: str
 ):
     """The server's own count (what ``vlserve serve`` writes for the benchmark): every
-    probe, keep-alive or on a fresh connection, written in the pass that read it."""
+    probe, keep-alive or on a fresh connection, written in the pass that read it (on the
+    loop), or answered by the lane's thread in none."""
+    vlserve_config = replace(vlserve_config, probe_lane=probe_lane)
     async with pass_counter() as counter:
         pass_log = ProbePassLog(counter)
         async with trio.open_nursery() as nursery:
@@ -122,5 +130,5 @@ async def test_probe_pass_log_records_each_probe_by_connection_kind(
             await fresh_connection_passes(server.url, "/ready", repeats=3)
             server.shutdown()
     summary = pass_log.summary()
-    assert summary["keep_alive"]["histogram"] == {"1": 3}
-    assert summary["fresh"]["histogram"] == {"1": 4}
+    assert summary["keep_alive"]["histogram"] == {passes: 3}
+    assert summary["fresh"]["histogram"] == {passes: 4}
