@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 # Connections taken from a listener's queue per wake-up at most (as ``serve``'s accept).
 MAX_ACCEPTS_PER_WAKE = 64
 _RECEIVE_SIZE = 16384
+# As trio.serve_listeners: accept errors that mean "out of resources, retry shortly"
+# (``server.http_path.serve``'s accept uses them too).
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY_S = 0.1
 # The request line of every request the lane may answer, up to the version's last digit.
 _PROBE_LINE_PREFIXES = tuple(
     f"{method} {path} HTTP/1.".encode("ascii") for method in sorted(PROBE_METHODS) for path in sorted(PROBE_PATHS)
@@ -261,8 +265,11 @@ class ProbeLane:
             except BlockingIOError:
                 return
             except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
-                    log.error("accept returned %s; retrying at the next wake-up", error.strerror)
+                if error.errno in ACCEPT_CAPACITY_ERRNOS:
+                    # out of descriptors or memory: the listener stays readable, so wait
+                    # (as ``serve``'s accept does) instead of spinning on it
+                    log.error("accept returned %s; retrying in %s s", error.strerror, ACCEPT_RETRY_S)
+                    time.sleep(ACCEPT_RETRY_S)
                     return
                 continue  # the failed connection's own error (as trio ignores them)
             sock.setblocking(False)

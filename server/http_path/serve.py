@@ -37,15 +37,12 @@ from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
 from server.http_path.connection import FastTCPServer
-from server.http_path.probe_lane import ProbeLane, lane_applies
+from server.http_path.probe_lane import ACCEPT_CAPACITY_ERRNOS, ACCEPT_RETRY_S, ProbeLane, lane_applies
 from server.http_path.probe_passes import ProbePassLog
 from server.probes import ProbeResponder
 
 log = logging.getLogger(__name__)
 
-# As trio.serve_listeners: accept errors that mean "out of resources, retry shortly".
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_ACCEPT_RETRY_S = 0.1
 # Connections taken from the kernel's queue in one pass at most (each is an accept(2) and a
 # task start, tens of microseconds): the rest are taken in the next pass.
 MAX_ACCEPTS_PER_PASS = 64
@@ -264,14 +261,14 @@ async def _accept_then_serve(
         except trio.ClosedResourceError:
             return  # shutting down: serve closed the listener
         except OSError as exc:
-            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                 raise
             log.error(
                 "accept returned %s; retrying in %s s",
                 os.strerror(exc.errno),
-                _ACCEPT_RETRY_S,
+                ACCEPT_RETRY_S,
             )
-            await trio.sleep(_ACCEPT_RETRY_S)
+            await trio.sleep(ACCEPT_RETRY_S)
         else:
             break
     accepted_pass = pass_log.counter.passes if pass_log is not None else 0
