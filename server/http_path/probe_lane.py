@@ -102,8 +102,8 @@ def read_probe_head(buffer: bytes, max_head: int) -> ProbeHead | NeedMore | Hand
     if not any(prefix.startswith(first_line[: len(prefix)]) for prefix in _PROBE_LINE_PREFIXES):
         return HAND_OVER
     if end < 0:
-        if b"\n\n" in buffer or len(buffer) > max_head:
-            return HAND_OVER  # bare line feeds, or a head too long for a probe
+        if b"\n\n" in buffer.replace(b"\r", b"") or len(buffer) > max_head:
+            return HAND_OVER  # a head ended by bare line feeds, or too long for a probe
         return NEED_MORE
     if end + 4 > max_head:
         return HAND_OVER

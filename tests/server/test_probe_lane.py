@@ -98,6 +98,7 @@ def test_a_prefix_of_a_probe_needs_more(cut):
         b"GET /health HTTP/1.1\r\nHost : x\r\n\r\n",
         b"GET /health HTTP/1.1\r\nHost: x\x01\r\n\r\n",
         b"GET /health HTTP/1.1\nHost: x\n\n",  # bare line feeds
+        b"GET /health HTTP/1.1\r\nHost: x\n\r\n",  # ... mixed with CRLF
         b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * MAX_HEAD,  # too long for a probe
     ],
 )
