@@ -154,12 +154,14 @@ async def test_pytest_plugin_fixtures_in_a_user_test_suite(tiny_model_dir, tmp_p
     assert "1 passed" in run.log()
 
 
-async def test_vlserve_serve_writes_probe_passes_when_asked(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(("lane_flag", "passes"), [("--probe-lane", "0"), ("--no-probe-lane", "1")])
+async def test_vlserve_serve_writes_probe_passes_when_asked(tiny_model_dir, tmp_path, lane_flag, passes):
     """With VLSERVE_PROBE_PASSES_FILE set, ``vlserve serve`` counts each probe's scheduler
-    passes and writes them at exit: every probe, keep-alive or on a fresh connection, is
-    answered in the first pass that can see its bytes."""
+    passes and writes them at exit. With the probe lane (the default) every probe,
+    keep-alive or on a fresh connection, is answered off the event loop: 0 passes. Without
+    it, every probe is answered in the first pass that can see its bytes: 1 pass."""
     out = tmp_path / "passes.json"
-    args = ["-m", "server.cli", "serve", "--port", "0"]
+    args = ["-m", "server.cli", "serve", "--port", "0", lane_flag]
     env = {"VLSERVE_MODEL": str(tiny_model_dir), "VLSERVE_PROBE_PASSES_FILE": str(out)}
     async with launched(args, env) as server:
         url = (await server.wait_for_line(r"listening on (http://\S+)", START_TIMEOUT_S))[1]
@@ -174,7 +176,7 @@ async def test_vlserve_serve_writes_probe_passes_when_asked(tiny_model_dir, tmp_
         with trio.fail_after(30):
             assert await server.process.wait() == 0, server.log()
     summary = json.loads(out.read_text())
-    assert summary["keep_alive"]["probes"] >= 2 and summary["keep_alive"]["histogram"] == {
-        "1": summary["keep_alive"]["probes"]
-    }
-    assert summary["fresh"]["probes"] >= 4 and summary["fresh"]["histogram"] == {"1": summary["fresh"]["probes"]}
+    assert summary["keep_alive"]["probes"] >= 2
+    assert summary["keep_alive"]["histogram"] == {passes: summary["keep_alive"]["probes"]}
+    assert summary["fresh"]["probes"] >= 4
+    assert summary["fresh"]["histogram"] == {passes: summary["fresh"]["probes"]}
