@@ -78,6 +78,8 @@ class Summary:
     # the do-nothing server's probes during the same burst (bench/floor_server.py)
     floor_p99_ms: float = math.nan
     floor_fresh_p99_ms: float = math.nan
+    floor_max_ms: float = math.nan
+    floor_fresh_max_ms: float = math.nan
     loop_lag_p50_ms: float = float("nan")
     loop_lag_p99_ms: float = float("nan")
     loop_lag_samples: int = 0
@@ -219,6 +221,8 @@ def summarise(run: LoadRun) -> Summary:
         first_error=next((r.error for r in failed if r.error), None),
         floor_p99_ms=_ms(floor, 99),
         floor_fresh_p99_ms=_ms(floor_fresh, 99),
+        floor_max_ms=_ms(floor, 100),
+        floor_fresh_max_ms=_ms(floor_fresh, 100),
         fresh_health_probes=len(fresh),
         fresh_health_failures=sum(1 for s in fresh if s[2] != 200),
         fresh_health_p50_ms=_ms(fresh_latencies, 50),

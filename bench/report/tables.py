@@ -93,15 +93,15 @@ def sweep_table(summaries: Sequence[Summary]) -> str:
 
 def probe_table(summaries: Sequence[Summary]) -> str:
     """/health during each burst by both probers (keep-alive and a new TCP connection per
-    probe), the same probers' p99 against a do-nothing server during the same burst (the
-    floor) and each p99 as a multiple of it, with the server's own scheduler passes per
+    probe), the same probers' p99 and max against a do-nothing server during the same burst
+    (the floor) and each p99 as a multiple of the floor's, with the server's own scheduler passes per
     probe where it reports them (vlserve; bench/README.md), and the server's CPU per request
     by part of its process tree (front end / engine worker / prep processes; a baseline is
     one process, all front end)."""
     lines = [
         (
             "| workload | conc. | server | keep-alive p50 / p99 / max ms | fresh p50 / p99 / max ms"
-            " | floor p99 keep-alive / fresh ms | p99 × floor keep-alive / fresh"
+            " | floor p99 / max keep-alive; fresh ms | p99 × floor keep-alive / fresh"
             " | passes/probe keep-alive | passes/probe fresh | CPU ms/req front end / engine / prep |"
         ),
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -111,7 +111,7 @@ def probe_table(summaries: Sequence[Summary]) -> str:
             f"| {s.workload} | {s.concurrency} | {s.server}"
             f" | {_num(s.health_p50_ms)} / {_num(s.health_p99_ms)} / {_num(s.health_max_ms)}"
             f" | {_num(s.fresh_health_p50_ms)} / {_num(s.fresh_health_p99_ms)} / {_num(s.fresh_health_max_ms)}"
-            f" | {_num(s.floor_p99_ms)} / {_num(s.floor_fresh_p99_ms)}"
+            f" | {_num(s.floor_p99_ms)} / {_num(s.floor_max_ms)}; {_num(s.floor_fresh_p99_ms)} / {_num(s.floor_fresh_max_ms)}"
             f" | {_ratio(s.health_p99_ms, s.floor_p99_ms)} / {_ratio(s.fresh_health_p99_ms, s.floor_fresh_p99_ms)}"
             f" | {_num(s.probe_passes_keep_alive, 2)} | {_num(s.probe_passes_fresh, 2)}"
             f" | {' / '.join(_num(s.server_cpu_ms_by_role.get(role, math.nan)) for role in CPU_ROLES)} |"

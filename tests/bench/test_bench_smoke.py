@@ -75,6 +75,9 @@ async def test_every_workload_runs_against_vlserve_and_a_baseline(tmp_path, tiny
         assert 0 < summary.fresh_health_p50_ms <= summary.fresh_health_p99_ms, where
         # the do-nothing server beside the burst was probed the same two ways (the floor)
         assert math.isfinite(summary.floor_p99_ms) and math.isfinite(summary.floor_fresh_p99_ms), where
+        assert (
+            summary.floor_max_ms >= summary.floor_p99_ms and summary.floor_fresh_max_ms >= summary.floor_fresh_p99_ms
+        ), where
         assert summary.peak_rss_mib > 50, where
         if summary.server == "vlserve":  # the server's own count (VLSERVE_PROBE_PASSES_FILE)
             # every probe answered by the probe lane's thread, off the loop: no pass at all
