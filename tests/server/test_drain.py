@@ -81,7 +81,7 @@ async def test_sigterm_withdraws_readiness_serves_the_grace_then_drains(tiny_mod
                 ready = await _fresh(url, "GET", "/ready")
                 assert ready.status_code == 503 and ready.json()["phase"] == "draining"
                 assert (await _fresh(url, "GET", "/health")).status_code == 200
-                chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+                chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "ignore_eos": True}
                 response = await _fresh(url, "POST", "/v1/chat/completions", json=chat)
                 assert response.status_code == 200, response.text
                 assert response.json()["choices"][0]["message"]["content"]
