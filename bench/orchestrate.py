@@ -146,8 +146,9 @@ def _rotated(servers: tuple[str, ...], by: int) -> tuple[str, ...]:
 
 
 async def wait_for_quiet(threshold: float, max_wait: float) -> float:
-    """Wait (at most ``max_wait`` seconds, in 1 s windows) until other processes use less
-    than ``threshold`` of the machine; return the last share seen (0 if not waiting).
+    """Wait (at most ``max_wait`` seconds, in 1 s windows) until other processes and the
+    hypervisor's stolen time take less than ``threshold`` of the machine; return the last
+    share seen (0 if not waiting).
 
     Cancellation: returns at the next window boundary.
     """

@@ -85,6 +85,8 @@ class Summary:
     loop_lag_samples: int = 0
     # prompt tokens of the successful requests, from the servers' usage (image tokens included)
     total_input_tokens: int = 0
+    # the hypervisor's stolen share of the machine during the burst (cpu_account.py)
+    steal_cpu_pct: float = math.nan
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +127,7 @@ class Summary:
             ),
             ("Peak RSS (MiB, before burst):", f"{self.peak_rss_mib:.0f} ({self.rss_before_mib:.0f})"),
             ("Other processes' CPU (% of machine):", f"{self.foreign_cpu_pct:.0f}"),
+            ("CPU stolen by the hypervisor (% of machine):", f"{self.steal_cpu_pct:.0f}"),
             ("Server CPU ms per request (its process tree):", f"{self.server_cpu_ms_per_request:.1f}"),
             *((f"  of which {role}:", f"{ms:.1f}") for role, ms in self.server_cpu_ms_by_role.items()),
             ("Peak PSS of the server's process tree (MiB):", f"{self.peak_pss_mib:.0f}"),
@@ -214,6 +217,7 @@ def summarise(run: LoadRun) -> Summary:
         rss_before_mib=run.rss_before / MIB,
         peak_rss_mib=max((s[1] for s in run.rss), default=run.rss_before) / MIB,
         foreign_cpu_pct=100.0 * run.foreign_cpu,
+        steal_cpu_pct=100.0 * run.steal_cpu,
         peak_pss_mib=max((s[1] for s in run.pss), default=math.nan * MIB) / MIB,
         server_cpu_ms_per_request=1000.0 * run.server_cpu_seconds / len(ok) if ok else math.nan,
         server_cpu_ms_by_role={role: 1000.0 * s / len(ok) for role, s in run.server_cpu_by_role.items()} if ok else {},

@@ -58,6 +58,7 @@ class LoadRun:
     loadavg_before: float = 0.0
     loadavg_after: float = 0.0
     foreign_cpu: float = 0.0  # other processes' share of all cores during the burst (0..1)
+    steal_cpu: float = 0.0  # the hypervisor's stolen share of all cores during the burst (0..1)
     server_cpu_seconds: float = 0.0  # CPU the server's process tree used during the burst
     # the same per part of the tree (``rss_sampler.CPU_ROLES``: front end, engine, prep)
     server_cpu_by_role: dict[str, float] = field(default_factory=dict)
@@ -115,6 +116,7 @@ async def run_load(
                 run.burst_ended = time.monotonic()
                 run.loadavg_after = os.getloadavg()[0]
                 run.foreign_cpu = await trio.to_thread.run_sync(account.foreign_share)
+                run.steal_cpu = await trio.to_thread.run_sync(account.steal_share)
                 cpu_after = await trio.to_thread.run_sync(tree_cpu_seconds_by_role, server_pid)
                 run.server_cpu_by_role = {
                     role: seconds - cpu_before.get(role, 0.0) for role, seconds in cpu_after.items()

@@ -51,8 +51,8 @@ def comparison_table(summaries: Sequence[Summary]) -> str:
         "| workload | conc. | server | ok / failed | req/s | req/s vs vlserve | req/s of each run | out tok/s"
         " | mean TTFT ms | p99 TTFT ms | mean TPOT ms | p99 ITL ms | median E2E ms | /health p50 ms"
         " | /health p99 ms | /health max ms | /health p99 vs vlserve | loop lag p99 ms | peak RSS MiB"
-        " | peak PSS MiB | server CPU ms/req | other CPU % |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | peak PSS MiB | server CPU ms/req | other CPU % | stolen CPU % |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s, runs in rows:
         ref = reference.get((s.workload, s.concurrency))
@@ -65,7 +65,7 @@ def comparison_table(summaries: Sequence[Summary]) -> str:
             f" | {_num(s.health_p50_ms, 1)} | {_num(s.health_p99_ms, 1)} | {_num(s.health_max_ms, 1)}"
             f" | {_ratio(s.health_p99_ms, ref.health_p99_ms if ref else None)} | {_num(s.loop_lag_p99_ms, 1)}"
             f" | {_num(s.peak_rss_mib, 0)} | {_num(s.peak_pss_mib, 0)} | {_num(s.server_cpu_ms_per_request, 0)}"
-            f" | {_num(s.foreign_cpu_pct, 0)} |"
+            f" | {_num(s.foreign_cpu_pct, 0)} | {_num(s.steal_cpu_pct, 0)} |"
         )
     return "\n".join(lines)
 

@@ -29,7 +29,9 @@ def test_vllm_figures_health_window_and_cut_offs():
     ]
     run.health = [(8.0, 0.001, 200), (10.5, 0.002, 200), (11.0, 0.004, 503), (13.0, 0.5, 200)]
     run.rss = [(10.0, 100 * 2**20), (11.0, 300 * 2**20)]
+    run.foreign_cpu, run.steal_cpu = 0.05, 0.25
     s = summarise(run)
+    assert (s.foreign_cpu_pct, s.steal_cpu_pct) == (pytest.approx(5.0), pytest.approx(25.0))
     assert (s.successful, s.failed, s.cut_off) == (2, 1, 1)
     assert s.duration_s == pytest.approx(2.0)
     assert s.request_throughput == pytest.approx(1.0)
@@ -44,6 +46,7 @@ def test_vllm_figures_health_window_and_cut_offs():
     assert s.peak_rss_mib == pytest.approx(300.0)
     assert s.first_error == "HTTP 500: boom"
     assert "Successful requests:" in s.vllm_report() and "P99 TTFT (ms):" in s.vllm_report()
+    assert "CPU stolen by the hypervisor (% of machine):" in s.vllm_report()
 
 
 def test_a_run_with_no_successes_reports_nan_not_errors():
