@@ -115,8 +115,8 @@ async def run_load(
                 run.results = await _send_all(clients, body_for, kind_of, indices, options, warmup=False)
                 run.burst_ended = time.monotonic()
                 run.loadavg_after = os.getloadavg()[0]
-                run.foreign_cpu = await trio.to_thread.run_sync(account.foreign_share)
-                run.steal_cpu = await trio.to_thread.run_sync(account.steal_share)
+                shares = await trio.to_thread.run_sync(account.shares)
+                run.foreign_cpu, run.steal_cpu = shares.foreign, shares.stolen
                 cpu_after = await trio.to_thread.run_sync(tree_cpu_seconds_by_role, server_pid)
                 run.server_cpu_by_role = {
                     role: seconds - cpu_before.get(role, 0.0) for role, seconds in cpu_after.items()

@@ -45,8 +45,9 @@ def test_stolen_time_is_counted_apart_from_other_processes(monkeypatch):
     account.start()
     machine.own += 8.0
     machine.advance(10.0, user=9.0, system=2.0, idle=5.0, steal=4.0)
-    assert account.foreign_share() == pytest.approx(0.15)
-    assert account.steal_share() == pytest.approx(0.20)
+    shares = account.shares()
+    assert shares.foreign == pytest.approx(0.15)
+    assert shares.stolen == pytest.approx(0.20)
 
 
 def test_guest_time_is_not_counted_twice(monkeypatch):
@@ -55,8 +56,9 @@ def test_guest_time_is_not_counted_twice(monkeypatch):
     account = CpuAccount()
     account.start()
     machine.advance(10.0, user=6.0, guest=6.0, idle=14.0)
-    assert account.foreign_share() == pytest.approx(0.30)
-    assert account.steal_share() == 0.0
+    shares = account.shares()
+    assert shares.foreign == pytest.approx(0.30)
+    assert shares.stolen == 0.0
 
 
 def test_the_quiet_wait_counts_both(monkeypatch):
