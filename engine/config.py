@@ -85,10 +85,10 @@ class EngineConfig:
         metadata={
             "option": "engine_encoder_threads",
             "help": "torch threads for a vision-encoder forward that holds an image of at least "
-            "--engine-encoder-threads-min-patches patches (0: every CPU in the engine worker process, "
-            "no extra ones with --no-engine-process, where waiting OpenMP threads would spin against "
-            "the event loop); such an image's attention splits well, other forwards stay on "
-            "--engine-torch-threads (bench/README.md)",
+            "--engine-encoder-threads-min-patches patches (0: one with --vision-ahead, whose thread is the "
+            "encoder's second core; else every CPU in the engine worker process; no extra ones with "
+            "--no-engine-process, where waiting OpenMP threads would spin against the event loop); such an "
+            "image's attention splits well, other forwards stay on --engine-torch-threads (bench/README.md)",
         },
     )
     encoder_threads_min_patches: int = field(
@@ -131,6 +131,14 @@ class EngineConfig:
         metadata={
             "help": "image patches encoded per engine step at most (the encoder budget: images over it "
             "wait for the next step, so running streams are not stalled by a burst of images)"
+        },
+    )
+    vision_ahead: bool = field(
+        default=True,
+        metadata={
+            "help": "encode the images of waiting requests on a thread of their own in the engine worker "
+            "process while running requests decode, instead of in the step that prefills them (never with "
+            "--no-engine-process, where that thread would hold the event loop's GIL; bench/README.md)"
         },
     )
     mm_cache_mb: int = field(default=256, metadata={"help": "MiB of image features kept for repeated images"})

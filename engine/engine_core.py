@@ -21,7 +21,7 @@ from engine.block_manager import BlockManager
 from engine.core_messages import SequenceOutput
 from engine.detokenizer import IncrementalDetokenizer, token_text
 from engine.grammar import GrammarMatcher, Grammars, allowed_tokens
-from engine.image_encoder import ImageEncoder, ImageEncodingFailed, LargeImageThreads, ViewPixels
+from engine.image_encoder import AHEAD_FORWARDS, ImageEncoder, ImageEncodingFailed, LargeImageThreads, ViewPixels
 from engine.model_runner import ModelRunner, bytes_per_token
 from engine.outputs import TokenLogprob, TopLogprob
 from engine.prompt import EnginePrompt
@@ -136,6 +136,7 @@ class EngineCore:
                 cache_bytes=config.mm_cache_mb << 20,
                 # encoder_threads 0 (in-thread placement) never raises the step thread's count
                 large_image=LargeImageThreads(config.encoder_threads, config.encoder_threads_min_patches),
+                ahead_forwards=AHEAD_FORWARDS if config.vision_ahead and config.in_worker_process else 0,
             )
         blocks = kv_blocks_for(loaded, config)
         logger.info(

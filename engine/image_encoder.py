@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -96,11 +97,16 @@ class EncoderStatistics:
     cache_entries: int = 0
     cache_bytes: int = 0
     pending_images: int = 0
+    images_encoded_ahead: int = 0  # of ``images_encoded``, by the ahead thread
 
 
 # forwards whose (images, seconds) wait for ``take_batch_times``: the step loop takes them
 # every step; the bound only matters to a caller that never does
 BATCH_TIMES_KEPT = 1024
+# forwards the ahead thread holds at once: one running, one queued behind it (so it never
+# idles while the step thread is inside a long step), little enough that the step thread
+# seldom has to take one back
+AHEAD_FORWARDS = 2
 
 
 class ImageEncodingFailed(RuntimeError):
@@ -111,7 +117,17 @@ class _Pending:
     """An image whose pixels the engine reads from the slot of sequence ``reader_of`` and
     has not encoded yet."""
 
-    __slots__ = ("error", "features", "grid_thw", "holders", "key", "pixel_values", "reader_of")
+    __slots__ = (
+        "ahead",
+        "ahead_failed",
+        "error",
+        "features",
+        "grid_thw",
+        "holders",
+        "key",
+        "pixel_values",
+        "reader_of",
+    )
 
     def __init__(self, key: str, grid_thw: tuple[int, int, int], pixel_values: torch.Tensor, reader_of: int) -> None:
         self.key = key
@@ -121,6 +137,13 @@ class _Pending:
         self.features: ImageFeatures | None = None
         self.error: str | None = None
         self.holders = 0
+        self.ahead: _AheadForward | None = None  # handed to the ahead thread, not settled yet
+        self.ahead_failed = False  # a forward on the ahead thread failed: the step thread retries it
+
+    @property
+    def claimable(self) -> bool:
+        """Not ready, and free for the ahead thread to take."""
+        return not self.ready and self.ahead is None and not self.ahead_failed
 
     @property
     def num_patches(self) -> int:
@@ -134,6 +157,17 @@ class _Pending:
 
 
 _Held = ImageFeatures | _Pending
+
+
+class _AheadForward:
+    """A forward handed to the ahead thread: its images and the future of its
+    ``(features, seconds)``. Its images' pixels stay unreleased until it is settled."""
+
+    __slots__ = ("future", "images")
+
+    def __init__(self, images: list[_Pending], future: Future) -> None:
+        self.images = images
+        self.future = future
 
 
 class FeatureCache:
@@ -182,13 +216,18 @@ class ImageEncoder:
         max_batch_patches: int = 32768,
         cache_bytes: int = 256 << 20,
         large_image: LargeImageThreads = CALLERS_THREADS,
+        ahead_forwards: int = 0,
     ) -> None:
         """``encode_fn(pixel_values, grids)`` is the vision tower (one features per image);
         ``view_pixels`` gives a tensor over a slot's pixels (``SlotMemory.view``); ``None``
         when no slots exist (then only ``ImageFeatures`` inputs are accepted). ``large_image``: the torch
-        threads of forwards holding a large image (by default every forward on the caller's)."""
+        threads of forwards holding a large image (by default every forward on the caller's).
+        ``ahead_forwards`` > 0 starts the ahead thread (one torch thread), which runs at most
+        that many forwards handed to it by ``encode_ahead`` at a time; ``close()`` stops it."""
         if max_batch_images < 1 or max_batch_patches < 1:
             raise ValueError("the encoder's batch limits must be at least 1")
+        if ahead_forwards < 0:
+            raise ValueError("ahead_forwards must be at least 0")
         self._encode_fn = encode_fn
         self._view_pixels = view_pixels
         self.max_batch_images = max_batch_images
@@ -202,6 +241,7 @@ class ImageEncoder:
         self._slots_done: list[int] = []  # sequences whose slots are no longer read, in order
         self._batches = 0
         self._encoded = 0
+        self._encoded_ahead = 0
         self._dropped = 0
         self._largest = 0
         self._last = 0
@@ -209,6 +249,11 @@ class ImageEncoder:
         self._misses = 0
         # (images, seconds) of each forward since the step loop last took them
         self._batch_times: collections.deque[tuple[int, float]] = collections.deque(maxlen=BATCH_TIMES_KEPT)
+        self._ahead_forwards = ahead_forwards
+        self._ahead: ThreadPoolExecutor | None = None
+        if ahead_forwards:
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="vision-ahead", initializer=_one_torch_thread)
+        self._out: collections.deque[_AheadForward] = collections.deque()  # handed out, in order, not settled
 
     def admit(self, seq_id: int, images: Iterable[ImageFeatures | ImageInput]) -> None:
         """Take the images of a new sequence: cached or shared keys need nothing; other
@@ -258,8 +303,8 @@ class ImageEncoder:
             self._slots_done.append(seq_id)
 
     def _forget_pixels(self, pending: _Pending) -> None:
-        """The pending image's pixels are no longer needed (encoded, failed or dropped):
-        drop the view and tell its slot's sequence (once)."""
+        """The pending image's pixels are no longer needed (encoded, failed or dropped) and
+        no forward reads them: drop the view and tell its slot's sequence (once)."""
         pending.pixel_values = None
         if pending.reader_of is not None:
             reader_of, pending.reader_of = pending.reader_of, None
@@ -267,7 +312,9 @@ class ImageEncoder:
 
     def take_slots_done(self) -> list[int]:
         """Sequences whose pixel slots the encoder no longer reads since the last call, in
-        the order they became so; each admitted sequence appears exactly once."""
+        the order they became so (forwards the ahead thread finished are settled first);
+        each admitted sequence appears exactly once."""
+        self._settle_ahead(wait=False)
         done, self._slots_done = self._slots_done, []
         return done
 
@@ -275,25 +322,130 @@ class ImageEncoder:
         """Patches of this sequence's images still to encode (0 if all are ready)."""
         return sum(h.num_patches for h in self._held.get(seq_id, ()) if isinstance(h, _Pending) and not h.ready)
 
+    def _pending_of(self, seq_ids: Iterable[int], wanted: Callable[[_Pending], bool]) -> list[_Pending]:
+        """The pending images of ``seq_ids`` for which ``wanted`` holds, each once, in order."""
+        found: list[_Pending] = []
+        seen: set[int] = set()
+        for seq_id in seq_ids:
+            for h in self._held.get(seq_id, ()):
+                if isinstance(h, _Pending) and id(h) not in seen and wanted(h):
+                    seen.add(id(h))
+                    found.append(h)
+        return found
+
     def encode(self, seq_ids: Iterable[int]) -> dict[int, str]:
         """Encode every pending image of ``seq_ids``; returns an error message for each
-        sequence that holds an image that failed (its other images may be encoded)."""
-        todo: list[_Pending] = []
-        seen: set[int] = set()
+        sequence that holds an image that failed (its other images may be encoded).
+
+        Images handed to the ahead thread and not started yet are taken back and encoded
+        here; for those it is running, this waits. An image whose ahead forward failed is
+        encoded here again (alone if its batch fails again)."""
         ids = list(seq_ids)
-        for seq_id in ids:
-            for h in self._held.get(seq_id, ()):
-                if isinstance(h, _Pending) and not h.ready and id(h) not in seen:
-                    seen.add(id(h))
-                    todo.append(h)
-        for batch in self._batches_of(todo):
-            self._encode_batch(batch, retry_alone=True)
+        while True:
+            self._settle_ahead(wait=False)
+            todo = self._pending_of(ids, lambda h: not h.ready)
+            for forward in {id(h.ahead): h.ahead for h in todo if h.ahead is not None}.values():
+                self._take_back(forward)
+            mine = [h for h in todo if h.ahead is None]
+            if mine:
+                for batch in self._batches_of(mine):
+                    self._encode_batch(batch, retry_alone=True)
+            elif todo:
+                self._settle_next()  # every image left is on the ahead thread, running
+            else:
+                break
         failures = {}
         for seq_id in ids:
             errors = [h.error for h in self._held.get(seq_id, ()) if isinstance(h, _Pending) and h.error]
             if errors:
                 failures[seq_id] = errors[0]
         return failures
+
+    def encode_ahead(self, seq_ids: Iterable[int]) -> None:
+        """Hand the ahead thread forwards of the pending images of ``seq_ids`` (sequences
+        still waiting, in the order they will join) until it holds ``ahead_forwards`` of
+        them; settle the ones it finished. Does nothing without an ahead thread.
+
+        The step loop calls it every step, so images are encoded on a second core while
+        running sequences decode. The newest sequences' images go first: the step thread
+        encodes the oldest ones in the steps that prefill them, this thread works from the
+        other end, and the two meet without one waiting for a forward the other is running
+        (from then on joining sequences find their images encoded)."""
+        if self._ahead is None:
+            return
+        self._settle_ahead(wait=False)
+        if len(self._out) >= self._ahead_forwards:
+            return
+        newest_first = reversed(list(seq_ids))
+        for batch in self._batches_of(self._pending_of(newest_first, lambda h: h.claimable)):
+            if len(self._out) >= self._ahead_forwards:
+                break
+            self._hand_ahead(batch)
+
+    def _hand_ahead(self, batch: list[_Pending]) -> None:
+        pixel_values = [p.pixel_values for p in batch]
+        grids = [p.grid_thw for p in batch]
+        forward = _AheadForward(batch, self._ahead.submit(self._forward, pixel_values, grids))
+        for pending in batch:
+            pending.ahead = forward
+        self._out.append(forward)
+
+    def _take_back(self, forward: _AheadForward) -> bool:
+        """Cancel ``forward`` if the ahead thread has not started it: its images are free
+        to encode elsewhere. False if it is running or done (it is then settled later)."""
+        if not forward.future.cancel():
+            return False
+        self._out.remove(forward)
+        for pending in forward.images:
+            pending.ahead = None
+            if self._pending.get(pending.key) is not pending:  # dropped while handed out
+                self._dropped += 1
+                self._forget_pixels(pending)
+        return True
+
+    @property
+    def ahead_busy(self) -> bool:
+        """Forwards are handed to the ahead thread and not settled yet (their pixel slots
+        are not reported done until they are)."""
+        return bool(self._out)
+
+    def finish_ahead(self) -> None:
+        """Wait for every forward handed to the ahead thread, and settle each."""
+        self._settle_ahead(wait=True)
+
+    def _settle_ahead(self, *, wait: bool) -> None:
+        """Settle the ahead thread's forwards in the order they were handed out (its one
+        thread finishes them in that order): every finished one, or with ``wait`` all."""
+        while self._out and (wait or self._out[0].future.done()):
+            self._settle_next()
+
+    def _settle_next(self) -> None:
+        """Wait for the oldest forward handed out, and apply it: its images get their
+        features (and the cache), or, if it failed, go back to the step thread."""
+        forward = self._out.popleft()
+        try:
+            results, seconds = forward.future.result()
+        except Exception:
+            for pending in forward.images:
+                pending.ahead = None
+                pending.ahead_failed = True
+                if self._pending.get(pending.key) is not pending:  # dropped while handed out
+                    self._forget_pixels(pending)
+            return
+        for pending in forward.images:
+            pending.ahead = None
+        self._encoded_ahead += len(forward.images)
+        self._record(forward.images, results, seconds)
+
+    def close(self) -> None:
+        """Stop the ahead thread: forwards not started are cancelled, a running one is
+        waited for; every image's pixels are then free (idempotent)."""
+        for forward in list(self._out):
+            self._take_back(forward)
+        self._settle_ahead(wait=True)
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=True)
+            self._ahead = None
 
     def _batches_of(self, todo: list[_Pending]) -> Iterable[list[_Pending]]:
         batch: list[_Pending] = []
@@ -309,16 +461,24 @@ class ImageEncoder:
         if batch:
             yield batch
 
+    def _forward(
+        self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]
+    ) -> tuple[list[ImageFeatures], float]:
+        """One vision-tower forward over these images: their features and its seconds.
+        Touches no encoder state (the ahead thread runs it too)."""
+        started = time.perf_counter()
+        # one image: the view of its slot (a 1024² image's pixels are 25 MiB; a copy costs faults and time)
+        values = pixel_values[0] if len(pixel_values) == 1 else torch.cat(pixel_values)
+        with torch.inference_mode():
+            results = self._encode_fn(values, grids)
+        if len(results) != len(grids):
+            raise RuntimeError(f"the vision tower returned {len(results)} results for {len(grids)} images")
+        return results, time.perf_counter() - started
+
     def _encode_batch(self, batch: list[_Pending], *, retry_alone: bool) -> None:
         try:
-            started = time.perf_counter()
-            # one image: the view of its slot (a 1024² image's pixels are 25 MiB; a copy costs faults and time)
-            pixel_values = batch[0].pixel_values if len(batch) == 1 else torch.cat([p.pixel_values for p in batch])
-            with self._large_image.around(max(p.num_patches for p in batch)), torch.inference_mode():
-                results = self._encode_fn(pixel_values, [p.grid_thw for p in batch])
-            seconds = time.perf_counter() - started
-            if len(results) != len(batch):
-                raise RuntimeError(f"the vision tower returned {len(results)} results for {len(batch)} images")
+            with self._large_image.around(max(p.num_patches for p in batch)):
+                results, seconds = self._forward([p.pixel_values for p in batch], [p.grid_thw for p in batch])
         except Exception as exc:
             if retry_alone and len(batch) > 1:
                 for pending in batch:
@@ -327,8 +487,14 @@ class ImageEncoder:
             for pending in batch:
                 pending.error = f"vision encoding failed: {type(exc).__name__}: {exc}"
                 self._forget_pixels(pending)
-                self._pending.pop(pending.key, None)  # a later sequence with this image tries afresh
+                if self._pending.get(pending.key) is pending:
+                    del self._pending[pending.key]  # a later sequence with this image tries afresh
             return
+        self._record(batch, results, seconds)
+
+    def _record(self, batch: list[_Pending], results: list[ImageFeatures], seconds: float) -> None:
+        """A forward over ``batch`` succeeded: each image gets its features (cached by
+        key), and its pixels are no longer read."""
         self._batches += 1
         self._batch_times.append((len(batch), seconds))
         self._last = len(batch)
@@ -338,7 +504,8 @@ class ImageEncoder:
             self._forget_pixels(pending)
             self._encoded += 1
             self._cache.put(pending.key, features)
-            self._pending.pop(pending.key, None)  # later sequences find it in the cache
+            if self._pending.get(pending.key) is pending:
+                del self._pending[pending.key]  # later sequences find it in the cache
 
     def features(self, seq_id: int) -> list[ImageFeatures]:
         """The features of this sequence's images, in order. Raises
@@ -357,7 +524,9 @@ class ImageEncoder:
 
     def release(self, seq_id: int) -> None:
         """Forget this sequence's images (idempotent). Pixels no other live sequence holds
-        are dropped unencoded."""
+        are dropped unencoded; if the ahead thread is running a forward over them, it
+        finishes, its result is cached for no one, and only then are their slots reported
+        done (never while a forward reads them)."""
         self._drop(self._held.pop(seq_id, ()))
 
     def _drop(self, held: Iterable[_Held]) -> None:
@@ -367,6 +536,9 @@ class ImageEncoder:
             h.holders -= 1
             if h.holders == 0 and self._pending.get(h.key) is h:
                 del self._pending[h.key]
+                if h.ahead is not None:
+                    self._take_back(h.ahead)  # not started: forgotten there; else when settled
+                    continue
                 if not h.ready:
                     self._dropped += 1
                 self._forget_pixels(h)
@@ -392,4 +564,11 @@ class ImageEncoder:
             cache_entries=len(self._cache),
             cache_bytes=self._cache.bytes,
             pending_images=len(self._pending),
+            images_encoded_ahead=self._encoded_ahead,
         )
+
+
+def _one_torch_thread() -> None:
+    """The ahead thread's torch runs on one thread: its parallelism is the step thread's
+    work beside it, not OpenMP threads waiting at barriers for a core another process holds."""
+    torch.set_num_threads(1)

@@ -101,6 +101,11 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def waiting(self) -> tuple[Sequence, ...]:
+        """The waiting sequences, in the order they will join."""
+        return tuple(self._waiting)
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 

@@ -34,6 +34,7 @@ class EngineStatistics:
     image_cache_misses: int = 0
     image_cache_bytes: int = 0
     images_pending: int = 0
+    images_encoded_ahead: int = 0  # of images_encoded, on the encoder's ahead thread
     # the paged KV cache (engine.block_manager)
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0  # free or cached (allocatable)
@@ -99,6 +100,7 @@ class StepTally:
                     "image_cache_misses": enc.cache_misses,
                     "image_cache_bytes": enc.cache_bytes,
                     "images_pending": enc.pending_images,
+                    "images_encoded_ahead": enc.images_encoded_ahead,
                 }
             ),
         )

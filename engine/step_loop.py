@@ -80,7 +80,15 @@ class StepLoop:
         return cls(core, scheduler)
 
     def has_work(self) -> bool:
-        return self._scheduler.has_work()
+        """Sequences to step, or images still being encoded ahead for sequences that left
+        (their slots are reported once those forwards finish)."""
+        encoder = self._core.encoder
+        return self._scheduler.has_work() or (encoder is not None and encoder.ahead_busy)
+
+    def close(self) -> None:
+        """Stop the encoder's ahead thread (waiting for the forward it runs); idempotent."""
+        if self._core.encoder is not None:
+            self._core.encoder.close()
 
     def apply(self, submit: Submit) -> None:
         """Add the new sequences, then abort: a waiting sequence is forgotten at once (its
@@ -156,18 +164,23 @@ class StepLoop:
 
     def run_step(self) -> StepOutputs | None:
         """One scheduled step and its outputs; ``None`` if there was nothing to run."""
+        encoder = self._core.encoder
         if not self._scheduler.has_work():
-            return None
+            if encoder is None or not encoder.ahead_busy:
+                return None
+            encoder.finish_ahead()  # only sequences that left are waiting for these forwards
+            return self._news()
         plan = self._scheduler.schedule()
         if plan.empty:
             return None
+        if encoder is not None:  # the images of those still waiting, encoded during this step
+            encoder.encode_ahead(seq.seq_id for seq in self._scheduler.waiting)
         scheduled = self._clock()
         queued = tuple(scheduled - self._arrived.pop(seq.seq_id, scheduled) for seq in plan.joining)
         report = self._core.execute(plan)
         for seq in plan.leaving:
             self._sequences.pop(seq.seq_id, None)
         self._tally.record(report)
-        encoder = self._core.encoder
         batches = encoder.take_batch_times() if encoder is not None else ()
         return self._news(report.updates, StepTimings(report.seconds, queued, batches))
 

@@ -49,8 +49,11 @@ class ThreadCore:
         """
         # back-to-back decode sub-steps stop as soon as the front end has anything to send
         loop = StepLoop.for_model(self._loaded, self._config, has_news=outbox.__bool__, view_pixels=self._view_pixels)
-        while True:
-            if not loop.has_work():
-                await outbox.wait()
-            outputs = await trio.to_thread.run_sync(loop.step, outbox.take(), limiter=self._device_gate)
-            deliver(outputs)
+        try:
+            while True:
+                if not loop.has_work():
+                    await outbox.wait()
+                outputs = await trio.to_thread.run_sync(loop.step, outbox.take(), limiter=self._device_gate)
+                deliver(outputs)
+        finally:
+            loop.close()  # no ahead thread in this placement (engine.engine_core): nothing to wait for

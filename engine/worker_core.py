@@ -146,14 +146,16 @@ class WorkerCore:
 def worker_engine_config(loaded: LoadedModel, config: EngineConfig) -> EngineConfig:
     """``config`` for a worker that loads the same dtype, device and context length as
     ``loaded``, with ``torch_threads`` 0 resolved to the CPUs minus one (at least one) and
-    ``encoder_threads`` 0 to every CPU."""
+    ``encoder_threads`` 0 to every CPU, or to one with ``vision_ahead`` (the ahead thread is
+    the encoder's second core: forwards split over OpenMP threads beside it would wait at
+    barriers for a core it holds)."""
     return dataclasses.replace(
         config,
         dtype=str(loaded.dtype).removeprefix("torch."),
         device=str(loaded.device),
         max_model_len=loaded.max_model_len,
         torch_threads=config.torch_threads or max(1, (os.cpu_count() or 1) - 1),
-        encoder_threads=config.encoder_threads or os.cpu_count() or 1,
+        encoder_threads=config.encoder_threads or (1 if config.vision_ahead else os.cpu_count() or 1),
     )
 
 

@@ -40,7 +40,10 @@ def serve(channel: BlockingMessageSocket) -> int:
     except Exception as exc:  # reported to the front end, which raises ModelLoadError
         channel.send(WorkerFailed(f"{type(exc).__name__}: {exc}"))
         return 1
-    trio.run(serve_steps, loop, channel.detach(), inbox)
+    try:
+        trio.run(serve_steps, loop, channel.detach(), inbox)
+    finally:
+        loop.close()
     return 0
 
 

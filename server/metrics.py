@@ -76,6 +76,7 @@ ENGINE_COUNTERS = frozenset(
         "generation_tokens",
         "encoder_batches",
         "images_encoded",
+        "images_encoded_ahead",
         "images_dropped",
         "image_cache_hits",
         "image_cache_misses",

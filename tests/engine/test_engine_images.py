@@ -1,7 +1,8 @@
 """Images in the engine's step loop, on the real tiny model and a real pixel-slot pool:
 pixels are read in their slot, encoded in the step that prefills their sequence (one batch
-for every joining sequence), never encoded for a sequence that is aborted first, and the
-slot is reported free only once its image is encoded or dropped."""
+for every joining sequence) or ahead of it while the sequence waits, never encoded for a
+sequence that is aborted first, and the slot is reported free only once its image is
+encoded or dropped."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from engine.pixel_slots import SlotPool
 from engine.prompt import EnginePrompt, ImageInput
 from engine.sampling_params import SamplingParams
 from engine.step_loop import StepLoop
+from tests.engine.configs import in_thread
 from tests.engine.prompts import chat_prompt, noise_image, reference_generate
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
@@ -113,7 +115,9 @@ def test_a_slot_is_reported_free_in_the_step_that_encodes_its_image(tiny_model, 
     first, reference_1 = image_sequence(tiny_model, pool, 1, seed=1)
     second, reference_2 = image_sequence(tiny_model, pool, 2, seed=2)
     patches = first.prompt.images[0].num_patches
-    loop = StepLoop.for_model(tiny_model, EngineConfig(vision_step_patches=patches), view_pixels=pool.memory.view)
+    # the encoder budget of the step itself: nothing is encoded ahead of its step here
+    config = EngineConfig(vision_step_patches=patches, vision_ahead=False)
+    loop = StepLoop.for_model(tiny_model, config, view_pixels=pool.memory.view)
     tokens: dict[int, list[int]] = {}
     outputs = loop.step(Submit([first, second]))  # room for one image's encoding per step
     assert outputs.pixels_read == [1] and loop.statistics().images_encoded == 1
@@ -128,6 +132,49 @@ def test_a_slot_is_reported_free_in_the_step_that_encodes_its_image(tiny_model, 
         tokens[seq_id] += more
     for seq_id, (reference, extra) in ((1, reference_1), (2, reference_2)):
         assert tokens[seq_id] == reference_generate(tiny_model, reference, extra, GREEDY.max_tokens)
+
+
+def test_images_encoded_ahead_while_their_sequences_wait_generate_like_generate(tiny_model, pool):
+    """With room for one image's encoding per step, the images of the sequences left
+    waiting go to the encoder's ahead thread during the first step; the later steps find
+    them encoded (no forward of their own), every slot is reported once, and each greedy
+    output equals transformers' ``generate``."""
+    news, references = zip(*(image_sequence(tiny_model, pool, i, seed=i) for i in range(3)), strict=True)
+    patches = news[0].prompt.images[0].num_patches
+    loop = StepLoop.for_model(tiny_model, EngineConfig(vision_step_patches=patches), view_pixels=pool.memory.view)
+    try:
+        tokens: dict[int, list[int]] = {}
+        outputs = loop.step(Submit(list(news)))
+        loop._core.encoder.finish_ahead()  # the ahead thread's forward over 1's and 2's images
+        stats = loop.statistics()
+        assert (stats.images_encoded, stats.images_encoded_ahead, stats.encoder_batches) == (3, 2, 2)
+        read = list(outputs.pixels_read)
+        for update in outputs.updates:
+            tokens.setdefault(update.seq_id, []).extend(update.token_ids)
+        while loop.has_work():
+            outputs = loop.step()
+            read += outputs.pixels_read
+            for update in outputs.updates:
+                tokens.setdefault(update.seq_id, []).extend(update.token_ids)
+        assert sorted(read) == [0, 1, 2] and loop.statistics().encoder_batches == 2
+        for seq_id, (reference, extra) in enumerate(references):
+            assert tokens[seq_id] == reference_generate(tiny_model, reference, extra, GREEDY.max_tokens)
+    finally:
+        loop.close()
+
+
+def test_the_engine_in_a_thread_of_the_server_encodes_nothing_ahead(tiny_model, pool):
+    """``--no-engine-process``: no ahead thread (it would hold the event loop's GIL), so
+    every image is encoded in the step that prefills its sequence."""
+    news = [image_sequence(tiny_model, pool, i, seed=i)[0] for i in range(3)]
+    patches = news[0].prompt.images[0].num_patches
+    config = in_thread(vision_step_patches=patches)
+    assert config.vision_ahead
+    loop = StepLoop.for_model(tiny_model, config, view_pixels=pool.memory.view)
+    loop.step(Submit(news))
+    run_until_idle(loop)
+    stats = loop.statistics()
+    assert (stats.images_encoded, stats.images_encoded_ahead, stats.encoder_batches) == (3, 0, 3)
 
 
 def test_one_picture_in_two_sequences_is_read_and_encoded_once(tiny_model, pool, loop):

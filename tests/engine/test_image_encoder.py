@@ -3,6 +3,8 @@ what happens to images whose sequences leave, with a fake vision tower and fake 
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -208,11 +210,13 @@ class ReusedSlots:
         self.free.append(index)
 
 
-def test_a_storm_of_arrivals_aborts_and_steps_never_encodes_a_slot_given_back():
-    """Invariant: under any interleaving of arrivals (shared, cached and new keys), aborts
-    and encoding steps, a slot reported free is never read again (no forward sees the NaN
-    written into it on return, every feature equals its image's value), each sequence is
-    reported exactly once, and nothing is left pending at the end."""
+@pytest.mark.parametrize("ahead_forwards", [0, 2])
+def test_a_storm_of_arrivals_aborts_and_steps_never_encodes_a_slot_given_back(ahead_forwards):
+    """Invariant: under any interleaving of arrivals (shared, cached and new keys), aborts,
+    encoding steps and (with an ahead thread) forwards handed to it and running beside
+    them, a slot reported free is never read again (no forward sees the NaN written into
+    it on return, every feature equals its image's value), each sequence is reported
+    exactly once, and nothing is left pending or running at the end."""
     import random
 
     rng = random.Random(11)
@@ -220,10 +224,14 @@ def test_a_storm_of_arrivals_aborts_and_steps_never_encodes_a_slot_given_back():
     seen_nan: list[bool] = []
 
     def tower(pixel_values, grids):
+        if threading.current_thread().name.startswith("vision-ahead"):
+            time.sleep(0.002)  # a forward long enough for the main thread to act while it runs
         seen_nan.append(bool(torch.isnan(pixel_values).any()))
         return FakeTower()(pixel_values, grids)
 
-    encoder = ImageEncoder(tower, slots.view, max_batch_images=3, cache_bytes=2 * PATCH_VALUES * 4)
+    encoder = ImageEncoder(
+        tower, slots.view, max_batch_images=3, cache_bytes=2 * PATCH_VALUES * 4, ahead_forwards=ahead_forwards
+    )
     slots_of: dict[int, list[int]] = {}
     values_of: dict[int, list[float]] = {}
     live: list[int] = []
@@ -249,8 +257,10 @@ def test_a_storm_of_arrivals_aborts_and_steps_never_encodes_a_slot_given_back():
                 values_of[seq_id] = [p.value for p in pixels]
                 encoder.admit(seq_id, [ImageInput(f"k{p.value}", (1, 2, 2), p) for p in pixels])
                 live.append(seq_id)
-        elif action < 0.7 and live:
+        elif action < 0.65 and live:
             encoder.release(live.pop(rng.randrange(len(live))))  # aborted while waiting
+        elif action < 0.8:
+            encoder.encode_ahead(live)
         elif live:
             joining = rng.sample(live, rng.randint(1, len(live)))
             assert encoder.encode(joining) == {}
@@ -261,10 +271,141 @@ def test_a_storm_of_arrivals_aborts_and_steps_never_encodes_a_slot_given_back():
         collect()
     for seq_id in live:
         encoder.release(seq_id)
+    encoder.close()
     collect()
     assert seen_nan and not any(seen_nan)
     assert not slots_of and sorted(reported) == sorted(values_of)  # each admitted one, once
-    assert encoder.statistics().pending_images == 0
+    assert encoder.statistics().pending_images == 0 and not encoder.ahead_busy
+    assert (encoder.statistics().images_encoded_ahead > 0) == bool(ahead_forwards)
+
+
+class HeldTower(FakeTower):
+    """A ``FakeTower`` whose forward over an image of value ``hold`` waits until released
+    (at most 10 s), and says when it has started; records which thread ran each forward."""
+
+    def __init__(self, hold: float, fail_on_ahead: set[float] = frozenset()) -> None:
+        super().__init__()
+        self.hold = hold
+        self.fail_on_ahead = fail_on_ahead
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.threads: list[str] = []
+
+    def __call__(self, pixel_values, grids):
+        value = float(pixel_values[0, 0])
+        thread = threading.current_thread().name
+        self.threads.append(thread)
+        if value == self.hold:
+            self.started.set()
+            assert self.release.wait(10), "the held forward was never released"
+        if value in self.fail_on_ahead and thread.startswith("vision-ahead"):
+            raise ValueError("failed on the ahead thread")
+        return super().__call__(pixel_values, grids)
+
+
+def ahead_encoder(tower: FakeTower, **options) -> ImageEncoder:
+    return ImageEncoder(tower, FakeSlots().view, max_batch_images=1, ahead_forwards=2, **options)
+
+
+def test_waiting_sequences_images_are_encoded_ahead_newest_first_and_their_step_finds_them_ready():
+    """The ahead thread takes the newest waiting sequences' images first, at most
+    ``ahead_forwards`` forwards at a time; a step over sequences whose images it encoded
+    runs no forward of its own."""
+    tower = FakeTower()
+    encoder = ahead_encoder(tower)
+    for i in (1, 2, 3):
+        encoder.admit(i, [image(float(i))])
+    encoder.encode_ahead([1, 2, 3])
+    encoder.finish_ahead()
+    assert tower.batches == [[3.0], [2.0]]  # two forwards at a time, from the newest
+    assert encoder.take_slots_done() == [3, 2]
+    encoder.encode_ahead([1])
+    encoder.finish_ahead()
+    assert encoder.encode([1, 2, 3]) == {} and tower.batches == [[3.0], [2.0], [1.0]]
+    assert [float(encoder.features(i)[0].embeddings[0, 0]) for i in (1, 2, 3)] == [1.0, 2.0, 3.0]
+    stats = encoder.statistics()
+    assert (stats.images_encoded, stats.images_encoded_ahead, stats.batches) == (3, 3, 3)
+    encoder.close()
+
+
+def test_an_ahead_forward_not_started_is_taken_back_by_the_step_that_needs_it():
+    """A step never waits behind the ahead thread for an image it has not started: the
+    step encodes it itself, while the ahead thread is still inside another forward."""
+    tower = HeldTower(hold=2.0)
+    encoder = ahead_encoder(tower)
+    encoder.admit(1, [image(1.0)])
+    encoder.admit(2, [image(2.0)])
+    encoder.encode_ahead([1, 2])  # 2.0 runs (held), 1.0 queued behind it
+    assert tower.started.wait(10)
+    assert encoder.encode([1]) == {}  # returns while 2.0 is still held
+    assert tower.threads == ["vision-ahead_0", "MainThread"]
+    tower.release.set()
+    encoder.close()
+    assert encoder.statistics().images_encoded_ahead == 1
+
+
+def test_a_slot_read_by_a_running_ahead_forward_is_reported_only_after_it_finishes():
+    """Invariant: when a sequence leaves while the ahead thread is running a forward over
+    its image, that forward finishes and its result goes to no sequence, and the slot is
+    reported free only after it (never while a forward reads it); an image whose forward
+    was only queued is dropped unencoded and its slot reported at once."""
+    tower = HeldTower(hold=2.0)
+    encoder = ahead_encoder(tower)
+    encoder.admit(1, [image(1.0)])
+    encoder.admit(2, [image(2.0)])
+    encoder.encode_ahead([1, 2])
+    assert tower.started.wait(10)
+    assert encoder.take_slots_done() == []
+    encoder.release(2)  # its forward is running
+    encoder.release(1)  # its forward is queued: taken back, never run
+    assert encoder.take_slots_done() == [1]
+    assert encoder.ahead_busy and not encoder.holds(2)
+    tower.release.set()
+    encoder.finish_ahead()
+    assert encoder.take_slots_done() == [2]
+    assert tower.batches == [[2.0]]
+    stats = encoder.statistics()
+    assert (stats.images_dropped, stats.images_encoded, stats.pending_images) == (1, 1, 0)
+    encoder.close()
+
+
+def test_an_image_whose_ahead_forward_failed_is_encoded_again_in_its_step():
+    """A forward that fails on the ahead thread fails no sequence there: the image is
+    encoded again by the step that needs it, on the step's thread, and never handed
+    ahead again."""
+    tower = HeldTower(hold=-1.0, fail_on_ahead={1.0})
+    encoder = ahead_encoder(tower)
+    encoder.admit(1, [image(1.0)])
+    encoder.encode_ahead([1])
+    encoder.finish_ahead()
+    encoder.encode_ahead([1])
+    assert not encoder.ahead_busy  # not handed out again
+    assert encoder.take_slots_done() == []  # the slot is still needed
+    assert encoder.encode([1]) == {}
+    assert tower.threads == ["vision-ahead_0", "MainThread"]
+    assert float(encoder.features(1)[0].embeddings[0, 0]) == 1.0
+    assert encoder.take_slots_done() == [1]
+    encoder.close()
+
+
+def test_close_cancels_queued_forwards_waits_for_the_running_one_and_frees_every_slot():
+    """After ``close()`` no forward runs, every slot read by one is reported, and
+    ``encode`` still works on the caller's thread."""
+    tower = HeldTower(hold=3.0)
+    encoder = ahead_encoder(tower)
+    for i in (1, 2, 3):
+        encoder.admit(i, [image(float(i))])
+    encoder.encode_ahead([1, 2, 3])
+    assert tower.started.wait(10)
+    encoder.release(3)
+    encoder.release(2)
+    threading.Timer(0.05, tower.release.set).start()
+    encoder.close()
+    assert not encoder.ahead_busy
+    assert sorted(encoder.take_slots_done()) == [2, 3]
+    assert tower.batches == [[3.0]]
+    assert encoder.encode([1]) == {} and tower.threads[-1] == "MainThread"
+    encoder.close()  # idempotent
 
 
 def test_the_cache_is_bounded_in_bytes_least_recently_used_out():

@@ -247,8 +247,9 @@ def test_the_default_tunables_keep_a_freed_25_mib_block_in_the_heap(monkeypatch,
     assert (mmapped_mib, trimmed_mib) == ((0, 0) if heap_keeps_it else (25, 0))
 
 
-def test_a_worker_config_gives_large_images_every_cpu_unless_told(tiny_model):
-    resolved = worker_engine_config(tiny_model, in_worker())
+def test_a_worker_config_gives_large_images_one_thread_beside_the_ahead_thread_else_every_cpu(tiny_model):
+    assert worker_engine_config(tiny_model, in_worker()).encoder_threads == 1
+    resolved = worker_engine_config(tiny_model, in_worker(vision_ahead=False))
     assert resolved.encoder_threads == (os.cpu_count() or 1)
     assert worker_engine_config(tiny_model, in_worker(encoder_threads=3)).encoder_threads == 3
     with pytest.raises(ValueError, match="encoder_threads"):
