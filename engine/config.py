@@ -136,9 +136,10 @@ class EngineConfig:
     vision_ahead: bool = field(
         default=True,
         metadata={
-            "help": "encode the images of waiting requests on a thread of their own in the engine worker "
-            "process while running requests decode, instead of in the step that prefills them (never with "
-            "--no-engine-process, where that thread would hold the event loop's GIL; bench/README.md)"
+            "help": "on a CPU device, encode the images of waiting requests on a thread of their own in the "
+            "engine worker process while running requests decode, instead of in the step that prefills them "
+            "(never with --no-engine-process, where that thread would hold the event loop's GIL; "
+            "bench/README.md)"
         },
     )
     mm_cache_mb: int = field(default=256, metadata={"help": "MiB of image features kept for repeated images"})
@@ -149,6 +150,14 @@ class EngineConfig:
             "help": "seed of the sampler for requests without a seed (default: random)",
         },
     )
+
+    def encodes_ahead(self, device_type: str) -> bool:
+        """Whether the vision encoder gets its ahead thread on a device of this type: asked
+        for (``vision_ahead``), in the engine worker process (in the server process it would
+        hold the event loop's GIL) and on a CPU, where the device is cores and the ahead
+        thread is a second one's work; a GPU is one device, which the step thread alone
+        uses (docs/architecture.md, "Encoding ahead")."""
+        return self.vision_ahead and self.in_worker_process and device_type == "cpu"
 
     def __post_init__(self) -> None:
         for name in (

@@ -136,7 +136,7 @@ class EngineCore:
                 cache_bytes=config.mm_cache_mb << 20,
                 # encoder_threads 0 (in-thread placement) never raises the step thread's count
                 large_image=LargeImageThreads(config.encoder_threads, config.encoder_threads_min_patches),
-                ahead_forwards=AHEAD_FORWARDS if config.vision_ahead and config.in_worker_process else 0,
+                ahead_forwards=AHEAD_FORWARDS if config.encodes_ahead(loaded.device.type) else 0,
             )
         blocks = kv_blocks_for(loaded, config)
         logger.info(

@@ -146,7 +146,7 @@ class WorkerCore:
 def worker_engine_config(loaded: LoadedModel, config: EngineConfig) -> EngineConfig:
     """``config`` for a worker that loads the same dtype, device and context length as
     ``loaded``, with ``torch_threads`` 0 resolved to the CPUs minus one (at least one) and
-    ``encoder_threads`` 0 to every CPU, or to one with ``vision_ahead`` (the ahead thread is
+    ``encoder_threads`` 0 to every CPU, or to one if the encoder encodes ahead (its thread is
     the encoder's second core: forwards split over OpenMP threads beside it would wait at
     barriers for a core it holds)."""
     return dataclasses.replace(
@@ -155,7 +155,8 @@ def worker_engine_config(loaded: LoadedModel, config: EngineConfig) -> EngineCon
         device=str(loaded.device),
         max_model_len=loaded.max_model_len,
         torch_threads=config.torch_threads or max(1, (os.cpu_count() or 1) - 1),
-        encoder_threads=config.encoder_threads or (1 if config.vision_ahead else os.cpu_count() or 1),
+        encoder_threads=config.encoder_threads
+        or (1 if config.encodes_ahead(loaded.device.type) else os.cpu_count() or 1),
     )
 
 

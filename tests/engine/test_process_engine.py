@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from engine.async_engine import open_engine
+from engine.config import EngineConfig
 from engine.errors import ModelLoadError, RequestRejected
 from engine.malloc_tunables import WORKER_MALLOC_TUNABLES, merged_tunables
 from engine.sampling_params import SamplingParams
@@ -248,6 +249,11 @@ def test_the_default_tunables_keep_a_freed_25_mib_block_in_the_heap(monkeypatch,
 
 
 def test_a_worker_config_gives_large_images_one_thread_beside_the_ahead_thread_else_every_cpu(tiny_model):
+    """The ahead thread only in the worker process and on a CPU; beside it, large images'
+    forwards on one thread."""
+    assert in_worker().encodes_ahead("cpu") and not in_worker().encodes_ahead("cuda")
+    assert not in_worker(vision_ahead=False).encodes_ahead("cpu")
+    assert not EngineConfig(in_worker_process=False).encodes_ahead("cpu")
     assert worker_engine_config(tiny_model, in_worker()).encoder_threads == 1
     resolved = worker_engine_config(tiny_model, in_worker(vision_ahead=False))
     assert resolved.encoder_threads == (os.cpu_count() or 1)
