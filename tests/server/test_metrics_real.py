@@ -58,6 +58,9 @@ async def test_real_runtime_vllm_families(http, vlserve_server):
         if s.labels.get("model_name") in (None, vlserve_server.state.config.model_name)
     }
     assert samples["vlserve:mm_cache_queries_total"] == 2
+    # each chat joined a step alone: its image was encoded in that step, none ahead of it
+    assert samples["vlserve_engine_images_encoded_total"] == 1
+    assert samples["vlserve_engine_images_encoded_ahead_total"] == 0
     assert samples["vlserve:mm_cache_hits_total"] == 1
     assert samples["vlserve_images_total"] == 2
     assert samples["vlserve:generation_tokens_total"] >= 6
