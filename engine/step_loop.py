@@ -163,7 +163,9 @@ class StepLoop:
             self._pixels_read.extend(self._core.encoder.take_slots_done())
 
     def run_step(self) -> StepOutputs | None:
-        """One scheduled step and its outputs; ``None`` if there was nothing to run."""
+        """One scheduled step and its outputs; ``None`` if there was nothing to run. With
+        no sequence left but forwards still running on the encoder's ahead thread (their
+        sequences left), waits for them and returns the outputs that report their slots."""
         encoder = self._core.encoder
         if not self._scheduler.has_work():
             if encoder is None or not encoder.ahead_busy:

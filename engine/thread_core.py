@@ -56,4 +56,4 @@ class ThreadCore:
                 outputs = await trio.to_thread.run_sync(loop.step, outbox.take(), limiter=self._device_gate)
                 deliver(outputs)
         finally:
-            loop.close()  # no ahead thread in this placement (engine.engine_core): nothing to wait for
+            loop.close()  # no ahead thread in this placement (EngineConfig.encodes_ahead): nothing to wait for

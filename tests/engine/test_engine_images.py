@@ -6,6 +6,8 @@ encoded or dropped."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -160,6 +162,48 @@ def test_images_encoded_ahead_while_their_sequences_wait_generate_like_generate(
         for seq_id, (reference, extra) in enumerate(references):
             assert tokens[seq_id] == reference_generate(tiny_model, reference, extra, GREEDY.max_tokens)
     finally:
+        loop.close()
+
+
+def test_a_sequence_aborted_while_the_ahead_thread_encodes_its_image_keeps_the_loop_busy_until_its_slot_is_free(
+    tiny_model, pool
+):
+    """Invariant: a waiting sequence aborted while the ahead thread runs the forward over its
+    image gets no output, its slot is not reported while that forward reads it, and the
+    loop keeps counting it as work (so the worker keeps stepping) until the forward ends
+    and the slot is reported."""
+    first, _ = image_sequence(tiny_model, pool, 0, seed=0)
+    second, _ = image_sequence(tiny_model, pool, 1, seed=1)
+    patches = first.prompt.images[0].num_patches
+    loop = StepLoop.for_model(tiny_model, EngineConfig(vision_step_patches=patches), view_pixels=pool.memory.view)
+    encoder = loop._core.encoder
+    tower, started, release = encoder._encode_fn, threading.Event(), threading.Event()
+
+    def held_on_the_ahead_thread(pixel_values, grids):
+        if threading.current_thread().name.startswith("vision-ahead"):
+            started.set()
+            assert release.wait(10)
+        return tower(pixel_values, grids)
+
+    encoder._encode_fn = held_on_the_ahead_thread
+    try:
+        outputs = loop.step(Submit([first, second]))  # 0 joins; 1's image goes ahead, held
+        assert started.wait(10)
+        read = list(outputs.pixels_read)
+        loop.apply(Submit(aborts=[1]))
+        while loop._scheduler.has_work():
+            outputs = loop.step()
+            read += outputs.pixels_read
+            assert all(u.seq_id == 0 for u in outputs.updates)
+        assert read == [0] and loop.has_work()
+        threading.Timer(0.05, release.set).start()
+        outputs = loop.step()  # waits for the forward, then reports its slot
+        assert outputs.pixels_read == [1] and outputs.updates == []
+        assert not loop.has_work()
+        stats = loop.statistics()
+        assert (stats.images_encoded, stats.images_encoded_ahead, stats.images_pending) == (2, 1, 0)
+    finally:
+        release.set()
         loop.close()
 
 
