@@ -1,9 +1,16 @@
 """The engine's vision encoder: images of the sequences joining a step, encoded in batches
-inside that step, with their features cached by content.
+inside that step (or ahead of it, on the encoder's own thread), with their features cached
+by content.
 
 Where it sits (docs/architecture.md, "Where images are encoded"): the step loop owns it,
-so it runs wherever the step loop runs (the engine worker process by default) and one
-thread uses the device at a time: an encoder forward is part of a step, as in vLLM V1.
+so it runs wherever the step loop runs (the engine worker process by default), and an
+encoder forward is part of a step, as in vLLM V1. With ``ahead_forwards`` (on a CPU, in
+the worker process: ``EngineConfig.encodes_ahead``) it also owns an *ahead thread*: every
+step, ``encode_ahead`` hands it forwards over the images of sequences still waiting,
+newest first, so a second core encodes while the step thread decodes and encodes the
+oldest; ``encode`` takes back a forward it needs that has not started, and waits only for
+a running one. The ahead thread touches no state here: it runs ``_forward`` on the
+tensors it was handed, and the step thread settles its futures in order.
 Batches form by themselves: every joining sequence's images not yet encoded go into the
 step's forwards, at most ``max_batch_images`` images and ``max_batch_patches`` patches per
 forward (the scheduler keeps a step's patches within the encoder budget).
@@ -29,7 +36,11 @@ Lifecycle of an image (``ImageInput``):
   pixels waiting in the engine are bounded by the slot pool, and none is copied into the
   engine's heap (docs/architecture.md, "Pixel slots").
 
-Plain synchronous code, not thread-safe: the step loop's one thread calls it.
+  An image handed to the ahead thread keeps its slot until that forward is settled, also
+  when its sequences leave meanwhile (the forward finishes, its result goes to no sequence).
+
+Plain synchronous code, not thread-safe: the step loop's one thread calls every method
+(``close`` included); the ahead thread only runs the forwards handed to it.
 """
 
 from __future__ import annotations
