@@ -23,9 +23,11 @@ Lifecycle of an image (``ImageInput``):
 - ``encode(seq_ids)`` in the step that prefills them: every pending image of those
   sequences, batched. A failed forward of several images retries each alone, so a bad
   image fails only the sequences that hold it.
-  A forward that holds a large image (``LargeImageThreads``) runs on more torch threads:
-  the vision attention of a 1024² photo at Qwen2-VL's default size is quadratic in its
-  5,476 patches and splits well, while the rest of the step stays on the step loop's one.
+  A forward that holds a large image (``LargeImageThreads``) may run on more torch
+  threads (the worker gives it every CPU only without an ahead thread, which is the
+  second core's work otherwise): the vision attention of a 1024² photo at Qwen2-VL's
+  default size is quadratic in its 5,476 patches and splits well, while the rest of the
+  step stays on the step loop's one.
 - ``features(seq_id)`` for the prefill, then ``release(seq_id)``. A sequence aborted or
   failed before its step is released without encoding: pixels that no live sequence holds
   are dropped, never encoded.
