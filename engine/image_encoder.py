@@ -315,6 +315,11 @@ class ImageEncoder:
             del self._reading[seq_id]
             self._slots_done.append(seq_id)
 
+    def _is_current(self, pending: _Pending) -> bool:
+        """``pending`` is still the image its key waits on: not dropped (its holders all
+        left) nor settled, and no later sequence brought the key afresh."""
+        return self._pending.get(pending.key) is pending
+
     def _forget_pixels(self, pending: _Pending) -> None:
         """The pending image's pixels are no longer needed (encoded, failed or dropped) and
         no forward reads them: drop the view and tell its slot's sequence (once)."""
@@ -374,10 +379,11 @@ class ImageEncoder:
                 failures[seq_id] = errors[0]
         return failures
 
-    def encode_ahead(self, seq_ids: Iterable[int]) -> None:
-        """Hand the ahead thread forwards of the pending images of ``seq_ids`` (sequences
-        still waiting, in the order they will join) until it holds ``ahead_forwards`` of
-        them; settle the ones it finished. Does nothing without an ahead thread.
+    def encode_ahead(self, newest_first: Iterable[int]) -> None:
+        """Hand the ahead thread forwards of the pending images of ``newest_first``
+        (sequences still waiting, the last to join first) until it holds ``ahead_forwards``
+        of them; settle the ones it finished. Does nothing without an ahead thread (then
+        ``newest_first`` is not read).
 
         The step loop calls it every step, so images are encoded on a second core while
         running sequences decode. The newest sequences' images go first: the step thread
@@ -389,7 +395,6 @@ class ImageEncoder:
         self._settle_ahead(wait=False)
         if len(self._out) >= self._ahead_forwards:
             return
-        newest_first = reversed(list(seq_ids))
         for batch in self._batches_of(self._pending_of(newest_first, lambda h: h.claimable)):
             if len(self._out) >= self._ahead_forwards:
                 break
@@ -411,7 +416,7 @@ class ImageEncoder:
         self._out.remove(forward)
         for pending in forward.images:
             pending.ahead = None
-            if self._pending.get(pending.key) is not pending:  # dropped while handed out
+            if not self._is_current(pending):  # dropped while handed out
                 self._dropped += 1
                 self._forget_pixels(pending)
         return True
@@ -442,7 +447,7 @@ class ImageEncoder:
             for pending in forward.images:
                 pending.ahead = None
                 pending.ahead_failed = True
-                if self._pending.get(pending.key) is not pending:  # dropped while handed out
+                if not self._is_current(pending):  # dropped while handed out
                     self._forget_pixels(pending)
             return
         for pending in forward.images:
@@ -500,7 +505,7 @@ class ImageEncoder:
             for pending in batch:
                 pending.error = f"vision encoding failed: {type(exc).__name__}: {exc}"
                 self._forget_pixels(pending)
-                if self._pending.get(pending.key) is pending:
+                if self._is_current(pending):
                     del self._pending[pending.key]  # a later sequence with this image tries afresh
             return
         self._record(batch, results, seconds)
@@ -517,7 +522,7 @@ class ImageEncoder:
             self._forget_pixels(pending)
             self._encoded += 1
             self._cache.put(pending.key, features)
-            if self._pending.get(pending.key) is pending:
+            if self._is_current(pending):
                 del self._pending[pending.key]  # later sequences find it in the cache
 
     def features(self, seq_id: int) -> list[ImageFeatures]:
@@ -547,7 +552,7 @@ class ImageEncoder:
             if not isinstance(h, _Pending):
                 continue
             h.holders -= 1
-            if h.holders == 0 and self._pending.get(h.key) is h:
+            if h.holders == 0 and self._is_current(h):
                 del self._pending[h.key]
                 if h.ahead is not None:
                     self._take_back(h.ahead)  # not started: forgotten there; else when settled

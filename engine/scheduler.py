@@ -22,7 +22,7 @@ anything else runs. A new request never waits for the batch to drain.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -100,10 +100,10 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    @property
-    def waiting(self) -> tuple[Sequence, ...]:
-        """The waiting sequences, in the order they will join."""
-        return tuple(self._waiting)
+    def waiting_newest_first(self) -> Iterator[Sequence]:
+        """The waiting sequences, the last to join first (a view: no copy; the queue must
+        not change while it is read)."""
+        return reversed(self._waiting)
 
     @property
     def num_running(self) -> int:

@@ -176,7 +176,7 @@ class StepLoop:
         if plan.empty:
             return None
         if encoder is not None:  # the images of those still waiting, encoded during this step
-            encoder.encode_ahead(seq.seq_id for seq in self._scheduler.waiting)
+            encoder.encode_ahead(seq.seq_id for seq in self._scheduler.waiting_newest_first())
         scheduled = self._clock()
         queued = tuple(scheduled - self._arrived.pop(seq.seq_id, scheduled) for seq in plan.joining)
         report = self._core.execute(plan)

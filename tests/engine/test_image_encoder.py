@@ -308,14 +308,15 @@ def ahead_encoder(tower: FakeTower, **options) -> ImageEncoder:
 
 
 def test_waiting_sequences_images_are_encoded_ahead_newest_first_and_their_step_finds_them_ready():
-    """The ahead thread takes the newest waiting sequences' images first, at most
+    """The ahead thread takes the waiting sequences' images in the order given (the step
+    loop gives the newest first: ``Scheduler.waiting_newest_first``), at most
     ``ahead_forwards`` forwards at a time; a step over sequences whose images it encoded
     runs no forward of its own."""
     tower = FakeTower()
     encoder = ahead_encoder(tower)
     for i in (1, 2, 3):
         encoder.admit(i, [image(float(i))])
-    encoder.encode_ahead([1, 2, 3])
+    encoder.encode_ahead([3, 2, 1])
     encoder.finish_ahead()
     assert tower.batches == [[3.0], [2.0]]  # two forwards at a time, from the newest
     assert encoder.take_slots_done() == [3, 2]
@@ -335,7 +336,7 @@ def test_an_ahead_forward_not_started_is_taken_back_by_the_step_that_needs_it():
     encoder = ahead_encoder(tower)
     encoder.admit(1, [image(1.0)])
     encoder.admit(2, [image(2.0)])
-    encoder.encode_ahead([1, 2])  # 2.0 runs (held), 1.0 queued behind it
+    encoder.encode_ahead([2, 1])  # 2.0 runs (held), 1.0 queued behind it
     assert tower.started.wait(10)
     assert encoder.encode([1]) == {}  # returns while 2.0 is still held
     assert tower.threads == ["vision-ahead_0", "MainThread"]
@@ -353,7 +354,7 @@ def test_a_slot_read_by_a_running_ahead_forward_is_reported_only_after_it_finish
     encoder = ahead_encoder(tower)
     encoder.admit(1, [image(1.0)])
     encoder.admit(2, [image(2.0)])
-    encoder.encode_ahead([1, 2])
+    encoder.encode_ahead([2, 1])
     assert tower.started.wait(10)
     assert encoder.take_slots_done() == []
     encoder.release(2)  # its forward is running
@@ -395,7 +396,7 @@ def test_close_cancels_queued_forwards_waits_for_the_running_one_and_frees_every
     encoder = ahead_encoder(tower)
     for i in (1, 2, 3):
         encoder.admit(i, [image(float(i))])
-    encoder.encode_ahead([1, 2, 3])
+    encoder.encode_ahead([3, 2, 1])
     assert tower.started.wait(10)
     encoder.release(3)
     encoder.release(2)

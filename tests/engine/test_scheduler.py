@@ -19,6 +19,7 @@ def test_fifo_and_max_num_seqs():
         s.add(x)
     plan = s.schedule()
     assert plan.joining == seqs[:2] and plan.decoding == []
+    assert list(s.waiting_newest_first()) == [seqs[3], seqs[2]]  # what the encoder takes ahead
     plan = s.schedule()
     assert plan.joining == [] and plan.decoding == seqs[:2]
     seqs[0].status = SequenceStatus.FINISHED
