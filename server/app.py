@@ -29,7 +29,7 @@ from server.lifecycle import RuntimeFactory, RuntimeLifecycle
 from server.metrics import metrics_text
 from server.options import config_from_env
 from server.probe_fast_path import ProbeFastPath
-from server.probes import ProbeResponder
+from server.probes import ProbeResponder, facts_of
 from server.request_id import install_request_id
 from server.request_metrics import RequestMetrics
 from server.request_observer import RequestObserver
@@ -104,7 +104,7 @@ def create_app(config: ServerConfig | None = None, *, runtime_factory: RuntimeFa
     access_log = AccessLog() if config.access_log else None
     app.asgi_app = RequestObserver(app.asgi_app, state.request_metrics, access_log)  # type: ignore[method-assign]
     register_routes(app)
-    app.probe_responder = ProbeResponder(lifecycle, cors, metrics=lambda: metrics_text(state))
+    app.probe_responder = ProbeResponder(partial(facts_of, lifecycle), cors, metrics=lambda: metrics_text(state))
     app.asgi_app = ProbeFastPath(app.asgi_app, app.probe_responder)  # type: ignore[method-assign]
 
     async def start_runtime() -> None:

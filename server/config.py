@@ -58,6 +58,13 @@ class ServerConfig:
             "event loop (vlserve serve only; off: inside the loop's HTTP/1.1 protocol)"
         },
     )
+    probe_lane_process: bool = field(
+        default=True,
+        metadata={
+            "help": "run the probe lane in a process of its own, sharing no GIL with the server (off: a thread "
+            "of the server process)"
+        },
+    )
     health_loop_stall: float = field(
         default=1.0,
         metadata={"help": "seconds the event loop may go without turning before /health answers 503 (0: never)"},

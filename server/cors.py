@@ -19,6 +19,10 @@ class CorsPolicy:
         self._origins = frozenset(origins)
 
     @property
+    def origins(self) -> frozenset[str]:
+        return self._origins
+
+    @property
     def enabled(self) -> bool:
         return bool(self._origins)
 

@@ -63,7 +63,8 @@ class RuntimeLifecycle:
     ) -> None:
         self.config = config
         self.loop_lag = loop_lag or LoopLagMonitor()
-        self.phase = Phase.LOADING
+        self._phase = Phase.LOADING
+        self._phase_watchers: list[Callable[[], None]] = []
         self.runtime: Runtime | None = None
         self.load_seconds: float | None = None
         self.error: BaseException | None = None
@@ -134,6 +135,21 @@ class RuntimeLifecycle:
                 self.phase = Phase.STOPPED
             self._settled.set()
             self._closed.set()
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase: Phase) -> None:
+        self._phase = phase
+        for watcher in self._phase_watchers:
+            watcher()
+
+    def watch_phase(self, watcher: Callable[[], None]) -> None:
+        """Call ``watcher()`` (on the event loop, synchronously: it must not block or
+        raise) after every phase change from now on."""
+        self._phase_watchers.append(watcher)
 
     def withdraw_readiness(self) -> None:
         """Readiness answers 503 from now on, but new requests are still served: the

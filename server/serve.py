@@ -132,6 +132,8 @@ async def run_server(
                     probes=app.probe_responder,
                     pass_log=pass_log,
                     probe_lane=config.probe_lane,
+                    lane_process=config.probe_lane_process,
+                    watch_phase=state_of(app).lifecycle.watch_phase,
                 )
             else:
                 serve = stock_serve

@@ -1,4 +1,9 @@
-"""Probes answered off the event loop: a thread of its own owns the plain-TCP listeners.
+"""Probes answered off the event loop: a lane of their own owns the plain-TCP listeners.
+
+The lane is a ``ProbeLane`` serving in a process of its own (``vlserve serve``'s default:
+``server.http_path.lane_process``, which reads the probes' facts from a shared board) or in
+a thread of the server process (``run``; ``--no-probe-lane-process``). Below, "thread" is
+whichever runs it.
 
 Why: under a burst the event loop is busy half of a core (reading requests, writing
 events), and a probe answered by the loop waits until the loop's thread has a core and
@@ -51,7 +56,7 @@ log = logging.getLogger(__name__)
 
 # Connections taken from a listener's queue per wake-up at most (as ``serve``'s accept).
 MAX_ACCEPTS_PER_WAKE = 64
-_RECEIVE_SIZE = 16384
+RECEIVE_SIZE = 16384
 # As trio.serve_listeners: accept errors that mean "out of resources, retry shortly"
 # (``server.http_path.serve``'s accept uses them too).
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -166,9 +171,12 @@ class _Connection:
 
 
 class ProbeLane:
-    """Owns ``sockets`` (bound, listening plain-TCP sockets) while ``run()`` runs; see the
+    """Owns ``sockets`` (bound, listening plain-TCP sockets) while it serves; see the
     module docstring. ``on_probe(fresh)`` (if given) is called in the lane's thread just
-    before each reply is written, ``fresh`` for a connection's first request."""
+    before each reply is written, ``fresh`` for a connection's first request. Serves in a
+    thread of the server process (``run``) or in a process of its own
+    (``server.http_path.lane_process`` calls ``serve_forever``, with ``stop_when_readable``:
+    the socket whose end of stream, or any byte, stops it)."""
 
     def __init__(
         self,
@@ -177,6 +185,7 @@ class ProbeLane:
         config: Any,
         hand_over: HandOverFn,
         on_probe: Callable[[bool], None] | None = None,
+        stop_when_readable: socket.socket | None = None,
     ) -> None:
         self._listeners = sockets
         self._responder = responder
@@ -184,6 +193,7 @@ class ProbeLane:
         self._hand_over = hand_over
         self._on_probe = on_probe
         self._wake_read, self._wake_write = socket.socketpair()
+        self._stop_when_readable = stop_when_readable
         self._closing = False
         self._served = False
         self._limiter = trio.CapacityLimiter(1)
@@ -200,7 +210,7 @@ class ProbeLane:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._close_when_cancelled)
-                await trio.to_thread.run_sync(self._serve, limiter=self._limiter)
+                await trio.to_thread.run_sync(self.serve_forever, limiter=self._limiter)
                 nursery.cancel_scope.cancel()
         finally:
             if not self._served:  # cancelled before the thread started
@@ -223,11 +233,16 @@ class ProbeLane:
         except OSError:
             pass  # the thread has already closed its end: it is gone
 
-    def _serve(self) -> None:
+    def serve_forever(self) -> None:
+        """Accept, answer probes and hand other connections over until ``close()`` (or
+        ``stop_when_readable`` turns readable); then close every socket the lane holds.
+        Blocking: call it in the thread (or process) that is the lane."""
         self._served = True
         selector, connections = self._selector, self._connections
         try:
             selector.register(self._wake_read, selectors.EVENT_READ)
+            if self._stop_when_readable is not None:
+                selector.register(self._stop_when_readable, selectors.EVENT_READ)
             for listener in self._listeners:
                 listener.setblocking(False)
                 selector.register(listener, selectors.EVENT_READ)
@@ -239,6 +254,9 @@ class ProbeLane:
                     sock = key.fileobj
                     if sock is self._wake_read:
                         continue
+                    if sock is self._stop_when_readable:
+                        self._closing = True
+                        break
                     if sock in connections:
                         self._read(connections[sock])
                     else:
@@ -280,7 +298,7 @@ class ProbeLane:
 
     def _read(self, connection: _Connection) -> None:
         try:
-            data = connection.sock.recv(_RECEIVE_SIZE)
+            data = connection.sock.recv(RECEIVE_SIZE)
         except BlockingIOError:
             return
         except OSError:

@@ -8,13 +8,15 @@ written in the pass that read the request. On a fresh connection (the Kubernetes
 whose request is already there when it is accepted, the first pass is the accept's (a
 connection accepted in the same pass as others is read in the next one: 2); if the bytes
 arrive later, the pass that wakes up for them (passes spent waiting for the client are
-not the server's). A probe answered by the ``ProbeLane`` thread needs no pass: 0.
+not the server's). A probe answered by the ``ProbeLane`` (its thread, or its process, whose
+counts are read through ``off_loop_counts``) needs no pass: 0.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,8 @@ class ProbePassLog:
     counter: PassCounter
     fresh: Counter[int] = field(default_factory=Counter)
     keep_alive: Counter[int] = field(default_factory=Counter)
+    # functions returning (fresh, keep-alive) probes answered in another process: 0 passes
+    off_loop_counts: list[Callable[[], tuple[int, int]]] = field(default_factory=list)
 
     def record(self, *, fresh: bool, since_pass: int) -> None:
         """Record a probe whose reply is written now, started in pass ``since_pass``."""
@@ -41,10 +45,20 @@ class ProbePassLog:
         """Record a probe answered off the loop (by the ``ProbeLane``'s thread): 0 passes."""
         (self.fresh if fresh else self.keep_alive)[0] += 1
 
+    def histograms(self) -> tuple[Counter[int], Counter[int]]:
+        """(fresh, keep-alive) histograms, with the probes answered in other processes."""
+        fresh, keep_alive = Counter(self.fresh), Counter(self.keep_alive)
+        for counts in self.off_loop_counts:
+            elsewhere_fresh, elsewhere_keep_alive = counts()
+            fresh[0] += elsewhere_fresh
+            keep_alive[0] += elsewhere_keep_alive
+        return +fresh, +keep_alive
+
     def summary(self) -> dict[str, dict[str, object]]:
+        fresh, keep_alive = self.histograms()
         return {
-            "fresh": _summarise(self.fresh),
-            "keep_alive": _summarise(self.keep_alive),
+            "fresh": _summarise(fresh),
+            "keep_alive": _summarise(keep_alive),
         }
 
     def write(self, path: Path) -> None:

@@ -11,9 +11,9 @@ in the kernel's queue accepted in one pass, as asyncio's loop does (trio's accep
 takes one per pass, so a probe behind a wave of new connections waited a pass per
 connection ahead of it) and (e) the pass at which each connection was accepted, for
 ``ProbePassLog``. With ``probe_lane`` (``vlserve serve``'s default), the plain-TCP
-listeners belong to a ``ProbeLane`` instead: a thread that accepts, answers probes off the
-event loop, and hands every other connection to this loop with the bytes it read
-(``_hand_over``). QUIC (HTTP/3) is not served here: with ``quic_bind`` set, use
+listeners belong to a ``ProbeLane`` instead: a process of its own (``LaneProcess``, with
+``lane_process``) or a thread, which accepts, answers probes off the event loop, and hands
+every other connection to this loop with the bytes it read (``_start_serving``). QUIC (HTTP/3) is not served here: with ``quic_bind`` set, use
 ``hypercorn.trio.serve``.
 """
 
@@ -37,6 +37,7 @@ from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
 from server.http_path.connection import FastTCPServer
+from server.http_path.lane_process import LaneProcess
 from server.http_path.probe_lane import ACCEPT_CAPACITY_ERRNOS, ACCEPT_RETRY_S, ProbeLane, lane_applies
 from server.http_path.probe_passes import ProbePassLog
 from server.probes import ProbeResponder
@@ -55,14 +56,18 @@ async def serve(
     probes: ProbeResponder | None = None,
     pass_log: ProbePassLog | None = None,
     probe_lane: bool = False,
+    lane_process: bool = False,
+    watch_phase: Callable[[Callable[[], None]], None] | None = None,
     shutdown_trigger: Callable[..., Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI ``app`` as ``hypercorn.trio.serve`` does, on ``FastTCPServer``s.
 
     ``probes`` (if given) answers probe requests inside the HTTP/1.1 protocol, and with
-    ``probe_lane`` (where ``lane_applies``) on plain-TCP connections from a ``ProbeLane``
-    thread; ``pass_log`` (if given) records their scheduler passes (0 for the lane's).
+    ``probe_lane`` (where ``lane_applies``) on plain-TCP connections from a ``ProbeLane``:
+    a thread of this process, or with ``lane_process`` a process of its own
+    (``server.http_path.lane_process``; ``watch_phase(callback)`` has it told of every
+    phase change); ``pass_log`` (if given) records their scheduler passes (0 for the lane's).
     Reports the bound URLs through
     ``task_status``. Returns after ``shutdown_trigger`` returns and in-flight requests
     finished (or ``config.graceful_timeout`` passed).
@@ -107,8 +112,20 @@ async def serve(
                     new_connection,
                     pass_log,
                 )
-            lane = None
-            if lane_sockets and probes is not None:
+            lane: ProbeLane | LaneProcess | None = None
+            if lane_sockets and probes is not None and lane_process:
+                lane = LaneProcess(
+                    lane_sockets,
+                    probes,
+                    config,
+                    serve_connection=partial(_start_serving, server_nursery, new_connection, pass_log),
+                    take_back=partial(_take_back, listeners, server_nursery, new_connection, pass_log),
+                    watch_phase=watch_phase,
+                )
+                if pass_log is not None:
+                    pass_log.off_loop_counts.append(lane.probe_counts)
+                server_nursery.start_soon(lane.run)
+            elif lane_sockets and probes is not None:
                 hand_over = partial(
                     _hand_over,
                     trio.lowlevel.current_trio_token(),
@@ -133,7 +150,7 @@ async def serve(
             finally:
                 await _close_listeners(listeners)
                 if lane is not None:
-                    lane.close()  # its thread closes its sockets and returns
+                    lane.close()  # its thread (or process) closes its sockets, then it returns
                 await context.terminated.set()
                 for connection in list(connections):
                     connection.close_if_idle()
@@ -301,6 +318,23 @@ async def _serve_connection(
         await trio.aclose_forcefully(stream)
 
 
+def _start_serving(
+    nursery: trio.Nursery,
+    new_connection: Callable[..., FastTCPServer],
+    pass_log: ProbePassLog | None,
+    sock: socket.socket,
+    initial: bytes,
+) -> None:
+    """On the loop: serve ``sock`` (handed over by a probe lane) from ``initial`` on, in a
+    task of ``nursery``; the socket is closed if that cannot start. Never raises."""
+    try:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        accepted_pass = pass_log.counter.passes if pass_log is not None else 0
+        nursery.start_soon(_serve_connection, stream, new_connection, accepted_pass, initial)
+    except (OSError, RuntimeError):  # reset meanwhile, or serving has ended
+        sock.close()
+
+
 def _hand_over(
     token: trio.lowlevel.TrioToken,
     nursery: trio.Nursery,
@@ -312,19 +346,25 @@ def _hand_over(
     """Called in a ``ProbeLane``'s thread: have the loop serve ``sock`` from ``initial``
     on. Returns at once (the lane never waits for the loop); the socket is closed if the
     loop has stopped."""
-
-    def start() -> None:  # on the loop, between two tasks' steps: must not raise
-        try:
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-            accepted_pass = pass_log.counter.passes if pass_log is not None else 0
-            nursery.start_soon(_serve_connection, stream, new_connection, accepted_pass, initial)
-        except (OSError, RuntimeError):  # reset meanwhile, or serving has ended
-            sock.close()
-
     try:
-        token.run_sync_soon(start)
+        token.run_sync_soon(_start_serving, nursery, new_connection, pass_log, sock, initial)
     except trio.RunFinishedError:
         sock.close()
+
+
+def _take_back(
+    listeners: list[trio.abc.Listener[Any]],
+    nursery: trio.Nursery,
+    new_connection: Callable[..., FastTCPServer],
+    pass_log: ProbePassLog | None,
+    sockets: list[socket.socket],
+) -> None:
+    """On the loop, after a lane process died: accept on ``sockets`` here, as without a
+    lane; they join ``listeners`` (closed at shutdown)."""
+    for sock in sockets:
+        listener = PromptAcceptListener(sock)
+        listeners.append(listener)
+        nursery.start_soon(_accept_then_serve, listener, nursery, new_connection, pass_log)
 
 
 async def _close_listeners(listeners: list[trio.abc.Listener[Any]]) -> None:

@@ -11,8 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from quart import Blueprint, Response
 
-from server.lifecycle import RuntimeLifecycle
-from server.probes import PROBES, ProbeAnswer
+from server.probes import PROBES, ProbeAnswer, ProbeFacts, facts_of
 from server.state import current_state
 
 blueprint = Blueprint("health", __name__)
@@ -26,10 +25,10 @@ def _response(answer: ProbeAnswer) -> Response:
 
 
 def _route(
-    answer: Callable[[RuntimeLifecycle], ProbeAnswer],
+    answer: Callable[[ProbeFacts], ProbeAnswer],
 ) -> Callable[[], Awaitable[Response]]:
     async def probe() -> Response:
-        return _response(answer(current_state().lifecycle))
+        return _response(answer(facts_of(current_state().lifecycle)))
 
     return probe
 

@@ -80,7 +80,7 @@ async def test_every_workload_runs_against_vlserve_and_a_baseline(tmp_path, tiny
         ), where
         assert summary.peak_rss_mib > 50, where
         if summary.server == "vlserve":  # the server's own count (VLSERVE_PROBE_PASSES_FILE)
-            # every probe answered by the probe lane's thread, off the loop: no pass at all
+            # every probe answered by the probe lane (its process), off the loop: no pass at all
             assert summary.probe_passes_keep_alive == 0.0, where
             assert summary.probe_passes_fresh == 0.0, where
             # CPU by part of the tree: the server process, its engine worker, its prep processes

@@ -14,7 +14,7 @@ from server.config import ServerConfig
 from server.cors import CorsPolicy
 from server.http_path import serve
 from server.lifecycle import RuntimeLifecycle
-from server.probes import ProbeResponder
+from server.probes import ProbeResponder, facts_of
 from tests.server.rawhttp import (
     connect,
     read_one_response,
@@ -51,7 +51,7 @@ class RecordingApp:
 async def served():
     app = RecordingApp()
     lifecycle = RuntimeLifecycle(ServerConfig(), factory=None)  # type: ignore[arg-type]  # never run: loading
-    responder = ProbeResponder(lifecycle, CorsPolicy(["https://app.example"]))
+    responder = ProbeResponder(partial(facts_of, lifecycle), CorsPolicy(["https://app.example"]))
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None

@@ -35,7 +35,7 @@ from server.http_path.probe_lane import (
     reply_bytes,
 )
 from server.lifecycle import RuntimeLifecycle
-from server.probes import ProbeResponder
+from server.probes import ProbeResponder, facts_of
 from server.scheduler_passes import PassCounter
 from server.serve import RunningServer, run_server
 from tests.server.fakes import FakeRuntimeFactory
@@ -108,7 +108,7 @@ def test_anything_but_a_plain_probe_is_handed_over(buffer):
 
 def test_a_reply_reads_back_through_h11_as_the_responders_reply():
     lifecycle = RuntimeLifecycle(ServerConfig(), factory=None)  # type: ignore[arg-type]
-    responder = ProbeResponder(lifecycle, CorsPolicy(("https://a.example",)))
+    responder = ProbeResponder(partial(facts_of, lifecycle), CorsPolicy(("https://a.example",)))
     reply = responder.reply("GET", "/ready", [(b"origin", b"https://a.example"), (b"x-request-id", b"r-1")])
     for close in (False, True):
         client = h11.Connection(h11.CLIENT)
@@ -124,6 +124,13 @@ def test_a_reply_reads_back_through_h11_as_the_responders_reply():
 
 
 # -- a served lane ---------------------------------------------------------------------
+
+
+@pytest.fixture(params=[True, False], ids=["process", "thread"])
+def vlserve_config(request: pytest.FixtureRequest) -> ServerConfig:
+    """Every served-lane test runs with the lane in a process of its own (the default) and
+    in a thread of the server process."""
+    return ServerConfig(host="127.0.0.1", port=0, drain_timeout=5.0, probe_lane_process=request.param)
 
 
 @asynccontextmanager
@@ -151,7 +158,7 @@ async def lane_server(
 def _answered(pass_log: ProbePassLog) -> dict[str, int]:
     """Probes answered so far: by the lane ('lane', 0 passes) and by the loop ('loop')."""
     counts = {"lane": 0, "loop": 0}
-    for histogram in (pass_log.fresh, pass_log.keep_alive):
+    for histogram in pass_log.histograms():
         for passes, probes in histogram.items():
             counts["lane" if passes == 0 else "loop"] += probes
     return counts
@@ -238,6 +245,10 @@ async def test_health_turns_503_while_the_loop_is_stuck_and_200_after(vlserve_co
     config = replace(vlserve_config, health_loop_stall=0.2)
     async with lane_server(config, fake_factory) as (server, _):
         address = _address(server.url)
+        stream = await connect(server.url)
+        async with stream:  # the lane serves (a lane process has started) before the loop blocks
+            await stream.send_all(request_bytes("GET", "/health"))
+            assert status_of(await read_one_response(stream, timeout=10)) == 200
         statuses: list[int] = []
         done = threading.Event()
 
@@ -376,7 +387,7 @@ async def test_a_lane_cancelled_before_its_thread_starts_closes_its_listener():
     """Invariant: the lane owns its sockets on every path: cancelled before its thread ever
     ran, ``run`` still closes the listener it was given."""
     listener = socket.create_server(("127.0.0.1", 0))
-    responder = ProbeResponder(RuntimeLifecycle(ServerConfig(), factory=None), CorsPolicy(()))  # type: ignore[arg-type]
+    responder = ProbeResponder(partial(facts_of, RuntimeLifecycle(ServerConfig(), factory=None)), CorsPolicy(()))  # type: ignore[arg-type]
     lane = ProbeLane([listener], responder, Config(), hand_over=lambda sock, data: sock.close())
     with trio.CancelScope() as scope:
         scope.cancel()
