@@ -182,8 +182,8 @@ class LaneProcess:
 
     async def run(self) -> None:
         """Start the process, publish the probes' facts and serve the connections it hands
-        over until cancelled; if it dies first, hand the listeners back (``take_back``)
-        and return.
+        over until cancelled; if it cannot start, or dies first, hand the listeners back
+        (``take_back``) and return.
 
         Cancellation (and ``close()``): the process is told to stop (its channel closed)
         and waited for (killed after ``STOP_SECONDS``); it closes the listeners and the
@@ -212,18 +212,22 @@ class LaneProcess:
             self._publish()
             if self._watch_phase is not None:
                 self._watch_phase(self._publish)
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-c", _LANE_COMMAND, json.dumps(asdict(spec))],
-                pass_fds=(*spec.listener_fds, lane_end.fileno(), board.fileno()),
-            )
-            self.pid = process.pid
-            lane_end.close()
-            channel.setblocking(False)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._publish_forever)
-                await self._receive(channel)
-                nursery.cancel_scope.cancel()
-            log.error("the probe lane process (pid %d) exited; probes are answered on the event loop", process.pid)
+            try:
+                process = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", _LANE_COMMAND, json.dumps(asdict(spec))],
+                    pass_fds=(*spec.listener_fds, lane_end.fileno(), board.fileno()),
+                )
+            except OSError as error:
+                log.error("could not start the probe lane process (%s); probes are answered on the event loop", error)
+            else:
+                self.pid = process.pid
+                lane_end.close()
+                channel.setblocking(False)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._publish_forever)
+                    await self._receive(channel)
+                    nursery.cancel_scope.cancel()
+                log.error("the probe lane process (pid %d) exited; probes are answered on the event loop", process.pid)
             self._taken_back = True
             self._take_back(self._sockets)
         finally:

@@ -38,6 +38,8 @@ _FACTS = struct.Struct("<QBB6xddd")
 _COUNTS = struct.Struct("<QQ")
 _COUNTS_AT = 64
 _SIZE = _COUNTS_AT + _COUNTS.size
+# consistent reads tried before the last consistent one stands in (``facts``)
+_READ_ATTEMPTS = 8
 
 
 class ProbeBoard:
@@ -47,6 +49,7 @@ class ProbeBoard:
         """Map the board in ``fd`` (which this object then owns and closes)."""
         self._fd = fd
         self._memory = mmap.mmap(fd, _SIZE)
+        self._last_read = _FACTS.unpack(bytes(_FACTS.size))  # as before any publish
 
     @classmethod
     def create(cls) -> ProbeBoard:
@@ -79,12 +82,18 @@ class ProbeBoard:
 
     def facts(self) -> ProbeFacts:
         """The facts last published, with the loop's stall as of now; before any publish,
-        ``LOADING`` with a healthy engine and no stall."""
+        ``LOADING`` with a healthy engine and no stall. Never spins on a write under way:
+        after ``_READ_ATTEMPTS`` reads that each met one (the writer's thread preempted
+        between its two stores, or the server killed there), the last consistent read
+        stands in, its stall still counted from its own stamp."""
         memory = self._memory
-        while True:
-            sequence, phase, healthy, stall_limit, interval, published = _FACTS.unpack_from(memory)
-            if sequence % 2 == 0 and struct.unpack_from("<Q", memory)[0] == sequence:
+        for _ in range(_READ_ATTEMPTS):
+            read = _FACTS.unpack_from(memory)
+            if read[0] % 2 == 0 and struct.unpack_from("<Q", memory)[0] == read[0]:
+                self._last_read = read
                 break
+            os.sched_yield()
+        sequence, phase, healthy, stall_limit, interval, published = self._last_read
         if sequence == 0:
             return ProbeFacts(Phase.LOADING, 0.0, 0.0, True)
         stalled = max(0.0, time.monotonic() - published - interval)

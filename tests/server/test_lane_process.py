@@ -10,9 +10,12 @@ survives its death.
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import socket
+import struct
+import sys
 import time
 from dataclasses import replace
 
@@ -60,6 +63,27 @@ def test_published_facts_read_back_in_another_mapping_and_the_stall_grows_from_t
         assert facts.phase is Phase.READY and facts.engine_healthy
         assert 0.04 <= facts.loop_stalled_for < 5.0
     finally:
+        reader.close()
+        board.close()
+
+
+def test_a_read_never_spins_on_a_write_left_half_done():
+    """Invariant: the lane never spins on the board. With the sequence left odd (a writer
+    stopped between its two stores), ``facts`` returns the last consistent read, its
+    stall still growing from that read's stamp."""
+    board = ProbeBoard.create()
+    reader = _reader_of(board)
+    raw = mmap.mmap(board.fileno(), 64)
+    try:
+        board.publish(ProbeFacts(Phase.READY, 0.0, 1.0, True), 0.01)
+        assert reader.facts().phase is Phase.READY
+        sequence = struct.unpack_from("<Q", raw)[0]
+        struct.pack_into("<Q", raw, 0, sequence + 1)  # a write begun, never finished
+        time.sleep(0.05)
+        facts = reader.facts()
+        assert facts.phase is Phase.READY and facts.loop_stalled_for >= 0.03
+    finally:
+        raw.close()
         reader.close()
         board.close()
 
@@ -166,3 +190,20 @@ async def test_a_dead_lane_process_fails_only_its_own_connections(process_config
                 await stream.send_all(request_bytes(method, path))
                 assert status_of(await read_one_response(stream, timeout=10)) == 200
         assert _answered(pass_log) == {"lane": 1, "loop": 1}
+
+
+async def test_a_lane_process_that_cannot_start_leaves_the_listener_to_the_loop(
+    process_config, fake_factory, monkeypatch
+):
+    """Invariant: no lane process, no lost listener. When the process cannot be started
+    (here: no Python at ``sys.executable``), the server accepts on the listener itself and
+    answers probes and requests on its loop."""
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    async with lane_server(process_config, fake_factory) as (server, pass_log):
+        for path in ("/health", "/v1/models"):
+            stream = await connect(server.url)
+            async with stream:
+                await stream.send_all(request_bytes("GET", path))
+                assert status_of(await read_one_response(stream, timeout=10)) == 200
+        assert _lane_pids() == []
+        assert _answered(pass_log) == {"lane": 0, "loop": 1}
