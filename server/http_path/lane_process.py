@@ -231,6 +231,9 @@ class LaneProcess:
             self._taken_back = True
             self._take_back(self._sockets)
         finally:
+            if not self._taken_back:
+                for sock in self._sockets:  # refuse new connections now, in both processes
+                    _stop_listening(sock)
             lane_end.close()
             channel.close()  # the process stops at its next wake-up
             if process is not None:
@@ -271,6 +274,18 @@ class LaneProcess:
                         sock.close()
                     continue
                 self._serve_connection(connections[0], data[len(_CONNECTION) :])
+
+
+def _stop_listening(sock: socket.socket) -> None:
+    """Stop ``sock`` (a listening socket the lane process shares) taking connections, at
+    once and for every process holding it: on Linux, ``shutdown`` of a listening socket
+    closes its queue (new connections are refused) though the descriptors stay open.
+    Closing only this process's descriptor would leave it listening until the lane's
+    exits, and a connection queued meanwhile would be reset instead of refused."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected / already closed
 
 
 async def _reap(process: trio.Process) -> None:
