@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional
 
 from engine.paged_kv_cache import PagedKVCache
-from engine.token_batch import TokenBatch
+from engine.token_batch import DecodeGroup, TokenBatch
 
 # decoder layers whose forward is the layout above (transformers 5.x)
 QWEN2_LAYOUT_LAYERS = frozenset({"Qwen2DecoderLayer", "Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer"})
@@ -94,11 +94,11 @@ class DecoderForward:
     def __call__(self, batch: TokenBatch, cache: PagedKVCache) -> torch.Tensor:
         hidden = batch.embeds
         cos, sin = self._rotary(batch)
-        mask = batch.decode_mask(hidden.dtype) if batch.is_decode else None
+        groups = batch.decode_groups(hidden.dtype, cache.key_elements) if batch.is_decode else None
         for index, layer in enumerate(self.layers):
             attention, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(hidden)
-            attended = self._attention(index, attention, x, cos, sin, batch, cache, mask)
+            attended = self._attention(index, attention, x, cos, sin, batch, cache, groups)
             hidden = hidden + functional.linear(attended, attention.o_proj.weight, attention.o_proj.bias)
             x = layer.post_attention_layernorm(hidden)
             gate = mlp.act_fn(functional.linear(x, mlp.gate_proj.weight)) * functional.linear(x, mlp.up_proj.weight)
@@ -122,10 +122,12 @@ class DecoderForward:
         sin: torch.Tensor,
         batch: TokenBatch,
         cache: PagedKVCache,
-        decode_mask: torch.Tensor | None,
+        decode_groups: tuple[DecodeGroup, ...] | None,
     ) -> torch.Tensor:
         """Layer ``index``'s attention output [T, heads x head_dim] for the normed input
-        ``x`` [T, hidden]; the new keys and values go to the cache first."""
+        ``x`` [T, hidden]; the new keys and values go to the cache first. A decode batch
+        (``decode_groups``) attends group by group, each over its rows' contexts gathered
+        whole and padded to the group's longest."""
         tokens, dim = x.shape[0], attention.head_dim
         q = functional.linear(x, attention.q_proj.weight, attention.q_proj.bias).view(tokens, -1, dim)
         k = functional.linear(x, attention.k_proj.weight, attention.k_proj.bias).view(tokens, -1, dim)
@@ -134,13 +136,14 @@ class DecoderForward:
         k = (k * cos) + (rotate_half(k) * sin)
         cache.write(index, batch.slots, k, v)
         kv_heads, scale = k.shape[1], attention.scaling
-        if decode_mask is not None:  # one query per row: grouped heads packed as queries of their kv head
-            rows = batch.num_rows
-            keys, values = cache.gather(index, batch.block_tables.reshape(-1))
-            keys = keys.view(rows, -1, kv_heads, dim).transpose(1, 2)
-            values = values.view(rows, -1, kv_heads, dim).transpose(1, 2)
-            packed = q.view(rows, kv_heads, -1, dim)
-            out = functional.scaled_dot_product_attention(packed, keys, values, attn_mask=decode_mask, scale=scale)
+        if decode_groups is not None:  # one query per row: grouped heads packed as queries of their kv head
+            packed = q.view(tokens, kv_heads, -1, dim)
+            if len(decode_groups) == 1:
+                return _attend_decode(packed, decode_groups[0], index, cache, scale).reshape(tokens, -1)
+            out = torch.empty_like(packed)
+            for group in decode_groups:
+                rows = group.rows
+                out.index_copy_(0, rows, _attend_decode(packed.index_select(0, rows), group, index, cache, scale))
             return out.reshape(tokens, -1)
         out = torch.empty_like(q)
         for row, (offset, n, start) in enumerate(zip(batch.offsets, batch.lengths, batch.starts, strict=True)):
@@ -158,6 +161,18 @@ class DecoderForward:
             )
             out[offset : offset + n] = attended[0].transpose(0, 1)
         return out.view(tokens, -1)
+
+
+def _attend_decode(
+    packed: torch.Tensor, group: DecodeGroup, layer: int, cache: PagedKVCache, scale: float | None
+) -> torch.Tensor:
+    """Attention [n, kv_heads, group size, dim] of one decode group's queries ``packed``
+    (each kv head's grouped query heads packed as its queries) over the group's contexts."""
+    rows, kv_heads, _, dim = packed.shape
+    keys, values = cache.gather(layer, group.tables.reshape(-1))
+    keys = keys.view(rows, -1, kv_heads, dim).transpose(1, 2)
+    values = values.view(rows, -1, kv_heads, dim).transpose(1, 2)
+    return functional.scaled_dot_product_attention(packed, keys, values, attn_mask=group.mask, scale=scale)
 
 
 def language_model(model: nn.Module) -> nn.Module | None:

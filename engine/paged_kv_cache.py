@@ -64,6 +64,11 @@ class PagedKVCache(Cache):
         self._context = 0
 
     @property
+    def key_elements(self) -> int:
+        """Key elements one slot holds in one layer (kv heads x head dim)."""
+        return self.key_pools[0][0].numel()
+
+    @property
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.key_pools + self.value_pools)
 

@@ -15,6 +15,12 @@ from functools import cached_property
 
 import torch
 
+# Groups a decode batch's attention is split into at most, and what one group costs in
+# key elements read (``TokenBatch.decode_groups``; bench/README.md, "Decode attention by
+# context length").
+MAX_DECODE_GROUPS = 4
+GROUP_OVERHEAD_ELEMENTS = 32768
+
 
 @dataclass(frozen=True)
 class TokenBatch:
@@ -73,8 +79,54 @@ class TokenBatch:
         mask.masked_fill_(seen > query.unsqueeze(-1), torch.finfo(dtype).min)
         return mask.unsqueeze(1)
 
-    def decode_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """``context_mask`` [B, 1, 1, W x block_size] of a decode batch: row ``b``'s one
-        query is at position ``starts[b]``."""
-        query = torch.tensor(self.starts, dtype=torch.long, device=self.embeds.device).view(-1, 1)
-        return self.context_mask(query, dtype)
+    def decode_groups(self, dtype: torch.dtype, key_elements: int) -> tuple[DecodeGroup, ...]:
+        """A decode batch's rows in groups of similar context length, for attention: each
+        group's contexts are gathered and padded to its own longest, not the batch's.
+
+        Rows are sorted by context and cut into ``k`` groups of equal count, ``k`` (1 to
+        ``MAX_DECODE_GROUPS``) the one with the least padded key elements (slots x
+        ``key_elements``, a slot's key elements in one layer) plus
+        ``GROUP_OVERHEAD_ELEMENTS`` per group (the cost of a group's own operations). One
+        group is the whole batch in order (``rows`` None)."""
+        contexts = [start + 1 for start in self.starts]
+        order = sorted(range(self.num_rows), key=contexts.__getitem__)
+        bs = self.block_size
+        best: tuple[float, list[list[int]]] | None = None
+        for k in range(1, min(MAX_DECODE_GROUPS, self.num_rows) + 1):
+            parts = [order[i * len(order) // k : (i + 1) * len(order) // k] for i in range(k)]
+            slots = sum(len(part) * -(-contexts[part[-1]] // bs) * bs for part in parts)
+            cost = slots * key_elements + k * GROUP_OVERHEAD_ELEMENTS
+            if best is None or cost < best[0]:
+                best = (cost, parts)
+        parts = best[1] if best is not None else [order]
+        if len(parts) == 1:
+            return (DecodeGroup(None, self.block_tables, self._decode_mask(self.block_tables, self.starts, dtype)),)
+        device = self.embeds.device
+        groups = []
+        for part in parts:
+            rows = torch.tensor(part, dtype=torch.long, device=device)
+            tables = self.block_tables.index_select(0, rows)[:, : -(-contexts[part[-1]] // bs)]
+            starts = tuple(self.starts[row] for row in part)
+            groups.append(DecodeGroup(rows, tables, self._decode_mask(tables, starts, dtype)))
+        return tuple(groups)
+
+    def _decode_mask(self, tables: torch.Tensor, starts: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [n, 1, 1, w x block_size] for one query per row at ``starts``
+        over the rows' blocks ``tables`` [n, w]: row ``b`` sees its slots ``0..starts[b]``."""
+        width = tables.shape[1] * self.block_size
+        query = torch.tensor(starts, dtype=torch.long, device=tables.device).view(-1, 1)
+        mask = torch.zeros((len(starts), 1, 1, width), dtype=dtype, device=tables.device)
+        seen = torch.arange(width, device=tables.device)
+        mask.masked_fill_((seen > query).view(len(starts), 1, 1, width), torch.finfo(dtype).min)
+        return mask
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Rows of a decode batch attended together: their indices ``rows`` [n] in the batch
+    (``None``: every row, in order), their blocks ``tables`` [n, w] (the group's widest
+    context, padded) and the additive ``mask`` [n, 1, 1, w x block_size]."""
+
+    rows: torch.Tensor | None
+    tables: torch.Tensor
+    mask: torch.Tensor

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn import functional
 
+from engine import token_batch
 from engine.block_manager import BlockManager
 from engine.decoder_forward import DecoderForward, attend_row
 from engine.model_adapter import adapter_for
@@ -60,11 +61,16 @@ def runner(adapter, device) -> ModelRunner:
     return ModelRunner(adapter, device, BlockManager(64, 4, prefix_caching=False))
 
 
-def test_own_forward_gives_transformers_logits_for_every_kind_of_row(family):
+@pytest.mark.parametrize("decode_groups", ["cost", "one per row"])
+def test_own_forward_gives_transformers_logits_for_every_kind_of_row(family, decode_groups, monkeypatch):
     """Invariant: for fresh prompts, a prompt's first and continuing chunks, a one-token
     chunk, a forward mixing a chunk with an output token, and decode forwards, the engine's
     own forward (unpadded rows) returns the logits of transformers' forward over the same
-    rows left-padded, within float32 rounding; both write the same keys and values."""
+    rows left-padded, within float32 rounding; both write the same keys and values. Decode
+    attention split by context length (``one per row``: groups cost nothing, so each row
+    of a different length is a group of its own) changes none of it."""
+    if decode_groups == "one per row":
+        monkeypatch.setattr(token_batch, "GROUP_OVERHEAD_ELEMENTS", 0)
     own_adapter = family.adapter
     assert own_adapter.decoder is not None
     theirs_adapter = adapter_for(copy.deepcopy(family.model), own_forward=False)
@@ -107,6 +113,48 @@ def test_own_forward_gives_transformers_logits_for_every_kind_of_row(family):
                 (own.cache.value_pools, theirs.cache.value_pools),
             ):
                 torch.testing.assert_close(mine[layer][slots], yours[layer][slots], rtol=1e-4, atol=1e-4)
+
+
+def _decode_batch(contexts: list[int], block_size: int = 4) -> token_batch.TokenBatch:
+    """A decode batch whose row ``b`` has ``contexts[b]`` tokens (its last one new), rows'
+    blocks numbered in order."""
+    widths = [-(-c // block_size) for c in contexts]
+    tables, at = [], 0
+    for width in widths:
+        tables.append(list(range(at, at + width)) + [999] * (max(widths) - width))
+        at += width
+    return token_batch.TokenBatch(
+        embeds=torch.zeros(len(contexts), 8),
+        positions=torch.zeros(1, len(contexts), dtype=torch.long),
+        slots=torch.zeros(len(contexts), dtype=torch.long),
+        block_tables=torch.tensor(tables),
+        starts=tuple(c - 1 for c in contexts),
+        lengths=(1,) * len(contexts),
+        block_size=block_size,
+    )
+
+
+def test_decode_groups_cut_rows_by_context_and_each_masks_its_own_width():
+    """Rows sorted by context, cut into equal counts: every row in exactly one group, each
+    group's blocks its rows' own up to its longest context, and its mask letting row ``b``
+    see exactly its ``contexts[b]`` slots. Contexts alike, or groups too costly: one group,
+    the whole batch in order."""
+    contexts = [400, 9, 30, 410, 12, 390, 33, 8]
+    groups = _decode_batch(contexts).decode_groups(torch.float32, key_elements=64)
+    assert len(groups) > 1
+    seen = sorted(int(row) for group in groups for row in group.rows)
+    assert seen == list(range(len(contexts)))
+    longest = [max(contexts[int(r)] for r in group.rows) for group in groups]
+    assert longest == sorted(longest)
+    for group in groups:
+        assert group.tables.shape[1] == -(-max(contexts[int(r)] for r in group.rows) // 4)
+        for i, row in enumerate(group.rows.tolist()):
+            visible = (group.mask[i, 0, 0] == 0).nonzero().flatten().tolist()
+            assert visible == list(range(contexts[row]))
+    (whole,) = _decode_batch([100, 101, 99, 102]).decode_groups(torch.float32, key_elements=64)
+    assert whole.rows is None and whole.tables.shape == (4, 26)
+    (costly,) = _decode_batch(contexts).decode_groups(torch.float32, key_elements=1)
+    assert costly.rows is None
 
 
 async def test_models_of_another_layout_keep_transformers_forward_and_batch_like_generate(tmp_path):
