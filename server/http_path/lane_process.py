@@ -20,7 +20,10 @@ of its own waits only for a core, exactly as that do-nothing process does.
   the server decides when probes stop being answered (after its drain grace);
 - if the process dies first, the server takes the listeners back and accepts on its event
   loop (probes then answered inside the HTTP/1.1 protocol): probes lose their lane, no
-  request is refused.
+  request is refused;
+- a hand-over waits while the socket pair's buffer is full (the server's loop not
+  reading it): the lane then waits too, as its probes would on a loop-bound path; no
+  connection is dropped for it.
 """
 
 from __future__ import annotations
@@ -164,7 +167,6 @@ class LaneProcess:
         self._counts_at_exit = (0, 0)
         self._scope = trio.CancelScope()
         self._taken_back = False
-        self.pid: int | None = None
 
     def close(self) -> None:
         """Stop the process (``run`` returns once it has exited). Idempotent; on the loop."""
@@ -220,7 +222,6 @@ class LaneProcess:
             except OSError as error:
                 log.error("could not start the probe lane process (%s); probes are answered on the event loop", error)
             else:
-                self.pid = process.pid
                 lane_end.close()
                 channel.setblocking(False)
                 async with trio.open_nursery() as nursery:
