@@ -91,14 +91,16 @@ class TokenBatch:
         contexts = [start + 1 for start in self.starts]
         order = sorted(range(self.num_rows), key=contexts.__getitem__)
         bs = self.block_size
-        best: tuple[float, list[list[int]]] | None = None
-        for k in range(1, min(MAX_DECODE_GROUPS, self.num_rows) + 1):
-            parts = [order[i * len(order) // k : (i + 1) * len(order) // k] for i in range(k)]
+
+        def cost(parts: list[list[int]]) -> int:
             slots = sum(len(part) * -(-contexts[part[-1]] // bs) * bs for part in parts)
-            cost = slots * key_elements + k * GROUP_OVERHEAD_ELEMENTS
-            if best is None or cost < best[0]:
-                best = (cost, parts)
-        parts = best[1] if best is not None else [order]
+            return slots * key_elements + len(parts) * GROUP_OVERHEAD_ELEMENTS
+
+        cuts = (
+            [order[i * len(order) // k : (i + 1) * len(order) // k] for i in range(k)]
+            for k in range(1, min(MAX_DECODE_GROUPS, self.num_rows) + 1)
+        )
+        parts = min(cuts, key=cost)  # the fewest groups among equal costs
         if len(parts) == 1:
             return (DecodeGroup(None, self.block_tables, self._decode_mask(self.block_tables, self.starts, dtype)),)
         device = self.embeds.device

@@ -7,7 +7,8 @@ coroutines, 5-8 ms each) kept its probes at 1.6-2.4x a do-nothing process's p99,
 maxima of 33-45 ms (bench/README.md, "The probe lane in a process of its own"). A process
 of its own waits only for a core, exactly as that do-nothing process does.
 
-- ``LaneProcess.run`` (the server's side) starts a Python process running ``main`` with the plain-TCP listeners, one end of a Unix ``SOCK_SEQPACKET`` socket pair and the
+- ``LaneProcess.run`` (the server's side) starts a Python process running ``main`` with
+  the plain-TCP listeners, one end of a Unix ``SOCK_SEQPACKET`` socket pair and the
   ``ProbeBoard`` it publishes the probes' facts on (at every phase change and every
   ``PUBLISH_INTERVAL_S``);
 - the process (``main``) runs a ``ProbeLane`` that answers ``/health`` and ``/ready`` from the
@@ -248,10 +249,11 @@ class LaneProcess:
                     sock.close()
 
     async def _publish_forever(self) -> None:
-        """Publish the facts every ``PUBLISH_INTERVAL_S``. Cancellation: returns."""
+        """Publish the facts every ``PUBLISH_INTERVAL_S`` (``_run`` published them before
+        starting the process). Cancellation: returns."""
         while True:
-            self._publish()
             await trio.sleep(PUBLISH_INTERVAL_S)
+            self._publish()
 
     async def _receive(self, channel: socket.socket) -> None:
         """Serve every connection the process hands over; return at end of stream (it has

@@ -43,7 +43,8 @@ _READ_ATTEMPTS = 8
 
 
 class ProbeBoard:
-    """The shared facts (module docstring). ``create`` in the server, ``attach`` in the lane."""
+    """The shared facts (module docstring): ``create`` in the server, the constructor on
+    the inherited descriptor in the lane."""
 
     def __init__(self, fd: int) -> None:
         """Map the board in ``fd`` (which this object then owns and closes)."""
