@@ -10,8 +10,9 @@ send), the thread CPU time of:
 - preprocess straight into the slot (``SlotMemory.tensor_view``, what prep does now);
 - the engine's copy out of the slot (``SlotMemory.read``);
 - the vision tower over ``--batch`` images at once, per image, with the patch embedding as
-  the model's ``Conv3d`` and as one matrix product (``engine.patch_embed``), and the share
-  of the tower's time that embedding takes.
+  the model's ``Conv3d`` over whole patches (the processor's rows: each frame twice) and as
+  the engine's matrix product over one frame (``engine.patch_embed``), and the share of the
+  tower's time that embedding takes.
 
     python -m bench.image_cost [--model DIR] [--size 1024] [--images 24] [--batch 8] [--repeats 3]
 
@@ -33,7 +34,7 @@ import torch
 
 from bench.workloads.image_store import ImageStore, default_image_dir
 from engine.model_loader import load_model
-from engine.patch_embed import LinearPatchProjection
+from engine.patch_embed import LinearPatchEmbed, repeat_frame
 from engine.pixel_slots import SlotPool
 from engine.tiny_model import ensure_tiny_model
 from vl.image_pixels import ImagePreprocessor, decode_image, slot_bytes_for
@@ -97,16 +98,24 @@ def main() -> None:
         rows.append(("engine's copy out of the slot", cpu_ms_per_item(lambda: memory.read(described), 1, args.repeats)))
 
     batch = inputs[: args.batch]
-    pixel_values = torch.cat([i.pixel_values for i in batch])
+    frames = torch.cat([i.pixel_values for i in batch])  # one frame per patch (vl/qwen2_vl_pixels.py)
     grid = torch.tensor([i.grid_thw for i in batch])
     linear_tower = loaded.adapter.model.model.visual
     conv_tower = copy.deepcopy(linear_tower)
-    if isinstance(conv_tower.patch_embed.proj, LinearPatchProjection):
-        conv_tower.patch_embed.proj = conv_tower.patch_embed.proj.conv
+    linear = conv_tower.patch_embed
+    if isinstance(linear, LinearPatchEmbed):  # back to transformers' module, same weight
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
+
+        conv_tower.patch_embed = PatchEmbed(
+            linear.patch_size, linear.temporal_patch_size, linear.in_channels, linear.embed_dim
+        )
+        conv_tower.patch_embed.proj = linear.proj
+    whole_patches = repeat_frame(frames, linear.in_channels, linear.temporal_patch_size)
+    towers = (("Conv3d, whole patches", conv_tower, whole_patches), ("matrix product, one frame", linear_tower, frames))
     with torch.inference_mode():
-        for label, tower in (("Conv3d", conv_tower), ("matrix product", linear_tower)):
-            whole = cpu_ms_per_item(lambda t=tower: t(pixel_values, grid_thw=grid), len(batch), args.repeats)
-            embed = cpu_ms_per_item(lambda t=tower: t.patch_embed(pixel_values), len(batch), args.repeats)
+        for label, tower, pixel_values in towers:
+            whole = cpu_ms_per_item(lambda t=tower, v=pixel_values: t(v, grid_thw=grid), len(batch), args.repeats)
+            embed = cpu_ms_per_item(lambda t=tower, v=pixel_values: t.patch_embed(v), len(batch), args.repeats)
             rows.append((f"vision tower, patch embedding as {label}", whole))
             rows.append((f"  of which the patch embedding ({embed / whole:.0%})", embed))
 

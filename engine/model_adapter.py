@@ -19,7 +19,7 @@ from engine.errors import RequestRejected
 from engine.fused_norm import use_fused_rms_norm
 from engine.padded_forward import PaddedBatch
 from engine.paged_kv_cache import PagedKVCache
-from engine.patch_embed import use_linear_patch_projection
+from engine.patch_embed import repeat_frame, use_linear_patch_embed
 from engine.prompt import EnginePrompt, ImageFeatures
 from engine.token_batch import TokenBatch
 
@@ -107,7 +107,13 @@ class Qwen2VLAdapter(CausalLMAdapter):
         self.config = model.config
         self.image_token_id = self.config.image_token_id
         self.spatial_merge_size = self.config.vision_config.spatial_merge_size
-        use_linear_patch_projection(model.model.visual)  # see engine/patch_embed.py
+        # one-frame pixel rows (vl/qwen2_vl_pixels.py) go to the tower as they are where its
+        # patch embedding is the linear form, else widened first (see engine/patch_embed.py)
+        self._embeds_one_frame = use_linear_patch_embed(model.model.visual)
+        vision = self.config.vision_config
+        self._in_channels = int(getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3))
+        self._temporal_patch_size = int(vision.temporal_patch_size)
+        self._frame_width = self._in_channels * int(vision.patch_size) ** 2
 
     def embed_prompt(self, prompt: EnginePrompt, device: torch.device) -> torch.Tensor:
         ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=device)
@@ -165,8 +171,12 @@ class Qwen2VLAdapter(CausalLMAdapter):
         return t * h * w // (self.spatial_merge_size**2)
 
     def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[ImageFeatures]:
-        """Run the vision tower once over several images; one ``ImageFeatures`` per image."""
+        """Run the vision tower once over several images; one ``ImageFeatures`` per image.
+        ``pixel_values`` rows are whole patches or one frame of a still image
+        (``engine/patch_embed.py``)."""
         visual = self.model.model.visual
+        if not self._embeds_one_frame and self._temporal_patch_size > 1 and pixel_values.shape[-1] == self._frame_width:
+            pixel_values = repeat_frame(pixel_values, self._in_channels, self._temporal_patch_size)
         weight = next(visual.parameters())
         grid = torch.tensor(grids, dtype=torch.long, device=weight.device)
         out = visual(pixel_values.to(device=weight.device, dtype=weight.dtype), grid_thw=grid)

@@ -1,17 +1,27 @@
-"""The vision tower's patch embedding as one matrix product instead of a 3-D convolution.
+"""The vision tower's patch embedding as one matrix product, over one frame of a still image.
 
 Qwen2-VL's ``PatchEmbed`` views each row of ``pixel_values`` as one ``(C, T, P, P)`` patch
-and runs ``nn.Conv3d`` with kernel = stride = ``(T, P, P)`` over it: every output is the
-dot product of the whole patch with one filter, i.e. a linear layer over the flattened
-patch. PyTorch's CPU convolution does not see that: on the project's tiny Qwen2-VL the
-embedding was 29 % of the vision tower's CPU time as a convolution and 12 % as a product
-(3.4 against 1.2 ms per 1024² image, ``python -m bench.image_cost``). vLLM made the same
-change for the same reason.
+(T = ``temporal_patch_size`` = 2: a video's consecutive frames) and runs ``nn.Conv3d`` with
+kernel = stride = ``(T, P, P)`` over it: every output is the dot product of the whole
+patch with one filter, i.e. a linear layer over the flattened patch. ``LinearPatchEmbed``
+replaces that module with two measured savings:
 
-``LinearPatchProjection`` wraps the model's own ``Conv3d`` (same parameter, no copy, so
-loading, ``.to()`` and dtype changes keep working) and computes ``patch @ weight.T``;
-input of any other shape falls back to the convolution. ``use_linear_patch_projection``
-swaps it in where the model has such a convolution and reports whether it did.
+- **a product, not a convolution**: PyTorch's CPU convolution does not see that it is one;
+  on the project's tiny Qwen2-VL the embedding was 29 % of the vision tower's CPU time as
+  a convolution and 12 % as a product (3.4 against 1.2 ms per 1024² image, ``python -m
+  bench.image_cost``). vLLM made the same change for the same reason.
+- **one frame per still image**: the image processor repeats a still image's frame T
+  times to fill the temporal patch, so half of every row is a copy. The project's own
+  preprocessing (``vl/qwen2_vl_pixels.py``) writes the frame once (a 1024² image: 12.5
+  instead of 25 MB of pixel slot, written and read once) and this module multiplies it
+  with the filter summed over the temporal axis: ``sum_t W_t x = (sum_t W_t) x``, equal
+  to float rounding.
+
+Rows of the full width (a processor's own output, videos) are embedded as the convolution
+embeds them. The module keeps the model's ``proj`` convolution as its parameter holder (same
+tensor, no copy: loading, ``.to()`` and dtype changes keep working). ``use_linear_patch_embed``
+swaps it in where the tower's patch embedding is such a convolution; where it is not, the
+adapter widens one-frame rows with ``repeat_frame`` before the tower sees them.
 """
 
 from __future__ import annotations
@@ -21,28 +31,37 @@ from torch import nn
 from torch.nn import functional
 
 
-class LinearPatchProjection(nn.Module):
-    """``conv(x)`` for ``x`` of shape ``[N, C, *kernel]``, as ``[N, E, 1, 1, 1]``, computed
-    as one matrix product (sums in another order: equal to float rounding)."""
+class LinearPatchEmbed(nn.Module):
+    """``PatchEmbed(rows)`` for rows of ``C*T*P*P`` values (whole patches) or ``C*P*P``
+    values (one frame of a still image, standing for that frame repeated T times), as
+    ``[rows, embed_dim]``. Raises ``ValueError`` for rows of any other width."""
 
-    def __init__(self, conv: nn.Conv3d) -> None:
+    def __init__(self, patch_embed: nn.Module) -> None:
         super().__init__()
-        if not is_patch_convolution(conv):
-            raise ValueError(f"{conv} is not a convolution over whole, non-overlapping patches")
-        self.conv = conv
+        conv = getattr(patch_embed, "proj", None)
+        if conv is None or not is_patch_convolution(conv):
+            raise ValueError(f"{patch_embed} has no convolution over whole, non-overlapping patches")
+        self.proj = conv
+        self.in_channels = conv.in_channels
+        self.temporal_patch_size, self.patch_size, _ = conv.kernel_size
+        self.embed_dim = conv.out_channels
+        self.patch_width = conv.weight[0].numel()  # C*T*P*P
+        self.frame_width = self.patch_width // self.temporal_patch_size  # C*P*P
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The convolution's weight (``PatchEmbed.forward`` reads ``proj.weight.dtype``)."""
-        return self.conv.weight
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
-        if patches.dim() != 5 or tuple(patches.shape[2:]) != tuple(conv.kernel_size):
-            return conv(patches)
-        weight = conv.weight.reshape(conv.out_channels, -1)
-        out = functional.linear(patches.reshape(patches.shape[0], -1), weight, conv.bias)
-        return out.view(patches.shape[0], conv.out_channels, 1, 1, 1)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        conv = self.proj
+        width = hidden_states.shape[-1]
+        if width == self.patch_width:
+            weight = conv.weight.reshape(self.embed_dim, -1)
+        elif width == self.frame_width:
+            weight = conv.weight.sum(dim=2).reshape(self.embed_dim, -1)  # the filter over one frame
+        else:
+            raise ValueError(
+                f"pixel rows of {width} values: the patch embedding takes {self.patch_width} "
+                f"(whole patches) or {self.frame_width} (one frame)"
+            )
+        rows = hidden_states.reshape(-1, width).to(dtype=weight.dtype)
+        return functional.linear(rows, weight, conv.bias)
 
 
 def is_patch_convolution(module: nn.Module) -> bool:
@@ -57,14 +76,22 @@ def is_patch_convolution(module: nn.Module) -> bool:
     )
 
 
-def use_linear_patch_projection(visual: nn.Module) -> bool:
-    """Swap ``visual.patch_embed.proj`` for a ``LinearPatchProjection`` if it is a patch
-    convolution; ``True`` if it is (now or already) the linear form."""
+def use_linear_patch_embed(visual: nn.Module) -> bool:
+    """Swap ``visual.patch_embed`` for a ``LinearPatchEmbed`` if its ``proj`` is a patch
+    convolution; ``True`` if the tower's embedding is (now or already) the linear form,
+    which takes one-frame rows."""
     patch_embed = getattr(visual, "patch_embed", None)
-    proj = getattr(patch_embed, "proj", None)
-    if isinstance(proj, LinearPatchProjection):
+    if isinstance(patch_embed, LinearPatchEmbed):
         return True
+    proj = getattr(patch_embed, "proj", None)
     if proj is None or not is_patch_convolution(proj):
         return False
-    patch_embed.proj = LinearPatchProjection(proj)
+    visual.patch_embed = LinearPatchEmbed(patch_embed)
     return True
+
+
+def repeat_frame(rows: torch.Tensor, in_channels: int, temporal: int) -> torch.Tensor:
+    """One-frame rows ``[N, C*P*P]`` as the processor lays out whole patches ``[N, C*T*P*P]``
+    (the frame repeated over the temporal axis of each channel): a new tensor."""
+    frame = rows.reshape(rows.shape[0], in_channels, 1, -1)
+    return frame.expand(-1, -1, temporal, -1).reshape(rows.shape[0], -1)

@@ -129,7 +129,9 @@ def _has_alpha(image: Image.Image) -> bool:
 
 @dataclass(frozen=True)
 class PixelInputs:
-    """One image's patches: ``pixel_values`` [patches, channels*t*p*p], grid (t, h, w)."""
+    """One image's patches: ``pixel_values`` [patches, channels*t*p*p] (t: the processor's
+    ``temporal_patch_size``, or 1 on the fast path, see ``vl.qwen2_vl_pixels``), grid
+    (t, h, w)."""
 
     pixel_values: torch.Tensor
     grid_thw: tuple[int, int, int]
@@ -197,9 +199,17 @@ class ImagePreprocessor:
         return (int(_setting(self._processor, "patch_size")) * self.merge_size) ** 2
 
     @property
+    def frames_per_patch(self) -> int | None:
+        """Frames each ``pixel_values`` row holds: 1 on the fast path (``vl.qwen2_vl_pixels``),
+        else the processor's ``temporal_patch_size`` (``None`` if it has none)."""
+        if self._fast is not None:
+            return self._fast.frames_per_patch
+        return _setting(self._processor, "temporal_patch_size")
+
+    @property
     def max_pixel_values_bytes(self) -> int:
         """Bytes of the largest ``pixel_values`` this preprocessor can return."""
-        return max_pixel_values_bytes(self._processor)
+        return max_pixel_values_bytes(self._processor, frames=self.frames_per_patch)
 
 
 # Sizing pixel slots -----------------------------------------------------------------------
@@ -208,18 +218,19 @@ _CHANNELS = 3  # decode_image always gives RGB
 _PIXEL_VALUE_BYTES = 4  # the processor returns float32
 
 
-def max_pixel_values_bytes(image_processor: Any, max_pixels: int | None = None) -> int:
+def max_pixel_values_bytes(image_processor: Any, max_pixels: int | None = None, *, frames: int | None = None) -> int:
     """Bytes of the largest ``pixel_values`` a Qwen2-VL-style image processor returns.
 
     Such a processor resizes every image to at most ``max_pixels`` pixels (``size
     ["longest_edge"]`` in recent transformers) with sides that are multiples of
     ``patch_size``, so an image has at most ``max_pixels / patch_size**2`` patches of
-    ``3 x temporal_patch_size x patch_size**2`` float32 values each. Raises ``ValueError``
+    ``3 x frames x patch_size**2`` float32 values each (``frames``: the processor's
+    ``temporal_patch_size`` unless given; the fast path stores 1). Raises ``ValueError``
     for a processor without these settings (then size slots with ``--pixel-slot-mb``).
     ``max_pixels`` replaces the processor's own (the server's bound, ``vl.pixel_budget``)."""
     max_pixels = max_pixels or _setting(image_processor, "max_pixels") or _setting(image_processor, "longest_edge")
     patch_size = _setting(image_processor, "patch_size")
-    temporal = _setting(image_processor, "temporal_patch_size") or 1
+    temporal = frames or _setting(image_processor, "temporal_patch_size") or 1
     if not (max_pixels and patch_size):
         raise ValueError(
             f"cannot tell the largest image {type(image_processor).__name__} produces "
@@ -236,8 +247,10 @@ def slot_bytes_for(preprocessor: ImagePreprocessor | Any, config: PrepConfig, ma
     limit; the server passes its bound, ``vl.pixel_budget``) rounded up to whole MiB."""
     if config.pixel_slot_mb:
         return config.pixel_slot_mb * MIB
-    processor = preprocessor.image_processor if isinstance(preprocessor, ImagePreprocessor) else preprocessor
-    largest = max_pixel_values_bytes(processor, max_pixels)
+    if isinstance(preprocessor, ImagePreprocessor):
+        largest = max_pixel_values_bytes(preprocessor.image_processor, max_pixels, frames=preprocessor.frames_per_patch)
+    else:
+        largest = max_pixel_values_bytes(preprocessor, max_pixels)
     return math.ceil(largest / MIB) * MIB
 
 

@@ -1,5 +1,5 @@
 """Qwen2-VL-style image preprocessing in three array operations, equal to the Hugging Face
-processor's output.
+processor's output with each frame stored once.
 
 transformers' PIL-backend ``Qwen2VLImageProcessorPil`` turns the decoded image into a
 NumPy array, back into a PIL image to resize it, into NumPy again, then rescales
@@ -12,6 +12,13 @@ same result, from the same PIL resize, costs a fraction of that:
    the processor's own ``rescale`` and ``normalize`` on a ramp of every byte value, so
    every pixel gets the bits the processor would compute for it;
 3. the patch layout is the processor's reshape/transpose, copied once.
+
+The processor fills each patch's temporal axis (``temporal_patch_size`` = 2, made for
+video) by repeating a still image's frame; here each row holds that frame once
+(``3 * patch**2`` values instead of ``3 * temporal * patch**2``): half the bytes to write,
+to keep in a pixel slot and to read. The engine's patch embedding takes such rows
+(``engine/patch_embed.py``); ``engine.patch_embed.repeat_frame`` gives back the
+processor's layout, bit for bit.
 
 ``fast_pixels_for(processor)`` returns this path for the processor class it was checked
 against (``tests/vl/test_qwen2_vl_pixels.py`` compares it with the processor on images
@@ -36,9 +43,12 @@ PixelBuffer = Callable[[tuple[int, ...]], torch.Tensor]
 
 
 class Qwen2VLPixels:
-    """Preprocesses a decoded RGB PIL image into ``(pixel_values, grid_thw)`` exactly as
-    ``processor(images=[image], return_tensors="pt")`` does. Thread-safe (no state
-    changes after construction)."""
+    """Preprocesses a decoded RGB PIL image into ``(pixel_values, grid_thw)``: the grid
+    ``processor(images=[image], return_tensors="pt")`` gives, and its pixel values with
+    each patch's frame once instead of repeated over the temporal axis. Thread-safe (no
+    state changes after construction)."""
+
+    frames_per_patch = 1  # frames each row holds (the processor's rows: temporal_patch_size)
 
     def __init__(self, processor: Any) -> None:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -46,7 +56,6 @@ class Qwen2VLPixels:
         self._smart_resize = smart_resize
         self._patch = int(processor.patch_size)
         self._merge = int(processor.merge_size)
-        self._temporal = int(processor.temporal_patch_size)
         self._min_pixels = int(processor.size.shortest_edge)
         self._max_pixels = int(processor.size.longest_edge)
         self._resample = processor.resample
@@ -74,7 +83,8 @@ class Qwen2VLPixels:
         max_pixels: int | None = None,
         out: PixelBuffer | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """``image``'s pixel values [patches, 3 * temporal * patch**2] and grid (t, h, w).
+        """``image``'s pixel values [patches, 3 * patch**2] (one frame per patch) and grid
+        (t, h, w).
         Raises ``ValueError`` where the processor does (e.g. an extreme aspect ratio).
 
         ``out(shape)``, if given, returns the contiguous float32 tensor of that shape to
@@ -90,14 +100,13 @@ class Qwen2VLPixels:
             # one, and unlike the default "raise" it writes into ``out`` unbuffered (0.46
             # instead of 0.85 ms for a 448² image)
             np.take(self._lut[channel], rgb[:, :, channel], out=channels[channel], mode="wrap")
-        patch, merge, temporal = self._patch, self._merge, self._temporal
+        patch, merge = self._patch, self._merge
         grid_h, grid_w = height // patch, width // patch
         blocks = channels.reshape(3, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
         blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh, gw, mh, mw, C, ph, pw)
-        shape = (grid_h * grid_w, 3 * temporal * patch * patch)
+        shape = (grid_h * grid_w, 3 * patch * patch)
         values = torch.from_numpy(np.empty(shape, dtype=np.float32)) if out is None else out(shape)
-        target = values.numpy().reshape(*blocks.shape[:5], temporal, patch, patch)  # a view: reshape of contiguous
-        target[...] = blocks[:, :, :, :, :, None]  # one frame repeated over the temporal patch
+        values.numpy().reshape(blocks.shape)[...] = blocks  # a view: reshape of contiguous
         return values, (1, grid_h, grid_w)
 
 

@@ -20,7 +20,7 @@ IMAGE_TOKEN_SETTINGS = ("256", "real")
 _MIB = 1 << 20
 _PATCH = 14  # the tiny model's vision patch side, as in Qwen2-VL
 _MERGE = 2  # 2x2 patches merge into one image token
-_VALUES_PER_PATCH = 3 * 2 * _PATCH * _PATCH  # RGB x temporal patch 2 x 14 x 14
+_VALUES_PER_PATCH = 3 * _PATCH * _PATCH  # RGB x 14 x 14: vlserve stores each patch's frame once
 _VALUE_BYTES = 4  # float32 pixel values
 
 
@@ -59,7 +59,8 @@ class ImageTokenSetting:
 
     def pixel_slot_mb(self, size: int) -> int | None:
         """vlserve's ``--pixel-slot-mb`` for images of at most ``size``² pixels: the smallest
-        power of two MiB that holds their float32 pixel values (1024²: 24.6 MiB, so 32), or
+        power of two MiB that holds their float32 pixel values, one frame per patch as vlserve
+        stores them (1024²: 12.3 MiB, so 16), or
         ``None`` for ``256``, where vlserve's own sizing (from max_pixels, 5 MiB) is small."""
         if self.name != "real":
             return None

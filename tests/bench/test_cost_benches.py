@@ -36,8 +36,8 @@ def test_prints_a_figure_for_every_stage(tmp_path, tiny_model_dir):
         "preprocess into the slot",
         "engine's copy out of the slot",
     ]
-    assert "vision tower, patch embedding as Conv3d" in rows
-    assert "vision tower, patch embedding as matrix product" in rows
+    assert "vision tower, patch embedding as Conv3d, whole patches" in rows
+    assert "vision tower, patch embedding as matrix product, one frame" in rows
     assert all(float(ms) > 0 for ms in rows.values())
     assert len(list((tmp_path / "vlserve-bench" / "natural-256").glob("*.jpg"))) == 2
 

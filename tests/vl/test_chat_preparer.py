@@ -9,6 +9,7 @@ import pytest
 import torch
 import trio
 
+from engine.patch_embed import repeat_frame
 from engine.sampling_params import SamplingParams
 from server.config import ServerConfig
 from server.request_body import parse_chat
@@ -78,7 +79,9 @@ async def test_prepared_image_prompt_matches_hf_and_generates_like_generate(tiny
         assert prompt.token_ids == expected_prompt.token_ids
         [image_input] = prompt.images
         assert image_input.grid_thw == expected_prompt.images[0].grid_thw
-        assert torch.equal(rt.slots.memory.read(image_input.pixels), extra["pixel_values"])
+        # the slot holds each patch's frame once (vl/qwen2_vl_pixels.py); repeated, the processor's rows
+        stored = rt.slots.memory.read(image_input.pixels)
+        assert torch.equal(repeat_frame(stored, in_channels=3, temporal=2), extra["pixel_values"])
         ids = await generate(rt, prepared)
         await wait_until_idle(rt.engine)
         assert all_slots_free(rt)

@@ -121,7 +121,7 @@ async def test_server_max_pixels_caps_images_and_sizes_the_slots(tiny_model):
         async with open_runtime(config, loaded=tiny_model) as rt:
             assert rt.preparer.pixel_bounds.max_pixels == max_pixels
             patches = max_pixels // 14**2
-            assert rt.slots.spec.slot_bytes >= patches * 3 * 2 * 14**2 * 4
+            assert rt.slots.spec.slot_bytes >= patches * 3 * 14**2 * 4  # one frame per patch
             prepared = await rt.preparer.prepare_chat(chat)
             (image,) = prepared.prompt.images
             grids[max_pixels] = image.grid_thw

@@ -71,11 +71,14 @@ async def prepare_in_slot(pool: SlotPool, runner, gate: Gate, image: EncodedImag
 
 def test_slots_are_sized_for_the_largest_image_the_processor_makes(tiny_model, preprocessor):
     """The tiny model's processor makes at most 1024 patches of 3x2x14x14 float32 values:
-    4.6 MB, so 5 MiB slots; a large square image reaches that bound exactly."""
-    largest = max_pixel_values_bytes(tiny_model.image_processor)
-    assert largest == 1024 * 3 * 2 * 14 * 14 * 4
+    4.6 MB, so 5 MiB slots for its own output; the fast path stores each patch's frame
+    once (3x14x14 values: 2.3 MB, so 3 MiB slots); a large square image reaches that bound
+    exactly."""
+    assert max_pixel_values_bytes(tiny_model.image_processor) == 1024 * 3 * 2 * 14 * 14 * 4
+    largest = max_pixel_values_bytes(tiny_model.image_processor, frames=1)
+    assert largest == 1024 * 3 * 14 * 14 * 4
     assert preprocessor.max_pixel_values_bytes == largest
-    assert slot_bytes_for(preprocessor, PrepConfig()) == 5 * MIB
+    assert slot_bytes_for(preprocessor, PrepConfig()) == 3 * MIB
     assert slot_bytes_for(tiny_model.image_processor, PrepConfig()) == 5 * MIB
     assert slot_bytes_for(preprocessor, PrepConfig(pixel_slot_mb=2)) == 2 * MIB
     for height, width in ((1400, 1400), (300, 2000), (900, 640)):

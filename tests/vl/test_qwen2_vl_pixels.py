@@ -1,6 +1,8 @@
 """The fast Qwen2-VL preprocessing (``vl.qwen2_vl_pixels``) gives the Hugging Face
-processor's output bit for bit: same grid, same float32 values, for images of many
-shapes, under the tiny model's settings and Qwen2-VL's default ``max_pixels``."""
+processor's output bit for bit, each patch's frame once: same grid, and the same float32
+values once the frame is repeated over the temporal patch as the processor repeats it
+(``engine.patch_embed.repeat_frame``), for images of many shapes, under the tiny model's
+settings and Qwen2-VL's default ``max_pixels``."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
+from engine.patch_embed import repeat_frame
 from vl.image_pixels import ImagePreprocessor
 from vl.qwen2_vl_pixels import fast_pixels_for
 
@@ -23,6 +26,13 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     base = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256], axis=-1)
     noisy = np.clip(base + rng.integers(-40, 41, base.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(noisy, "RGB")
+
+
+def as_processor_rows(pixel_values: torch.Tensor, processor) -> torch.Tensor:
+    """One-frame rows in the processor's layout; they must be exactly one frame wide."""
+    frame_width = 3 * processor.patch_size**2
+    assert pixel_values.shape[1] == frame_width
+    return repeat_frame(pixel_values, in_channels=3, temporal=processor.temporal_patch_size)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +50,7 @@ def test_equal_to_the_processor_bit_for_bit(processors, size):
         pixel_values, grid = fast(image)
         assert grid == tuple(int(v) for v in expected["image_grid_thw"][0])
         assert pixel_values.dtype == expected["pixel_values"].dtype == torch.float32
-        assert torch.equal(pixel_values, expected["pixel_values"])
+        assert torch.equal(as_processor_rows(pixel_values, processor), expected["pixel_values"])
 
 
 def test_pixel_bounds_given_per_call_match_the_processors_size_argument(processors):
@@ -51,17 +61,17 @@ def test_pixel_bounds_given_per_call_match_the_processors_size_argument(processo
     expected = processor(images=[image], size=bounds, return_tensors="pt")
     pixel_values, grid = fast(image, min_pixels=bounds["shortest_edge"], max_pixels=bounds["longest_edge"])
     assert grid == tuple(int(v) for v in expected["image_grid_thw"][0])
-    assert torch.equal(pixel_values, expected["pixel_values"])
+    assert torch.equal(as_processor_rows(pixel_values, processor), expected["pixel_values"])
 
 
 def test_the_preprocessor_takes_the_fast_path_and_keeps_its_output(processors):
     processor = processors[0]
     preprocessor = ImagePreprocessor(processor, merge_size=2)
-    assert preprocessor._fast is not None
+    assert preprocessor._fast is not None and preprocessor.frames_per_patch == 1
     image = photo(800, 600, seed=5)
     inputs = preprocessor(image)
     expected = processor(images=[image], return_tensors="pt")
-    assert torch.equal(inputs.pixel_values, expected["pixel_values"])
+    assert torch.equal(as_processor_rows(inputs.pixel_values, processor), expected["pixel_values"])
 
 
 def test_the_fast_path_writes_into_the_buffer_it_is_given(processors):
@@ -78,10 +88,11 @@ def test_the_fast_path_writes_into_the_buffer_it_is_given(processors):
 
     inputs = ImagePreprocessor(processor, merge_size=2)(image, out=out)
     assert len(buffers) == 1 and inputs.pixel_values is buffers[0]
-    assert torch.equal(buffers[0], expected)
+    assert torch.equal(as_processor_rows(buffers[0], processor), expected)
 
     slow = ImagePreprocessor(processor, merge_size=2)
     slow._fast = None
+    assert slow.frames_per_patch == 2
     inputs = slow(image, out=out)
     assert len(buffers) == 1 and torch.equal(inputs.pixel_values, expected)
 
