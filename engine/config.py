@@ -33,7 +33,10 @@ class EngineConfig:
         default=4096,
         metadata={"help": "context length in tokens (prompt plus completion), capped by the model's"},
     )
-    max_num_seqs: int = field(default=64, metadata={"help": "sequences decoded together in one batch"})
+    max_num_seqs: int = field(
+        default=256,
+        metadata={"help": "sequences decoded together in one batch; more requests wait for a row (vLLM's default)"},
+    )
     max_num_batched_tokens: int = field(
         default=8192,
         metadata={

@@ -62,7 +62,9 @@ def test_every_flag_says_what_it_means_and_its_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for option in config_options():
         assert option.help_text != option.name.replace("_", " "), option.name
-    assert "sequences decoded together in one batch (default: 64)" in text
+    assert (
+        "sequences decoded together in one batch; more requests wait for a row (vLLM's default) (default: 256)" in text
+    )
     assert "[env VLSERVE_ENGINE_NICE]" in text
 
 
