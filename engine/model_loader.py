@@ -155,12 +155,16 @@ def load_processors(
     with ``AutoImageProcessor``, so no torchvision is needed). Everything that tokenizes
     or preprocesses for a model loads them here, so all copies are configured alike.
     ``progress``: as ``load_model``'s."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     progress("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = None
     if images:
+        # imported only here: transformers' image-processing modules import torch's compiler
+        # stack (~78 MiB, ~3 s), which a process that only tokenizes never needs
+        from transformers import AutoImageProcessor
+
         progress("processor")
         image_processor = AutoImageProcessor.from_pretrained(path)
     return tokenizer, image_processor

@@ -38,6 +38,7 @@ from vl.media_policy import MediaPolicy
 from vl.pixel_budget import PixelBounds, processor_bounds, server_bounds
 from vl.prep_processes import ProcessPrep
 from vl.prep_tools import PrepTools, PrepToolsSpec, ThreadPrep
+from vl.qwen2_vl_pixels import PixelSettings
 from vl.render_batcher import RenderBatcher
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -231,7 +232,8 @@ async def _open_prep_runner(
         yield None
         return
     merge_size = loaded.adapter.spatial_merge_size if loaded.supports_images else None
-    spec = PrepToolsSpec(str(loaded.path), policy, merge_size)
+    pixel_settings = PixelSettings.of(loaded.image_processor) if loaded.supports_images else None
+    spec = PrepToolsSpec(str(loaded.path), policy, merge_size, pixel_settings)
     prep_config = config.prep
     workers = prep_config.tokenizer_concurrency + (prep_config.image_prep_concurrency if loaded.supports_images else 0)
     async with ProcessPrep.open(

@@ -36,7 +36,7 @@ from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 from vl.pixel_budget import PixelBounds
 from vl.prep_config import PrepConfig
-from vl.qwen2_vl_pixels import PixelBuffer, fast_pixels_for
+from vl.qwen2_vl_pixels import PixelBuffer, PixelSettings, Qwen2VLPixels, fast_pixels_for
 
 # Formats a client may send. Limiting them keeps rarely used, risky decoders (EPS starts
 # Ghostscript, for one) out of reach of untrusted input.
@@ -166,6 +166,22 @@ class ImagePreprocessor:
         self.merge_size = merge_size
         self.settings_key = _settings_key(image_processor)
 
+    @classmethod
+    def from_settings(cls, settings: PixelSettings, merge_size: int) -> ImagePreprocessor:
+        """The fast path alone, built from a processor's ``PixelSettings`` (what a prep
+        process gets) without loading the processor; its ``image_processor`` is ``None``."""
+        preprocessor = cls.__new__(cls)
+        preprocessor._processor = None
+        preprocessor._fast = Qwen2VLPixels(settings)
+        preprocessor.merge_size = merge_size
+        preprocessor.settings_key = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
+        return preprocessor
+
+    @property
+    def pixel_settings(self) -> PixelSettings | None:
+        """The fast path's settings (``None`` where the processor runs as it is)."""
+        return None if self._fast is None else self._fast.settings
+
     def __call__(
         self, image: Image.Image, bounds: PixelBounds | None = None, *, out: PixelBuffer | None = None
     ) -> PixelInputs:
@@ -196,7 +212,13 @@ class ImagePreprocessor:
     @property
     def token_pixels(self) -> int:
         """Pixels per image token: ``(patch_size x merge_size)²``."""
-        return (int(_setting(self._processor, "patch_size")) * self.merge_size) ** 2
+        return (self._patch_size * self.merge_size) ** 2
+
+    @property
+    def _patch_size(self) -> int:
+        if self._processor is None:
+            return self._fast.settings.patch_size
+        return int(_setting(self._processor, "patch_size"))
 
     @property
     def frames_per_patch(self) -> int | None:
@@ -209,7 +231,16 @@ class ImagePreprocessor:
     @property
     def max_pixel_values_bytes(self) -> int:
         """Bytes of the largest ``pixel_values`` this preprocessor can return."""
-        return max_pixel_values_bytes(self._processor, frames=self.frames_per_patch)
+        return self.largest_pixel_values_bytes()
+
+    def largest_pixel_values_bytes(self, max_pixels: int | None = None) -> int:
+        """Bytes of the largest ``pixel_values`` for images of at most ``max_pixels``
+        pixels (default: the processor's own bound); see ``max_pixel_values_bytes``."""
+        if self._processor is None:
+            settings = self._fast.settings
+            patches = (max_pixels or settings.max_pixels) // settings.patch_size**2
+            return patches * _CHANNELS * settings.patch_size**2 * _PIXEL_VALUE_BYTES
+        return max_pixel_values_bytes(self._processor, max_pixels, frames=self.frames_per_patch)
 
 
 # Sizing pixel slots -----------------------------------------------------------------------
@@ -248,7 +279,7 @@ def slot_bytes_for(preprocessor: ImagePreprocessor | Any, config: PrepConfig, ma
     if config.pixel_slot_mb:
         return config.pixel_slot_mb * MIB
     if isinstance(preprocessor, ImagePreprocessor):
-        largest = max_pixel_values_bytes(preprocessor.image_processor, max_pixels, frames=preprocessor.frames_per_patch)
+        largest = preprocessor.largest_pixel_values_bytes(max_pixels)
     else:
         largest = max_pixel_values_bytes(preprocessor, max_pixels)
     return math.ceil(largest / MIB) * MIB

@@ -35,6 +35,7 @@ from vl.image_pixels import ImagePreprocessor, PixelInputs, SlotImage, decode_im
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 from vl.pixel_budget import PixelBounds
+from vl.qwen2_vl_pixels import PixelSettings
 from vl.tool_prompt import hermes_messages, template_renders_tools
 
 T = TypeVar("T")
@@ -247,16 +248,26 @@ class PrepToolsSpec:
     hashable so a process can keep the tools it built for a spec.
 
     ``merge_size`` is the vision tower's spatial merge size, or ``None`` for a model
-    without images (no image processor is loaded then)."""
+    without images (no image processor is loaded then). ``pixel_settings``: the server's
+    processor's fast-path settings (``vl.qwen2_vl_pixels``), with which the process builds
+    its preprocessor without loading the processor (nor the modules it imports); ``None``:
+    it loads the processor."""
 
     model_dir: str
     policy: MediaPolicy
     merge_size: int | None
+    pixel_settings: PixelSettings | None = None
 
     def load(self) -> PrepTools:
-        """Load the tokenizer and (for VL models) the image processor from ``model_dir``."""
+        """Load the tokenizer and (for VL models) the image preprocessor of ``model_dir``."""
         from engine.model_loader import load_processors
 
-        tokenizer, image_processor = load_processors(self.model_dir, images=self.merge_size is not None)
-        preprocessor = None if image_processor is None else ImagePreprocessor(image_processor, self.merge_size)
+        light = self.merge_size is not None and self.pixel_settings is not None
+        tokenizer, image_processor = load_processors(self.model_dir, images=self.merge_size is not None and not light)
+        if light:
+            preprocessor = ImagePreprocessor.from_settings(self.pixel_settings, self.merge_size)
+        elif image_processor is not None:
+            preprocessor = ImagePreprocessor(image_processor, self.merge_size)
+        else:
+            preprocessor = None
         return PrepTools(tokenizer, self.policy, preprocessor)

@@ -20,14 +20,21 @@ to keep in a pixel slot and to read. The engine's patch embedding takes such row
 (``engine/patch_embed.py``); ``engine.patch_embed.repeat_frame`` gives back the
 processor's layout, bit for bit.
 
-``fast_pixels_for(processor)`` returns this path for the processor class it was checked
-against (``tests/vl/test_qwen2_vl_pixels.py`` compares it with the processor on images
-of many shapes) and ``None`` for any other processor, which then runs as it is.
+``PixelSettings.of(processor)`` takes what this path needs from the processor class it
+was checked against (``tests/vl/test_qwen2_vl_pixels.py`` compares it with the processor
+on images of many shapes), ``None`` for any other processor, which then runs as it is.
+The settings are plain values, so a prep process builds the path from them without
+loading the processor: transformers' image-processing modules import torch's compiler
+stack (``torch._dynamo``, sympy: ~78 MiB of private memory and ~3 s per process), and
+``fitted_size`` is the processor's ``smart_resize`` rule, written here for that reason
+(the test compares the two).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,9 +44,44 @@ from PIL import Image
 # the processor class whose steps this reproduces (the torchvision-backed classes resize
 # differently and are left alone)
 SUPPORTED_PROCESSORS = ("Qwen2VLImageProcessorPil",)
+MAX_ASPECT_RATIO = 200  # the processor refuses images longer than this many times their width
 
 # gives the float32 tensor of a shape to write pixel values into (``SlotMemory.tensor_view``)
 PixelBuffer = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PixelSettings:
+    """What the fast path needs of a Qwen2-VL image processor, as plain values (picklable,
+    hashable): patch and merge sizes, pixel bounds, PIL resample filter, and the value
+    table, ``[3, 256]`` float32 as bytes, that the processor's own rescale and normalise
+    make of every byte value in each channel."""
+
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+    resample: int
+    value_table: bytes
+
+    @classmethod
+    def of(cls, processor: Any) -> PixelSettings | None:
+        """The settings of ``processor`` if the fast path reproduces it, else ``None``."""
+        if type(processor).__name__ not in SUPPORTED_PROCESSORS:
+            return None
+        try:
+            if not (processor.do_resize and processor.do_rescale and processor.do_normalize):
+                return None
+            return cls(
+                patch_size=int(processor.patch_size),
+                merge_size=int(processor.merge_size),
+                min_pixels=int(processor.size.shortest_edge),
+                max_pixels=int(processor.size.longest_edge),
+                resample=int(processor.resample),
+                value_table=_value_table(processor).tobytes(),
+            )
+        except (AttributeError, TypeError, ValueError):
+            return None
 
 
 class Qwen2VLPixels:
@@ -50,23 +92,21 @@ class Qwen2VLPixels:
 
     frames_per_patch = 1  # frames each row holds (the processor's rows: temporal_patch_size)
 
-    def __init__(self, processor: Any) -> None:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        self._smart_resize = smart_resize
-        self._patch = int(processor.patch_size)
-        self._merge = int(processor.merge_size)
-        self._min_pixels = int(processor.size.shortest_edge)
-        self._max_pixels = int(processor.size.longest_edge)
-        self._resample = processor.resample
-        self._lut = _value_table(processor)  # [3, 256] float32
+    def __init__(self, settings: PixelSettings) -> None:
+        self.settings = settings
+        self._patch = settings.patch_size
+        self._merge = settings.merge_size
+        self._min_pixels = settings.min_pixels
+        self._max_pixels = settings.max_pixels
+        self._resample = settings.resample
+        self._lut = np.frombuffer(settings.value_table, dtype=np.float32).reshape(3, 256)
 
     def target_size(
         self, width: int, height: int, *, min_pixels: int | None = None, max_pixels: int | None = None
     ) -> tuple[int, int]:
         """(width, height) the processor resizes a ``width`` x ``height`` image to, with
         its own pixel bounds or the ones given (as its ``size`` argument would set them)."""
-        resized_height, resized_width = self._smart_resize(
+        resized_height, resized_width = fitted_size(
             height,
             width,
             factor=self._patch * self._merge,
@@ -113,14 +153,31 @@ class Qwen2VLPixels:
 def fast_pixels_for(processor: Any) -> Qwen2VLPixels | None:
     """The fast path for ``processor`` if it is a processor it reproduces, with the
     settings it reads; else ``None``."""
-    if type(processor).__name__ not in SUPPORTED_PROCESSORS:
-        return None
-    try:
-        if not (processor.do_resize and processor.do_rescale and processor.do_normalize):
-            return None
-        return Qwen2VLPixels(processor)
-    except (AttributeError, TypeError, ValueError):
-        return None
+    settings = PixelSettings.of(processor)
+    return None if settings is None else Qwen2VLPixels(settings)
+
+
+def fitted_size(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) Qwen2-VL's processor resizes an image to (its ``smart_resize``):
+    each side a multiple of ``factor``, nearest to the image's, then scaled down or up
+    (keeping the aspect ratio) until the area is within ``[min_pixels, max_pixels]``.
+    Raises ``ValueError`` for an aspect ratio above ``MAX_ASPECT_RATIO``, as it does."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, "
+            f"got {max(height, width) / min(height, width)}"
+        )
+    fitted_height = round(height / factor) * factor
+    fitted_width = round(width / factor) * factor
+    if fitted_height * fitted_width > max_pixels:
+        shrink = math.sqrt(height * width / max_pixels)
+        fitted_height = max(factor, math.floor(height / shrink / factor) * factor)
+        fitted_width = max(factor, math.floor(width / shrink / factor) * factor)
+    elif fitted_height * fitted_width < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        fitted_height = math.ceil(height * grow / factor) * factor
+        fitted_width = math.ceil(width * grow / factor) * factor
+    return fitted_height, fitted_width
 
 
 def _value_table(processor: Any) -> np.ndarray:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import trio
 import trio.lowlevel
 import trio_parallel
+from PIL import Image
 
 from engine.malloc_tunables import WORKER_MALLOC_TUNABLES
 from engine.pixel_slots import SlotPool
@@ -33,6 +37,7 @@ from vl.prep_tools import (
     ThreadPrep,
     Tokenize,
 )
+from vl.qwen2_vl_pixels import PixelSettings
 
 
 async def wait_for_path(path) -> None:
@@ -197,3 +202,31 @@ async def test_a_dead_prep_process_fails_only_its_call_and_is_replaced(spec):
         assert gate.statistics().borrowed == 0
         assert await processes.run(gate, Tokenize("after the crash", False))
         assert processes.worker_count() == 1
+
+
+def test_prep_tools_from_pixel_settings_leave_the_image_processor_unloaded(tiny_model, tiny_model_dir):
+    """A prep process given the server's ``PixelSettings`` builds its tools without loading
+    the image processor, so transformers' image-processing modules (and the torch compiler
+    stack they import, ~78 MiB a process) are never imported there; its pixels equal the
+    server's preprocessor's. Checked in a fresh interpreter, as a prep process starts."""
+    settings = PixelSettings.of(tiny_model.image_processor)
+    assert settings is not None
+    spec = PrepToolsSpec(str(tiny_model_dir), MediaPolicy(), tiny_model.adapter.spatial_merge_size, settings)
+    script = (
+        "import pickle, sys\n"
+        "import numpy as np\n"
+        "from PIL import Image\n"
+        "spec = pickle.loads(sys.stdin.buffer.read())\n"
+        "tools = spec.load()\n"
+        "image = Image.fromarray(np.arange(300 * 200 * 3, dtype=np.uint8).reshape(200, 300, 3) * 7, 'RGB')\n"
+        "out = tools.preprocessor(image)\n"
+        "loaded = [m for m in ('transformers.image_processing_utils', 'torch._dynamo') if m in sys.modules]\n"
+        "sys.stdout.buffer.write(pickle.dumps((loaded, out.pixel_values, out.grid_thw, len(tools.encode('hi', False)))))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(spec), capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    loaded, pixel_values, grid, tokens = pickle.loads(run.stdout)
+    assert loaded == [] and tokens >= 1
+    image = Image.fromarray(np.arange(300 * 200 * 3, dtype=np.uint8).reshape(200, 300, 3) * 7, "RGB")
+    expected = ImagePreprocessor(tiny_model.image_processor, tiny_model.adapter.spatial_merge_size)(image)
+    assert grid == expected.grid_thw and torch.equal(pixel_values, expected.pixel_values)

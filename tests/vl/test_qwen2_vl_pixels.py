@@ -6,15 +6,18 @@ settings and Qwen2-VL's default ``max_pixels``."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from engine.patch_embed import repeat_frame
 from vl.image_pixels import ImagePreprocessor
-from vl.qwen2_vl_pixels import fast_pixels_for
+from vl.qwen2_vl_pixels import PixelSettings, fast_pixels_for, fitted_size
 
 SIZES = [(1024, 1024), (640, 480), (300, 700), (57, 33), (1000, 280), (29, 29), (2000, 1500)]
 
@@ -102,3 +105,45 @@ def test_other_processors_are_left_to_run_as_they_are():
         do_resize = do_rescale = do_normalize = True
 
     assert fast_pixels_for(SomeOtherProcessor()) is None
+
+
+@pytest.mark.parametrize("bounds", [(56 * 56, 28 * 28 * 1280), (3136, 200_704), (100_000, 120_000)])
+def test_fitted_size_is_the_processors_smart_resize(bounds):
+    """``fitted_size`` (written here so prep processes need not import transformers' image
+    processing) gives what transformers' ``smart_resize`` gives, errors included."""
+    low, high = bounds
+    sides = [1, 13, 14, 27, 28, 29, 41, 42, 55, 56, 99, 300, 447, 448, 449, 640, 1023, 1024, 1035, 1036, 2000, 5001]
+    for height in sides:
+        for width in sides:
+            try:
+                expected = smart_resize(height, width, factor=28, min_pixels=low, max_pixels=high)
+            except ValueError:
+                with pytest.raises(ValueError, match="aspect ratio"):
+                    fitted_size(height, width, factor=28, min_pixels=low, max_pixels=high)
+                continue
+            assert fitted_size(height, width, factor=28, min_pixels=low, max_pixels=high) == expected
+
+
+def test_a_preprocessor_built_from_settings_equals_the_processors(processors):
+    """The settings a server sends its prep processes (picklable) build a preprocessor
+    that needs no processor and gives the same pixels, grid, token pixels and slot size."""
+    for processor in processors:
+        settings = pickle.loads(pickle.dumps(PixelSettings.of(processor)))
+        assert settings == PixelSettings.of(processor) and hash(settings) == hash(PixelSettings.of(processor))
+        full = ImagePreprocessor(processor, merge_size=2)
+        light = ImagePreprocessor.from_settings(settings, merge_size=2)
+        assert light.image_processor is None and light.pixel_settings == full.pixel_settings == settings
+        assert light.token_pixels == full.token_pixels == 28 * 28
+        assert light.max_pixel_values_bytes == full.max_pixel_values_bytes
+        assert light.largest_pixel_values_bytes(50_176) == full.largest_pixel_values_bytes(50_176)
+        for size in SIZES[:4]:
+            image = photo(*size, seed=11)
+            got, expected = light(image), full(image)
+            assert got.grid_thw == expected.grid_thw and torch.equal(got.pixel_values, expected.pixel_values)
+
+
+def test_other_processors_have_no_fast_path_settings():
+    class SomeOtherProcessor:
+        do_resize = do_rescale = do_normalize = True
+
+    assert PixelSettings.of(SomeOtherProcessor()) is None
