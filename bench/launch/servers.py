@@ -70,7 +70,7 @@ def vlserve_pixel_slot_args(pixel_slot_mb: int | None) -> tuple[str, ...]:
     """vlserve's flags for pixel slots of ``pixel_slot_mb`` MiB, for the real-size image
     setting (``bench.workloads.image_tokens``); none for ``None``, where vlserve sizes its
     slots for its image processor's max_pixels (at Qwen2-VL's default max_pixels that is
-    ≈308 MiB a slot, x 16 slots of /dev/shm, for images the benchmark never sends)."""
+    ≈147 MiB a slot, x 16 slots of /dev/shm, for images the benchmark never sends)."""
     return ("--pixel-slot-mb", str(pixel_slot_mb)) if pixel_slot_mb else ()
 
 
