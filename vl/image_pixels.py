@@ -160,22 +160,25 @@ class ImagePreprocessor:
     """The model's image processor, run on one decoded image at a time; for a Qwen2-VL PIL
     processor through ``vl.qwen2_vl_pixels`` (the same output, a fraction of the work)."""
 
-    def __init__(self, image_processor: Any, merge_size: int) -> None:
+    def __init__(self, image_processor: Any, merge_size: int, *, settings: PixelSettings | None = None) -> None:
+        """``image_processor``: the model's; or ``None`` with the ``settings`` of one, for
+        the fast path alone (``from_settings``)."""
+        if image_processor is None and settings is None:
+            raise ValueError("an ImagePreprocessor needs an image processor or its PixelSettings")
         self._processor = image_processor
-        self._fast = fast_pixels_for(image_processor)
+        if image_processor is None:
+            self._fast = Qwen2VLPixels(settings)
+            self.settings_key = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
+        else:
+            self._fast = fast_pixels_for(image_processor)
+            self.settings_key = _settings_key(image_processor)
         self.merge_size = merge_size
-        self.settings_key = _settings_key(image_processor)
 
     @classmethod
     def from_settings(cls, settings: PixelSettings, merge_size: int) -> ImagePreprocessor:
         """The fast path alone, built from a processor's ``PixelSettings`` (what a prep
         process gets) without loading the processor; its ``image_processor`` is ``None``."""
-        preprocessor = cls.__new__(cls)
-        preprocessor._processor = None
-        preprocessor._fast = Qwen2VLPixels(settings)
-        preprocessor.merge_size = merge_size
-        preprocessor.settings_key = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
-        return preprocessor
+        return cls(None, merge_size, settings=settings)
 
     @property
     def pixel_settings(self) -> PixelSettings | None:

@@ -147,3 +147,8 @@ def test_other_processors_have_no_fast_path_settings():
         do_resize = do_rescale = do_normalize = True
 
     assert PixelSettings.of(SomeOtherProcessor()) is None
+
+
+def test_a_preprocessor_needs_a_processor_or_its_settings():
+    with pytest.raises(ValueError, match="PixelSettings"):
+        ImagePreprocessor(None, merge_size=2)
