@@ -219,9 +219,13 @@ class ImagePreprocessor:
 
     @property
     def _patch_size(self) -> int:
-        if self._processor is None:
-            return self._fast.settings.patch_size
-        return int(_setting(self._processor, "patch_size"))
+        return int(_setting(self._sizes, "patch_size"))
+
+    @property
+    def _sizes(self) -> Any:
+        """Where patch size and pixel bounds are read (``_setting``): the processor, or
+        the fast path's ``PixelSettings`` when there is none."""
+        return self._fast.settings if self._processor is None else self._processor
 
     @property
     def frames_per_patch(self) -> int | None:
@@ -239,11 +243,7 @@ class ImagePreprocessor:
     def largest_pixel_values_bytes(self, max_pixels: int | None = None) -> int:
         """Bytes of the largest ``pixel_values`` for images of at most ``max_pixels``
         pixels (default: the processor's own bound); see ``max_pixel_values_bytes``."""
-        if self._processor is None:
-            settings = self._fast.settings
-            patches = (max_pixels or settings.max_pixels) // settings.patch_size**2
-            return patches * _CHANNELS * settings.patch_size**2 * _PIXEL_VALUE_BYTES
-        return max_pixel_values_bytes(self._processor, max_pixels, frames=self.frames_per_patch)
+        return max_pixel_values_bytes(self._sizes, max_pixels, frames=self.frames_per_patch)
 
 
 # Sizing pixel slots -----------------------------------------------------------------------

@@ -94,11 +94,6 @@ class Qwen2VLPixels:
 
     def __init__(self, settings: PixelSettings) -> None:
         self.settings = settings
-        self._patch = settings.patch_size
-        self._merge = settings.merge_size
-        self._min_pixels = settings.min_pixels
-        self._max_pixels = settings.max_pixels
-        self._resample = settings.resample
         self._lut = np.frombuffer(settings.value_table, dtype=np.float32).reshape(3, 256)
 
     def target_size(
@@ -106,12 +101,13 @@ class Qwen2VLPixels:
     ) -> tuple[int, int]:
         """(width, height) the processor resizes a ``width`` x ``height`` image to, with
         its own pixel bounds or the ones given (as its ``size`` argument would set them)."""
+        settings = self.settings
         resized_height, resized_width = fitted_size(
             height,
             width,
-            factor=self._patch * self._merge,
-            min_pixels=self._min_pixels if min_pixels is None else min_pixels,
-            max_pixels=self._max_pixels if max_pixels is None else max_pixels,
+            factor=settings.patch_size * settings.merge_size,
+            min_pixels=settings.min_pixels if min_pixels is None else min_pixels,
+            max_pixels=settings.max_pixels if max_pixels is None else max_pixels,
         )
         return resized_width, resized_height
 
@@ -132,7 +128,7 @@ class Qwen2VLPixels:
         where they are read, instead of into a new array that is copied there); what it
         raises, this raises, before any value is written."""
         width, height = self.target_size(*image.size, min_pixels=min_pixels, max_pixels=max_pixels)
-        resized = image.resize((width, height), resample=self._resample)
+        resized = image.resize((width, height), resample=self.settings.resample)
         rgb = np.asarray(resized)  # [H, W, 3] uint8
         channels = np.empty((3, height, width), dtype=np.float32)
         for channel in range(3):
@@ -140,7 +136,7 @@ class Qwen2VLPixels:
             # one, and unlike the default "raise" it writes into ``out`` unbuffered (0.46
             # instead of 0.85 ms for a 448² image)
             np.take(self._lut[channel], rgb[:, :, channel], out=channels[channel], mode="wrap")
-        patch, merge = self._patch, self._merge
+        patch, merge = self.settings.patch_size, self.settings.merge_size
         grid_h, grid_w = height // patch, width // patch
         blocks = channels.reshape(3, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
         blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh, gw, mh, mw, C, ph, pw)
