@@ -41,7 +41,7 @@ from engine.submit_checks import check_submittable
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
-    from engine.model_loader import LoadedModel
+    from engine.model_loader import ModelCard
     from engine.pixel_slots import SlotPool
     from engine.prompt import EnginePrompt
     from engine.sampling_params import SamplingParams
@@ -210,7 +210,7 @@ class AsyncEngine:
 
 
 def open_engine(
-    loaded: LoadedModel,
+    loaded: ModelCard,
     config: EngineConfig,
     device_gate: trio.CapacityLimiter | None = None,
     slots: SlotPool | None = None,
@@ -218,14 +218,18 @@ def open_engine(
     """Run an engine for ``loaded`` with ``config``: its step loop in the engine worker
     process (which loads the same model, dtype, device and context length itself) if
     ``config.in_worker_process``, else in threads under ``device_gate`` (a new gate of one
-    if not given). Its vision encoder reads images' pixels from ``slots``. Raises
-    ``ModelLoadError`` if the worker cannot load the model."""
+    if not given), which needs ``loaded`` with its weights (a ``LoadedModel``; a
+    ``ModelCard`` is refused with ``ValueError``). Its vision encoder reads images' pixels
+    from ``slots``. Raises ``ModelLoadError`` if the worker cannot load the model."""
     if config.in_worker_process:
         from engine.worker_core import open_worker_engine
 
         return open_worker_engine(loaded, config, slots)
+    from engine.model_loader import LoadedModel
     from engine.thread_core import ThreadCore
 
+    if not isinstance(loaded, LoadedModel):
+        raise ValueError("an engine in this process runs a model loaded with its weights (load_model)")
     gate = device_gate or trio.CapacityLimiter(1)
     view_pixels = slots.memory.view if slots is not None else None
     core = ThreadCore(loaded, config, gate, view_pixels)

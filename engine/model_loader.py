@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,28 +21,41 @@ import torch
 from engine.errors import ModelLoadError
 from engine.model_adapter import VL_MODEL_TYPES, CausalLMAdapter, adapter_for
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model"]
+__all__ = ["LoadedModel", "ModelCard", "ModelLoadError", "load_image_processor", "load_model", "load_model_card"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNSUPPORTED_VL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "llava", "llava_next", "idefics3", "gemma3", "mllama")
 
 
 @dataclass
-class LoadedModel:
+class ModelCard:
+    """What a process that serves a model without running it (the server's front end, with
+    the engine in its worker process) knows of it: its tokenizer, limits, stop ids and
+    image settings, read from the model directory without building the model.
+
+    ``spatial_merge_size`` is the vision tower's (``None`` for a text model); the image
+    processor is the ``vl`` layer's to load (``vl.image_pixels.load_image_preprocessor``).
+    """
+
     path: Path
-    model: torch.nn.Module
-    adapter: CausalLMAdapter
     tokenizer: Any
-    image_processor: Any | None
+    supports_images: bool
+    spatial_merge_size: int | None
     device: torch.device
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
     max_model_len: int
     load_seconds: float
 
-    @property
-    def supports_images(self) -> bool:
-        return self.adapter.supports_images and self.image_processor is not None
+
+@dataclass
+class LoadedModel(ModelCard):
+    """A ``ModelCard`` with the model built, its weights on ``device``: what the engine runs
+    (through ``adapter``), with the image processor (``None`` for a text model)."""
+
+    model: torch.nn.Module
+    adapter: CausalLMAdapter
+    image_processor: Any | None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -78,20 +92,87 @@ def load_model(
     dtype: str = "auto",
     device: str = "cpu",
     max_model_len: int | None = None,
-    weights: bool = True,
     progress: Callable[[str], None] = lambda stage: None,
 ) -> LoadedModel:
     """Load model, tokenizer and (for VL models) image processor; raise ``ModelLoadError``.
     ``progress(stage)`` is called as each stage starts: ``"tokenizer"``, ``"processor"``
-    (VL models), ``"weights"`` (unless ``weights=False``).
-
-    With ``weights=False`` no weight is read: the model is built on the meta device from
-    its config, so its config, adapter settings, limits, tokenizer and image processor are
-    there but no forward can run: what a front end needs while the engine (vision encoder
-    included) runs in its own process."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
+    (VL models), ``"weights"``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     started = time.perf_counter()
+    path, model_type, torch_device, torch_dtype = _checked(path, device, dtype)
+    auto_class = AutoModelForImageTextToText if model_type in VL_MODEL_TYPES else AutoModelForCausalLM
+    with _load_errors(path):
+        tokenizer, image_processor = load_processors(path, images=model_type in VL_MODEL_TYPES, progress=progress)
+        progress("weights")
+        model = auto_class.from_pretrained(path, dtype=torch_dtype)
+    _check_chat_template(path, model_type, tokenizer)
+    adapter = adapter_for(model)
+    model.to(torch_device)
+    model.eval()
+    model.requires_grad_(False)
+    supports_images = adapter.supports_images and image_processor is not None
+    return LoadedModel(
+        path=path,
+        tokenizer=tokenizer,
+        supports_images=supports_images,
+        spatial_merge_size=getattr(adapter, "spatial_merge_size", None) if supports_images else None,
+        device=torch_device,
+        dtype=torch_dtype,
+        eos_token_ids=_eos_ids(model.generation_config, tokenizer),
+        max_model_len=_context_limit(model.config, max_model_len),
+        load_seconds=time.perf_counter() - started,
+        model=model,
+        adapter=adapter,
+        image_processor=image_processor,
+    )
+
+
+def load_model_card(
+    path: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    max_model_len: int | None = None,
+    progress: Callable[[str], None] = lambda stage: None,
+) -> ModelCard:
+    """What ``load_model`` would give a front end (``ModelCard``), from the directory's
+    config, generation config and tokenizer alone: no weight is read, no model built, and
+    neither transformers' modelling code nor its image processing is imported (they bring
+    torch's compiler stack and sympy: ~80 MiB and seconds of start-up, in a process that
+    never runs the model). Raises ``ModelLoadError`` as ``load_model`` does for a
+    directory it cannot serve; ``progress``: its ``"tokenizer"`` stage."""
+    from transformers import AutoConfig, GenerationConfig
+
+    started = time.perf_counter()
+    path, model_type, torch_device, torch_dtype = _checked(path, device, dtype)
+    images = model_type in VL_MODEL_TYPES
+    with _load_errors(path):
+        tokenizer, _ = load_processors(path, images=False, progress=progress)
+        config = AutoConfig.from_pretrained(path)
+        if (path / "generation_config.json").is_file():
+            generation = GenerationConfig.from_pretrained(path)
+        else:
+            generation = GenerationConfig.from_model_config(config)
+        if images and not (path / "preprocessor_config.json").is_file():
+            raise OSError(f"{path} has no preprocessor_config.json for its image processor")
+    _check_chat_template(path, model_type, tokenizer)
+    return ModelCard(
+        path=path,
+        tokenizer=tokenizer,
+        supports_images=images,
+        spatial_merge_size=int(config.vision_config.spatial_merge_size) if images else None,
+        device=torch_device,
+        dtype=torch_dtype,
+        eos_token_ids=_eos_ids(generation, tokenizer),
+        max_model_len=_context_limit(config, max_model_len),
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def _checked(path: str | Path, device: str, dtype: str) -> tuple[Path, str, torch.device, torch.dtype]:
+    """The directory, its model type, device and dtype, once checked that vlserve serves
+    them (``ModelLoadError`` otherwise)."""
     path = Path(path).expanduser()
     raw = _read_config(path)
     model_type = raw.get("model_type", "")
@@ -102,50 +183,33 @@ def load_model(
         raise ModelLoadError(
             f"model type {model_type!r} is not supported yet (supported VL: {', '.join(VL_MODEL_TYPES)})"
         )
-    if model_type in VL_MODEL_TYPES:
-        auto_class = AutoModelForImageTextToText
-    elif any(a.endswith("ForCausalLM") for a in architectures):
-        auto_class = AutoModelForCausalLM
-    else:
+    if model_type not in VL_MODEL_TYPES and not any(a.endswith("ForCausalLM") for a in architectures):
         raise ModelLoadError(
             f"unsupported architecture {architectures or model_type!r}: vlserve serves Qwen2-VL/Qwen2.5-VL and causal LMs"
         )
+    return path, model_type, torch_device, torch_dtype
+
+
+@contextmanager
+def _load_errors(path: Path) -> Iterator[None]:
+    """What transformers raises while reading ``path`` becomes one ``ModelLoadError`` line."""
     try:
-        tokenizer, image_processor = load_processors(path, images=model_type in VL_MODEL_TYPES, progress=progress)
-        if weights:
-            progress("weights")
-            model = auto_class.from_pretrained(path, dtype=torch_dtype)
-        else:
-            with torch.device("meta"):
-                model = auto_class.from_config(AutoConfig.from_pretrained(path), dtype=torch_dtype)
-            if (path / "generation_config.json").is_file():
-                model.generation_config = GenerationConfig.from_pretrained(path)
+        yield
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {str(path)!r}: {first_line}") from None
+
+
+def _check_chat_template(path: Path, model_type: str, tokenizer: Any) -> None:
     if model_type in VL_MODEL_TYPES and getattr(tokenizer, "chat_template", None) is None:
         raise ModelLoadError(f"{str(path)!r} has no chat template")
-    adapter = adapter_for(model)
-    eos_token_ids = _eos_ids(model, tokenizer)
-    if weights:
-        model.to(torch_device)
-    model.eval()
-    model.requires_grad_(False)
-    text_config = model.config.get_text_config()
+
+
+def _context_limit(config: Any, max_model_len: int | None) -> int:
+    """``max_model_len`` if given, never more than the language model's position limit."""
+    text_config = config.get_text_config()
     limit = max_model_len or getattr(text_config, "max_position_embeddings", 4096)
-    limit = min(limit, getattr(text_config, "max_position_embeddings", limit))
-    return LoadedModel(
-        path=path,
-        model=model,
-        adapter=adapter,
-        tokenizer=tokenizer,
-        image_processor=image_processor,
-        device=torch_device,
-        dtype=torch_dtype,
-        eos_token_ids=eos_token_ids,
-        max_model_len=int(limit),
-        load_seconds=time.perf_counter() - started,
-    )
+    return int(min(limit, getattr(text_config, "max_position_embeddings", limit)))
 
 
 def load_processors(
@@ -161,18 +225,25 @@ def load_processors(
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = None
     if images:
-        # imported only here: transformers' image-processing modules import torch's compiler
-        # stack (~78 MiB, ~3 s), which a process that only tokenizes never needs
-        from transformers import AutoImageProcessor
-
         progress("processor")
-        image_processor = AutoImageProcessor.from_pretrained(path)
+        image_processor = load_image_processor(path)
     return tokenizer, image_processor
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
+def load_image_processor(path: str | Path) -> Any:
+    """The model directory's image processor, loaded with ``AutoImageProcessor`` (no
+    torchvision needed); ``ModelLoadError`` if it cannot be."""
+    # imported only here: transformers' image-processing modules import torch's compiler
+    # stack (~78 MiB, ~3 s), which a process that only tokenizes never needs
+    from transformers import AutoImageProcessor
+
+    with _load_errors(Path(path)):
+        return AutoImageProcessor.from_pretrained(path)
+
+
+def _eos_ids(generation_config: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:

@@ -32,7 +32,7 @@ from engine.outbox import Outbox
 from engine.wire import MessageReceiver, encode
 
 if TYPE_CHECKING:
-    from engine.model_loader import LoadedModel
+    from engine.model_loader import ModelCard
     from engine.pixel_slots import SlotPool, SlotSpec
 
 logger = logging.getLogger("vlserve.engine")
@@ -143,7 +143,7 @@ class WorkerCore:
             return
 
 
-def worker_engine_config(loaded: LoadedModel, config: EngineConfig) -> EngineConfig:
+def worker_engine_config(loaded: ModelCard, config: EngineConfig) -> EngineConfig:
     """``config`` for a worker that loads the same dtype, device and context length as
     ``loaded``, with ``torch_threads`` 0 resolved to the CPUs minus one (at least one) and
     ``encoder_threads`` 0 to every CPU, or to one if the encoder encodes ahead (its thread is
@@ -162,7 +162,7 @@ def worker_engine_config(loaded: LoadedModel, config: EngineConfig) -> EngineCon
 
 @asynccontextmanager
 async def open_worker_engine(
-    loaded: LoadedModel, config: EngineConfig, slots: SlotPool | None = None
+    loaded: ModelCard, config: EngineConfig, slots: SlotPool | None = None
 ) -> AsyncIterator[AsyncEngine]:
     """An ``AsyncEngine`` whose step loop runs in a worker process that loads ``loaded``'s
     model directory (see ``worker_engine_config``) and reads images from ``slots``."""

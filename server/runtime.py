@@ -22,7 +22,7 @@ import trio
 
 from engine.async_engine import AsyncEngine, open_engine
 from engine.errors import ModelLoadError
-from engine.model_loader import LoadedModel, load_model
+from engine.model_loader import ModelCard, load_model, load_model_card
 from engine.pixel_slots import SlotPool
 from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
@@ -33,12 +33,11 @@ from server.sampling_defaults import NO_DEFAULTS, SamplingDefaults, read_samplin
 from vl.chat_preparer import ChatPreparer
 from vl.gates import Gate
 from vl.image_fetcher import ImageFetcher
-from vl.image_pixels import ImagePreprocessor, slot_bytes_for
+from vl.image_pixels import ImagePreprocessor, load_image_preprocessor, slot_bytes_for
 from vl.media_policy import MediaPolicy
-from vl.pixel_budget import PixelBounds, processor_bounds, server_bounds
+from vl.pixel_budget import PixelBounds, server_bounds
 from vl.prep_processes import ProcessPrep
 from vl.prep_tools import PrepTools, PrepToolsSpec, ThreadPrep
-from vl.qwen2_vl_pixels import PixelSettings
 from vl.render_batcher import RenderBatcher
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -54,30 +53,33 @@ class Runtime:
     max_model_len: int
     engine: AsyncEngine
     preparer: ChatPreparer
-    loaded: LoadedModel
+    loaded: ModelCard  # a LoadedModel (weights and all) with the engine in this process
     device_gate: trio.CapacityLimiter
     slots: SlotPool | None = None
     sampling_defaults: SamplingDefaults = NO_DEFAULTS
 
 
-async def load_configured_model(config: ServerConfig, progress: LoadProgress | None = None) -> LoadedModel:
+async def load_configured_model(config: ServerConfig, progress: LoadProgress | None = None) -> ModelCard:
     """Load ``config.model`` (or build and load the built-in tiny model) in a worker thread.
 
     With the engine in its worker process (which loads the model itself and runs the
-    vision encoder), the server process reads no weights at all: tokenizer, image
-    processor and config only.
+    vision encoder), the server process builds no model: its ``ModelCard`` (tokenizer,
+    limits, stop ids, merge size) is read from the directory, and the image processor's
+    settings from its ``preprocessor_config.json`` (``load_image_preprocessor``), so none
+    of transformers' modelling or image-processing code is imported here. Otherwise the
+    whole ``LoadedModel``.
     Cancellation: the load runs to completion in its thread before ``Cancelled`` is raised.
     """
 
-    def load() -> LoadedModel:
+    def load() -> ModelCard:
         path = config.model or str(ensure_tiny_model())
         engine = config.engine
-        return load_model(
+        load = load_model_card if engine.in_worker_process else load_model
+        return load(
             path,
             dtype=engine.dtype,
             device=engine.device,
             max_model_len=engine.max_model_len,
-            weights=not engine.in_worker_process,
             progress=progress.stage if progress is not None else lambda stage: None,
         )
 
@@ -86,7 +88,7 @@ async def load_configured_model(config: ServerConfig, progress: LoadProgress | N
 
 @asynccontextmanager
 async def open_runtime(
-    config: ServerConfig, loaded: LoadedModel | None = None, progress: LoadProgress | None = None
+    config: ServerConfig, loaded: ModelCard | None = None, progress: LoadProgress | None = None
 ) -> AsyncIterator[Runtime]:
     """Load (unless ``loaded`` is given), run every component, warm the engine up (one
     short greedy sequence), and yield the runtime until the block exits. ``progress``
@@ -103,7 +105,7 @@ async def open_runtime(
             yield runtime
 
 
-async def warm_up(engine: AsyncEngine, loaded: LoadedModel) -> None:
+async def warm_up(engine: AsyncEngine, loaded: ModelCard) -> None:
     """Run one greedy token of a short text prompt through ``engine``: the first step's
     one-off costs (allocations, lazy initialization) are paid before readiness says 200.
     Raises ``ModelLoadError`` if the engine fails it. Cancellation: the sequence is
@@ -138,11 +140,11 @@ def _switch_interval(seconds: float):
 
 
 @asynccontextmanager
-async def _open_components(config: ServerConfig, loaded: LoadedModel, progress: LoadProgress) -> AsyncIterator[Runtime]:
+async def _open_components(config: ServerConfig, loaded: ModelCard, progress: LoadProgress) -> AsyncIterator[Runtime]:
     device_gate = trio.CapacityLimiter(1)
     sampling_defaults = await trio.to_thread.run_sync(read_sampling_defaults, config.generation_config, loaded.path)
     policy = config.media
-    preprocessor = _preprocessor(loaded)
+    preprocessor = await trio.to_thread.run_sync(_preprocessor, loaded)
     pixel_bounds = _pixel_bounds(preprocessor, config, loaded.max_model_len)
     async with ImageFetcher(policy) as fetcher:
         # the slots outlive every process that reads or writes them: made first, unlinked last
@@ -153,7 +155,7 @@ async def _open_components(config: ServerConfig, loaded: LoadedModel, progress: 
             tokenizer_gate = Gate("tokenizer", config.prep.tokenizer_concurrency)
             async with (
                 open_engine(loaded, config.engine, device_gate, slots) as engine,
-                _open_prep_runner(loaded, config, policy) as process_runner,
+                _open_prep_runner(loaded, preprocessor, config, policy) as process_runner,
             ):
                 runner = process_runner or ThreadPrep(tools)
                 async with RenderBatcher.open(runner, tokenizer_gate, config.prep.render_batch_size) as renders:
@@ -189,7 +191,7 @@ def _pixel_bounds(
     ``None`` for a text-only model or an image processor without pixel bounds."""
     if preprocessor is None:
         return None
-    model = processor_bounds(preprocessor.image_processor)
+    model = preprocessor.pixel_bounds
     if model is None:
         return None
     media = config.media
@@ -214,7 +216,7 @@ def _open_slots(preprocessor: ImagePreprocessor | None, config: ServerConfig, bo
 
 @asynccontextmanager
 async def _open_prep_runner(
-    loaded: LoadedModel, config: ServerConfig, policy: MediaPolicy
+    loaded: ModelCard, preprocessor: ImagePreprocessor | None, config: ServerConfig, policy: MediaPolicy
 ) -> AsyncIterator[ProcessPrep | None]:
     """Prep worker processes (one per gate token) if configured, else ``None`` (threads).
 
@@ -231,9 +233,8 @@ async def _open_prep_runner(
         )
         yield None
         return
-    merge_size = loaded.adapter.spatial_merge_size if loaded.supports_images else None
-    pixel_settings = PixelSettings.of(loaded.image_processor) if loaded.supports_images else None
-    spec = PrepToolsSpec(str(loaded.path), policy, merge_size, pixel_settings)
+    pixel_settings = preprocessor.pixel_settings if preprocessor is not None else None
+    spec = PrepToolsSpec(str(loaded.path), policy, loaded.spatial_merge_size, pixel_settings)
     prep_config = config.prep
     workers = prep_config.tokenizer_concurrency + (prep_config.image_prep_concurrency if loaded.supports_images else 0)
     async with ProcessPrep.open(
@@ -242,7 +243,9 @@ async def _open_prep_runner(
         yield prep
 
 
-def _preprocessor(loaded: LoadedModel) -> ImagePreprocessor | None:
-    if not loaded.supports_images:
+def _preprocessor(loaded: ModelCard) -> ImagePreprocessor | None:
+    """The image preprocessor of a vision model (``None`` for a text model); raises
+    ``ModelLoadError`` if its processor cannot be loaded."""
+    if not loaded.supports_images or loaded.spatial_merge_size is None:
         return None
-    return ImagePreprocessor(loaded.image_processor, loaded.adapter.spatial_merge_size)
+    return load_image_preprocessor(loaded.path, loaded.spatial_merge_size)

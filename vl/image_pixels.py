@@ -24,6 +24,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from engine.pixel_slots import MIB, SlotPixels
 from vl.errors import image_too_large, image_too_many_pixels, invalid_base64, invalid_image
 from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
-from vl.pixel_budget import PixelBounds
+from vl.pixel_budget import PixelBounds, processor_bounds
 from vl.prep_config import PrepConfig
 from vl.qwen2_vl_pixels import PixelBuffer, PixelSettings, Qwen2VLPixels, fast_pixels_for
 
@@ -213,6 +214,11 @@ class ImagePreprocessor:
         return self._processor
 
     @property
+    def pixel_bounds(self) -> PixelBounds | None:
+        """The processor's own bounds on an image's pixels (``None`` if it has none)."""
+        return processor_bounds(self._sizes)
+
+    @property
     def token_pixels(self) -> int:
         """Pixels per image token: ``(patch_size x merge_size)²``."""
         return (self._patch_size * self.merge_size) ** 2
@@ -244,6 +250,19 @@ class ImagePreprocessor:
         """Bytes of the largest ``pixel_values`` for images of at most ``max_pixels``
         pixels (default: the processor's own bound); see ``max_pixel_values_bytes``."""
         return max_pixel_values_bytes(self._sizes, max_pixels, frames=self.frames_per_patch)
+
+
+def load_image_preprocessor(model_dir: str | Path, merge_size: int) -> ImagePreprocessor:
+    """The preprocessor of the model in ``model_dir``: the fast path alone, built from the
+    ``PixelSettings`` read from its ``preprocessor_config.json``, where that reproduces its
+    processor (then nothing of transformers' image processing is imported); else the
+    processor, loaded. Raises ``ModelLoadError`` if it cannot be loaded."""
+    settings = PixelSettings.read(model_dir)
+    if settings is not None:
+        return ImagePreprocessor.from_settings(settings, merge_size)
+    from engine.model_loader import load_image_processor
+
+    return ImagePreprocessor(load_image_processor(model_dir), merge_size)
 
 
 # Sizing pixel slots -----------------------------------------------------------------------

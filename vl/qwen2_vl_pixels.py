@@ -32,9 +32,12 @@ stack (``torch._dynamo``, sympy: ~78 MiB of private memory and ~3 s per process)
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +48,24 @@ from PIL import Image
 # differently and are left alone)
 SUPPORTED_PROCESSORS = ("Qwen2VLImageProcessorPil",)
 MAX_ASPECT_RATIO = 200  # the processor refuses images longer than this many times their width
+
+# ``image_processor_type`` values of a preprocessor_config.json that AutoImageProcessor loads
+# as the class above when torchvision is not installed
+PROCESSOR_TYPES = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast", "Qwen2VLImageProcessorPil")
+# that class's defaults for what a preprocessor_config.json leaves out (tests compare them
+# with the class)
+PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "resample": 3,  # PIL's BICUBIC
+    "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+    "rescale_factor": 1 / 255,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],  # OpenAI CLIP's
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "patch_size": 14,
+    "merge_size": 2,
+}
 
 # gives the float32 tensor of a shape to write pixel values into (``SlotMemory.tensor_view``)
 PixelBuffer = Callable[[tuple[int, ...]], torch.Tensor]
@@ -81,6 +102,48 @@ class PixelSettings:
                 value_table=_value_table(processor).tobytes(),
             )
         except (AttributeError, TypeError, ValueError):
+            return None
+
+    @classmethod
+    def read(cls, model_dir: str | Path) -> PixelSettings | None:
+        """The settings of the processor ``AutoImageProcessor`` would load from
+        ``model_dir``, read from its ``preprocessor_config.json`` without loading it (the
+        server's front end then imports none of transformers' image processing, as ``of``'s
+        callers in prep processes do not); equal to ``of`` of that processor (the tests
+        compare them over several configurations). ``None`` where that would not be the
+        class this module reproduces (another type, or torchvision installed: its class
+        is then the torchvision-backed one), where the file asks for anything else, or
+        cannot be read: load the processor then."""
+        if importlib.util.find_spec("torchvision") is not None:
+            return None
+        try:
+            raw = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(raw, dict) or raw.get("image_processor_type") not in PROCESSOR_TYPES:
+            return None
+        config = {**PROCESSOR_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
+        # the processor's own rule: ``min_pixels`` / ``max_pixels`` override ``size``'s bounds
+        size = dict(raw.get("size") or PROCESSOR_DEFAULTS["size"])
+        if raw.get("min_pixels") is not None:
+            size["shortest_edge"] = raw["min_pixels"]
+        if raw.get("max_pixels") is not None:
+            size["longest_edge"] = raw["max_pixels"]
+        if set(size) != {"shortest_edge", "longest_edge"}:
+            return None
+        if not (config["do_resize"] and config["do_rescale"] and config["do_normalize"]):
+            return None
+        try:
+            table = _read_value_table(float(config["rescale_factor"]), config["image_mean"], config["image_std"])
+            return cls(
+                patch_size=int(config["patch_size"]),
+                merge_size=int(config["merge_size"]),
+                min_pixels=int(size["shortest_edge"]),
+                max_pixels=int(size["longest_edge"]),
+                resample=int(config["resample"]),
+                value_table=table.tobytes(),
+            )
+        except (TypeError, ValueError):
             return None
 
 
@@ -183,3 +246,16 @@ def _value_table(processor: Any) -> np.ndarray:
     values = processor.rescale(ramp, processor.rescale_factor)
     values = processor.normalize(values, processor.image_mean, processor.image_std)
     return np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(3, 256))
+
+
+def _read_value_table(rescale_factor: float, mean: Any, std: Any) -> np.ndarray:
+    """[3, 256] float32: ``_value_table`` of a processor with these settings, by the same
+    arithmetic as its NumPy ``rescale`` (float64 product, cast to float32) and
+    ``normalize`` (float32 difference and quotient, per channel)."""
+    mean = np.array(mean if isinstance(mean, list | tuple) else [mean] * 3, dtype=np.float32)
+    std = np.array(std if isinstance(std, list | tuple) else [std] * 3, dtype=np.float32)
+    if mean.shape != (3,) or std.shape != (3,):
+        raise ValueError("image_mean and image_std need one value or three")
+    ramp = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256))
+    rescaled = (ramp.astype(np.float64) * rescale_factor).astype(np.float32)
+    return np.ascontiguousarray((rescaled - mean[:, None]) / std[:, None], dtype=np.float32)

@@ -1,15 +1,20 @@
-"""A front end with the engine in its worker process reads no weights (the engine worker
-runs the vision encoder); with the engine in threads, image encoding is part of a step,
-under the device gate."""
+"""A front end with the engine in its worker process builds no model (the engine worker
+runs it, vision encoder included): it reads a ``ModelCard``; with the engine in threads,
+image encoding is part of a step, under the device gate."""
 
 from __future__ import annotations
 
-import torch
+import shutil
+import subprocess
+import sys
+
+import pytest
 import trio
 import trio.testing
 
 from engine.config import EngineConfig
-from engine.model_loader import load_model
+from engine.errors import ModelLoadError
+from engine.model_loader import LoadedModel, ModelCard, load_model, load_model_card
 from engine.sampling_params import SamplingParams
 from engine.thread_core import ThreadCore
 from server.config import ServerConfig
@@ -20,30 +25,56 @@ from tests.engine.test_model_families import save_qwen2_causal
 from tests.vl.test_chat_preparer import data_uri, image_message
 
 
-def weight_devices(model: torch.nn.Module) -> set[str]:
-    return {p.device.type for p in model.parameters()}
-
-
-def test_a_load_without_weights_keeps_config_limits_and_processors(tiny_model, tiny_model_dir):
-    """No weight is read (every parameter is on the meta device); what a front end needs
-    (limits, stop ids, image support, merge size, tokenizer, image processor) equals the
-    full load's."""
-    light = load_model(tiny_model_dir, weights=False)
-    assert weight_devices(light.model) == {"meta"}
-    assert (light.max_model_len, light.eos_token_ids, light.supports_images) == (
+def test_a_model_card_has_what_the_full_load_has_for_a_front_end(tiny_model, tiny_model_dir):
+    """A card (no model built) has the full load's limits, stop ids, image support, merge
+    size, device, dtype and tokenizer."""
+    card = load_model_card(tiny_model_dir)
+    assert not isinstance(card, LoadedModel)
+    assert (card.max_model_len, card.eos_token_ids, card.supports_images, card.spatial_merge_size) == (
         tiny_model.max_model_len,
         tiny_model.eos_token_ids,
         True,
+        tiny_model.adapter.spatial_merge_size,
     )
-    assert light.adapter.spatial_merge_size == tiny_model.adapter.spatial_merge_size
-    assert light.tokenizer("hello").input_ids == tiny_model.tokenizer("hello").input_ids
-    assert light.image_processor.to_dict() == tiny_model.image_processor.to_dict()
+    assert (card.device, card.dtype) == (tiny_model.device, tiny_model.dtype)
+    assert card.tokenizer("hello").input_ids == tiny_model.tokenizer("hello").input_ids
+    assert load_model_card(tiny_model_dir, max_model_len=100).max_model_len == 100
 
 
-def test_a_load_without_weights_of_a_text_model(tmp_path):
-    loaded = load_model(save_qwen2_causal(tmp_path / "qwen2"), weights=False)
-    assert weight_devices(loaded.model) == {"meta"}
-    assert loaded.eos_token_ids and loaded.max_model_len > 0 and not loaded.supports_images
+def test_a_model_card_of_a_text_model(tmp_path):
+    directory = save_qwen2_causal(tmp_path / "qwen2")
+    card, full = load_model_card(directory), load_model(directory)
+    assert (card.eos_token_ids, card.max_model_len) == (full.eos_token_ids, full.max_model_len)
+    assert card.eos_token_ids and not card.supports_images and card.spatial_merge_size is None
+
+
+def test_a_model_card_refuses_what_the_full_load_refuses(tmp_path, tiny_model_dir):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
+        load_model_card(tmp_path)
+    vision = tmp_path / "no-processor"
+    shutil.copytree(tiny_model_dir, vision)
+    (vision / "preprocessor_config.json").unlink()
+    with pytest.raises(ModelLoadError, match="preprocessor_config"):
+        load_model_card(vision)
+
+
+def test_a_front_end_imports_no_modelling_or_image_processing(tiny_model_dir):
+    """In a fresh interpreter (as ``vlserve serve`` starts), the card and the image
+    preprocessor of the tiny model import none of transformers' modelling or image
+    processing, nor torch's compiler stack (~80 MiB and seconds of start-up), and the
+    preprocessor takes the fast path."""
+    script = (
+        "import sys\n"
+        "from engine.model_loader import load_model_card\n"
+        "from vl.image_pixels import load_image_preprocessor\n"
+        f"card = load_model_card({str(tiny_model_dir)!r})\n"
+        "preprocessor = load_image_preprocessor(card.path, card.spatial_merge_size)\n"
+        "heavy = ('transformers.modeling_utils', 'transformers.image_processing_utils', 'torch._dynamo', 'sympy')\n"
+        "print([m for m in heavy if m in sys.modules], preprocessor.pixel_settings is not None)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[-2] == "[] True"
 
 
 async def test_runtime_with_engine_process_reads_no_weights(tiny_model_dir):
@@ -52,7 +83,7 @@ async def test_runtime_with_engine_process_reads_no_weights(tiny_model_dir):
     by the engine worker)."""
     config = ServerConfig(model=str(tiny_model_dir))
     async with open_runtime(config) as runtime:
-        assert weight_devices(runtime.loaded.model) == {"meta"}
+        assert isinstance(runtime.loaded, ModelCard) and not isinstance(runtime.loaded, LoadedModel)
         prepared = await runtime.preparer.prepare_chat(image_message(data_uri(noise_image(5, 80, 80))))
         params = SamplingParams(max_tokens=4, temperature=0)
         try:

@@ -6,6 +6,7 @@ settings and Qwen2-VL's default ``max_pixels``."""
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -15,9 +16,11 @@ from PIL import Image
 from transformers import AutoImageProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from engine.errors import ModelLoadError
 from engine.patch_embed import repeat_frame
-from vl.image_pixels import ImagePreprocessor
-from vl.qwen2_vl_pixels import PixelSettings, fast_pixels_for, fitted_size
+from vl.image_pixels import ImagePreprocessor, load_image_preprocessor
+from vl.pixel_budget import processor_bounds
+from vl.qwen2_vl_pixels import PROCESSOR_DEFAULTS, PixelSettings, fast_pixels_for, fitted_size
 
 SIZES = [(1024, 1024), (640, 480), (300, 700), (57, 33), (1000, 280), (29, 29), (2000, 1500)]
 
@@ -152,3 +155,105 @@ def test_other_processors_have_no_fast_path_settings():
 def test_a_preprocessor_needs_a_processor_or_its_settings():
     with pytest.raises(ValueError, match="PixelSettings"):
         ImagePreprocessor(None, merge_size=2)
+
+
+# preprocessor_config.json variants: what the file sets beside its type; each is loaded by
+# AutoImageProcessor and read by PixelSettings.read, and the two must agree
+CONFIG_VARIANTS = {
+    "defaults only": {},
+    "size only": {"size": {"shortest_edge": 4 * 28 * 28, "longest_edge": 300 * 28 * 28}},
+    "min/max pixels only": {"min_pixels": 3136, "max_pixels": 12845056},
+    "min/max pixels beside size": {
+        "min_pixels": 56 * 56,
+        "max_pixels": 100 * 28 * 28,
+        "size": {"shortest_edge": 1, "longest_edge": 2},
+    },
+    "own values": {
+        "image_mean": [0.5, 0.25, 0.125],
+        "image_std": [0.3, 0.2, 0.1],
+        "rescale_factor": 1 / 127.5,
+        "resample": 2,
+        "patch_size": 16,
+        "merge_size": 3,
+    },
+    "one mean and std": {"image_mean": 0.5, "image_std": 0.5},
+    "fast type": {"image_processor_type": "Qwen2VLImageProcessorFast"},
+}
+
+
+def write_preprocessor_config(directory, extra: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"image_processor_type": "Qwen2VLImageProcessor", **extra}
+    (directory / "preprocessor_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS)
+def test_settings_read_from_the_directory_equal_the_loaded_processors(tmp_path, variant):
+    """A front end reads the settings from preprocessor_config.json without loading the
+    processor; they equal ``of`` of the processor AutoImageProcessor loads from the same
+    file (defaults, bounds from ``size`` or ``min_pixels``/``max_pixels``, the value table
+    bit for bit)."""
+    write_preprocessor_config(tmp_path, CONFIG_VARIANTS[variant])
+    loaded = PixelSettings.of(AutoImageProcessor.from_pretrained(tmp_path))
+    assert loaded is not None
+    assert PixelSettings.read(tmp_path) == loaded
+
+
+def test_settings_read_from_the_served_models_equal_their_processors(
+    processors, tiny_model_dir, real_size_tiny_model_dir
+):
+    for directory, processor in zip((tiny_model_dir, real_size_tiny_model_dir), processors, strict=True):
+        assert PixelSettings.read(directory) == PixelSettings.of(processor)
+
+
+def test_the_read_defaults_are_the_processor_classes():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    for name, value in PROCESSOR_DEFAULTS.items():
+        assert getattr(Qwen2VLImageProcessorPil, name) == pytest.approx(value), name
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"image_processor_type": "SiglipImageProcessor"},
+        {"image_processor_type": "Qwen2VLImageProcessor", "do_normalize": False},
+        {"image_processor_type": "Qwen2VLImageProcessor", "size": {"height": 448, "width": 448}},
+        {"image_processor_type": "Qwen2VLImageProcessor", "image_mean": [0.5, 0.5]},
+        None,
+    ],
+)
+def test_settings_are_not_read_where_the_fast_path_would_not_be_the_processor(tmp_path, config):
+    """Another processor type, a step the fast path does not skip, bounds it does not
+    know, or no readable file: ``None`` (the processor is then loaded and run as it is)."""
+    if config is None:
+        (tmp_path / "preprocessor_config.json").write_text("{not json")
+    else:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    assert PixelSettings.read(tmp_path) is None
+
+
+def test_a_model_directory_gives_the_fast_path_without_the_processor(tiny_model_dir, processors):
+    """``load_image_preprocessor`` builds the fast path from the directory's file (no
+    processor loaded) with the processor's pixels; a directory whose settings cannot be
+    read gets its processor loaded."""
+    preprocessor = load_image_preprocessor(tiny_model_dir, merge_size=2)
+    assert preprocessor.image_processor is None
+    assert preprocessor.pixel_settings == PixelSettings.of(processors[0])
+    image = photo(300, 200, seed=3)
+    expected = ImagePreprocessor(processors[0], merge_size=2)(image)
+    got = preprocessor(image)
+    assert got.grid_thw == expected.grid_thw and torch.equal(got.pixel_values, expected.pixel_values)
+
+
+def test_a_directory_with_settings_the_fast_path_lacks_loads_its_processor(tmp_path):
+    write_preprocessor_config(tmp_path, {"do_normalize": False})
+    preprocessor = load_image_preprocessor(tmp_path, merge_size=2)
+    assert preprocessor.pixel_settings is None
+    assert type(preprocessor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert preprocessor.pixel_bounds == processor_bounds(preprocessor.image_processor)
+
+
+def test_a_directory_without_a_processor_is_a_model_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_image_preprocessor(tmp_path, merge_size=2)
