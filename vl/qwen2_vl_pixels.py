@@ -22,7 +22,9 @@ processor's layout, bit for bit.
 
 ``PixelSettings.of(processor)`` takes what this path needs from the processor class it
 was checked against (``tests/vl/test_qwen2_vl_pixels.py`` compares it with the processor
-on images of many shapes), ``None`` for any other processor, which then runs as it is.
+on images of many shapes), ``None`` for any other processor, which then runs as it is;
+``PixelSettings.read(model_dir)`` reads the same from the model's
+``preprocessor_config.json`` without loading the processor (the server's front end).
 The settings are plain values, so a prep process builds the path from them without
 loading the processor: transformers' image-processing modules import torch's compiler
 stack (``torch._dynamo``, sympy: ~78 MiB of private memory and ~3 s per process), and
@@ -35,9 +37,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -54,18 +57,20 @@ MAX_ASPECT_RATIO = 200  # the processor refuses images longer than this many tim
 PROCESSOR_TYPES = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast", "Qwen2VLImageProcessorPil")
 # that class's defaults for what a preprocessor_config.json leaves out (tests compare them
 # with the class)
-PROCESSOR_DEFAULTS: dict[str, Any] = {
-    "do_resize": True,
-    "do_rescale": True,
-    "do_normalize": True,
-    "resample": 3,  # PIL's BICUBIC
-    "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
-    "rescale_factor": 1 / 255,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],  # OpenAI CLIP's
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "patch_size": 14,
-    "merge_size": 2,
-}
+PROCESSOR_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "resample": 3,  # PIL's BICUBIC
+        "size": MappingProxyType({"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}),
+        "rescale_factor": 1 / 255,
+        "image_mean": (0.48145466, 0.4578275, 0.40821073),  # OpenAI CLIP's
+        "image_std": (0.26862954, 0.26130258, 0.27577711),
+        "patch_size": 14,
+        "merge_size": 2,
+    }
+)
 
 # gives the float32 tensor of a shape to write pixel values into (``SlotMemory.tensor_view``)
 PixelBuffer = Callable[[tuple[int, ...]], torch.Tensor]
