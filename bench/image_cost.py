@@ -7,7 +7,7 @@ send), the thread CPU time of:
 
 - decode: ``vl.image_pixels.decode_image`` (JPEG to an RGB PIL image);
 - preprocess into a new array, then copy into a pixel slot (the path before in-place writes);
-- preprocess straight into the slot (``SlotMemory.tensor_view``, what prep does now);
+- preprocess straight into the slot (``SlotMemory.array_view``, what prep does now);
 - the engine's copy out of the slot (``SlotMemory.read``);
 - the vision tower over ``--batch`` images at once, per image, with the patch embedding as
   the model's ``Conv3d`` over whole patches (the processor's rows: each frame twice) and as
@@ -87,7 +87,7 @@ def main() -> None:
 
         def in_place() -> None:
             for image in decoded:
-                values = preprocessor(image, out=lambda shape: memory.tensor_view(0, shape)).pixel_values
+                values = preprocessor(image, out=lambda shape: memory.array_view(0, shape)).pixel_values
                 memory.write(0, values)
                 del values
 
@@ -98,7 +98,7 @@ def main() -> None:
         rows.append(("engine's copy out of the slot", cpu_ms_per_item(lambda: memory.read(described), 1, args.repeats)))
 
     batch = inputs[: args.batch]
-    frames = torch.cat([i.pixel_values for i in batch])  # one frame per patch (vl/qwen2_vl_pixels.py)
+    frames = torch.cat([torch.as_tensor(i.pixel_values) for i in batch])  # one frame per patch (vl/qwen2_vl_pixels.py)
     grid = torch.tensor([i.grid_thw for i in batch])
     linear_tower = loaded.adapter.model.model.visual
     conv_tower = copy.deepcopy(linear_tower)

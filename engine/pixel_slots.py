@@ -16,12 +16,13 @@ slots").
   several could each hold a few and wait for the rest forever. The holder releases it on every path
   (``try``/``finally``), once the reader no longer needs the pixels.
 - ``SlotMemory`` is one process's mapping of the segment (``SlotMemory.attach(spec)``):
-  ``write`` copies a tensor into a slot, ``view`` reads it in place, ``read`` copies it
-  out again.
+  ``write`` copies an array or tensor into a slot (``array_view`` lets a producer write
+  in place), ``view`` reads it in place as a tensor, ``read`` copies it out again.
 
 Which process may write or read a slot is decided by whoever holds its ``Slot``; the
 memory itself has no locks. This module imports no torch at import time (``SlotSpec`` and
-``SlotPixels`` travel in light engine messages); ``write`` and ``read`` load it.
+``SlotPixels`` travel in light engine messages, and a prep process writes NumPy arrays
+without it); the tensor methods load it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING
 
+import numpy as np
 import trio
 
 if TYPE_CHECKING:
@@ -224,13 +226,14 @@ class SlotPool:
 
 
 class SlotMemory:
-    """One process's mapping of a pool's segment: tensors into slots, views of them, copies
-    out of them.
+    """One process's mapping of a pool's segment: arrays and tensors into slots, views of
+    them, copies out of them.
 
     ``write`` and ``read`` keep no view of the mapping past their return. ``close`` must
-    wait until no ``write``/``read`` runs and no ``tensor_view`` or ``view`` is alive: the views are
-    ``torch.frombuffer`` tensors, which hold no buffer export, so the mapping would not
-    refuse to close under them (the runtime closes the pool last, when nothing uses it).
+    wait until no ``write``/``read`` runs and no view is alive: ``tensor_view`` and ``view``
+    give ``torch.frombuffer`` tensors, which hold no buffer export, so the mapping would not
+    refuse to close under them (``array_view``'s arrays do: ``close`` raises then); the
+    runtime closes the pool last, when nothing uses it.
     Different slots may be written and read from different threads at once; one slot is
     used by whoever holds its ``Slot``."""
 
@@ -254,20 +257,20 @@ class SlotMemory:
         Only the creator (``SlotPool.create``) registers, and it alone unlinks."""
         return cls(spec, _map_untracked(spec.name))
 
-    def write(self, index: int, tensor: torch.Tensor) -> SlotPixels:
-        """Copy ``tensor`` (made contiguous if it is not) into slot ``index``.
+    def write(self, index: int, values: np.ndarray | torch.Tensor) -> SlotPixels:
+        """Copy ``values`` (a NumPy array or a torch tensor, made contiguous if it is not)
+        into slot ``index``; values already written in place (``array_view``,
+        ``tensor_view``) are not copied. A NumPy array is written without importing torch.
 
-        Raises ``SlotTooSmall`` for a tensor larger than a slot and ``IndexError`` for an
+        Raises ``SlotTooSmall`` for values larger than a slot and ``IndexError`` for an
         index outside the pool. The caller must hold the slot."""
+        if isinstance(values, np.ndarray):
+            return self._write_array(index, values)
         import torch
 
-        tensor = tensor.detach().contiguous()
+        tensor = values.detach().contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        if nbytes > self.spec.slot_bytes:
-            raise SlotTooSmall(
-                f"pixels of {nbytes} bytes do not fit a slot of {self.spec.slot_bytes} bytes "
-                f"(shape {tuple(tensor.shape)}, {_dtype_name(tensor.dtype)}); raise --pixel-slot-mb"
-            )
+        self._check_fits(nbytes, tuple(tensor.shape), _dtype_name(tensor.dtype))
         offset = self._offset(index)
         if nbytes:
             target = torch.frombuffer(self._open_mapping(), dtype=torch.uint8, count=nbytes, offset=offset)
@@ -277,6 +280,45 @@ class SlotMemory:
             finally:
                 del target  # no view of the mapping outlives the call (see ``tensor_view``)
         return SlotPixels(index=index, shape=tuple(tensor.shape), dtype=_dtype_name(tensor.dtype))
+
+    def _write_array(self, index: int, values: np.ndarray) -> SlotPixels:
+        values = np.ascontiguousarray(values)
+        dtype = values.dtype.name
+        self._check_fits(values.nbytes, values.shape, dtype)
+        offset = self._offset(index)
+        if values.nbytes:
+            target = np.frombuffer(self._open_mapping(), dtype=np.uint8, count=values.nbytes, offset=offset)
+            try:
+                if target.ctypes.data != values.ctypes.data:  # else written in place (``array_view``)
+                    np.copyto(target, values.reshape(-1).view(np.uint8))
+            finally:
+                del target  # releases the mapping's buffer export (see ``array_view``)
+        return SlotPixels(index=index, shape=tuple(values.shape), dtype=dtype)
+
+    def array_view(self, index: int, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
+        """A writable, contiguous NumPy array of ``shape`` and ``dtype`` (a NumPy dtype
+        name) over the start of slot ``index``, for a producer to write its values in
+        place (the image fast path, ``vl.qwen2_vl_pixels``); ``write(index, view)`` then
+        copies nothing and gives the descriptor.
+
+        Raises ``SlotTooSmall`` if it does not fit a slot, ``IndexError`` for an index
+        outside the pool. The caller must hold the slot. The array holds a buffer export
+        of the mapping, so ``close`` raises ``BufferError`` while one is alive rather than
+        leave it pointing at unmapped memory."""
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        self._check_fits(nbytes, shape, dtype)
+        offset = self._offset(index)
+        if not nbytes:
+            return np.empty(shape, dtype=dtype)
+        raw = np.frombuffer(self._open_mapping(), dtype=np.uint8, count=nbytes, offset=offset)
+        return raw.view(dtype).reshape(shape)
+
+    def _check_fits(self, nbytes: int, shape: tuple[int, ...], dtype: str) -> None:
+        if nbytes > self.spec.slot_bytes:
+            raise SlotTooSmall(
+                f"pixels of {nbytes} bytes do not fit a slot of {self.spec.slot_bytes} bytes "
+                f"(shape {tuple(shape)}, {dtype}); raise --pixel-slot-mb"
+            )
 
     def tensor_view(self, index: int, shape: tuple[int, ...], dtype: str = "float32") -> torch.Tensor:
         """A writable, contiguous tensor of ``shape`` and ``dtype`` over the start of slot
@@ -291,11 +333,7 @@ class SlotMemory:
         import torch
 
         nbytes = math.prod(shape) * _itemsize(dtype)
-        if nbytes > self.spec.slot_bytes:
-            raise SlotTooSmall(
-                f"pixels of {nbytes} bytes do not fit a slot of {self.spec.slot_bytes} bytes "
-                f"(shape {tuple(shape)}, {dtype}); raise --pixel-slot-mb"
-            )
+        self._check_fits(nbytes, shape, dtype)
         offset = self._offset(index)
         if not nbytes:
             return torch.empty(shape, dtype=getattr(torch, dtype))

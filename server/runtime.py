@@ -39,6 +39,7 @@ from vl.pixel_budget import PixelBounds, server_bounds
 from vl.prep_processes import ProcessPrep
 from vl.prep_tools import PrepTools, PrepToolsSpec, ThreadPrep
 from vl.render_batcher import RenderBatcher
+from vl.text_tokenizer import TokenizerSnapshot
 
 IMAGE_TOKEN = "<|image_pad|>"
 
@@ -234,7 +235,13 @@ async def _open_prep_runner(
         yield None
         return
     pixel_settings = preprocessor.pixel_settings if preprocessor is not None else None
-    spec = PrepToolsSpec(str(loaded.path), policy, loaded.spatial_merge_size, pixel_settings)
+    spec = PrepToolsSpec(
+        str(loaded.path),
+        policy,
+        loaded.spatial_merge_size,
+        pixel_settings,
+        tokenizer=TokenizerSnapshot.of(loaded.tokenizer),  # rebuilt there without torch
+    )
     prep_config = config.prep
     workers = prep_config.tokenizer_concurrency + (prep_config.image_prep_concurrency if loaded.supports_images else 0)
     async with ProcessPrep.open(

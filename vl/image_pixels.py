@@ -25,10 +25,9 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from engine.pixel_slots import MIB, SlotPixels
@@ -38,6 +37,9 @@ from vl.media_policy import MediaPolicy
 from vl.pixel_budget import PixelBounds, processor_bounds
 from vl.prep_config import PrepConfig
 from vl.qwen2_vl_pixels import PixelBuffer, PixelSettings, Qwen2VLPixels, fast_pixels_for
+
+if TYPE_CHECKING:
+    import torch
 
 # Formats a client may send. Limiting them keeps rarely used, risky decoders (EPS starts
 # Ghostscript, for one) out of reach of untrusted input.
@@ -132,9 +134,11 @@ def _has_alpha(image: Image.Image) -> bool:
 class PixelInputs:
     """One image's patches: ``pixel_values`` [patches, channels*t*p*p] (t: the processor's
     ``temporal_patch_size``, or 1 on the fast path, see ``vl.qwen2_vl_pixels``), grid
-    (t, h, w)."""
+    (t, h, w). The values are a float32 NumPy array on the fast path (which imports no
+    torch) and the processor's torch tensor otherwise: ``torch.as_tensor`` takes either
+    without a copy, ``SlotMemory.write`` writes either."""
 
-    pixel_values: torch.Tensor
+    pixel_values: np.ndarray | torch.Tensor
     grid_thw: tuple[int, int, int]
 
     @property
@@ -191,7 +195,7 @@ class ImagePreprocessor:
     ) -> PixelInputs:
         """The patches of ``image``, resized to within ``bounds`` (``vl.pixel_budget``;
         ``None``: the processor's own). On the fast path the values are written into the
-        tensor ``out(shape)`` gives, if given (a pixel slot's view); the processor's own
+        array ``out(shape)`` gives, if given (a pixel slot's view); the processor's own
         path ignores ``out``."""
         if self._fast is not None:
             if bounds is None:

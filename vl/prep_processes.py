@@ -17,9 +17,11 @@ prep process's exit never unlinks the pool's segment (``engine.pixel_slots``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -31,6 +33,7 @@ from engine.malloc_tunables import apply_tunables
 from vl.errors import prep_process_died
 from vl.gates import BorrowTimes, Gate
 from vl.prep_tools import PrepStep, PrepTools, PrepToolsSpec
+from vl.text_tokenizer import TokenizerSnapshot
 
 T = TypeVar("T")
 
@@ -61,7 +64,7 @@ class ProcessPrep:
             raise ValueError("ProcessPrep needs at least one worker")
         async with trio_parallel.open_worker_context(
             idle_timeout=math.inf,
-            init=functools.partial(_start_worker, spec, nice, malloc_tunables),
+            init=functools.partial(_start_worker, spec, spec.tokenizer, nice, malloc_tunables),
             grace_period=SHUTDOWN_GRACE_SECONDS,
         ) as context:
             prep = cls(spec, context)
@@ -108,23 +111,26 @@ def _exit_status(error: trio_parallel.BrokenWorkerError) -> int | None:
     return None
 
 
-def _start_worker(spec: PrepToolsSpec, nice: int, malloc_tunables: str) -> None:
+def _start_worker(spec: PrepToolsSpec, tokenizer: TokenizerSnapshot | None, nice: int, malloc_tunables: str) -> None:
     """Runs first in each prep worker process: set up malloc, lower its priority, load its
-    tools. (trio-parallel starts the process with the server's environment, so malloc is
-    set up here rather than through ``GLIBC_TUNABLES``.)"""
+    tools from ``spec`` and the ``tokenizer`` snapshot (which pickling leaves out of the
+    spec: it reaches the process here, once). (trio-parallel starts the process with the
+    server's environment, so malloc is set up here rather than through
+    ``GLIBC_TUNABLES``.)"""
     apply_tunables(malloc_tunables, os.environ)
-    import torch
-
     if nice:
         os.nice(nice)
-    torch.set_num_threads(1)  # one call at a time per process: intra-op threads would only oversubscribe
-    _load_tools(spec)
+    _tools_for(dataclasses.replace(spec, tokenizer=tokenizer))
+    torch = sys.modules.get("torch")  # loaded only where the tools need transformers' own classes
+    if torch is not None:
+        torch.set_num_threads(1)  # one call at a time per process: intra-op threads would only oversubscribe
 
 
 @functools.cache
 def _tools_for(spec: PrepToolsSpec) -> PrepTools:
     """This process's tools for ``spec``, loaded on first use (in a prep worker process,
-    by ``_start_worker``) and kept for the life of the process."""
+    by ``_start_worker``, from the spec with its tokenizer snapshot) and kept for the life
+    of the process; the specs that arrive with calls (no snapshot) equal that one."""
     return spec.load()
 
 

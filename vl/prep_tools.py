@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from engine.pixel_slots import SlotMemory, SlotSpec
@@ -36,6 +36,7 @@ from vl.image_source import EncodedImage
 from vl.media_policy import MediaPolicy
 from vl.pixel_budget import PixelBounds
 from vl.qwen2_vl_pixels import PixelSettings
+from vl.text_tokenizer import TextTokenizer, TokenizerSnapshot
 from vl.tool_prompt import hermes_messages, template_renders_tools
 
 T = TypeVar("T")
@@ -124,7 +125,7 @@ class PrepTools:
         decoded_at = time.perf_counter()
         memory = self.slot_memory(slots)
         # the fast path writes the values straight into the slot; ``write`` then copies nothing
-        inputs = self.preprocessor(decoded, bounds, out=lambda shape: memory.tensor_view(slot_index, shape))
+        inputs = self.preprocessor(decoded, bounds, out=lambda shape: memory.array_view(slot_index, shape))
         pixels = memory.write(slot_index, inputs.pixel_values)
         grid_thw, num_patches = inputs.grid_thw, inputs.num_patches
         del inputs  # holds the slot's view: dropped here, so the mapping can be closed
@@ -251,20 +252,40 @@ class PrepToolsSpec:
     without images (no image processor is loaded then). ``pixel_settings``: the server's
     processor's fast-path settings (``vl.qwen2_vl_pixels``), with which the process builds
     its preprocessor without loading the processor (nor the modules it imports); ``None``:
-    it loads the processor."""
+    it loads the processor. ``tokenizer``: the server's tokenizer as a
+    ``vl.text_tokenizer.TokenizerSnapshot``, which the process rebuilds without torch;
+    ``None``: it loads the tokenizer with transformers.
+
+    The snapshot is large (the whole tokenizer pipeline) and is left out of equality, hash
+    and pickling: a spec travels with every call a prep process runs, the snapshot once,
+    beside it, when the process starts (``vl.prep_processes``)."""
 
     model_dir: str
     policy: MediaPolicy
     merge_size: int | None
     pixel_settings: PixelSettings | None = None
+    tokenizer: TokenizerSnapshot | None = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "tokenizer": None}
 
     def load(self) -> PrepTools:
-        """Load the tokenizer and (for VL models) the image preprocessor of ``model_dir``."""
-        from engine.model_loader import load_processors
+        """Load the tokenizer and (for VL models) the image preprocessor of ``model_dir``.
+        With a tokenizer snapshot and pixel settings (the server's defaults) this imports
+        neither torch nor transformers' model or image-processing modules."""
+        images = self.merge_size is not None
+        needs_processor = images and self.pixel_settings is None
+        if self.tokenizer is not None:
+            tokenizer, image_processor = TextTokenizer(self.tokenizer), None
+            if needs_processor:
+                from engine.model_loader import load_image_processor
 
-        light = self.merge_size is not None and self.pixel_settings is not None
-        tokenizer, image_processor = load_processors(self.model_dir, images=self.merge_size is not None and not light)
-        if light:
+                image_processor = load_image_processor(self.model_dir)
+        else:
+            from engine.model_loader import load_processors
+
+            tokenizer, image_processor = load_processors(self.model_dir, images=needs_processor)
+        if images and self.pixel_settings is not None:
             preprocessor = ImagePreprocessor.from_settings(self.pixel_settings, self.merge_size)
         elif image_processor is not None:
             preprocessor = ImagePreprocessor(image_processor, self.merge_size)

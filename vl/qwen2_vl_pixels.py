@@ -11,7 +11,8 @@ same result, from the same PIL resize, costs a fraction of that:
 2. rescale + normalise is a per-channel lookup table of 256 float32 values, computed by
    the processor's own ``rescale`` and ``normalize`` on a ramp of every byte value, so
    every pixel gets the bits the processor would compute for it;
-3. the patch layout is the processor's reshape/transpose, copied once.
+3. the patch layout is the processor's reshape/transpose, copied once, into a NumPy
+   array (a pixel slot's, when given): this module imports no torch.
 
 The processor fills each patch's temporal axis (``temporal_patch_size`` = 2, made for
 video) by repeating a still image's frame; here each row holds that frame once
@@ -44,7 +45,6 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 # the processor class whose steps this reproduces (the torchvision-backed classes resize
@@ -72,8 +72,9 @@ PROCESSOR_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     }
 )
 
-# gives the float32 tensor of a shape to write pixel values into (``SlotMemory.tensor_view``)
-PixelBuffer = Callable[[tuple[int, ...]], torch.Tensor]
+# gives the contiguous float32 array of a shape to write pixel values into
+# (``SlotMemory.array_view``)
+PixelBuffer = Callable[[tuple[int, ...]], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -186,12 +187,12 @@ class Qwen2VLPixels:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         out: PixelBuffer | None = None,
-    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    ) -> tuple[np.ndarray, tuple[int, int, int]]:
         """``image``'s pixel values [patches, 3 * patch**2] (one frame per patch) and grid
         (t, h, w).
         Raises ``ValueError`` where the processor does (e.g. an extreme aspect ratio).
 
-        ``out(shape)``, if given, returns the contiguous float32 tensor of that shape to
+        ``out(shape)``, if given, returns the contiguous float32 array of that shape to
         write the values into (a view of a pixel slot: the values are then written once,
         where they are read, instead of into a new array that is copied there); what it
         raises, this raises, before any value is written."""
@@ -209,8 +210,10 @@ class Qwen2VLPixels:
         blocks = channels.reshape(3, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
         blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh, gw, mh, mw, C, ph, pw)
         shape = (grid_h * grid_w, 3 * patch * patch)
-        values = torch.from_numpy(np.empty(shape, dtype=np.float32)) if out is None else out(shape)
-        values.numpy().reshape(blocks.shape)[...] = blocks  # a view: reshape of contiguous
+        values = np.empty(shape, dtype=np.float32) if out is None else out(shape)
+        patches = values.view()
+        patches.shape = blocks.shape  # a view of the same memory (raises rather than copy)
+        patches[...] = blocks
         return values, (1, grid_h, grid_w)
 
 

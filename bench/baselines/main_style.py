@@ -95,7 +95,7 @@ class MainStylePreparer:
     def _encode(self, pixels: list[PixelInputs]) -> list[ImageFeatures]:
         """One vision forward for this request's images (no batching across requests)."""
         with torch.inference_mode():
-            values = torch.cat([p.pixel_values for p in pixels])
+            values = torch.cat([torch.as_tensor(p.pixel_values) for p in pixels])
             return self._adapter.encode_images(values, [p.grid_thw for p in pixels])
 
     def close(self) -> None:

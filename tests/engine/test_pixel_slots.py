@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 from unittest.mock import patch
 
+import numpy as np
 import pytest
 import torch
 import trio
@@ -365,6 +366,34 @@ def test_values_written_into_a_view_are_the_slot_and_need_no_copy():
             memory.tensor_view(2, (1,))
         del view, other
         memory.close()
+
+
+def test_arrays_written_into_a_view_are_the_slot_and_keep_the_mapping_open():
+    """``array_view`` is the NumPy form of ``tensor_view`` (what prep writes pixels into,
+    without torch): ``write`` of that view copies nothing, a reader sees the values, a
+    view too large for a slot is refused; a NumPy array written from elsewhere (even
+    non-contiguous) is copied; while a view is alive the mapping refuses to close."""
+    with SlotPool.create(2, 64 * KIB) as pool:
+        memory = SlotMemory.attach(pool.spec)
+        expected = seeded_tensor(3)[:, :100].numpy()
+        view = memory.array_view(1, (37, 100))
+        assert view.dtype == np.float32 and view.flags.c_contiguous and view.flags.writeable
+        view[...] = expected
+        with patch.object(np, "copyto", side_effect=AssertionError("copied")):
+            pixels = memory.write(1, view)
+        assert pixels == SlotPixels(index=1, shape=(37, 100), dtype="float32")
+        assert torch.equal(pool.memory.read(pixels), torch.from_numpy(expected))
+        strided = np.arange(24, dtype=np.int64).reshape(4, 6)[:, ::2]
+        assert np.array_equal(pool.memory.read(memory.write(0, strided)).numpy(), strided)
+        with pytest.raises(SlotTooSmall, match="--pixel-slot-mb"):
+            memory.array_view(0, (64 * KIB // 4 + 1,))
+        with pytest.raises(IndexError):
+            memory.array_view(2, (1,))
+        with pytest.raises(BufferError):
+            memory.close()
+        del view
+        memory.close()
+        assert memory.closed
 
 
 def test_close_leaves_no_view_behind():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -13,3 +14,8 @@ def announce_then_wait(started: str, release: str, limit: float = 20.0) -> str:
     while not Path(release).exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     return "done"
+
+
+def modules_loaded(names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` this process has imported."""
+    return [name for name in names if name in sys.modules]

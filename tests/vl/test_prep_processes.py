@@ -20,7 +20,7 @@ from engine.malloc_tunables import WORKER_MALLOC_TUNABLES
 from engine.pixel_slots import SlotPool
 from tests.engine.prompts import noise_image
 from tests.helpers.freed_block import freed_block
-from tests.vl.process_work import announce_then_wait
+from tests.vl.process_work import announce_then_wait, modules_loaded
 from vl.errors import MediaError
 from vl.gates import Gate
 from vl.image_pixels import ImagePreprocessor
@@ -38,6 +38,7 @@ from vl.prep_tools import (
     Tokenize,
 )
 from vl.qwen2_vl_pixels import PixelSettings
+from vl.text_tokenizer import TokenizerSnapshot
 
 
 async def wait_for_path(path) -> None:
@@ -114,14 +115,33 @@ def local_tools(tiny_model, spec, pool):
     return PrepTools(tiny_model.tokenizer, spec.policy, preprocessor, slot_memories=[pool.memory])
 
 
-async def test_process_results_equal_thread_results(spec, local_tools, pool):
+def server_spec(tiny_model, tiny_model_dir) -> PrepToolsSpec:
+    """The spec the server gives its prep processes: pixel settings and tokenizer snapshot."""
+    settings = PixelSettings.of(tiny_model.image_processor)
+    snapshot = TokenizerSnapshot.of(tiny_model.tokenizer)
+    assert settings is not None and snapshot is not None
+    return PrepToolsSpec(
+        str(tiny_model_dir), MediaPolicy(), tiny_model.adapter.spatial_merge_size, settings, tokenizer=snapshot
+    )
+
+
+@pytest.mark.parametrize("form", ["loaded", "server"])
+async def test_process_results_equal_thread_results(form, spec, tiny_model, tiny_model_dir, local_tools, pool):
     """Every ``PrepTools`` call gives the same result in a prep process as in a thread, and
-    ``open`` leaves as many loaded processes as asked for."""
+    ``open`` leaves as many loaded processes as asked for; so with the tokenizer and the
+    image processor loaded there (``loaded``) and with the server's snapshot and settings
+    (``server``), where the processes never import torch."""
+    if form == "server":
+        spec = server_spec(tiny_model, tiny_model_dir)
     messages = [{"role": "user", "content": "hello there, how are you?"}]
     image = EncodedImage(payload=jpeg(noise_image(2, 300, 420)), base64_encoded=False, source="data")
     threads, tokens, images = ThreadPrep(local_tools), Gate("tokenizer", 1), Gate("image_prep", 2)
     async with ProcessPrep.open(spec, workers=2) as processes:
         assert processes.worker_count() == 2
+        loaded = await tokens.run_in_process(
+            processes.context, modules_loaded, ("torch", "transformers.modeling_utils")
+        )
+        assert loaded == [] if form == "server" else "torch" in loaded
         results = []
         for slot_index, runner in enumerate((threads, processes)):
             ids = await runner.run(tokens, RenderChat(messages))
@@ -138,7 +158,7 @@ async def test_process_results_equal_thread_results(spec, local_tools, pool):
     assert "hello there" in text_p
     assert pix_p.grid_thw == pix_t.grid_thw and (pix_t.pixels.index, pix_p.pixels.index) == (0, 1)
     assert torch.equal(pool.memory.read(pix_p.pixels), pool.memory.read(pix_t.pixels))
-    assert (tokens.statistics().completed, images.statistics().completed) == (6, 2)
+    assert (tokens.statistics().completed, images.statistics().completed) == (7, 2)
 
 
 async def test_a_batch_of_chats_renders_in_one_process_call_as_each_would_alone(spec, local_tools):
@@ -229,4 +249,36 @@ def test_prep_tools_from_pixel_settings_leave_the_image_processor_unloaded(tiny_
     assert loaded == [] and tokens >= 1
     image = Image.fromarray(np.arange(300 * 200 * 3, dtype=np.uint8).reshape(200, 300, 3) * 7, "RGB")
     expected = ImagePreprocessor(tiny_model.image_processor, tiny_model.adapter.spatial_merge_size)(image)
-    assert grid == expected.grid_thw and torch.equal(pixel_values, expected.pixel_values)
+    assert grid == expected.grid_thw and np.array_equal(pixel_values, expected.pixel_values)
+
+
+def test_the_server_spec_prepares_a_chat_without_torch(tiny_model, tiny_model_dir, local_tools, pool):
+    """With the server's spec (pixel settings, tokenizer snapshot handed over beside it as
+    a prep process gets it) a fresh interpreter renders, tokenizes, detokenizes and writes
+    an image's pixels into a slot without importing torch or transformers' model, config
+    or image-processing modules, and every result equals the server's own tools'; the
+    spec pickles without the snapshot."""
+    spec = server_spec(tiny_model, tiny_model_dir)
+    assert pickle.loads(pickle.dumps(spec)).tokenizer is None and len(pickle.dumps(spec)) < 16_000
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, {"type": "image"}]}]
+    image = EncodedImage(payload=jpeg(noise_image(3, 280, 350)), base64_encoded=False, source="data")
+    script = (
+        "import dataclasses, pickle, sys\n"
+        "spec, snapshot, messages, image, slots = pickle.loads(sys.stdin.buffer.read())\n"
+        "tools = dataclasses.replace(spec, tokenizer=snapshot).load()\n"
+        "ids = tools.render_and_tokenize(messages)\n"
+        "out = (ids, tools.encode('plain text', True), tools.decode(ids), tools.pixels_into_slot(image, 'p', 1, slots))\n"
+        "loaded = [m for m in ('torch', 'transformers.configuration_utils', 'transformers.modeling_utils',"
+        " 'transformers.image_processing_utils') if m in sys.modules]\n"
+        "sys.stdout.buffer.write(pickle.dumps((loaded, out)))\n"
+    )
+    payload = pickle.dumps((spec, spec.tokenizer, messages, image, pool.spec))
+    run = subprocess.run([sys.executable, "-c", script], input=payload, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    loaded, (ids, encoded, text, written) = pickle.loads(run.stdout)
+    assert loaded == []
+    assert ids == local_tools.render_and_tokenize(messages)
+    assert encoded == local_tools.encode("plain text", True) and text == local_tools.decode(ids)
+    expected = local_tools.pixels_into_slot(image, "p", 0, pool.spec)
+    assert written.grid_thw == expected.grid_thw and written.pixels.shape == expected.pixels.shape
+    assert torch.equal(pool.memory.read(written.pixels), pool.memory.read(expected.pixels))

@@ -34,11 +34,13 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(noisy, "RGB")
 
 
-def as_processor_rows(pixel_values: torch.Tensor, processor) -> torch.Tensor:
-    """One-frame rows in the processor's layout; they must be exactly one frame wide."""
+def as_processor_rows(pixel_values: np.ndarray, processor) -> torch.Tensor:
+    """One-frame rows (the fast path's NumPy array) in the processor's layout; they must
+    be exactly one frame wide."""
+    assert isinstance(pixel_values, np.ndarray)
     frame_width = 3 * processor.patch_size**2
     assert pixel_values.shape[1] == frame_width
-    return repeat_frame(pixel_values, in_channels=3, temporal=processor.temporal_patch_size)
+    return repeat_frame(torch.from_numpy(pixel_values), in_channels=3, temporal=processor.temporal_patch_size)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_equal_to_the_processor_bit_for_bit(processors, size):
         expected = processor(images=[image], return_tensors="pt")
         pixel_values, grid = fast(image)
         assert grid == tuple(int(v) for v in expected["image_grid_thw"][0])
-        assert pixel_values.dtype == expected["pixel_values"].dtype == torch.float32
+        assert pixel_values.dtype == np.float32 and expected["pixel_values"].dtype == torch.float32
         assert torch.equal(as_processor_rows(pixel_values, processor), expected["pixel_values"])
 
 
@@ -81,7 +83,7 @@ def test_the_preprocessor_takes_the_fast_path_and_keeps_its_output(processors):
 
 
 def test_the_fast_path_writes_into_the_buffer_it_is_given(processors):
-    """With ``out``, the values land in the tensor ``out(shape)`` returned (a pixel slot's
+    """With ``out``, the values land in the array ``out(shape)`` returned (a pixel slot's
     view, in prep), equal to the processor's; the processor's own path ignores ``out``."""
     processor = processors[0]
     image = photo(640, 480, seed=7)
@@ -89,7 +91,7 @@ def test_the_fast_path_writes_into_the_buffer_it_is_given(processors):
     buffers = []
 
     def out(shape):
-        buffers.append(torch.full(shape, float("nan")))
+        buffers.append(np.full(shape, np.nan, dtype=np.float32))
         return buffers[-1]
 
     inputs = ImagePreprocessor(processor, merge_size=2)(image, out=out)
@@ -142,7 +144,7 @@ def test_a_preprocessor_built_from_settings_equals_the_processors(processors):
         for size in SIZES[:4]:
             image = photo(*size, seed=11)
             got, expected = light(image), full(image)
-            assert got.grid_thw == expected.grid_thw and torch.equal(got.pixel_values, expected.pixel_values)
+            assert got.grid_thw == expected.grid_thw and np.array_equal(got.pixel_values, expected.pixel_values)
 
 
 def test_other_processors_have_no_fast_path_settings():
@@ -243,7 +245,7 @@ def test_a_model_directory_gives_the_fast_path_without_the_processor(tiny_model_
     image = photo(300, 200, seed=3)
     expected = ImagePreprocessor(processors[0], merge_size=2)(image)
     got = preprocessor(image)
-    assert got.grid_thw == expected.grid_thw and torch.equal(got.pixel_values, expected.pixel_values)
+    assert got.grid_thw == expected.grid_thw and np.array_equal(got.pixel_values, expected.pixel_values)
 
 
 def test_a_directory_with_settings_the_fast_path_lacks_loads_its_processor(tmp_path):
