@@ -41,7 +41,7 @@ from engine.submit_checks import check_submittable
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
-    from engine.model_loader import ModelCard
+    from engine.model_card import ModelCard
     from engine.pixel_slots import SlotPool
     from engine.prompt import EnginePrompt
     from engine.sampling_params import SamplingParams

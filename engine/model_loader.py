@@ -20,6 +20,7 @@ import torch
 
 from engine.errors import ModelLoadError
 from engine.model_adapter import VL_MODEL_TYPES, CausalLMAdapter, adapter_for
+from engine.model_card import ModelCard
 
 __all__ = ["LoadedModel", "ModelCard", "ModelLoadError", "load_image_processor", "load_model", "load_model_card"]
 
@@ -28,31 +29,13 @@ UNSUPPORTED_VL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "llava", "llava_next", "idef
 
 
 @dataclass
-class ModelCard:
-    """What a process that serves a model without running it (the server's front end, with
-    the engine in its worker process) knows of it: its tokenizer, limits, stop ids and
-    image settings, read from the model directory without building the model.
-
-    ``spatial_merge_size`` is the vision tower's (``None`` for a text model); the image
-    processor is the ``vl`` layer's to load (``vl.image_pixels.load_image_preprocessor``).
-    """
-
-    path: Path
-    tokenizer: Any
-    supports_images: bool
-    spatial_merge_size: int | None
-    device: torch.device
-    dtype: torch.dtype
-    eos_token_ids: frozenset[int]
-    max_model_len: int
-    load_seconds: float
-
-
-@dataclass
 class LoadedModel(ModelCard):
     """A ``ModelCard`` with the model built, its weights on ``device``: what the engine runs
-    (through ``adapter``), with the image processor (``None`` for a text model)."""
+    (through ``adapter``), with the image processor (``None`` for a text model). Its
+    ``device`` and ``dtype`` are torch's objects (a card's are their names)."""
 
+    device: torch.device
+    dtype: torch.dtype
     model: torch.nn.Module
     adapter: CausalLMAdapter
     image_processor: Any | None
@@ -162,8 +145,8 @@ def load_model_card(
         tokenizer=tokenizer,
         supports_images=images,
         spatial_merge_size=int(config.vision_config.spatial_merge_size) if images else None,
-        device=torch_device,
-        dtype=torch_dtype,
+        device=str(torch_device),
+        dtype=str(torch_dtype).removeprefix("torch."),
         eos_token_ids=_eos_ids(generation, tokenizer),
         max_model_len=_context_limit(config, max_model_len),
         load_seconds=time.perf_counter() - started,

@@ -32,7 +32,7 @@ from engine.outbox import Outbox
 from engine.wire import MessageReceiver, encode
 
 if TYPE_CHECKING:
-    from engine.model_loader import ModelCard
+    from engine.model_card import ModelCard
     from engine.pixel_slots import SlotPool, SlotSpec
 
 logger = logging.getLogger("vlserve.engine")
@@ -151,12 +151,12 @@ def worker_engine_config(loaded: ModelCard, config: EngineConfig) -> EngineConfi
     barriers for a core it holds)."""
     return dataclasses.replace(
         config,
-        dtype=str(loaded.dtype).removeprefix("torch."),
+        dtype=loaded.dtype_name,
         device=str(loaded.device),
         max_model_len=loaded.max_model_len,
         torch_threads=config.torch_threads or max(1, (os.cpu_count() or 1) - 1),
         encoder_threads=config.encoder_threads
-        or (1 if config.encodes_ahead(loaded.device.type) else os.cpu_count() or 1),
+        or (1 if config.encodes_ahead(loaded.device_type) else os.cpu_count() or 1),
     )
 
 

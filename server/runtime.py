@@ -22,12 +22,12 @@ import trio
 
 from engine.async_engine import AsyncEngine, open_engine
 from engine.errors import ModelLoadError
-from engine.model_loader import ModelCard, load_model, load_model_card
+from engine.model_card import ModelCard
 from engine.pixel_slots import SlotPool
 from engine.prompt import EnginePrompt
 from engine.sampling_params import SamplingParams
-from engine.tiny_model import ensure_tiny_model
 from server.config import ServerConfig
+from server.front_card import CardRequest, load_front_card
 from server.load_progress import LoadProgress
 from server.sampling_defaults import NO_DEFAULTS, SamplingDefaults, read_sampling_defaults
 from vl.chat_preparer import ChatPreparer
@@ -61,27 +61,32 @@ class Runtime:
 
 
 async def load_configured_model(config: ServerConfig, progress: LoadProgress | None = None) -> ModelCard:
-    """Load ``config.model`` (or build and load the built-in tiny model) in a worker thread.
+    """Load ``config.model`` (or build and load the built-in tiny model).
 
     With the engine in its worker process (which loads the model itself and runs the
-    vision encoder), the server process builds no model: its ``ModelCard`` (tokenizer,
-    limits, stop ids, merge size) is read from the directory, and the image processor's
-    settings from its ``preprocessor_config.json`` (``load_image_preprocessor``), so none
-    of transformers' modelling or image-processing code is imported here. Otherwise the
-    whole ``LoadedModel``.
-    Cancellation: the load runs to completion in its thread before ``Cancelled`` is raised.
+    vision encoder), the server process builds no model and imports no torch: its
+    ``ModelCard`` (tokenizer, limits, stop ids, merge size) is read in a passing child
+    process (``server.front_card``), and the image processor's settings from its
+    ``preprocessor_config.json`` (``load_image_preprocessor``). Otherwise the whole
+    ``LoadedModel``, in a worker thread.
+    Cancellation: the child is killed; a load in a thread runs to completion before
+    ``Cancelled`` is raised.
     """
+    engine = config.engine
+    stage = progress.stage if progress is not None else lambda stage: None
+    request = CardRequest(config.model, engine.dtype, engine.device, engine.max_model_len)
+    if engine.in_worker_process:
+        return await load_front_card(request, stage)
 
     def load() -> ModelCard:
-        path = config.model or str(ensure_tiny_model())
-        engine = config.engine
-        load = load_model_card if engine.in_worker_process else load_model
-        return load(
-            path,
-            dtype=engine.dtype,
-            device=engine.device,
-            max_model_len=engine.max_model_len,
-            progress=progress.stage if progress is not None else lambda stage: None,
+        from engine.model_loader import load_model
+
+        return load_model(
+            request.model_dir(),
+            dtype=request.dtype,
+            device=request.device,
+            max_model_len=request.max_model_len,
+            progress=stage,
         )
 
     return await trio.to_thread.run_sync(load)

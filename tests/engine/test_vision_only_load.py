@@ -23,6 +23,7 @@ from tests.engine.prompts import noise_image
 from tests.engine.streams import wait_until_idle
 from tests.engine.test_model_families import save_qwen2_causal
 from tests.vl.test_chat_preparer import data_uri, image_message
+from vl.text_tokenizer import TextTokenizer
 
 
 def test_a_model_card_has_what_the_full_load_has_for_a_front_end(tiny_model, tiny_model_dir):
@@ -36,7 +37,8 @@ def test_a_model_card_has_what_the_full_load_has_for_a_front_end(tiny_model, tin
         True,
         tiny_model.adapter.spatial_merge_size,
     )
-    assert (card.device, card.dtype) == (tiny_model.device, tiny_model.dtype)
+    assert (card.device, card.dtype) == (str(tiny_model.device), "float32")  # names: a card needs no torch
+    assert (card.device_type, card.dtype_name) == (tiny_model.device_type, tiny_model.dtype_name) == ("cpu", "float32")
     assert card.tokenizer("hello").input_ids == tiny_model.tokenizer("hello").input_ids
     assert load_model_card(tiny_model_dir, max_model_len=100).max_model_len == 100
 
@@ -84,6 +86,7 @@ async def test_runtime_with_engine_process_reads_no_weights(tiny_model_dir):
     config = ServerConfig(model=str(tiny_model_dir))
     async with open_runtime(config) as runtime:
         assert isinstance(runtime.loaded, ModelCard) and not isinstance(runtime.loaded, LoadedModel)
+        assert isinstance(runtime.loaded.tokenizer, TextTokenizer)  # read in a passing process (server.front_card)
         prepared = await runtime.preparer.prepare_chat(image_message(data_uri(noise_image(5, 80, 80))))
         params = SamplingParams(max_tokens=4, temperature=0)
         try:
