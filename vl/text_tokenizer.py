@@ -44,11 +44,13 @@ class TokenizerSnapshot:
 
     @classmethod
     def of(cls, tokenizer: Any) -> TokenizerSnapshot | None:
-        """The snapshot of ``tokenizer``, or ``None`` where ``TextTokenizer`` would not
-        compute what it computes: a tokenizer that is not a transformers fast
-        (``tokenizers``-backed) tokenizer, or whose class replaces any of the methods
-        ``TextTokenizer`` reproduces (encoding, decoding and its clean-up, template
-        choice and rendering)."""
+        """The snapshot of ``tokenizer`` (a ``TextTokenizer`` gives the one it was built
+        from), or ``None`` where ``TextTokenizer`` would not compute what it computes: a
+        tokenizer that is not a transformers fast (``tokenizers``-backed) tokenizer, or
+        whose class replaces any of the methods ``TextTokenizer`` reproduces (encoding,
+        decoding and its clean-up, template choice and rendering)."""
+        if isinstance(tokenizer, TextTokenizer):
+            return tokenizer.snapshot
         try:
             from transformers.tokenization_utils_base import PreTrainedTokenizerBase
             from transformers.tokenization_utils_tokenizers import TokenizersBackend
@@ -93,6 +95,7 @@ class TextTokenizer:
     one gate token uses it at a time, as with Hugging Face's."""
 
     def __init__(self, snapshot: TokenizerSnapshot) -> None:
+        self.snapshot = snapshot
         self._backend = tokenizers.Tokenizer.from_str(snapshot.pipeline)
         self._backend.no_truncation()
         self._backend.no_padding()

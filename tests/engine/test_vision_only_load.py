@@ -22,7 +22,10 @@ from server.runtime import open_runtime
 from tests.engine.prompts import noise_image
 from tests.engine.streams import wait_until_idle
 from tests.engine.test_model_families import save_qwen2_causal
+from tests.vl.process_work import modules_loaded
 from tests.vl.test_chat_preparer import data_uri, image_message
+from vl.gates import Gate
+from vl.prep_processes import ProcessPrep
 from vl.text_tokenizer import TextTokenizer
 
 
@@ -87,6 +90,11 @@ async def test_runtime_with_engine_process_reads_no_weights(tiny_model_dir):
     async with open_runtime(config) as runtime:
         assert isinstance(runtime.loaded, ModelCard) and not isinstance(runtime.loaded, LoadedModel)
         assert isinstance(runtime.loaded.tokenizer, TextTokenizer)  # read in a passing process (server.front_card)
+        # nor do its prep processes, which got the tokenizer's snapshot (vl.text_tokenizer)
+        runner = runtime.preparer.runner
+        assert isinstance(runner, ProcessPrep)
+        gate = Gate("check", 1)
+        assert await gate.run_in_process(runner.context, modules_loaded, ("torch", "transformers.modeling_utils")) == []
         prepared = await runtime.preparer.prepare_chat(image_message(data_uri(noise_image(5, 80, 80))))
         params = SamplingParams(max_tokens=4, temperature=0)
         try:

@@ -203,7 +203,10 @@ def test_only_tokenizers_computing_what_the_copy_computes_are_snapshotted(hf_tok
     assert TokenizerSnapshot.of(hf_tokenizer) is not None
 
 
-def test_the_snapshot_is_hashable_and_survives_pickling(hf_tokenizer):
+def test_the_snapshot_is_hashable_survives_pickling_and_a_copy_gives_it_back(hf_tokenizer):
+    """A copy's snapshot is the one it was built from (the server's tokenizer is a copy,
+    and its prep processes get the same snapshot)."""
     snapshot = TokenizerSnapshot.of(hf_tokenizer)
     again = pickle.loads(pickle.dumps(snapshot))
     assert again == snapshot and hash(again) == hash(snapshot)
+    assert TokenizerSnapshot.of(TextTokenizer(again)) is again
