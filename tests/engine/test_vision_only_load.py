@@ -5,8 +5,6 @@ image encoding is part of a step, under the device gate."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 import trio
@@ -22,6 +20,7 @@ from server.runtime import open_runtime
 from tests.engine.prompts import noise_image
 from tests.engine.streams import wait_until_idle
 from tests.engine.test_model_families import save_qwen2_causal
+from tests.helpers.fresh_interpreter import run_fresh
 from tests.vl.process_work import modules_loaded
 from tests.vl.test_chat_preparer import data_uri, image_message
 from vl.gates import Gate
@@ -77,9 +76,7 @@ def test_a_front_end_imports_no_modelling_or_image_processing(tiny_model_dir):
         "heavy = ('transformers.modeling_utils', 'transformers.image_processing_utils', 'torch._dynamo', 'sympy')\n"
         "print([m for m in heavy if m in sys.modules], preprocessor.pixel_settings is not None)\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split("\n")[-2] == "[] True"
+    assert run_fresh(script).decode().split("\n")[-2] == "[] True"
 
 
 async def test_runtime_with_engine_process_reads_no_weights(tiny_model_dir):

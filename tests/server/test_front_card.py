@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import pytest
 import trio
@@ -16,6 +14,7 @@ from engine.errors import ModelLoadError
 from engine.model_loader import load_model_card
 from server import front_card
 from server.front_card import CardRequest, load_front_card
+from tests.helpers.fresh_interpreter import run_fresh
 from vl.text_tokenizer import TextTokenizer
 
 CHAT = [{"role": "user", "content": [{"type": "text", "text": "what is in"}, {"type": "image"}]}]
@@ -115,6 +114,4 @@ def test_the_front_end_reads_card_and_pixel_settings_without_torch(tiny_model_di
         "print([m for m in heavy if m in sys.modules], preprocessor.pixel_settings is not None,"
         " len(card.tokenizer('hello')['input_ids']) > 0)\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split("\n")[-2] == "[] True True"
+    assert run_fresh(script).decode().split("\n")[-2] == "[] True True"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +19,7 @@ from engine.malloc_tunables import WORKER_MALLOC_TUNABLES
 from engine.pixel_slots import SlotPool
 from tests.engine.prompts import noise_image
 from tests.helpers.freed_block import freed_block
+from tests.helpers.fresh_interpreter import run_fresh
 from tests.vl.process_work import announce_then_wait, modules_loaded
 from vl.errors import MediaError
 from vl.gates import Gate
@@ -243,9 +243,7 @@ def test_prep_tools_from_pixel_settings_leave_the_image_processor_unloaded(tiny_
         "loaded = [m for m in ('transformers.image_processing_utils', 'torch._dynamo') if m in sys.modules]\n"
         "sys.stdout.buffer.write(pickle.dumps((loaded, out.pixel_values, out.grid_thw, len(tools.encode('hi', False)))))\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(spec), capture_output=True, timeout=120)
-    assert run.returncode == 0, run.stderr.decode()[-2000:]
-    loaded, pixel_values, grid, tokens = pickle.loads(run.stdout)
+    loaded, pixel_values, grid, tokens = pickle.loads(run_fresh(script, pickle.dumps(spec)))
     assert loaded == [] and tokens >= 1
     image = Image.fromarray(np.arange(300 * 200 * 3, dtype=np.uint8).reshape(200, 300, 3) * 7, "RGB")
     expected = ImagePreprocessor(tiny_model.image_processor, tiny_model.adapter.spatial_merge_size)(image)
@@ -273,9 +271,7 @@ def test_the_server_spec_prepares_a_chat_without_torch(tiny_model, tiny_model_di
         "sys.stdout.buffer.write(pickle.dumps((loaded, out)))\n"
     )
     payload = pickle.dumps((spec, spec.tokenizer, messages, image, pool.spec))
-    run = subprocess.run([sys.executable, "-c", script], input=payload, capture_output=True, timeout=120)
-    assert run.returncode == 0, run.stderr.decode()[-2000:]
-    loaded, (ids, encoded, text, written) = pickle.loads(run.stdout)
+    loaded, (ids, encoded, text, written) = pickle.loads(run_fresh(script, payload))
     assert loaded == []
     assert ids == local_tools.render_and_tokenize(messages)
     assert encoded == local_tools.encode("plain text", True) and text == local_tools.decode(ids)
